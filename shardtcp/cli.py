@@ -1,0 +1,5 @@
+"""The ``shardtcp`` command."""
+
+
+def main(argv=None) -> int:
+    raise SystemExit("not yet")
