@@ -1,5 +1,209 @@
-"""The ``shardtcp`` command."""
+"""
+The ``shardtcp`` command: everything an operator does besides running the
+proxy (``twistd shardtcp``).
+
+Subcommands: ``check-config``, ``keygen``, ``explain``, ``decode-header``,
+``sign-feed`` and ``demo``.  Each returns an exit status; none prints a
+traceback for bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional, Sequence
 
 
-def main(argv=None) -> int:
-    raise SystemExit("not yet")
+def _cmd_check_config(args) -> int:
+    from shardtcp.config import check_config
+
+    problems = check_config(args.path)
+    for line in problems:
+        print(line, file=sys.stderr)
+    if problems:
+        return 1
+    print(f"{args.path}: valid")
+    return 0
+
+
+def _cmd_keygen(args) -> int:
+    from shardtcp.keys import generate_keypair
+
+    try:
+        paths = generate_keypair(args.out, kid=args.kid)
+    except (OSError, ValueError) as e:
+        print(f"shardtcp keygen: {e}", file=sys.stderr)
+        return 1
+    for label in ("private_key", "public_key", "jwks"):
+        value = getattr(paths, label, None)
+        if value:
+            print(f"{label}: {value}")
+    return 0
+
+
+def _cmd_explain(args) -> int:
+    from shardtcp.config import ConfigError, load_config
+    from shardtcp.model import ConnectionRequest
+    from shardtcp.resolver import ShardResolver
+
+    try:
+        config = load_config(args.config, check_files=False)
+    except ConfigError as e:
+        for line in e.problems:
+            print(line, file=sys.stderr)
+        return 1
+    resolver = ShardResolver(config, clock=_NullClock())
+    if config.service(args.service) is None:
+        print(f"shardtcp explain: unknown service {args.service!r}", file=sys.stderr)
+        return 1
+    request = ConnectionRequest(
+        service_id=args.service, client=(args.client, 0), sni=args.sni, listener="explain"
+    )
+    explanation = resolver.explain(request)
+    if args.json:
+        print(json.dumps(explanation_json(explanation), indent=2))
+    else:
+        print(format_explanation(explanation))
+    return 0
+
+
+def explanation_json(explanation) -> dict:
+    """A JSON-ready form of a resolver ``Explanation`` (also used by admin)."""
+    loc = explanation.client_location
+    return {
+        "service": explanation.request.service_id,
+        "client": explanation.request.client[0],
+        "client_location": None
+        if loc is None
+        else {"lat": loc.lat, "lon": loc.lon, "region": loc.region},
+        "location_source": explanation.location_source,
+        "denied": explanation.denied,
+        "shards": [
+            {
+                "shard": s.shard.shard_id,
+                "address": str(s.shard.address),
+                "region": s.shard.region,
+                "health": s.shard.health.value,
+                "eligible": not s.rejected_by,
+                "rejected_by": list(s.rejected_by),
+                "total": round(s.evaluation.total, 4),
+                "latency": round(s.evaluation.latency, 4),
+                "security": round(s.evaluation.security, 4),
+                "load": round(s.evaluation.load, 4),
+                "details": {k: _jsonable(v) for k, v in s.evaluation.details.items()},
+            }
+            for s in explanation.shards
+        ],
+    }
+
+
+def _jsonable(value):
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, (int, str, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def format_explanation(explanation) -> str:
+    """The ranking as an operator reads it, factor by factor."""
+    req = explanation.request
+    loc = explanation.client_location
+    where = "unknown" if loc is None else f"{loc.lat:.2f},{loc.lon:.2f} {loc.region}".strip()
+    lines = [
+        f"service {req.service_id}, client {req.client[0]} at {where} ({explanation.location_source})"
+    ]
+    if explanation.denied:
+        lines.append(f"DENIED: {explanation.denied}")
+    lines.append(
+        f"{'rank':<5}{'shard':<20}{'region':<14}{'total':>7}{'latency':>9}{'security':>9}{'load':>7}  notes"
+    )
+    rank = 0
+    for s in explanation.shards:
+        e = s.evaluation
+        if s.rejected_by:
+            label = "-"
+            notes = "rejected: " + "; ".join(s.rejected_by)
+        else:
+            rank += 1
+            label = str(rank)
+            d = e.details
+            notes = ", ".join(
+                f"{k}={_jsonable(d[k])}" for k in ("distance_km", "rtt_ms", "open_connections", "capacity") if k in d
+            )
+        lines.append(
+            f"{label:<5}{s.shard.shard_id:<20}{s.shard.region or '-':<14}"
+            f"{e.total:>7.3f}{e.latency:>9.3f}{e.security:>9.3f}{e.load:>7.3f}  {notes}"
+        )
+    return "\n".join(lines)
+
+
+class _NullClock:
+    """A clock for offline use (explain): time stands still."""
+
+    def seconds(self) -> float:
+        import time
+
+        return time.time()
+
+    def callLater(self, *a, **kw):  # pragma: no cover - never scheduled offline
+        raise RuntimeError("no scheduling offline")
+
+
+def _cmd_decode_header(args) -> int:
+    from shardtcp.headerdump import decode_header_file
+
+    return decode_header_file(args.file, jwks=args.jwks, audience=args.audience)
+
+
+def _cmd_demo(args) -> int:
+    from shardtcp.demo import run_demo
+
+    return run_demo(port=args.port, workdir=args.workdir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shardtcp",
+        description="shardtcp: a secure layer-4 proxy. Run it with: twistd -n shardtcp --config PATH",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("check-config", help="validate a configuration file")
+    p.add_argument("path")
+    p.set_defaults(func=_cmd_check_config)
+
+    p = sub.add_parser("keygen", help="write an Ed25519 signing key pair and a JWKS file")
+    p.add_argument("--out", required=True, help="folder to write into")
+    p.add_argument("--kid", default="policy-1", help="key id (default: policy-1)")
+    p.set_defaults(func=_cmd_keygen)
+
+    p = sub.add_parser("explain", help="show how the resolver would rank the shards for a client")
+    p.add_argument("--config", required=True)
+    p.add_argument("--service", required=True)
+    p.add_argument("--client", required=True, help="client IP address")
+    p.add_argument("--sni", default=None)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_explain)
+
+    p = sub.add_parser("decode-header", help="parse a captured PROXY header and verify its PolicyContext")
+    p.add_argument("file", help="raw bytes or hex; - for standard input")
+    p.add_argument("--jwks", default=None, help="JWKS file to verify the PolicyContext with")
+    p.add_argument("--audience", default=None, help="also require this shard id as 'aud'")
+    p.set_defaults(func=_cmd_decode_header)
+
+    p = sub.add_parser("demo", help="start local verifying shards and a proxy in front of them")
+    p.add_argument("--port", type=int, default=8443, help="proxy port on 127.0.0.1 (default 8443; 0 = any)")
+    p.add_argument("--workdir", default=None, help="where to write keys, certificates and config")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return args.func(args)
