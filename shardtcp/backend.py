@@ -1,0 +1,683 @@
+"""
+What a shard uses to accept connections from shardtcp.
+
+Every connection shardtcp opens to a shard starts with a PROXY v2 header
+carrying the client's address and a signed PolicyContext (SPEC §4).  This
+module checks that header and hands the shard application a connection whose
+``getPeer()`` is the real client and whose verified facts are at hand:
+
+* ``ShardVerifier`` decides, for one parsed header, whether the connection
+  is acceptable, and returns a ``VerifiedConnection`` or raises
+  ``VerificationError`` with a reason slug;
+* ``ReplayCache`` remembers the connection ids already accepted;
+* ``VerifyingFactory`` wraps a shard's own Twisted factory: it reads and
+  verifies the header, then builds the application's protocol with the
+  client's address and passes every later byte on unchanged.
+
+A shard application reaches the verified facts through its transport::
+
+    class Orders(Protocol):
+        def connectionMade(self):
+            conn = verified_connection(self.transport)
+            if "orders:read" not in conn.policy.access_control_list: ...
+
+``verified_connection`` also works behind ``TLSMemoryBIOFactory`` (a TLS
+endpoint's protocol is a wrapper whose own ``transport`` is ours).
+
+This module imports ``proxyv2``, ``policy``, ``keys`` and ``model`` only,
+never the proxy.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections import Counter
+from typing import Any, Callable, Mapping, Optional, Union
+
+import attrs
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IProtocol,
+    IProtocolFactory,
+    ITransport,
+)
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import alsoProvides, directlyProvides, providedBy
+
+from shardtcp import proxyv2
+from shardtcp.keys import load_jwks
+from shardtcp.policy import (
+    MAX_LEEWAY,
+    PolicyContext,
+    PolicyError,
+    decode_token,
+    format_address,
+)
+from shardtcp.proxyv2 import (
+    PP2_TYPE_CRC32C,
+    PP2_TYPE_UNIQUE_ID,
+    Command,
+    InvalidProxyHeader,
+    ProxyHeader,
+    SSLInfo,
+)
+
+__all__ = [
+    "DEFAULT_TLV_TYPE",
+    "ReplayCache",
+    "ShardVerifier",
+    "VerificationError",
+    "VerifiedConnection",
+    "VerifiedTransport",
+    "VerifyingFactory",
+    "VerifyingProtocol",
+    "verified_connection",
+]
+
+log = Logger()
+
+DEFAULT_TLV_TYPE = 0xE0
+
+# What a PROXY header from shardtcp can reasonably weigh: addresses, a token
+# of at most 1 KiB, a connection id, the authority, ALPN and SSL facts.
+DEFAULT_MAX_HEADER_SIZE = 8192
+
+
+class VerificationError(Exception):
+    """
+    A connection's PROXY header was refused.
+
+    ``reason`` is a short slug for logs and counters; ``message`` says what
+    exactly was wrong.  Slugs: those of ``proxyv2.InvalidProxyHeader``
+    (``bad_crc``, ``missing_crc``, ``too_large``...), those of
+    ``policy.PolicyError`` (``unknown_kid``, ``invalid_signature``,
+    ``wrong_audience``, ``expired``...), and ``local``, ``no_addresses``,
+    ``duplicate_tlv``, ``missing_policy``, ``missing_unique_id``,
+    ``invalid_unique_id``, ``source_mismatch``, ``destination_mismatch``,
+    ``jti_mismatch``, ``replay``, ``replay_cache_full``.
+    """
+
+    def __init__(self, reason: str, message: str = "") -> None:
+        super().__init__(reason, message)
+        self.reason = reason
+        self.message = message or reason
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.message}"
+
+
+@attrs.frozen
+class VerifiedConnection:
+    """
+    What a shard may rely on about one accepted connection.
+
+    ``client`` and ``destination`` are the header's ``(ip, port)`` pairs
+    (the original client, and the proxy address it reached);
+    ``connection_id``, ``service``, ``sni``, ``subject`` and ``policy`` come
+    from the signed token, whose full claims are in ``claims``.  ``alpn``
+    and ``ssl`` come from the header's ALPN and SSL TLVs: covered by the
+    CRC32C but not by the signature, so trust them only as far as the hop
+    from the proxy is trusted.
+    """
+
+    client: tuple
+    destination: tuple
+    connection_id: str
+    service: str
+    shard_id: str
+    sni: Optional[str]
+    subject: Optional[str]
+    policy: PolicyContext
+    claims: dict = attrs.field(eq=False, repr=False)
+    header: ProxyHeader = attrs.field(eq=False, repr=False)
+    alpn: Optional[bytes] = None
+    ssl: Optional[SSLInfo] = None
+
+
+class ReplayCache:
+    """
+    The connection ids (``jti``) accepted recently, each kept until its
+    token can no longer be accepted (its ``exp`` plus the verifier's leeway).
+
+    Bounded by ``max_entries``.  Entries whose time has passed are dropped
+    first, soonest-expiring first.  When the cache is still full of live
+    entries, a new id is *refused* (``replay_cache_full``) rather than an
+    old one forgotten: forgetting would let that old header be replayed,
+    while refusing costs only the new connection, and can only happen under
+    a flood far beyond ``max_entries`` connections per token lifetime, which
+    the operator sizes.
+
+    ``now`` returns seconds since the epoch (default: ``time.time``); use
+    the same clock as the verifier.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_entries: int = 100_000,
+        now: Optional[Callable[[], float]] = None,
+    ) -> None:
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be at least 1, not {max_entries!r}")
+        self._max = max_entries
+        self._now = now if now is not None else time.time
+        self._until: dict[str, float] = {}
+        self._expiries: list[tuple[float, str]] = []
+
+    def __len__(self) -> int:
+        self._purge(self._now())
+        return len(self._until)
+
+    def __contains__(self, jti: object) -> bool:
+        self._purge(self._now())
+        return jti in self._until
+
+    def _purge(self, now: float) -> None:
+        expiries, until = self._expiries, self._until
+        while expiries and expiries[0][0] <= now:
+            _, jti = heapq.heappop(expiries)
+            until.pop(jti, None)
+
+    def check_and_remember(self, jti: str, until: float) -> None:
+        """
+        Remember ``jti`` until ``until`` (seconds since the epoch), or raise
+        ``VerificationError``: ``replay`` if it is already remembered,
+        ``replay_cache_full`` if there is no room.
+        """
+        now = self._now()
+        self._purge(now)
+        if jti in self._until:
+            raise VerificationError(
+                "replay", f"connection id {jti!r} was already accepted"
+            )
+        if until <= now:
+            # Nothing to remember: no token can be accepted for it any more.
+            return
+        if len(self._until) >= self._max:
+            raise VerificationError(
+                "replay_cache_full",
+                f"{self._max} connection ids are remembered and none has expired",
+            )
+        self._until[jti] = until
+        heapq.heappush(self._expiries, (until, jti))
+
+
+def _is_connection_id(value: bytes) -> bool:
+    return 16 <= len(value) <= 32 and value.isascii() and value.decode().isprintable()
+
+
+class ShardVerifier:
+    """
+    Decides whether a PROXY header from shardtcp admits a connection to the
+    shard ``shard_id`` (SPEC §4).
+
+    ``keys`` are the trusted policy-signing public keys by kid (see
+    ``from_jwks``); ``tlv_type`` is the PolicyContext TLV's type (the
+    proxy's ``signing.tlv_type``); ``leeway`` the clock skew allowed, at
+    most 5 s; ``now`` the clock (default ``time.time``).  Without a
+    ``replay_cache``, one is made on the same clock.
+    """
+
+    def __init__(
+        self,
+        shard_id: str,
+        keys: Mapping[str, Ed25519PublicKey],
+        *,
+        tlv_type: int = DEFAULT_TLV_TYPE,
+        leeway: float = MAX_LEEWAY,
+        now: Optional[Callable[[], float]] = None,
+        replay_cache: Optional[ReplayCache] = None,
+    ) -> None:
+        if not isinstance(shard_id, str) or not shard_id:
+            raise ValueError("shard_id must be a non-empty string")
+        if not keys:
+            raise ValueError("at least one trusted key is needed")
+        if not 0xE0 <= tlv_type <= 0xEF:
+            raise ValueError(f"tlv_type must be in 0xE0..0xEF, not {tlv_type:#x}")
+        if not 0 <= leeway <= MAX_LEEWAY:
+            raise ValueError(f"leeway must be within 0..{MAX_LEEWAY:g} s, not {leeway!r}")
+        self.shard_id = shard_id
+        self._keys = dict(keys)
+        self._tlv_type = tlv_type
+        self._leeway = float(leeway)
+        self._now = now if now is not None else time.time
+        self._replay = (
+            replay_cache if replay_cache is not None else ReplayCache(now=self._now)
+        )
+
+    def set_keys(self, keys: Mapping[str, Ed25519PublicKey]) -> None:
+        """
+        Replace the trusted keys (after reloading a JWKS during a rotation);
+        connections verified from then on use the new set.
+        """
+        if not keys:
+            raise ValueError("at least one trusted key is needed")
+        self._keys = dict(keys)
+
+    @classmethod
+    def from_jwks(
+        cls,
+        shard_id: str,
+        jwks_path_or_dict: Union[str, Mapping[str, Any]],
+        **kw: Any,
+    ) -> "ShardVerifier":
+        """A verifier trusting the Ed25519 keys of a JWKS file or document."""
+        return cls(shard_id, load_jwks(jwks_path_or_dict), **kw)
+
+    def verify(self, header: ProxyHeader) -> VerifiedConnection:
+        """
+        Accept ``header`` or raise ``VerificationError``.
+
+        Accepted only when: the command is PROXY (LOCAL raises ``local``:
+        health checks are for the caller to recognise first), the addresses
+        are IPv4 or IPv6, a CRC32C TLV is present (its value was checked by
+        the parser), the PolicyContext and UNIQUE_ID TLVs are present once
+        each, the token verifies (trusted kid, signature, ``aud`` = this
+        shard, not expired, claims complete), its ``src``/``dst`` are the
+        header's addresses, its ``jti`` is the UNIQUE_ID, and that id was not
+        accepted before.  The id is remembered only once all else passed.
+        """
+        if header.command != Command.PROXY:
+            raise VerificationError("local", "LOCAL header: no client connection")
+        if (
+            header.source is None
+            or header.destination is None
+            or header.family not in ("INET", "INET6")
+        ):
+            raise VerificationError(
+                "no_addresses", f"header family {header.family} has no IP addresses"
+            )
+        counts = Counter(tlv_type for tlv_type, _ in header.tlvs)
+        if counts[PP2_TYPE_CRC32C] == 0:
+            raise VerificationError("missing_crc", "header has no CRC32C TLV")
+        for tlv_type in (self._tlv_type, PP2_TYPE_UNIQUE_ID, PP2_TYPE_CRC32C):
+            if counts[tlv_type] > 1:
+                raise VerificationError(
+                    "duplicate_tlv", f"TLV 0x{tlv_type:02X} appears {counts[tlv_type]} times"
+                )
+        token = header.get(self._tlv_type)
+        if token is None:
+            raise VerificationError(
+                "missing_policy", f"no PolicyContext TLV (0x{self._tlv_type:02X})"
+            )
+        unique_id = header.get(PP2_TYPE_UNIQUE_ID)
+        if unique_id is None:
+            raise VerificationError("missing_unique_id", "no UNIQUE_ID TLV")
+        if not _is_connection_id(unique_id):
+            raise VerificationError(
+                "invalid_unique_id", "UNIQUE_ID is not 16 to 32 printable ASCII characters"
+            )
+        try:
+            claims = decode_token(
+                token, self._keys, audience=self.shard_id, now=self._now, leeway=self._leeway
+            )
+        except PolicyError as e:
+            raise VerificationError(e.reason, e.message) from None
+        source = format_address(header.source)
+        if claims["src"] != source:
+            raise VerificationError(
+                "source_mismatch", f"token src {claims['src']!r}, header source {source!r}"
+            )
+        destination = format_address(header.destination)
+        if claims["dst"] != destination:
+            raise VerificationError(
+                "destination_mismatch",
+                f"token dst {claims['dst']!r}, header destination {destination!r}",
+            )
+        connection_id = unique_id.decode("ascii")
+        if claims["jti"] != connection_id:
+            raise VerificationError(
+                "jti_mismatch",
+                f"token jti {claims['jti']!r}, UNIQUE_ID {connection_id!r}",
+            )
+        try:
+            ssl = header.ssl
+        except InvalidProxyHeader as e:
+            raise VerificationError(e.reason, str(e)) from None
+        self._replay.check_and_remember(connection_id, claims["exp"] + self._leeway)
+        return VerifiedConnection(
+            client=header.source,
+            destination=header.destination,
+            connection_id=connection_id,
+            service=claims["svc"],
+            shard_id=self.shard_id,
+            sni=claims.get("sni"),
+            subject=claims.get("sub"),
+            policy=PolicyContext.from_claims(claims),
+            claims=claims,
+            header=header,
+            alpn=header.alpn,
+            ssl=ssl,
+        )
+
+    def verify_bytes(self, data: bytes) -> tuple[VerifiedConnection, bytes]:
+        """
+        Parse a PROXY v2 header at the start of ``data`` (its CRC32C
+        required and checked) and verify it; return the connection and the
+        bytes after the header.  Raises ``VerificationError``, with the
+        parser's reason when the header does not parse.
+        """
+        try:
+            header, rest = proxyv2.parse(data, require_crc32c=True)
+        except InvalidProxyHeader as e:
+            raise VerificationError(e.reason, str(e)) from None
+        return self.verify(header), rest
+
+
+def _twisted_address(address: tuple) -> Union[IPv4Address, IPv6Address]:
+    host, port = address
+    if ":" in host:
+        return IPv6Address("TCP", host, port)
+    return IPv4Address("TCP", host, port)
+
+
+def verified_connection(transport: object) -> Optional[VerifiedConnection]:
+    """
+    The ``VerifiedConnection`` behind ``transport``, or ``None``.
+
+    Follows ``.transport`` from wrapper to wrapped (as from a
+    ``TLSMemoryBIOProtocol`` to the ``VerifiedTransport`` beneath it) until
+    one carries ``verified``.
+    """
+    for _ in range(16):
+        if transport is None:
+            return None
+        found = getattr(transport, "verified", None)
+        if isinstance(found, VerifiedConnection):
+            return found
+        transport = getattr(transport, "transport", None)
+    return None
+
+
+class VerifiedTransport:
+    """
+    The transport a shard application's protocol gets: the real connection,
+    seen as the client's.
+
+    ``getPeer()`` is the client the header named and ``getHost()`` the
+    address it reached; ``verified`` is the ``VerifiedConnection``.  Every
+    other operation (writes, half-close, producers, ``getHandle``...) goes to
+    the real transport, which this object provides the interfaces of.
+    """
+
+    def __init__(
+        self, transport: ITransport, verified: VerifiedConnection
+    ) -> None:
+        self.transport = transport
+        self.verified = verified
+        self._peer = _twisted_address(verified.client)
+        self._host = _twisted_address(verified.destination)
+        directlyProvides(self, providedBy(transport))
+
+    def getPeer(self) -> IAddress:
+        return self._peer
+
+    def getHost(self) -> IAddress:
+        return self._host
+
+    @property
+    def disconnecting(self) -> bool:
+        return getattr(self.transport, "disconnecting", False)
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def writeSequence(self, data: Any) -> None:
+        self.transport.writeSequence(data)
+
+    def loseConnection(self) -> None:
+        self.transport.loseConnection()
+
+    def abortConnection(self) -> None:
+        self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def loseWriteConnection(self) -> None:
+        self.transport.loseWriteConnection()  # type: ignore[attr-defined]
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.transport.registerProducer(producer, streaming)  # type: ignore[attr-defined]
+
+    def unregisterProducer(self) -> None:
+        self.transport.unregisterProducer()  # type: ignore[attr-defined]
+
+    def pauseProducing(self) -> None:
+        self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def resumeProducing(self) -> None:
+        self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def stopProducing(self) -> None:
+        self.transport.stopProducing()  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for names not found on this object; "transport" itself
+        # is missing only mid-construction, where delegating would recurse.
+        if name == "transport":
+            raise AttributeError(name)
+        return getattr(self.transport, name)
+
+    def __repr__(self) -> str:
+        return f"<VerifiedTransport {self.verified.connection_id} peer={self._peer}>"
+
+
+class VerifyingProtocol(Protocol):
+    """
+    One connection to the shard, until and after its header is verified.
+
+    Until the header is complete it buffers at most the factory's
+    ``max_header_size``; it then verifies it, builds the application's
+    protocol for the client's address and relays everything to it.
+    Half-close is relayed when, and only when, that protocol supports it:
+    this object provides ``IHalfCloseableProtocol`` from then on, so the
+    reactor keeps its usual behaviour (a full close on EOF) otherwise.
+    """
+
+    def __init__(self, factory: "VerifyingFactory", addr: IAddress) -> None:
+        self.factory = factory
+        self._addr = addr
+        self._parser = proxyv2.HeaderParser(
+            max_size=factory.max_header_size, require_crc32c=True
+        )
+        self._timeout: Optional[IDelayedCall] = None
+        self._finished = False
+        self.wrappedProtocol: Optional[IProtocol] = None
+
+    def logPrefix(self) -> str:
+        return "VerifyingProtocol"
+
+    def connectionMade(self) -> None:
+        self._timeout = self.factory.schedule_timeout(self._timed_out)
+
+    def _cancel_timeout(self) -> None:
+        if self._timeout is not None:
+            if self._timeout.active():
+                self._timeout.cancel()
+            self._timeout = None
+
+    def _timed_out(self) -> None:
+        self._timeout = None
+        self._refuse(
+            "timeout", f"no complete PROXY header within {self.factory.timeout:g}s"
+        )
+
+    def _refuse(self, reason: str, message: str) -> None:
+        self._finished = True
+        self._cancel_timeout()
+        self.factory.stats[reason] += 1
+        log.warn(
+            "refused connection from {peer}: {reason}: {message}",
+            peer=self._addr,
+            reason=reason,
+            message=message,
+            shard=self.factory.verifier.shard_id,
+        )
+        self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.wrappedProtocol is not None:
+            self.wrappedProtocol.dataReceived(data)
+            return
+        if self._finished:
+            return
+        try:
+            header = self._parser.feed(data)
+        except InvalidProxyHeader as e:
+            self._refuse(e.reason, str(e))
+            return
+        if header is None:
+            return
+        self._cancel_timeout()
+        if header.command == Command.LOCAL:
+            self._local()
+            return
+        try:
+            verified = self.factory.verifier.verify(header)
+        except VerificationError as e:
+            self._refuse(e.reason, e.message)
+            return
+        self._start(verified, self._parser.rest)
+
+    def _local(self) -> None:
+        if not self.factory.allow_local:
+            self._refuse("local", "LOCAL headers are not accepted here")
+            return
+        self._finished = True
+        self.factory.stats["health_check"] += 1
+        log.debug("health check from {peer}", peer=self._addr)
+        self.transport.loseConnection()
+
+    def _start(self, verified: VerifiedConnection, rest: bytes) -> None:
+        wrapped_factory = self.factory.wrappedFactory
+        try:
+            protocol = wrapped_factory.buildProtocol(_twisted_address(verified.client))
+        except Exception:
+            log.failure(
+                "application factory failed to build a protocol for {connection_id}",
+                connection_id=verified.connection_id,
+            )
+            self._refuse("application_error", "buildProtocol raised")
+            return
+        if protocol is None:
+            self._refuse(
+                "refused_by_application", "the application factory returned no protocol"
+            )
+            return
+        self._finished = True
+        self.factory.stats["accepted"] += 1
+        log.debug(
+            "accepted {connection_id} from {client} for {service}",
+            connection_id=verified.connection_id,
+            client=verified.client,
+            service=verified.service,
+        )
+        self.wrappedProtocol = protocol
+        if IHalfCloseableProtocol.providedBy(protocol):
+            alsoProvides(self, IHalfCloseableProtocol)
+        protocol.makeConnection(VerifiedTransport(self.transport, verified))
+        if rest:
+            protocol.dataReceived(rest)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._cancel_timeout()
+        protocol, self.wrappedProtocol = self.wrappedProtocol, None
+        if protocol is not None:
+            protocol.connectionLost(reason)
+        elif not self._finished:
+            self._finished = True
+            self.factory.stats["incomplete"] += 1
+            log.info(
+                "connection from {peer} closed before a complete PROXY header",
+                peer=self._addr,
+                reason="incomplete",
+            )
+
+    # IHalfCloseableProtocol, declared only once the application's protocol
+    # provides it (see _start).
+
+    def readConnectionLost(self) -> None:
+        protocol = IHalfCloseableProtocol(self.wrappedProtocol, None)
+        if protocol is not None:
+            protocol.readConnectionLost()
+        else:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        protocol = IHalfCloseableProtocol(self.wrappedProtocol, None)
+        if protocol is not None:
+            protocol.writeConnectionLost()
+
+
+class VerifyingFactory(Factory):
+    """
+    Wraps a shard application's factory so that it only ever sees connections
+    whose PROXY header ``verifier`` accepted.
+
+    The application's ``buildProtocol`` is called once the header is
+    verified, with the client's address; its protocol's transport is a
+    ``VerifiedTransport`` (``self.transport.verified``, or
+    ``verified_connection(self.transport)`` from behind TLS).  The bytes
+    after the header reach it unchanged.
+
+    A connection without a complete header within ``timeout`` seconds
+    (``None``: no limit), with a header over ``max_header_size`` bytes, or
+    with a header the verifier refuses is closed, logged, and counted in
+    ``stats`` under its reason slug.  A LOCAL header (a health check) is
+    counted as ``health_check`` and the connection closed cleanly: the
+    application never sees it; with ``allow_local=False`` it is refused as
+    ``local``.  ``stats`` also counts ``accepted`` connections and
+    ``incomplete`` ones (closed by the peer before a complete header), so
+    a shard can export it as is.
+    """
+
+    protocol = VerifyingProtocol  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        wrappedFactory: IProtocolFactory,
+        verifier: ShardVerifier,
+        *,
+        timeout: Optional[float] = 5.0,
+        reactor: Any = None,
+        allow_local: bool = True,
+        max_header_size: int = DEFAULT_MAX_HEADER_SIZE,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+        self.wrappedFactory = wrappedFactory
+        self.verifier = verifier
+        self.timeout = timeout
+        self._reactor = reactor
+        self.allow_local = allow_local
+        self.max_header_size = max_header_size
+        self.stats: Counter[str] = Counter()
+
+    def logPrefix(self) -> str:
+        inner = getattr(self.wrappedFactory, "logPrefix", None)
+        name = inner() if callable(inner) else type(self.wrappedFactory).__name__
+        return f"{name} (verified PROXY)"
+
+    def doStart(self) -> None:
+        self.wrappedFactory.doStart()
+        Factory.doStart(self)
+
+    def doStop(self) -> None:
+        self.wrappedFactory.doStop()
+        Factory.doStop(self)
+
+    def schedule_timeout(self, call: Callable[[], None]) -> Optional[IDelayedCall]:
+        """Arrange for ``call`` after ``timeout`` seconds (none without one)."""
+        if self.timeout is None:
+            return None
+        return self._reactor.callLater(self.timeout, call)
+
+    def buildProtocol(self, addr: IAddress) -> VerifyingProtocol:
+        return VerifyingProtocol(self, addr)

@@ -1,0 +1,498 @@
+"""
+The PolicyContext: what a shard is told about a connection, signed.
+
+The proxy issues one PolicyContext per connection, a compact JWS (EdDSA over
+Ed25519, SPEC §4) carried in the PROXY v2 header's ``tlv_type`` TLV.  This
+module holds the value type (``PolicyContext``), the signer used on the
+connection path (``PolicySigner``), the size bound that ``check-config``
+enforces (``worst_case_token_size``), connection ids, and the verification
+(``decode_token``) that ``shardtcp.backend`` builds on.
+
+It imports nothing of the project above ``model``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import math
+import secrets
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import attrs
+import jwt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+
+from shardtcp.model import format_hostport
+
+__all__ = [
+    "ALGORITHM",
+    "ENCRYPTION_LEVELS",
+    "AUTHENTICATION_METHODS",
+    "MAX_LEEWAY",
+    "MAX_TOKEN_SIZE",
+    "REQUIRED_CLAIMS",
+    "PolicyContext",
+    "PolicyError",
+    "PolicySigner",
+    "PolicyTooLarge",
+    "decode_token",
+    "format_address",
+    "new_connection_id",
+    "worst_case_token_size",
+]
+
+#: The largest PolicyContext TLV value HAProxy's receiver accepts.
+MAX_TOKEN_SIZE = 1024
+
+#: The only signature algorithm issued or accepted.
+ALGORITHM = "EdDSA"
+
+#: The most clock skew a verifier may allow, in seconds (SPEC §4).
+MAX_LEEWAY = 5.0
+
+ENCRYPTION_LEVELS = ("none", "tls", "mtls")
+AUTHENTICATION_METHODS = ("none", "mtls")
+
+#: Claims every PolicyContext carries; ``sub`` and ``sni`` are optional.
+REQUIRED_CLAIMS = (
+    "iss",
+    "aud",
+    "iat",
+    "exp",
+    "jti",
+    "svc",
+    "src",
+    "dst",
+    "enc",
+    "amr",
+    "acl",
+)
+
+# Connection ids: 16..32 ASCII characters (the UNIQUE_ID TLV, SPEC §4).
+_MIN_ID, _MAX_ID = 16, 32
+
+# Length of the base64url of an Ed25519 signature (64 bytes, no padding).
+_SIGNATURE_B64_LENGTH = 86
+
+
+def _check_level(instance: Any, attribute: Any, value: str) -> None:
+    if value not in ENCRYPTION_LEVELS:
+        raise ValueError(
+            f"encryption_level must be one of {ENCRYPTION_LEVELS}, not {value!r}"
+        )
+
+
+def _check_methods(instance: Any, attribute: Any, value: tuple) -> None:
+    if not value:
+        raise ValueError('authentication_method must not be empty (use ("none",))')
+    for method in value:
+        if method not in AUTHENTICATION_METHODS:
+            raise ValueError(
+                f"authentication_method entries must be in "
+                f"{AUTHENTICATION_METHODS}, not {method!r}"
+            )
+
+
+def _check_strings(instance: Any, attribute: Any, value: tuple) -> None:
+    for item in value:
+        if not isinstance(item, str):
+            raise TypeError(f"{attribute.name} entries must be strings: {item!r}")
+
+
+@attrs.frozen
+class PolicyContext:
+    """
+    The security facts of one connection, as the shard is to trust them.
+
+    ``encryption_level`` is what the client side actually had (``none``,
+    ``tls`` or ``mtls``), ``authentication_method`` how the client
+    authenticated (``("none",)`` or ``("mtls",)``), ``access_control_list``
+    what the service's policy grants.  Lists given are stored as tuples.
+    """
+
+    encryption_level: str = attrs.field(validator=_check_level)
+    authentication_method: tuple = attrs.field(
+        converter=tuple, validator=_check_methods
+    )
+    access_control_list: tuple = attrs.field(
+        converter=tuple, validator=_check_strings
+    )
+
+    @classmethod
+    def from_claims(cls, claims: Mapping[str, Any]) -> "PolicyContext":
+        """The PolicyContext carried by a token's ``enc``/``amr``/``acl`` claims."""
+        return cls(
+            encryption_level=claims["enc"],
+            authentication_method=claims["amr"],
+            access_control_list=claims["acl"],
+        )
+
+
+class PolicyTooLarge(ValueError):
+    """
+    The signed PolicyContext would exceed ``MAX_TOKEN_SIZE``: the connection
+    must be refused rather than sent a header the shard would reject.
+    """
+
+
+class PolicyError(Exception):
+    """
+    A PolicyContext token was refused.
+
+    ``reason`` is a stable slug for logs and counters (spelt like
+    ``shardtcp.proxyv2``'s): ``token_too_large``, ``malformed_token``,
+    ``bad_algorithm``, ``unknown_kid``, ``invalid_signature``,
+    ``missing_claims``, ``invalid_claims``, ``wrong_audience``, ``expired``,
+    ``issued_in_future``.
+    """
+
+    def __init__(self, reason: str, message: str = "") -> None:
+        super().__init__(reason, message)
+        self.reason = reason
+        self.message = message or reason
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.message}"
+
+
+def format_address(address: tuple) -> str:
+    """
+    ``(ip, port)`` as the ``src``/``dst`` claims spell it: ``ip:port``, or
+    ``[ip]:port`` for IPv6, the address in its canonical text form.
+
+    A zone (``fe80::1%eth0``) is dropped: a PROXY v2 header cannot carry one,
+    and the claim must match the header.  Raises ``ValueError`` for a host
+    that is not an IP literal.
+    """
+    host, port = address
+    host = str(ipaddress.ip_address(host.split("%", 1)[0]))
+    port = int(port)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port out of range: {port}")
+    return format_hostport(host, port)
+
+
+def new_connection_id() -> str:
+    """
+    A fresh, unpredictable connection id: 24 URL-safe ASCII characters
+    (144 random bits), used as both ``jti`` and the UNIQUE_ID TLV.
+    """
+    return secrets.token_urlsafe(18)
+
+
+def _check_connection_id(connection_id: str) -> None:
+    if (
+        not isinstance(connection_id, str)
+        or not _MIN_ID <= len(connection_id) <= _MAX_ID
+        or not connection_id.isascii()
+        or not connection_id.isprintable()
+    ):
+        raise ValueError(
+            f"connection id must be {_MIN_ID} to {_MAX_ID} printable ASCII "
+            f"characters: {connection_id!r}"
+        )
+
+
+def _compact_json(value: Any) -> bytes:
+    # The same serialisation PyJWT uses for payloads: compact, ASCII-escaped.
+    return json.dumps(value, separators=(",", ":")).encode("ascii")
+
+
+def _header_json(kid: str) -> bytes:
+    # PyJWT writes the header sorted by key (alg, kid, typ).
+    return json.dumps(
+        {"alg": ALGORITHM, "kid": kid, "typ": "JWT"},
+        separators=(",", ":"),
+        sort_keys=True,
+    ).encode("ascii")
+
+
+def _b64_length(n: int) -> int:
+    """Length of the unpadded base64url encoding of ``n`` bytes."""
+    return (4 * n + 2) // 3
+
+
+def _token_length(header_json: bytes, payload_json: bytes) -> int:
+    return (
+        _b64_length(len(header_json))
+        + 1
+        + _b64_length(len(payload_json))
+        + 1
+        + _SIGNATURE_B64_LENGTH
+    )
+
+
+class PolicySigner:
+    """
+    Issues the PolicyContext token of each connection (SPEC §4).
+
+    Built once per signing key; ``sign`` runs once per connection, so what
+    does not change per connection (the JWS header, the issuer, the lifetime)
+    is prepared here.  ``now`` returns seconds since the epoch; ``iat`` is its
+    integer part and ``exp`` is ``iat`` plus ``ttl`` rounded up.
+    """
+
+    def __init__(
+        self,
+        private_key: Ed25519PrivateKey,
+        *,
+        kid: str,
+        issuer: str,
+        ttl: float,
+        now: Callable[[], float],
+    ) -> None:
+        if not isinstance(private_key, Ed25519PrivateKey):
+            raise TypeError(
+                f"PolicyContext tokens are signed with Ed25519, "
+                f"not {type(private_key).__name__}"
+            )
+        if not isinstance(kid, str) or not kid:
+            raise ValueError("kid must be a non-empty string")
+        if not isinstance(issuer, str) or not issuer:
+            raise ValueError("issuer must be a non-empty string")
+        if not ttl > 0:
+            raise ValueError(f"ttl must be positive, not {ttl!r}")
+        self._key = private_key
+        self._kid = kid
+        self._issuer = issuer
+        self._lifetime = max(1, math.ceil(ttl))
+        self._now = now
+        self._headers = {"kid": kid}
+
+    @property
+    def kid(self) -> str:
+        """The key id named in every token's header."""
+        return self._kid
+
+    @property
+    def issuer(self) -> str:
+        """The ``iss`` of every token."""
+        return self._issuer
+
+    def public_key(self) -> Ed25519PublicKey:
+        """The public key that verifies this signer's tokens."""
+        return self._key.public_key()
+
+    def sign(
+        self,
+        *,
+        policy: PolicyContext,
+        audience: str,
+        connection_id: str,
+        service: str,
+        source: tuple,
+        destination: tuple,
+        subject: Optional[str] = None,
+        sni: Optional[str] = None,
+    ) -> bytes:
+        """
+        The compact JWS (ASCII bytes) of one connection's PolicyContext.
+
+        ``audience`` is the chosen shard's id; ``source`` and ``destination``
+        are the ``(ip, port)`` pairs the PROXY header will carry;
+        ``connection_id`` is the UNIQUE_ID TLV's value.  Raises
+        ``PolicyTooLarge`` when the token would exceed ``MAX_TOKEN_SIZE``
+        and ``ValueError`` for a malformed connection id or address.
+        """
+        _check_connection_id(connection_id)
+        iat = int(self._now())
+        claims: dict[str, Any] = {
+            "iss": self._issuer,
+            "aud": audience,
+            "iat": iat,
+            "exp": iat + self._lifetime,
+            "jti": connection_id,
+            "svc": service,
+            "src": format_address(source),
+            "dst": format_address(destination),
+            "enc": policy.encryption_level,
+            "amr": list(policy.authentication_method),
+            "acl": list(policy.access_control_list),
+        }
+        if subject is not None:
+            claims["sub"] = subject
+        if sni is not None:
+            claims["sni"] = sni
+        token = jwt.encode(
+            claims, self._key, algorithm=ALGORITHM, headers=self._headers
+        ).encode("ascii")
+        if len(token) > MAX_TOKEN_SIZE:
+            raise PolicyTooLarge(
+                f"PolicyContext token of {len(token)} bytes exceeds "
+                f"{MAX_TOKEN_SIZE} (service {service!r}, shard {audience!r})"
+            )
+        return token
+
+
+def worst_case_token_size(
+    *,
+    issuer: str,
+    kid: str,
+    service_id: str,
+    shard_id: str,
+    acl: Sequence[str],
+    sni_length: Optional[int] = 253,
+    subject_length: Optional[int] = 256,
+) -> int:
+    """
+    The largest token a signer with these settings can produce, in bytes.
+
+    The per-connection values are taken at their largest: a 32-character
+    ``jti``, 10-digit ``iat``/``exp``, IPv6 ``src``/``dst`` of maximal length
+    (``[ffff:...:ffff]:65535``), ``enc`` ``mtls``, ``amr`` ``["mtls"]``, an
+    ``sni`` of ``sni_length`` characters (by default 253, the longest DNS
+    name) and a ``sub`` of ``subject_length`` characters (by default 256);
+    ``None`` leaves the claim out, for listeners that can never set it (no
+    ``sub`` without client certificates).  ``sni`` and ``sub`` are counted
+    as characters JSON writes as themselves; a name full of characters JSON
+    must escape can still be longer, which ``PolicySigner.sign`` catches per
+    connection.
+
+    With both defaults the fixed part alone is about 1200 bytes, over
+    ``MAX_TOKEN_SIZE``: a configuration check must pass the bounds that hold
+    for the listener at hand rather than rely on the defaults.
+    """
+    address = "[" + ":".join(["ffff"] * 8) + "]:65535"
+    claims: dict[str, Any] = {
+        "iss": issuer,
+        "aud": shard_id,
+        "iat": 9_999_999_999,
+        "exp": 9_999_999_999,
+        "jti": "j" * _MAX_ID,
+        "svc": service_id,
+        "src": address,
+        "dst": address,
+        "enc": "mtls",
+        "amr": ["mtls"],
+        "acl": list(acl),
+    }
+    if subject_length is not None:
+        claims["sub"] = "s" * subject_length
+    if sni_length is not None:
+        claims["sni"] = "n" * sni_length
+    return _token_length(_header_json(kid), _compact_json(claims))
+
+
+def _claim_error(name: str, expected: str) -> PolicyError:
+    return PolicyError("invalid_claims", f"claim {name!r} must be {expected}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_claim_types(claims: dict) -> None:
+    for name in ("iss", "aud", "jti", "svc", "src", "dst"):
+        if not isinstance(claims[name], str):
+            raise _claim_error(name, "a string")
+    for name in ("iat", "exp"):
+        if not _is_int(claims[name]):
+            raise _claim_error(name, "an integer")
+    if claims["enc"] not in ENCRYPTION_LEVELS:
+        raise _claim_error("enc", f"one of {ENCRYPTION_LEVELS}")
+    amr = claims["amr"]
+    if (
+        not isinstance(amr, list)
+        or not amr
+        or any(m not in AUTHENTICATION_METHODS for m in amr)
+    ):
+        raise _claim_error("amr", f"a non-empty list of {AUTHENTICATION_METHODS}")
+    acl = claims["acl"]
+    if not isinstance(acl, list) or any(not isinstance(a, str) for a in acl):
+        raise _claim_error("acl", "a list of strings")
+    for name in ("sub", "sni"):
+        if name in claims and not isinstance(claims[name], str):
+            raise _claim_error(name, "a string when present")
+
+
+_DECODE_OPTIONS = {
+    "require": list(REQUIRED_CLAIMS),
+    # Time is checked against the injected clock below, not the wall clock.
+    "verify_exp": False,
+    "verify_iat": False,
+    "verify_nbf": False,
+    "strict_aud": True,
+}
+
+
+def decode_token(
+    token: Union[bytes, str],
+    keys: Mapping[str, Ed25519PublicKey],
+    *,
+    audience: str,
+    now: Callable[[], float],
+    leeway: float = MAX_LEEWAY,
+) -> dict:
+    """
+    Verify a PolicyContext token and return its claims.
+
+    Accepts only EdDSA tokens whose ``kid`` names one of ``keys`` and whose
+    signature verifies with it, whose ``aud`` is exactly ``audience``, that
+    carry every claim of ``REQUIRED_CLAIMS`` with the types SPEC §4 gives,
+    that have not expired by ``now()`` and were not issued in its future,
+    both give or take ``leeway`` seconds (capped at ``MAX_LEEWAY``).
+    Anything else raises ``PolicyError`` with a reason slug.
+    """
+    leeway = min(max(float(leeway), 0.0), MAX_LEEWAY)
+    if isinstance(token, str):
+        token = token.encode("ascii", "replace")
+    if len(token) > MAX_TOKEN_SIZE:
+        raise PolicyError(
+            "token_too_large", f"token of {len(token)} bytes exceeds {MAX_TOKEN_SIZE}"
+        )
+    try:
+        header = jwt.get_unverified_header(token)
+    except jwt.InvalidTokenError as e:
+        raise PolicyError("malformed_token", f"token does not parse: {e}") from None
+    alg = header.get("alg")
+    if alg != ALGORITHM:
+        raise PolicyError("bad_algorithm", f"alg {alg!r} is not {ALGORITHM}")
+    kid = header.get("kid")
+    if not isinstance(kid, str):
+        raise PolicyError("malformed_token", "token header has no kid")
+    key = keys.get(kid)
+    if key is None:
+        raise PolicyError("unknown_kid", f"no trusted key named {kid!r}")
+    try:
+        claims = jwt.decode(
+            token,
+            key,
+            algorithms=[ALGORITHM],
+            audience=audience,
+            options=_DECODE_OPTIONS,
+        )
+    except jwt.InvalidSignatureError:
+        raise PolicyError(
+            "invalid_signature", f"signature does not verify with key {kid!r}"
+        ) from None
+    except jwt.InvalidAlgorithmError as e:
+        raise PolicyError("bad_algorithm", str(e)) from None
+    except jwt.MissingRequiredClaimError as e:
+        raise PolicyError("missing_claims", f"missing claim {e.claim!r}") from None
+    except jwt.InvalidAudienceError:
+        raise PolicyError(
+            "wrong_audience", f"token is not for {audience!r}"
+        ) from None
+    except jwt.DecodeError as e:
+        raise PolicyError("malformed_token", str(e)) from None
+    except jwt.InvalidTokenError as e:
+        raise PolicyError("invalid_claims", str(e)) from None
+    _check_claim_types(claims)
+    current = now()
+    if current >= claims["exp"] + leeway:
+        raise PolicyError(
+            "expired",
+            f"token expired at {claims['exp']} (now {current:.0f}, "
+            f"leeway {leeway:g}s)",
+        )
+    if claims["iat"] > current + leeway:
+        raise PolicyError(
+            "issued_in_future",
+            f"token issued at {claims['iat']}, after now {current:.0f} "
+            f"(leeway {leeway:g}s)",
+        )
+    return claims
