@@ -160,7 +160,7 @@ def _cmd_decode_header(args) -> int:
 def _cmd_demo(args) -> int:
     from shardtcp.demo import run_demo
 
-    return run_demo(port=args.port, workdir=args.workdir)
+    return run_demo(port=args.port, workdir=args.workdir, check=args.check)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="start local verifying shards and a proxy in front of them")
     p.add_argument("--port", type=int, default=8443, help="proxy port on 127.0.0.1 (default 8443; 0 = any)")
     p.add_argument("--workdir", default=None, help="where to write keys, certificates and config")
+    p.add_argument("--check", action="store_true", help="exit after the self-check (status 0 = all verified)")
     p.set_defaults(func=_cmd_demo)
     return parser
 

@@ -5,8 +5,8 @@
 one line per problem and no traceback, when it is not valid.  The tree is:
 
 * the ``ShardResolver`` (a service: it owns the live shard state);
-* one ``strports`` service per ``[[listener]]`` (a port that cannot be bound
-  fails start-up loudly);
+* one ``ListeningService`` per ``[[listener]]`` (a port that cannot be
+  bound fails start-up loudly);
 * later: health checks, feeds and the admin site, each a service.
 """
 
@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import sys
 
-from twisted.application import strports
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
+from twisted.internet.endpoints import serverFromString
+from twisted.python.failure import Failure
 from twisted.python import usage
 
 from shardtcp.config import ConfigError, load_config
@@ -46,6 +47,41 @@ class Options(usage.Options):
             raise usage.UsageError("--config PATH is required")
 
 
+class ListeningService(Service):
+    """
+    Listen on a server endpoint string while running.
+
+    Like ``strports.service`` (a bind failure is raised from
+    ``startService``, so twistd refuses to start rather than run without its
+    port), but it keeps the listening port, so the bound address is known
+    when the configuration asked for port 0.
+    """
+
+    def __init__(self, description: str, factory, reactor) -> None:
+        self.description = description
+        self.factory = factory
+        self._reactor = reactor
+        self.port = None
+
+    def startService(self) -> None:
+        super().startService()
+        outcome: list = []
+        serverFromString(self._reactor, self.description).listen(self.factory).addBoth(outcome.append)
+        if not outcome:
+            raise RuntimeError(f"listening on {self.description!r} did not complete at start-up")
+        if isinstance(outcome[0], Failure):
+            self.running = False
+            outcome[0].raiseException()
+        self.port = outcome[0]
+
+    def stopService(self):
+        super().stopService()
+        port, self.port = self.port, None
+        if port is not None:
+            return port.stopListening()
+        return None
+
+
 class ProxyService(MultiService):
     """The root of the tree; keeps the shared parts reachable for tests."""
 
@@ -55,6 +91,10 @@ class ProxyService(MultiService):
         self.resolver = resolver
         self.metrics = metrics
         self.factories: dict = {}
+
+    def listening_port(self, listener: str):
+        """The bound port of a listener (``getHost()`` tells its address)."""
+        return self.getServiceNamed(f"listener:{listener}").port
 
 
 def build_service(config: Config, reactor=None, *, connector: ShardConnector | None = None) -> ProxyService:
@@ -88,7 +128,7 @@ def build_service(config: Config, reactor=None, *, connector: ShardConnector | N
         )
         factory = ProxyFactory(context)
         root.factories[listener.name] = factory
-        port_service = strports.service(listener.listen, factory, reactor=reactor)
+        port_service = ListeningService(listener.listen, factory, reactor)
         port_service.setName(f"listener:{listener.name}")
         port_service.setServiceParent(root)
     return root
