@@ -27,6 +27,7 @@ from shardtcp.model import Config
 from shardtcp.policy import PolicySigner
 from shardtcp.proxy.connector import ShardConnector
 from shardtcp.proxy.listener import ListenerContext, ProxyFactory
+from shardtcp.proxy.tls import ServerTLS, UpstreamTLS
 from shardtcp.resolver import ShardResolver
 
 
@@ -115,6 +116,7 @@ def build_service(config: Config, reactor=None, *, connector: ShardConnector | N
     names = NameTable((s.id, s.names) for s in config.services)
     if connector is None:
         connector = ShardConnector(reactor)
+    upstream_tls = UpstreamTLS()
     for listener in config.listeners:
         context = ListenerContext(
             config=listener,
@@ -125,6 +127,8 @@ def build_service(config: Config, reactor=None, *, connector: ShardConnector | N
             metrics=metrics,
             clock=reactor,
             tlv_type=config.signing.tlv_type,
+            server_tls=ServerTLS(listener) if listener.mode == "terminate" else None,
+            upstream_tls=upstream_tls,
         )
         factory = ProxyFactory(context)
         root.factories[listener.name] = factory
