@@ -164,13 +164,15 @@ def handshake_facts(connection: SSL.Connection):
     cipher = connection.get_cipher_name()
     if peer is not None:
         cert = peer.to_cryptography()
-        verify = connection.get_verify_result()
-        verified = verify == 0
-        subject = client_identity(cert) if verified else None
+        # The context verifies with VERIFY_PEER and a callback that keeps
+        # OpenSSL's verdict, so a certificate that failed verification ends
+        # the handshake: one that is still here was verified.
+        verify, verified = 0, True
+        subject = client_identity(cert)
         cn = common_name(cert)
+        # CERT_SESS (a certificate from a resumed session) is not reported:
+        # pyOpenSSL does not say whether the session was resumed.
         flags = proxyv2.PP2_CLIENT_SSL | proxyv2.PP2_CLIENT_CERT_CONN
-        if connection.session_reused():
-            flags |= proxyv2.PP2_CLIENT_CERT_SESS
     else:
         verify, verified, subject, cn = 0, False, None, None
         flags = proxyv2.PP2_CLIENT_SSL

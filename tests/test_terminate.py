@@ -1,0 +1,357 @@
+"""
+TLS termination, client certificates, TLS origination to shards and PROXY
+headers from a trusted load balancer, with real clients (Python's ssl and
+``openssl s_client``) over loopback, against reference shards that verify
+every PolicyContext.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+
+from twisted.internet import reactor, ssl as tssl
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SkipTest, TestCase
+
+from shardtcp import keys as keymod
+from shardtcp.backend import ShardVerifier
+from shardtcp.config import load_config
+from shardtcp.pki import CertificateAuthority
+from shardtcp.shardserver import shard_factory
+from shardtcp.tap import build_service
+
+NAME = "api.example.test"
+
+
+class Fixture:
+    """Keys, certificates, shards and a configured proxy in a temp folder."""
+
+    def __init__(self, case: TestCase) -> None:
+        self.case = case
+        self.dir = os.path.abspath(case.mktemp())
+        os.makedirs(self.dir)
+        self.paths = keymod.generate_keypair(os.path.join(self.dir, "keys"), kid="policy-1")
+        self.server_ca = CertificateAuthority("edge CA")
+        self.client_ca = CertificateAuthority("clients CA")
+        self.other_ca = CertificateAuthority("someone else's CA")
+        self.shard_ca = CertificateAuthority("shards CA")
+        self.server_ca_path = self.server_ca.write(self.dir, "server-ca")
+        self.client_ca_path = self.client_ca.write(self.dir, "client-ca")
+        self.shard_ca_path = self.shard_ca.write(self.dir, "shard-ca")
+        self.api_cert = self.server_ca.issue_server([NAME, f"*.{NAME}"]).write(self.dir, "api")
+        self.default_cert = self.server_ca.issue_server(["default.example.test"]).write(self.dir, "default")
+        self.shards: dict = {}
+
+    def start_shard(self, shard_id: str, *, tls_names=None, behaviour: str = "hello") -> int:
+        """A reference shard; TLS with a shards-CA certificate for ``tls_names``."""
+        options = None
+        if tls_names:
+            issued = self.shard_ca.issue_server(tls_names, common_name=shard_id)
+            cert, key = issued.write(self.dir, shard_id)
+            with open(cert, "rb") as c, open(key, "rb") as k:
+                options = tssl.PrivateCertificate.loadPEM(c.read() + b"\n" + k.read()).options()
+        verifier = ShardVerifier.from_jwks(shard_id, self.paths.jwks)
+        factory = shard_factory(shard_id, verifier, tls=options, reactor=reactor, behaviour=behaviour)
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.case.addCleanup(port.stopListening)
+        self.shards[shard_id] = factory
+        return port.getHost().port
+
+    def client_cert(self, ca=None, **kw):
+        issued = (ca or self.client_ca).issue_client("orders-client", uri="spiffe://example.test/orders", **kw)
+        return issued.write(self.dir, f"client-{id(issued)}")
+
+    def proxy(self, text: str):
+        path = os.path.join(self.dir, "proxy.toml")
+        with open(path, "w") as f:
+            f.write(
+                '[proxy]\nid = "edge-t"\n[signing]\nprivate_key = "keys/policy-1.pem"\nkid = "policy-1"\n'
+                + text
+            )
+        service = build_service(load_config(path), reactor)
+        service.startService()
+        self.case.addCleanup(self._drain)
+        self.case.addCleanup(service.stopService)
+        self.service = service
+        return service.listening_port("edge").getHost().port
+
+    async def _drain(self) -> None:
+        """Wait (bounded) until the proxy's connections have all closed."""
+        from twisted.internet.task import deferLater
+
+        for _ in range(100):
+            if not any(f.context.connections for f in self.service.factories.values()):
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        for shard in self.shards.values():
+            for _ in range(100):
+                if shard.active == 0:
+                    break
+                await deferLater(reactor, 0.05, lambda: None)
+
+    def rejected(self, reason: str) -> float:
+        return self.service.metrics.value("shardtcp_connections_rejected_total", listener="edge", reason=reason)
+
+
+def _listener(mode="terminate", extra="") -> str:
+    return (
+        '[[listener]]\nname = "edge"\nlisten = "tcp:0:interface=127.0.0.1"\n'
+        f'mode = "{mode}"\nconnect_timeout = "2s"\n{extra}\n'
+    )
+
+
+def _terminate_listener(extra="") -> str:
+    return _listener(
+        "terminate",
+        'certificates = [ { names = ["api.example.test", "*.api.example.test"], cert = "api.pem", key = "api.key" } ]\n'
+        + extra,
+    )
+
+
+def _service(shards, *, policy="", upstream="") -> str:
+    text = f'[service.api]\nnames = ["{NAME}", "*.{NAME}"]\n{upstream}\n'
+    if policy:
+        text += f"[service.api.policy]\n{policy}\n"
+    for shard_id, port, extra in shards:
+        text += f'[[service.api.shard]]\nid = "{shard_id}"\naddress = "127.0.0.1:{port}"\n{extra}\n'
+    return text
+
+
+def tls_client(port, *, server_name=NAME, cafile=None, cert=None, alpn=None, source="127.0.0.1", payload=b""):
+    """
+    Handshake through the proxy, send ``payload``, half-close, and return
+    (the peer certificate's CN, negotiated ALPN, everything read).
+    """
+    context = ssl.create_default_context(cafile=cafile)
+    if cafile is None:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if cert:
+        context.load_cert_chain(*cert)
+    if alpn:
+        context.set_alpn_protocols(alpn)
+    with socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0)) as raw:
+        with context.wrap_socket(raw, server_hostname=server_name) as tls:
+            der = tls.getpeercert(binary_form=True)
+            cn = None
+            if der:
+                from cryptography import x509
+                from cryptography.x509.oid import NameOID
+
+                cn = x509.load_der_x509_certificate(der).subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+            tls.sendall(payload)
+            data = b""
+            while b"\n" not in data:
+                chunk = tls.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+            return cn, tls.selected_alpn_protocol(), data
+
+
+def _s_client(port, *args, data=b"ping\n"):
+    if shutil.which("openssl") is None:
+        raise SkipTest("openssl is not installed")
+    cmd = ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-ign_eof", *args]
+    done = subprocess.run(cmd, input=data, capture_output=True, timeout=20)
+    return done.stdout.decode("utf-8", "replace") + done.stderr.decode("utf-8", "replace")
+
+
+class TerminateTests(TestCase):
+    """mode = "terminate": certificates per SNI, ALPN, client certificates."""
+
+    timeout = 60
+
+    def setUp(self):
+        self.fx = Fixture(self)
+        # "source:0": the hello line, then the shard closes, so that
+        # openssl s_client (which ignores its stdin's EOF) ends too.
+        self.shard_port = self.fx.start_shard("api-1", behaviour="source:0")
+
+    def start(self, listener_extra="", policy=""):
+        return self.fx.proxy(
+            _terminate_listener(listener_extra) + _service([("api-1", self.shard_port, "")], policy=policy)
+        )
+
+    async def test_terminated_without_client_cert(self):
+        """
+        The client sees the proxy's certificate for its SNI; the shard sees
+        enc=tls, amr=none, and the negotiated ALPN in the ALPN TLV.
+        """
+        port = self.start('alpn = ["h2", "http/1.1"]')
+        cn, alpn, line = await deferToThread(
+            tls_client, port, cafile=self.fx.server_ca_path, alpn=["http/1.1", "h2"]
+        )
+        self.assertEqual(cn, NAME)
+        self.assertEqual(alpn, "h2")
+        self.assertTrue(line.startswith(b"SHARD api-1 "), line)
+        self.assertIn(b" enc=tls amr=none ", line)
+        verified = self.fx.shards["api-1"].connections[-1]
+        self.assertEqual(verified.alpn, b"h2")
+        self.assertEqual(verified.ssl.version, "TLSv1.3")
+        self.assertEqual(verified.ssl.client, 0x01)
+        self.assertIsNone(verified.subject)
+
+    async def test_client_certificate_gives_mtls(self):
+        """
+        A verified client certificate makes enc=mtls, amr=mtls and sub the
+        certificate's SAN URI; the SSL TLV carries CN, version and cipher.
+        """
+        port = self.start(f'client_ca = "client-ca.pem"')
+        cert = self.fx.client_cert()
+        _, _, line = await deferToThread(tls_client, port, cafile=self.fx.server_ca_path, cert=cert)
+        self.assertIn(b" enc=mtls amr=mtls ", line)
+        self.assertIn(b" sub=spiffe://example.test/orders", line)
+        verified = self.fx.shards["api-1"].connections[-1]
+        self.assertEqual(verified.subject, "spiffe://example.test/orders")
+        self.assertEqual(verified.ssl.cn, "orders-client")
+        self.assertEqual(verified.ssl.verify, 0)
+        self.assertEqual(verified.ssl.client & 0x03, 0x03)
+        self.assertTrue(verified.ssl.cipher)
+
+    async def test_openssl_with_and_without_client_certificate(self):
+        """``openssl s_client`` reaches the shard with and without a client certificate."""
+        port = self.start(f'client_ca = "client-ca.pem"')
+        cert, key = self.fx.client_cert()
+        out = await deferToThread(
+            _s_client, port, "-servername", NAME, "-CAfile", self.fx.server_ca_path, "-cert", cert, "-key", key
+        )
+        self.assertIn("SHARD api-1 ", out)
+        self.assertIn("enc=mtls amr=mtls", out)
+        self.assertIn("Verify return code: 0 (ok)", out)
+        out = await deferToThread(_s_client, port, "-servername", NAME, "-CAfile", self.fx.server_ca_path)
+        self.assertIn("enc=tls amr=none", out)
+
+    async def test_certificate_from_another_ca_refused(self):
+        """A client certificate from another CA fails the handshake with unknown_ca."""
+        port = self.start(f'client_ca = "client-ca.pem"')
+        cert, key = self.fx.client_cert(self.fx.other_ca)
+        out = await deferToThread(
+            _s_client, port, "-servername", NAME, "-CAfile", self.fx.server_ca_path, "-cert", cert, "-key", key
+        )
+        self.assertNotIn("SHARD api-1", out)
+        self.assertIn("unknown ca", out.lower())
+        self.assertEqual(self.fx.shards["api-1"].connections, [])
+        self.assertEqual(self.fx.rejected("tls_handshake"), 1.0)
+
+    async def test_expired_certificate_refused(self):
+        """An expired client certificate fails the handshake with certificate_expired."""
+        port = self.start(f'client_ca = "client-ca.pem"')
+        past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=2)
+        cert, key = self.fx.client_cert(not_after=past)
+        out = await deferToThread(
+            _s_client, port, "-servername", NAME, "-CAfile", self.fx.server_ca_path, "-cert", cert, "-key", key
+        )
+        self.assertNotIn("SHARD api-1", out)
+        self.assertIn("certificate expired", out.lower())
+
+    async def test_service_requiring_mtls_refuses_client_without_cert(self):
+        """authentication = "mtls": no certificate, no connection (certificate_required alert)."""
+        port = self.start(f'client_ca = "client-ca.pem"', policy='authentication = "mtls"')
+        with self.assertRaises(ssl.SSLError) as raised:
+            await deferToThread(tls_client, port, cafile=self.fx.server_ca_path)
+        self.assertIn("CERTIFICATE_REQUIRED", str(raised.exception).upper())
+        self.assertEqual(self.fx.shards["api-1"].connections, [])
+        cert = self.fx.client_cert()
+        _, _, line = await deferToThread(tls_client, port, cafile=self.fx.server_ca_path, cert=cert)
+        self.assertIn(b" enc=mtls amr=mtls ", line)
+
+    async def test_unknown_sni_gets_default_certificate(self):
+        """Without strict_sni, a name outside the list gets default_certificate (and routes by default_service)."""
+        port = self.start(
+            'default_certificate = { cert = "default.pem", key = "default.key" }\ndefault_service = "api"'
+        )
+        cn, _, line = await deferToThread(tls_client, port, server_name=None)
+        self.assertEqual(cn, "default.example.test")
+        self.assertTrue(line.startswith(b"SHARD api-1 "))
+
+    async def test_strict_sni_refuses_unknown_name(self):
+        """strict_sni = true: a name without a certificate gets an unrecognized_name alert."""
+        port = self.fx.proxy(
+            _terminate_listener(
+                'strict_sni = true\ndefault_certificate = { cert = "default.pem", key = "default.key" }'
+            )
+            + _service([("api-1", self.shard_port, "")])
+            + '[service.other]\nnames = ["other.example.test"]\n'
+            + f'[[service.other.shard]]\nid = "other-1"\naddress = "127.0.0.1:{self.shard_port}"\n'
+        )
+        with self.assertRaises(ssl.SSLError) as raised:
+            await deferToThread(tls_client, port, server_name="other.example.test")
+        self.assertIn("UNRECOGNIZED_NAME", str(raised.exception).upper())
+        self.assertEqual(self.fx.rejected("no_certificate"), 1.0)
+
+
+class UpstreamTLSTests(TestCase):
+    """upstream_tls: the hop to the shard is TLS, verified with service-identity."""
+
+    timeout = 60
+
+    async def test_upstream_tls_verified_and_wrong_name_skipped(self):
+        """
+        A shard whose certificate does not match its server_name counts as a
+        failed attempt (a security event) and the next shard serves; the
+        PROXY header still reached the good shard in clear before TLS.
+        """
+        fx = Fixture(self)
+        bad = fx.start_shard("api-bad", tls_names=["somebody-else.shards.test"])
+        good = fx.start_shard("api-good", tls_names=["api-good.shards.test"])
+        port = fx.proxy(
+            _terminate_listener()
+            + _service(
+                [
+                    ("api-bad", bad, 'server_name = "api-bad.shards.test"\nsecurity_score = 100'),
+                    ("api-good", good, 'server_name = "api-good.shards.test"\nsecurity_score = 60'),
+                ],
+                upstream='upstream_tls = true\nupstream_ca = "shard-ca.pem"',
+            )
+        )
+        _, _, line = await deferToThread(tls_client, port, cafile=fx.server_ca_path)
+        self.assertTrue(line.startswith(b"SHARD api-good "), line)
+        self.assertEqual(
+            fx.service.metrics.value(
+                "shardtcp_upstream_connect_failures_total", service="api", shard="api-bad", reason="tls_verify"
+            ),
+            1.0,
+        )
+        # The header went out in clear before TLS, so the bad shard verified
+        # it, but not one application byte crossed the failed handshake.
+        self.assertEqual(fx.shards["api-bad"].counts["bytes_received"], 0)
+
+
+class AcceptProxyTests(TestCase):
+    """accept_proxy: a PROXY header from a trusted load balancer names the client."""
+
+    timeout = 60
+
+    async def test_trusted_and_untrusted(self):
+        """
+        From a trusted network the header's source becomes the client the
+        shard sees; from an untrusted one the connection is closed unread.
+        """
+        fx = Fixture(self)
+        shard_port = fx.start_shard("api-1")
+        port = fx.proxy(
+            _terminate_listener('accept_proxy = true\ntrusted_proxies = ["127.0.0.0/30"]')
+            + _service([("api-1", shard_port, "")])
+        )
+
+        def through_lb(source):
+            context = ssl.create_default_context(cafile=fx.server_ca_path)
+            with socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0)) as raw:
+                raw.sendall(b"PROXY TCP4 203.0.113.5 127.0.0.1 40000 443\r\n")
+                try:
+                    with context.wrap_socket(raw, server_hostname=NAME) as tls:
+                        return tls.recv(4096)
+                except (ssl.SSLError, OSError) as e:
+                    return repr(e).encode()
+
+        line = await deferToThread(through_lb, "127.0.0.2")
+        self.assertTrue(line.startswith(b"SHARD api-1 client=203.0.113.5:40000 "), line)
+        line = await deferToThread(through_lb, "127.0.0.9")
+        self.assertNotIn(b"SHARD", line)
+        self.assertEqual(fx.rejected("untrusted_proxy"), 1.0)
