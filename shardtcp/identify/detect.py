@@ -9,6 +9,9 @@ listener's ``identify`` list: ``0x16`` is a TLS handshake (``sni``);
 (``line``); another HTTP method token a plain request (``http-host``).
 
 Detectors are pure: no I/O, no clock.  The listener owns the timeout.
+
+The preamble methods (``connect``, ``line``, ``http-host``) live in
+``shardtcp.identify.preamble``; importing this module registers them.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 from attrs import frozen
+from zope.interface import Attribute, Interface, implementer
 
 from shardtcp.identify.clienthello import ClientHelloError, ClientHelloParser, NotTLS
 
@@ -29,7 +33,9 @@ class Identified:
     ``protocol`` is how to answer a refusal ("tls", "http", "line");
     ``consume`` is how many leading bytes are the preamble's own and are not
     forwarded; ``reply_when_connected`` is written to the client once the
-    shard is connected (CONNECT's 200).
+    shard is connected (CONNECT's 200); ``by_service_id`` says that ``name``
+    may also be a service id as it stands (the ``line`` preamble names a
+    service, not a host), which the router tries before the name table.
     """
 
     method: str
@@ -39,6 +45,7 @@ class Identified:
     tls: bool = False
     consume: int = 0
     reply_when_connected: bytes = b""
+    by_service_id: bool = False
 
 
 class IdentifyError(Exception):
@@ -55,10 +62,30 @@ class IdentifyError(Exception):
         self.protocol = protocol
 
 
+class IIdentifyMethod(Interface):
+    """
+    One way of identifying the service from a connection's first bytes.
+
+    Implementations are registered in ``METHODS`` under their ``name`` and
+    built with one argument, the most bytes they may hold.
+    """
+
+    name = Attribute("The method's name in a listener's identify list.")
+    protocol = Attribute('How a refusal is answered: "tls", "http" or "line".')
+
+    def feed(data: bytes) -> Optional[Identified]:
+        """
+        Feed the next bytes; return the ``Identified`` once known, else
+        None. Raises ``IdentifyError``, and nothing else, on bad input.
+        """
+
+
+@implementer(IIdentifyMethod)
 class _SniMethod:
     """Identify by the SNI of a TLS ClientHello (bytes are not consumed)."""
 
     name = "sni"
+    protocol = "tls"
 
     def __init__(self, max_size: int) -> None:
         self._parser = ClientHelloParser(max_size=max_size)
@@ -118,6 +145,14 @@ class Detector:
         self._buffer = b""
         self._method = None
 
+    @property
+    def protocol(self) -> str:
+        """
+        How to answer a refusal at this point (a peek timeout, an early
+        close): the chosen method's protocol, "none" while undecided.
+        """
+        return self._method.protocol if self._method is not None else "none"
+
     def feed(self, data: bytes) -> Optional[Identified]:
         """Feed bytes; return the identification once known, else None."""
         if self._method is None:
@@ -143,3 +178,8 @@ def _describe_unexpected(prefix: bytes, allowed: Sequence[str]) -> str:
     if tuple(allowed) == ("sni",):
         return f"not a TLS ClientHello (first bytes {shown})"
     return f"first bytes {shown} match none of {', '.join(allowed)}"
+
+
+# Last, because the preamble methods need the names above: importing the
+# module registers connect, line and http-host in METHODS.
+import shardtcp.identify.preamble  # noqa: E402,F401

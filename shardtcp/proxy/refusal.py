@@ -18,6 +18,11 @@ REASONS = {
     "not_tls": (None, 400, "Bad Request"),
     "unrecognized": (None, 400, "Bad Request"),
     "too_large": (AlertDescription.handshake_failure, 400, "Bad Request"),
+    # An HTTP preamble over its bound (8 KiB): 414 while still in the
+    # request line, 431 once in the header fields (RFC 9112 section 3,
+    # RFC 6585 section 5).
+    "uri_too_long": (AlertDescription.handshake_failure, 414, "URI Too Long"),
+    "header_too_large": (AlertDescription.handshake_failure, 431, "Request Header Fields Too Large"),
     "peek_timeout": (AlertDescription.handshake_failure, 408, "Request Timeout"),
     "eof": (None, 400, "Bad Request"),
     "no_service": (AlertDescription.unrecognized_name, 404, "Not Found"),
