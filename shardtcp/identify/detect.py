@@ -35,7 +35,8 @@ class Identified:
     forwarded; ``reply_when_connected`` is written to the client once the
     shard is connected (CONNECT's 200); ``by_service_id`` says that ``name``
     may also be a service id as it stands (the ``line`` preamble names a
-    service, not a host), which the router tries before the name table.
+    service, not a host): the router tries it as one when the name table
+    selects nothing.
     """
 
     method: str
