@@ -371,7 +371,7 @@ class ProxyConnection(SpliceSideMixin, Protocol):
         if self.state == "spliced":
             self._splice.read_closed(DOWNSTREAM)
         elif self.state in ("peeking", "proxy-header"):
-            protocol = "tls" if self._buffer and self._buffer[0][:1] == b"\x16" else "none"
+            protocol = self._detector.protocol if self._detector is not None else "none"
             self._refuse("eof", "client closed its side before identifying a service", protocol)
         elif self.state in ("connecting", "handshaking"):
             # Carried across once spliced: the shard still answers.
@@ -731,7 +731,7 @@ class ProxyConnection(SpliceSideMixin, Protocol):
 
     def _peek_timed_out(self) -> None:
         self._timer = None
-        protocol = "tls" if self._buffer and self._buffer[0][:1] == b"\x16" else "none"
+        protocol = self._detector.protocol if self._detector is not None else "none"
         what = "PROXY header" if self.state == "proxy-header" else "ClientHello or preamble"
         self._refuse(
             "peek_timeout",
