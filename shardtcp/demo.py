@@ -22,14 +22,13 @@ import socket
 import ssl
 import sys
 import tempfile
-import threading
 from typing import Optional
 
 from shardtcp import keys as keymod
 from shardtcp.backend import ShardVerifier
 from shardtcp.config import load_config
 from shardtcp.pki import CertificateAuthority
-from shardtcp.shardserver import shard_factory
+from shardtcp.shardserver import shard_factory, tls_options
 
 SHARDS = (
     # id, lat, lon, region, demo source address placed there by [geo]
@@ -103,10 +102,7 @@ def prepare(workdir: str, reactor, port: int = 0) -> tuple:
     for shard_id, lat, lon, region, _ in SHARDS:
         issued = ca.issue_server([SERVICE_NAME, f"*.{SERVICE_NAME}", f"{shard_id}.shards.test"], common_name=shard_id)
         cert, key = issued.write(cert_dir, shard_id)
-        from twisted.internet import ssl as tssl
-
-        with open(cert, "rb") as f_cert, open(key, "rb") as f_key:
-            options = tssl.PrivateCertificate.loadPEM(f_cert.read() + b"\n" + f_key.read()).options()
+        options = tls_options(cert, key)
         verifier = ShardVerifier.from_jwks(shard_id, jwks)
         factory = shard_factory(shard_id, verifier, tls=options, reactor=reactor)
         listening = reactor.listenTCP(0, factory, interface="127.0.0.1")

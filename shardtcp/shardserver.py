@@ -44,11 +44,14 @@ from collections import Counter
 from typing import Any, NoReturn, Optional, Sequence
 
 import attrs
+from OpenSSL import SSL
 from twisted.internet import defer, ssl
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import (
     IAddress,
     IHalfCloseableProtocol,
+    IHandshakeListener,
+    INegotiated,
     IProtocol,
     IPushProducer,
 )
@@ -166,7 +169,7 @@ def hello_line(shard_id: str, verified: VerifiedConnection) -> bytes:
 # The application protocols
 
 
-@implementer(IHalfCloseableProtocol)
+@implementer(IHalfCloseableProtocol, IHandshakeListener)
 class _ShardProtocol(Protocol):
     """
     What every behaviour shares: the verified facts, the count and SHA-256
@@ -198,7 +201,19 @@ class _ShardProtocol(Protocol):
             client=format_address(self.verified.client),
             service=self.verified.service,
         )
+        if INegotiated.providedBy(self.transport):
+            # Behind TLS: speak once the handshake is done, so that a
+            # behaviour closing at once (source:0) does not cut it short.
+            self._tls_pending = True
+            return
         self.started()
+
+    _tls_pending = False
+
+    def handshakeCompleted(self) -> None:
+        if self._tls_pending:
+            self._tls_pending = False
+            self.started()
 
     def _write(self, data: bytes) -> None:
         self._counts["bytes_sent"] += len(data)
@@ -462,18 +477,43 @@ def shard_factory(
 # Running one as a process
 
 
-def _tls_options(cert: str, key: str, client_ca: Optional[str]) -> ssl.CertificateOptions:
-    """Server TLS options from PEM files, asking for client certificates with ``client_ca``."""
+class _ShardTLSOptions(ssl.CertificateOptions):
+    """
+    ``CertificateOptions`` that declines ALPN properly.
+
+    Twisted's ALPN selection callback answers an empty protocol name when
+    the client offers protocols the server does not list (or the server
+    lists none), which OpenSSL turns into a fatal ``internal_error`` alert:
+    every client offering ALPN (curl offers ``h2,http/1.1``) is refused.
+    Without ALPN protocols of its own, a server must simply not negotiate.
+    """
+
+    def getContext(self):
+        context = super().getContext()
+        if not self._acceptableProtocols:
+            context.set_alpn_select_callback(lambda connection, offered: SSL.NO_OVERLAPPING_PROTOCOLS)
+        return context
+
+
+def tls_options(cert: str, key: str, client_ca: Optional[str] = None) -> ssl.CertificateOptions:
+    """
+    Server TLS options for a shard from PEM files, asking for (and
+    requiring) client certificates signed by ``client_ca`` when given.
+    """
     with open(cert, "rb") as f:
         cert_pem = f.read()
     with open(key, "rb") as f:
         key_pem = f.read()
     private = ssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem)
-    if client_ca is None:
-        return private.options()
-    with open(client_ca, "rb") as f:
-        authority = ssl.Certificate.loadPEM(f.read())
-    return private.options(authority)
+    kwargs = {}
+    if client_ca is not None:
+        with open(client_ca, "rb") as f:
+            authority = ssl.Certificate.loadPEM(f.read())
+        kwargs = {"verify": True, "caCerts": [authority.original], "requireCertificate": True}
+    return _ShardTLSOptions(privateKey=private.privateKey.original, certificate=private.original, **kwargs)
+
+
+_tls_options = tls_options
 
 
 def _write_port_file(path: str, port: int) -> None:

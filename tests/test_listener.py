@@ -5,7 +5,6 @@ header, splice, refusals.  No sockets, no wall clock.
 
 from __future__ import annotations
 
-import attrs
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
@@ -21,14 +20,12 @@ from shardtcp.proxy.listener import ListenerContext, ProxyFactory
 from shardtcp.resolver import ShardResolver
 
 from tests.support import (
-    FRANKFURT,
     NEW_YORK,
     FakeConnector,
     HalfCloseTransport,
     client_hello,
     geo,
     make_config,
-    shard,
 )
 
 CLIENT = IPv4Address("TCP", "198.51.100.7", 51515)

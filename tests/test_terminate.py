@@ -14,7 +14,7 @@ import socket
 import ssl
 import subprocess
 
-from twisted.internet import reactor, ssl as tssl
+from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
@@ -22,7 +22,7 @@ from shardtcp import keys as keymod
 from shardtcp.backend import ShardVerifier
 from shardtcp.config import load_config
 from shardtcp.pki import CertificateAuthority
-from shardtcp.shardserver import shard_factory
+from shardtcp.shardserver import shard_factory, tls_options
 from shardtcp.tap import build_service
 
 NAME = "api.example.test"
@@ -53,8 +53,7 @@ class Fixture:
         if tls_names:
             issued = self.shard_ca.issue_server(tls_names, common_name=shard_id)
             cert, key = issued.write(self.dir, shard_id)
-            with open(cert, "rb") as c, open(key, "rb") as k:
-                options = tssl.PrivateCertificate.loadPEM(c.read() + b"\n" + k.read()).options()
+            options = tls_options(cert, key)
         verifier = ShardVerifier.from_jwks(shard_id, self.paths.jwks)
         factory = shard_factory(shard_id, verifier, tls=options, reactor=reactor, behaviour=behaviour)
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
@@ -202,7 +201,7 @@ class TerminateTests(TestCase):
         A verified client certificate makes enc=mtls, amr=mtls and sub the
         certificate's SAN URI; the SSL TLV carries CN, version and cipher.
         """
-        port = self.start(f'client_ca = "client-ca.pem"')
+        port = self.start('client_ca = "client-ca.pem"')
         cert = self.fx.client_cert()
         _, _, line = await deferToThread(tls_client, port, cafile=self.fx.server_ca_path, cert=cert)
         self.assertIn(b" enc=mtls amr=mtls ", line)
@@ -216,7 +215,7 @@ class TerminateTests(TestCase):
 
     async def test_openssl_with_and_without_client_certificate(self):
         """``openssl s_client`` reaches the shard with and without a client certificate."""
-        port = self.start(f'client_ca = "client-ca.pem"')
+        port = self.start('client_ca = "client-ca.pem"')
         cert, key = self.fx.client_cert()
         out = await deferToThread(
             _s_client, port, "-servername", NAME, "-CAfile", self.fx.server_ca_path, "-cert", cert, "-key", key
@@ -229,7 +228,7 @@ class TerminateTests(TestCase):
 
     async def test_certificate_from_another_ca_refused(self):
         """A client certificate from another CA fails the handshake with unknown_ca."""
-        port = self.start(f'client_ca = "client-ca.pem"')
+        port = self.start('client_ca = "client-ca.pem"')
         cert, key = self.fx.client_cert(self.fx.other_ca)
         out = await deferToThread(
             _s_client, port, "-servername", NAME, "-CAfile", self.fx.server_ca_path, "-cert", cert, "-key", key
@@ -241,7 +240,7 @@ class TerminateTests(TestCase):
 
     async def test_expired_certificate_refused(self):
         """An expired client certificate fails the handshake with certificate_expired."""
-        port = self.start(f'client_ca = "client-ca.pem"')
+        port = self.start('client_ca = "client-ca.pem"')
         past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=2)
         cert, key = self.fx.client_cert(not_after=past)
         out = await deferToThread(
@@ -252,7 +251,7 @@ class TerminateTests(TestCase):
 
     async def test_service_requiring_mtls_refuses_client_without_cert(self):
         """authentication = "mtls": no certificate, no connection (certificate_required alert)."""
-        port = self.start(f'client_ca = "client-ca.pem"', policy='authentication = "mtls"')
+        port = self.start('client_ca = "client-ca.pem"', policy='authentication = "mtls"')
         with self.assertRaises(ssl.SSLError) as raised:
             await deferToThread(tls_client, port, cafile=self.fx.server_ca_path)
         self.assertIn("CERTIFICATE_REQUIRED", str(raised.exception).upper())
