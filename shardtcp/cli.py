@@ -157,6 +157,22 @@ def _cmd_decode_header(args) -> int:
     return decode_header_file(args.file, jwks=args.jwks, audience=args.audience)
 
 
+def _cmd_sign_feed(args) -> int:
+    from shardtcp.keys import KeyFileError
+    from shardtcp.resolver.feeds import FeedRejected, sign_feed_file
+
+    try:
+        token = sign_feed_file(args.feed, args.key, args.kid)
+    except FeedRejected as e:
+        print(f"shardtcp sign-feed: {args.feed}: {e}", file=sys.stderr)
+        return 1
+    except (KeyFileError, OSError, ValueError) as e:
+        print(f"shardtcp sign-feed: {e}", file=sys.stderr)
+        return 1
+    sys.stdout.write(token.decode("ascii") + "\n")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from shardtcp.demo import run_demo
 
@@ -192,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jwks", default=None, help="JWKS file to verify the PolicyContext with")
     p.add_argument("--audience", default=None, help="also require this shard id as 'aud'")
     p.set_defaults(func=_cmd_decode_header)
+
+    p = sub.add_parser("sign-feed", help="sign a threat-intelligence feed (JSON claims) as a compact JWS")
+    p.add_argument("--key", required=True, help="Ed25519 private key (PEM)")
+    p.add_argument("--kid", required=True, help="key id written into the JWS header")
+    p.add_argument("feed", help="JSON file with iss, iat, exp, seq, shards, deny")
+    p.set_defaults(func=_cmd_sign_feed)
 
     p = sub.add_parser("demo", help="start local verifying shards and a proxy in front of them")
     p.add_argument("--port", type=int, default=8443, help="proxy port on 127.0.0.1 (default 8443; 0 = any)")

@@ -29,6 +29,7 @@ from shardtcp.proxy.connector import ShardConnector
 from shardtcp.proxy.listener import ListenerContext, ProxyFactory
 from shardtcp.proxy.tls import ServerTLS, UpstreamTLS
 from shardtcp.resolver import ShardResolver
+from shardtcp.resolver.feeds import ThreatIntelError, build_threat_intel
 
 
 class Options(usage.Options):
@@ -92,6 +93,7 @@ class ProxyService(MultiService):
         self.resolver = resolver
         self.metrics = metrics
         self.factories: dict = {}
+        self.threat_intel = None
 
     def listening_port(self, listener: str):
         """The bound port of a listener (``getHost()`` tells its address)."""
@@ -106,6 +108,10 @@ def build_service(config: Config, reactor=None, *, connector: ShardConnector | N
     resolver = ShardResolver(config, clock=reactor)
     root = ProxyService(config, resolver, metrics)
     resolver.setServiceParent(root)
+    intel = build_threat_intel(config, resolver, reactor, registry=metrics.registry)
+    if intel is not None:
+        intel.setServiceParent(root)
+    root.threat_intel = intel
     signer = PolicySigner(
         load_private_key(config.signing.private_key),
         kid=config.signing.kid,
@@ -129,6 +135,7 @@ def build_service(config: Config, reactor=None, *, connector: ShardConnector | N
             tlv_type=config.signing.tlv_type,
             server_tls=ServerTLS(listener) if listener.mode == "terminate" else None,
             upstream_tls=upstream_tls,
+            admission=intel.denies if intel is not None else None,
         )
         factory = ProxyFactory(context)
         root.factories[listener.name] = factory
@@ -147,4 +154,8 @@ def makeService(options: Options, reactor=None) -> ProxyService:
             sys.stderr.write(f"shardtcp: {line}\n")
         sys.stderr.write("shardtcp: configuration is not valid; not starting\n")
         raise SystemExit(1)
-    return build_service(config, reactor)
+    try:
+        return build_service(config, reactor)
+    except ThreatIntelError as e:
+        sys.stderr.write(f"shardtcp: {e}\nshardtcp: not starting\n")
+        raise SystemExit(1)
