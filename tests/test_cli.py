@@ -1,0 +1,181 @@
+"""
+The ``shardtcp`` command and ``twistd shardtcp``: exit statuses and what
+they print, run as real subprocesses where the contract is about processes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from contextlib import redirect_stderr, redirect_stdout
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from shardtcp import keys as keymod, proxyv2
+from shardtcp.cli import main
+from shardtcp.policy import PolicyContext, PolicySigner
+
+BIN = os.path.dirname(sys.executable)
+
+GOOD = """
+[proxy]
+id = "edge-1"
+location = { lat = 50.11, lon = 8.68, region = "eu-central" }
+[signing]
+private_key = "keys/policy-1.pem"
+kid = "policy-1"
+[[listener]]
+name = "edge"
+listen = "tcp:0:interface=127.0.0.1"
+[service.api]
+names = ["api.example.test"]
+[[service.api.shard]]
+id = "api-fra-1"
+address = "127.0.0.1:9001"
+location = { lat = 50.11, lon = 8.68, region = "eu-central" }
+[[service.api.shard]]
+id = "api-nyc-1"
+address = "127.0.0.1:9002"
+location = { lat = 40.71, lon = -74.0, region = "us-east" }
+[geo]
+networks = [ { cidr = "198.51.100.0/24", lat = 40.71, lon = -74.0, region = "us-east" } ]
+"""
+
+
+def run_cli(*argv) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            status = main(list(argv))
+        except SystemExit as e:
+            status = e.code
+    return status, out.getvalue(), err.getvalue()
+
+
+class CommandTests(SynchronousTestCase):
+    """check-config, keygen, explain, sign-feed, decode-header."""
+
+    def setUp(self):
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        self.keys = keymod.generate_keypair(os.path.join(self.dir, "keys"), kid="policy-1")
+
+    def write(self, name, text):
+        path = os.path.join(self.dir, name)
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def test_check_config_valid(self):
+        """A valid file: exit 0."""
+        status, out, _ = run_cli("check-config", self.write("ok.toml", GOOD))
+        self.assertEqual(status, 0)
+        self.assertIn("valid", out)
+
+    def test_check_config_problems_name_key_paths(self):
+        """Each problem is one line naming its key path; exit 1."""
+        bad = GOOD.replace('address = "127.0.0.1:9002"', 'address = "nowhere"').replace(
+            'listen = "tcp:0', 'idnetify = ["sni"]\nlisten = "tcp:0'
+        )
+        status, _, err = run_cli("check-config", self.write("bad.toml", bad))
+        self.assertEqual(status, 1)
+        lines = err.strip().splitlines()
+        self.assertEqual(len(lines), 2, lines)
+        self.assertTrue(any(l.startswith("service.api.shard[1].address: ") for l in lines), lines)
+        self.assertTrue(any(l.startswith("listener[0].idnetify: unknown key") for l in lines), lines)
+
+    def test_twistd_refuses_bad_config_without_traceback(self):
+        """``twistd -n shardtcp`` prints the same lines and exits 1, no traceback."""
+        bad = GOOD.replace('address = "127.0.0.1:9002"', 'address = "nowhere"')
+        done = subprocess.run(
+            [os.path.join(BIN, "twistd"), "-n", "--pidfile=", "shardtcp", "--config", self.write("bad.toml", bad)],
+            capture_output=True,
+            timeout=60,
+            cwd=self.dir,
+        )
+        err = done.stderr.decode()
+        self.assertEqual(done.returncode, 1, err)
+        self.assertIn("shardtcp: service.api.shard[1].address: ", err)
+        self.assertNotIn("Traceback", err)
+
+    def test_keygen(self):
+        """keygen writes a 0600 private key, its public key and a JWKS with the kid."""
+        out_dir = os.path.join(self.dir, "new")
+        status, out, _ = run_cli("keygen", "--out", out_dir, "--kid", "k2")
+        self.assertEqual(status, 0)
+        mode = stat.S_IMODE(os.stat(os.path.join(out_dir, "k2.pem")).st_mode)
+        self.assertEqual(mode, 0o600)
+        with open(os.path.join(out_dir, "jwks.json")) as f:
+            jwks = json.load(f)
+        self.assertEqual([k["kid"] for k in jwks["keys"]], ["k2"])
+        self.assertEqual(jwks["keys"][0]["crv"], "Ed25519")
+        status, _, err = run_cli("keygen", "--out", out_dir, "--kid", "k2")
+        self.assertEqual(status, 1)
+        self.assertIn("refusing to overwrite an existing private key", err)
+
+    def test_explain(self):
+        """explain ranks the US shard first for a US client, factor by factor."""
+        status, out, _ = run_cli(
+            "explain", "--config", self.write("ok.toml", GOOD), "--service", "api", "--client", "198.51.100.7", "--json"
+        )
+        self.assertEqual(status, 0)
+        ranking = json.loads(out)
+        self.assertEqual([s["shard"] for s in ranking["shards"]], ["api-nyc-1", "api-fra-1"])
+        self.assertEqual(ranking["location_source"], "geo")
+        self.assertGreater(ranking["shards"][1]["details"]["distance_km"], 6000)
+        status, text, _ = run_cli("explain", "--config", self.write("ok.toml", GOOD), "--service", "api", "--client", "10.1.1.1")
+        self.assertIn("(proxy)", text.splitlines()[0])
+
+    def test_sign_feed(self):
+        """sign-feed prints a compact JWS signed with the given kid; an expired feed is refused."""
+        now = int(time.time())
+        feed = {"iss": "intel", "iat": now, "exp": now + 600, "seq": 1, "shards": {"api-fra-1": 20}, "deny": []}
+        path = self.write("feed.json", json.dumps(feed))
+        status, out, _ = run_cli("sign-feed", "--key", self.keys.private_key, "--kid", "policy-1", path)
+        self.assertEqual(status, 0)
+        self.assertEqual(out.count("."), 2)
+        feed["iat"], feed["exp"] = now - 600, now - 10
+        status, _, err = run_cli(
+            "sign-feed", "--key", self.keys.private_key, "--kid", "policy-1", self.write("old.json", json.dumps(feed))
+        )
+        self.assertEqual(status, 1)
+        self.assertIn("expired", err)
+
+    def test_decode_header(self):
+        """decode-header reads a hex capture, lists TLVs, and verifies the token with --jwks."""
+        signer = PolicySigner(
+            keymod.load_private_key(self.keys.private_key), kid="policy-1", issuer="edge-1", ttl=30, now=time.time
+        )
+        token = signer.sign(
+            policy=PolicyContext("tls", ("none",), ("orders:read",)),
+            audience="api-fra-1",
+            connection_id="A" * 24,
+            service="api",
+            source=("192.0.2.7", 5000),
+            destination=("127.0.0.1", 8443),
+            sni="api.example.test",
+        )
+        header = proxyv2.encode(
+            proxyv2.ProxyHeader(
+                source=("192.0.2.7", 5000),
+                destination=("127.0.0.1", 8443),
+                tlvs=((0x02, b"api.example.test"), (0x05, b"A" * 24), (0xE0, token)),
+            )
+        )
+        path = self.write("capture.hex", header.hex())
+        status, out, _ = run_cli("decode-header", path, "--jwks", self.keys.jwks)
+        self.assertEqual(status, 0, out)
+        self.assertIn("source 192.0.2.7:5000", out)
+        self.assertIn("TLV AUTHORITY: 'api.example.test'", out)
+        self.assertIn("signature valid", out)
+        self.assertIn("binding valid", out)
+        tampered = bytearray(header)
+        tampered[20] ^= 1
+        status, out, _ = run_cli("decode-header", self.write("bad.hex", bytes(tampered).hex()))
+        self.assertEqual(status, 1)
+        self.assertIn("invalid PROXY header", out)
