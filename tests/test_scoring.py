@@ -181,3 +181,102 @@ class TotalScoreTests(SynchronousTestCase):
     def test_negative_weight_refused(self) -> None:
         """A negative weight is an error, not a reward for a bad factor."""
         self.assertRaises(ValueError, total_score, Weights(-1, 1, 1), 1.0, 1.0, 1.0)
+
+
+class CombinedLoadTests(SynchronousTestCase):
+    """combined_load: a report can raise the load, never lower it."""
+
+    def test_report_never_lowers(self) -> None:
+        """90 of 100 open and a report of 0% is 0.9; a report of 95% is 0.95."""
+        self.assertEqual(scoring.combined_load(90, 100, 0.0), 0.9)
+        self.assertEqual(scoring.combined_load(90, 100, None), 0.9)
+        self.assertEqual(scoring.combined_load(10, 100, 0.95), 0.95)
+
+    def test_clamps_and_no_capacity(self) -> None:
+        """Reports are read within 0..1; no capacity means full."""
+        self.assertEqual(scoring.combined_load(0, 100, 7.0), 1.0)
+        self.assertEqual(scoring.combined_load(0, 100, -1.0), 0.0)
+        self.assertEqual(scoring.combined_load(0, 0, None), 1.0)
+
+    def test_spare_factor(self) -> None:
+        """spare_factor is 1 - min(1, load), a negative load counting as 0."""
+        self.assertEqual(scoring.spare_factor(0.25), 0.75)
+        self.assertEqual(scoring.spare_factor(3.0), 0.0)
+        self.assertEqual(scoring.spare_factor(-1.0), 1.0)
+        self.assertEqual(scoring.spare_factor(0.25), load_factor(25, 100))
+
+
+class PeakEwmaTests(SynchronousTestCase):
+    """peak_ewma follows peaks at once and decays with τ."""
+
+    def test_first_and_higher_replace(self) -> None:
+        """A first sample, and any sample above the value, replace it."""
+        self.assertEqual(scoring.peak_ewma(None, None, 12.0, 0.0, 10.0), 12.0)
+        self.assertEqual(scoring.peak_ewma(12.0, 0.0, 30.0, 0.0, 10.0), 30.0)
+
+    def test_lower_blends_by_elapsed_time(self) -> None:
+        """
+        A lower sample Δt after the last moves the value by 1 - e^(-Δt/τ):
+        not at all at Δt = 0, by 1 - 1/e at Δt = τ.
+        """
+        self.assertEqual(scoring.peak_ewma(30.0, 5.0, 10.0, 5.0, 10.0), 30.0)
+        self.assertAlmostEqual(
+            scoring.peak_ewma(30.0, 5.0, 10.0, 15.0, 10.0),
+            30.0 * math.exp(-1) + 10.0 * (1 - math.exp(-1)),
+        )
+        self.assertAlmostEqual(scoring.peak_ewma(30.0, 0.0, 10.0, 1000.0, 10.0), 10.0)
+
+    def test_zero_tau(self) -> None:
+        """τ <= 0 keeps only the latest sample."""
+        self.assertEqual(scoring.peak_ewma(30.0, 0.0, 10.0, 0.0, 0.0), 10.0)
+
+
+class PathRttTests(SynchronousTestCase):
+    """path_rtt_ms: geography plus the shard's measured excess."""
+
+    def test_cases(self) -> None:
+        """
+        Nothing measured: geography. Nothing placed: the measurement.
+        Both: geography plus max(0, measured - expected); without an
+        expected value the base 1 ms stands in.
+        """
+        self.assertEqual(scoring.path_rtt_ms(None, None, None), None)
+        self.assertEqual(scoring.path_rtt_ms(20.0, 5.0, None), 20.0)
+        self.assertEqual(scoring.path_rtt_ms(None, None, 7.0), 7.0)
+        self.assertEqual(scoring.path_rtt_ms(20.0, 5.0, 45.0), 60.0)
+        self.assertEqual(scoring.path_rtt_ms(20.0, 5.0, 2.0), 20.0)
+        self.assertEqual(scoring.path_rtt_ms(20.0, None, 11.0), 30.0)
+
+    def test_unplaced_client(self) -> None:
+        """When geo = expected (client at the proxy), rtt = max of the two."""
+        for measured in (0.5, 3.0, 80.0):
+            self.assertEqual(scoring.path_rtt_ms(3.0, 3.0, measured), max(3.0, measured))
+
+
+class SlowStartFactorTests(SynchronousTestCase):
+    """slow_start_factor ramps linearly from 0.1 to 1."""
+
+    def test_ramp(self) -> None:
+        """0.1 at the start, 0.55 halfway, 1 at the end and after."""
+        self.assertAlmostEqual(scoring.slow_start_factor(100.0, 100.0, 30.0), 0.1)
+        self.assertAlmostEqual(scoring.slow_start_factor(100.0, 115.0, 30.0), 0.55)
+        self.assertEqual(scoring.slow_start_factor(100.0, 130.0, 30.0), 1.0)
+        self.assertEqual(scoring.slow_start_factor(100.0, 500.0, 30.0), 1.0)
+
+    def test_no_ramp(self) -> None:
+        """No start, a disabled ramp, or a start in the future: 1."""
+        self.assertEqual(scoring.slow_start_factor(None, 5.0, 30.0), 1.0)
+        self.assertEqual(scoring.slow_start_factor(5.0, 5.0, 0.0), 1.0)
+        self.assertEqual(scoring.slow_start_factor(10.0, 5.0, 30.0), 1.0)
+
+
+class EjectionSecondsTests(SynchronousTestCase):
+    """ejection_seconds doubles per repeat up to the maximum."""
+
+    def test_doubling(self) -> None:
+        """10, 20, 40, 80, 160, then 300 (the cap), even far along."""
+        self.assertEqual(
+            [scoring.ejection_seconds(n, 10.0, 300.0) for n in range(1, 8)],
+            [10, 20, 40, 80, 160, 300, 300],
+        )
+        self.assertEqual(scoring.ejection_seconds(10_000, 10.0, 300.0), 300.0)

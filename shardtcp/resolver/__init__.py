@@ -3,19 +3,36 @@ The shard resolver: chooses the shard instance that takes a connection.
 
 It knows no protocol: the connection path gives it a ``ConnectionRequest``
 and gets ranked ``Candidate`` shards back, then holds a ``Lease`` on the one
-it uses. ``sources`` says where shard records come from, ``scoring`` holds
-the score formulas, ``service`` the ``ShardResolver`` itself.
+it uses and reports how the connect went. ``sources`` says where shard
+records come from, ``scoring`` holds the score formulas, ``choice`` the
+draw among the best shards, ``outlier`` passive ejection, ``agent`` the
+agent-check reply format, ``health`` the active health checks, and
+``service`` the ``ShardResolver`` itself.
 """
 
+from shardtcp.resolver.agent import AgentReplyError, AgentReport, parse_agent_reply
+from shardtcp.resolver.health import (
+    CheckResult,
+    HealthChecker,
+    build_health_service,
+)
+from shardtcp.resolver.outlier import OutlierPolicy, OutlierTracker
 from shardtcp.resolver.scoring import (
+    combined_load,
+    ejection_seconds,
     estimated_rtt_ms,
     great_circle_km,
     latency_factor,
     load_factor,
+    path_rtt_ms,
+    peak_ewma,
     security_factor,
+    slow_start_factor,
+    spare_factor,
     total_score,
 )
 from shardtcp.resolver.service import (
+    ADMIN_STATES,
     AccessDenied,
     Candidate,
     ConnectStats,
@@ -31,23 +48,38 @@ from shardtcp.resolver.service import (
 from shardtcp.resolver.sources import IShardSource, StaticShardSource
 
 __all__ = [
+    "ADMIN_STATES",
     "AccessDenied",
+    "AgentReplyError",
+    "AgentReport",
     "Candidate",
+    "CheckResult",
     "ConnectStats",
     "Explanation",
+    "HealthChecker",
     "IShardSource",
     "Lease",
     "NoShardAvailable",
+    "OutlierPolicy",
+    "OutlierTracker",
     "ResolverError",
     "ShardExplanation",
     "ShardResolver",
     "StaticShardSource",
     "UnknownService",
     "UnknownShard",
+    "build_health_service",
+    "combined_load",
+    "ejection_seconds",
     "estimated_rtt_ms",
     "great_circle_km",
     "latency_factor",
     "load_factor",
+    "parse_agent_reply",
+    "path_rtt_ms",
+    "peak_ewma",
     "security_factor",
+    "slow_start_factor",
+    "spare_factor",
     "total_score",
 ]

@@ -26,32 +26,94 @@ stays usable when it is the only one::
     latency = 1 / (1 + rtt / 50)                  in (0, 1]; 0.98 at d = 0
 
 When the distance cannot be known (no location for the client nor the proxy,
-or none for the shard) the resolver uses ``NEUTRAL_LATENCY`` = 0.5, the value
-of a shard exactly one reference RTT away: unknown is neither rewarded nor
-punished against known shards at a typical distance.
+or none for the shard) and nothing was measured, the resolver uses
+``NEUTRAL_LATENCY`` = 0.5, the value of a shard exactly one reference RTT
+away: unknown is neither rewarded nor punished against known shards at a
+typical distance.
+
+Measured latency
+----------------
+
+The proxy measures how long a TCP connect to each shard takes (the
+connection path's connects, and the health checks' connects): one
+handshake, so about one round trip from the proxy to the shard. The samples
+feed a peak-EWMA per shard (``peak_ewma``), with decay time τ (10 s by
+default). A sample at or above the current value replaces it at once, so a
+slowdown shows immediately; a lower one is blended in as time passes::
+
+    w = e^(-Δt / τ)                               Δt: time since the last sample
+    value = sample                                when sample >= value
+    value = value · w + sample · (1 - w)          otherwise
+
+How it combines with geography (``path_rtt_ms``). Geography estimates the
+client-to-shard round trip, ``geo = rtt(d(client, shard))``; it is what
+ranks shards for clients all over the world, and it stays the base of the
+estimate. The measurement is of another path, proxy to shard, so it is
+compared with what geography predicts for that same path,
+``expected = rtt(d(proxy, shard))`` (``BASE_RTT_MS`` when the proxy's or the
+shard's location is unknown). What the shard takes beyond that prediction
+is its *excess*: a congested link, a full accept queue, a detour. The excess
+is the shard's own, so every client's path to it pays it::
+
+    excess = max(0, measured - expected)
+    rtt    = geo + excess                         measured and geo known
+    rtt    = measured                             measured, but no geo
+    rtt    = geo                                  nothing measured yet
+
+For a client in no ``[geo]`` network the proxy's location stands in, so
+``geo = expected`` and ``rtt = max(expected, measured)``: the measurement
+decides whenever it is the worse of the two.
+
+Why not ``geo(client, proxy) + measured``, the literal path through the
+proxy? Because the unmeasured shards would then be ranked by one model (the
+direct client-to-shard estimate) and the measured ones by another, so a
+shard's rank would jump when its first sample arrived, whatever its real
+speed. With the excess, a shard measured exactly as fast as its distance
+predicts keeps exactly its geographic rank. And a measurement can only push
+traffic away, never pull it in: a connect answered suspiciously fast (by a
+SYN proxy or a local load balancer in front of a far shard, say) cannot make
+a far shard look near.
 
 Security factor, the shard's score on the 0..100 scale of the configuration
 and the threat-intelligence feeds::
 
     security = clamp(score / 100, 0, 1)
 
-Load factor, the spare share of the shard's capacity::
+Load factor, the spare share of the shard's capacity. A shard's load
+combines this proxy's own count of open connections with the load its
+health-check agent reports (``combined_load``); the report can raise the
+load but never lower it below the proxy's own count, so a shard that lies
+about being idle cannot pull in traffic::
 
-    load = 1 - min(1, open / capacity)            (0 when capacity <= 0)
+    load   = max(open / capacity, reported)       (1 when capacity <= 0)
+    factor = 1 - min(1, load)                     (spare_factor)
 
 Total, the weighted mean of the three factors (dividing by the weights' sum
 keeps it in 0..1 whatever scale the weights are written in)::
 
     total = (wl · latency + ws · security + wload · load) / (wl + ws + wload)
 
-The resolver then multiplies the total by the shard's own ``weight`` (1.0 by
-default), which lets an operator favour or starve one shard without touching
-the service's weights; see ``shardtcp.resolver.service``.
+The resolver then multiplies the total by the shard's effective weight::
+
+    effective weight = weight · agent weight% / 100 · slow-start ramp
+
+``weight`` is the operator's (1.0 by default, or the admin override); the
+agent's percentage can only lower it; the slow-start ramp
+(``slow_start_factor``) rises linearly from 0.1 to 1 over ``slow_start``
+seconds after a shard comes back::
+
+    ramp = 0.1 + 0.9 · (now - since) / slow_start     while it lasts, else 1
+
+Passive ejection lasts ``base · 2^(n-1)`` seconds for the n-th ejection in a
+row, at most ``maximum`` (``ejection_seconds``). See
+``shardtcp.resolver.service`` for how these inputs are gathered and
+``shardtcp.resolver.choice`` for how a shard is drawn among the best.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 from shardtcp.model import Location, Weights
 
@@ -72,6 +134,9 @@ REFERENCE_RTT_MS = 50.0
 
 #: The latency factor used when no distance can be computed.
 NEUTRAL_LATENCY = 0.5
+
+#: Where the slow-start ramp begins, as a share of the full weight.
+SLOW_START_FLOOR = 0.1
 
 
 def great_circle_km(a: Location, b: Location) -> float:
@@ -151,3 +216,101 @@ def total_score(
         + weights.security * security
         + weights.load * load
     ) / total_weight
+
+
+def spare_factor(load: float) -> float:
+    """
+    Return the load factor of a shard whose load is ``load`` (1.0 = at
+    capacity): ``1 - min(1, load)``, a negative load counting as zero.
+    """
+    return 1.0 - min(1.0, max(0.0, load))
+
+
+def combined_load(
+    open_connections: int, capacity: int, reported: Optional[float] = None
+) -> float:
+    """
+    Return a shard's load: ``max(open / capacity, reported)``.
+
+    ``open / capacity`` is this proxy's own count; ``reported`` is what the
+    shard's agent said (``0..1``), or None. The report can only raise the
+    load: a shard claiming to be idle while this proxy holds 90 of its 100
+    connections is 0.9 loaded. A shard without capacity is full (1.0).
+    """
+    own = max(0, open_connections) / capacity if capacity > 0 else 1.0
+    if reported is None:
+        return own
+    return max(own, min(1.0, max(0.0, reported)))
+
+
+def peak_ewma(
+    value: Optional[float],
+    last_at: Optional[float],
+    sample: float,
+    now: float,
+    tau: float,
+) -> float:
+    """
+    Fold ``sample`` (taken at ``now``) into a peak-sensitive moving average.
+
+    A first sample, or one at or above ``value``, replaces the value at
+    once. A lower one is blended with weight ``1 - e^(-Δt/τ)``, Δt being the
+    time since the previous sample (``last_at``): samples close together
+    move the value little, a sample after a long quiet spell almost replaces
+    it. ``tau <= 0`` keeps only the latest sample.
+    """
+    if value is None or last_at is None or sample >= value:
+        return sample
+    if tau <= 0:
+        return sample
+    w = math.exp(-max(0.0, now - last_at) / tau)
+    return value * w + sample * (1.0 - w)
+
+
+def path_rtt_ms(
+    geo_ms: Optional[float],
+    expected_ms: Optional[float],
+    measured_ms: Optional[float],
+) -> Optional[float]:
+    """
+    Combine the geographic estimate with the measurement (see "Measured
+    latency" above).
+
+    ``geo_ms`` is the client-to-shard estimate, ``expected_ms`` the
+    geographic estimate of the proxy-to-shard path that was measured (None:
+    ``BASE_RTT_MS`` stands in), ``measured_ms`` the shard's peak-EWMA.
+    Returns None when neither geography nor measurement says anything.
+    """
+    if measured_ms is None:
+        return geo_ms
+    if geo_ms is None:
+        return measured_ms
+    expected = expected_ms if expected_ms is not None else BASE_RTT_MS
+    return geo_ms + max(0.0, measured_ms - expected)
+
+
+def slow_start_factor(
+    since: Optional[float], now: float, duration: float
+) -> float:
+    """
+    Return the slow-start share of a shard's weight, in ``[0.1, 1]``.
+
+    ``since`` is when the shard came back (None: it never left). The ramp
+    rises linearly from ``SLOW_START_FLOOR`` at ``since`` to 1 at
+    ``since + duration``; before ``since`` (the shard is not back yet) and
+    after the ramp, or when ``duration <= 0``, the factor is 1.
+    """
+    if since is None or duration <= 0 or now < since or now >= since + duration:
+        return 1.0
+    return SLOW_START_FLOOR + (1.0 - SLOW_START_FLOOR) * (now - since) / duration
+
+
+def ejection_seconds(ejections: int, base: float, maximum: float) -> float:
+    """
+    Return how long the ``ejections``-th ejection in a row lasts:
+    ``base · 2^(ejections - 1)``, at most ``maximum``.
+    """
+    if ejections <= 1:
+        return min(base, maximum)
+    # Cap the exponent: 2.0 ** 2000 would overflow long after the maximum.
+    return min(maximum, base * 2.0 ** min(ejections - 1, 64))

@@ -3,8 +3,10 @@ The ShardResolver: which shard should take this connection, right now.
 
 The resolver knows no protocol. The connection path hands it a
 ``ConnectionRequest`` (service id, client address) and gets back the
-eligible shards, best first; it then takes a ``Lease`` on the one it
-connects to, and releases it when the connection ends.
+eligible shards, the one to connect to first and the retry order after it;
+it then takes a ``Lease`` on the one it connects to, reports how the
+connect went (``record_connect_result``), and releases the lease when the
+connection ends.
 
 How a shard is chosen, for one request:
 
@@ -12,46 +14,83 @@ How a shard is chosen, for one request:
    ``deny`` then ``allow`` networks. Deny wins over allow; an address in no
    allow network is denied. A denied client gets ``AccessDenied`` before any
    shard is looked at.
-2. **Filters.** A shard is dropped when it is UNHEALTHY or DRAINING, when its
-   current security score is below ``min_security_score``, or when
-   ``regions`` is set and the shard's region matches none of its patterns
-   (``fnmatch`` globs, case-insensitive; a shard without a region matches
-   no pattern). Nothing left: ``NoShardAvailable``,
-   whose message says why each shard was dropped.
+2. **Filters**, of two kinds.
+
+   *Hard filters* are never set aside. A shard is dropped while it drains:
+   the operator's ``drain`` (``set_admin_state``), its agent's ``drain`` or
+   ``maint``, or ``set_health(DRAINING)``; an operator's ``ready`` overrides
+   the agent's drain, not the operator's own. It is dropped when its current
+   security score is below ``min_security_score``, and when ``regions`` is
+   set and the shard's region matches none of its patterns (``fnmatch``
+   globs, case-insensitive; a shard without a region matches no pattern).
+
+   *Health filters*: a shard is dropped when its active health check calls
+   it UNHEALTHY (``shardtcp.resolver.health``), and while passive outlier
+   detection has it ejected after consecutive connect failures
+   (``shardtcp.resolver.outlier``).
+
+   **Panic mode** (Envoy's panic threshold): when fewer than
+   ``panic_threshold`` (50 %) of the shards that pass the hard filters also
+   pass the health filters, the health filters are set aside and the
+   resolver routes among all of those shards rather than overload the few
+   left, or refuse everyone when none is left. Entering and leaving panic
+   mode are logged once per transition. Nothing left after the hard
+   filters: ``NoShardAvailable``, whose message says why each shard was
+   dropped.
 3. **Score.** Each remaining shard gets the latency, security and load
-   factors and their weighted mean (see ``shardtcp.resolver.scoring`` for the
-   formulas), multiplied by the shard's ``weight``. Latency is estimated from
-   the great-circle distance between the client and the shard. The client's
-   location comes from ``[geo]`` (longest prefix wins); a client in no geo
-   network is placed at the proxy's own location, since the proxy-to-shard
-   leg is then the only part of the path known; with neither, or without a
-   shard location, the latency factor is a neutral 0.5.
+   factors and their weighted mean, the *base* score (see
+   ``shardtcp.resolver.scoring`` for the formulas), multiplied by the
+   shard's effective weight (operator weight × agent weight % × slow-start
+   ramp) into its *total*. Latency starts from the great-circle distance
+   between the client and the shard and adds the shard's measured excess
+   delay (its peak-EWMA connect time beyond what its distance from the
+   proxy predicts). The client's location comes from ``[geo]`` (longest
+   prefix wins); a client in no geo network is placed at the proxy's own
+   location, since the proxy-to-shard leg is then the only part of the path
+   known; with neither, or without a shard location, the latency factor
+   rests on the measurement alone, or is a neutral 0.5. Load is
+   ``max(open leases / capacity, agent-reported load)``.
 4. **Rank.** Shards with spare capacity come first, then shards at or over
    capacity (load >= 1), so that a full shard never takes a connection while
    another has room, whatever the weights. Within each group: higher total
-   first, then fewer open connections, then shard id, which makes the
-   ranking deterministic.
+   first, then fewer open connections, then shard id. This is the retry
+   order, and ``explain``'s order.
+5. **Draw.** The first candidate is drawn among the best few with a
+   cryptographically secure random source (power of two choices on a
+   fair-share ledger, ``shardtcp.resolver.choice``); the others follow in
+   rank order. Only the service, the client's address and the shards' live
+   state shape the draw: SNI, ALPN, preamble, listener and ports do not.
 
 Anti-herding: ``open_connections`` counts leases, and the connection path
 takes its lease as soon as it picks a shard, before the connect completes.
 The very next ``resolve`` therefore already sees that connection in the load
-factor, so a burst of connections spreads instead of all landing on the shard
-that was best an instant earlier.
+factor; and the draw's ledger counts every pick at once, so even connections
+that end immediately spread over equal shards instead of all landing on the
+shard that was best an instant earlier.
+
+Slow start: a shard that comes back (its health check passes ``rise``
+times after failing, its ejection ends) or is added by a reload of the
+records ramps its weight from 10 % to 100 % over its ``slow_start``
+(30 s by default; 0 disables). Shards present when the resolver starts are
+at full weight.
 
 IPv4-mapped IPv6 clients (``::ffff:a.b.c.d``) are treated as their IPv4
 address for geo and access matching; configured networks inside
 ``::ffff:0:0/96`` are likewise turned into their IPv4 form, so either
 spelling of a rule matches either spelling of an address.
 
-Live state (health, security-score override, weight override, leases,
-connect counters) is kept per shard id and survives reloads of the records,
-so shard ids must be unique across services.
+Live state (health, admin and agent state, security-score and weight
+overrides, leases, connect counters, ejections, measured latency, the draw's
+ledger) is kept per shard id and survives reloads of the records, so shard
+ids must be unique across services.
 """
 
 from __future__ import annotations
 
+import datetime
 import fnmatch
 import ipaddress
+import secrets
 from typing import Callable, Generic, Iterable, Optional, TypeVar
 
 import attrs
@@ -72,7 +111,9 @@ from shardtcp.model import (
     ShardInfo,
     Weights,
 )
-from shardtcp.resolver import scoring
+from shardtcp.resolver import choice, scoring
+from shardtcp.resolver.agent import AgentReport
+from shardtcp.resolver.outlier import OutlierPolicy, OutlierTracker
 from shardtcp.resolver.sources import IShardSource, StaticShardSource
 
 log = Logger()
@@ -86,6 +127,9 @@ _MAPPED_V4 = ipaddress.IPv6Network("::ffff:0:0/96")
 # connection, so it must stay bounded whatever the number of shards.
 _IDS_SHOWN = 3
 _GROUPS_SHOWN = 5
+
+#: Operator states accepted by ``set_admin_state``.
+ADMIN_STATES = ("drain", "ready")
 
 
 # ---------------------------------------------------------------------------
@@ -196,12 +240,24 @@ class ShardExplanation:
 
     ``rejected_by`` lists why the shard would not be chosen, e.g.
     ``("health: unhealthy",)``, ``("min_security_score: 40 < 50",)`` or
-    ``("regions: us-east not in ['eu-*']",)``; empty means eligible.
+    ``("regions: us-east not in ['eu-*']",)``,
+    ``("ejected until 2026-01-01T12:00:10Z (3 consecutive failures)",)``;
+    empty means eligible. ``set_aside`` lists the health reasons that panic
+    mode set aside for an eligible shard.
+
+    ``evaluation.details`` holds each input: ``distance_km``, ``geo_rtt_ms``,
+    ``measured_rtt_ms``, ``expected_rtt_ms``, ``excess_rtt_ms``, ``rtt_ms``
+    and ``latency_source`` (geo, measured, geo+measured or none);
+    ``own_load``, ``agent_load`` and ``load``; ``weight``,
+    ``agent_weight_percent``, ``slow_start_ramp`` and ``effective_weight``;
+    ``base_total``; and for eligible shards ``in_draw`` and ``draw_share``
+    (the long-run share of first picks among the pool).
     """
 
     shard: ShardInfo
     evaluation: Evaluation
     rejected_by: tuple[str, ...] = ()
+    set_aside: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -213,8 +269,9 @@ class Explanation:
     ``"proxy"`` (the proxy's own location stood in) or ``"unknown"``.
     ``denied`` is the access rule refusing the client, or None; when it is
     set no shard would be chosen, whatever the shards' own ``rejected_by``
-    say. ``shards`` holds the eligible shards in choice order, then the
-    rejected ones.
+    say. ``shards`` holds the eligible shards in rank order (the pool the
+    first candidate is drawn from is marked ``in_draw``), then the rejected
+    ones. ``panic`` says whether panic mode is in force for the service.
     """
 
     request: ConnectionRequest
@@ -222,6 +279,7 @@ class Explanation:
     location_source: str
     denied: Optional[str]
     shards: tuple[ShardExplanation, ...]
+    panic: bool = False
 
 
 @attrs.frozen
@@ -324,15 +382,32 @@ class _ShardState:
 
     Leases hold a reference to this object, so a lease taken before a reload
     still releases the count it added.
+
+    ``health`` is the active health check's verdict (or what ``set_health``
+    set); ``admin_state`` the operator's override; ``agent_admin``,
+    ``agent_load`` and ``agent_weight_percent`` what the shard's agent last
+    said; ``back_since`` when the slow-start ramp began; ``ledger`` the
+    draw's fair-share ledger.
     """
 
     config: ShardConfig
     service_id: str
     health: Health = Health.HEALTHY
+    admin_state: Optional[str] = None
+    agent_admin: Optional[str] = None
+    agent_load: Optional[float] = None
+    agent_weight_percent: Optional[float] = None
     security_override: Optional[float] = None
     weight_override: Optional[float] = None
     open_connections: int = 0
     stats: ConnectStats = attrs.field(factory=ConnectStats)
+    outlier: OutlierTracker = attrs.field(factory=OutlierTracker)
+    ejection_open: bool = False
+    rtt_ms: Optional[float] = None
+    rtt_at: Optional[float] = None
+    rtt_samples: int = 0
+    back_since: Optional[float] = None
+    ledger: float = 0.0
 
     @property
     def security_score(self) -> float:
@@ -342,26 +417,125 @@ class _ShardState:
 
     @property
     def weight(self) -> float:
+        """The operator's weight: the admin override, else the record's."""
         if self.weight_override is not None:
             return self.weight_override
         return self.config.weight
 
-    def info(self) -> ShardInfo:
-        capacity = self.config.capacity
-        # A shard without capacity is full from the start.
-        load = self.open_connections / capacity if capacity > 0 else 1.0
+    def ramp(self, now: float) -> float:
+        return scoring.slow_start_factor(self.back_since, now, self.config.slow_start)
+
+    def effective_weight(self, now: float) -> float:
+        agent = (
+            self.agent_weight_percent / 100.0
+            if self.agent_weight_percent is not None
+            else 1.0
+        )
+        return self.weight * agent * self.ramp(now)
+
+    def load(self) -> float:
+        return scoring.combined_load(
+            self.open_connections, self.config.capacity, self.agent_load
+        )
+
+    def measured_ms(self, now: float, max_age: float) -> Optional[float]:
+        """The peak-EWMA connect time, unless its last sample is too old."""
+        if self.rtt_ms is None or self.rtt_at is None:
+            return None
+        if now - self.rtt_at > max_age:
+            return None
+        return self.rtt_ms
+
+    def drains(self) -> list[str]:
+        """Why the shard takes no new connections (hard filters)."""
+        reasons = []
+        if self.admin_state != "ready":
+            if self.health is Health.DRAINING:
+                reasons.append("health: draining")
+            if self.agent_admin is not None:
+                reasons.append(f"agent: {self.agent_admin}")
+        if self.admin_state == "drain":
+            reasons.append("admin: drain")
+        return reasons
+
+    def sickness(self, now: float) -> list[str]:
+        """Why the shard is out of rotation (the health filters)."""
+        reasons = []
+        if self.health is Health.UNHEALTHY:
+            reasons.append("health: unhealthy")
+        if self.outlier.ejected(now):
+            until = self.outlier.ejected_until
+            assert until is not None
+            reasons.append(
+                f"ejected until {_timestamp(until)} "
+                f"({self.outlier.consecutive} consecutive failures)"
+            )
+        return reasons
+
+    def effective_health(self, now: float) -> Health:
+        if self.sickness(now):
+            return Health.UNHEALTHY
+        if self.drains():
+            return Health.DRAINING
+        return Health.HEALTHY
+
+    def info(self, now: float) -> ShardInfo:
         return ShardInfo(
             shard_id=self.config.id,
             service_id=self.service_id,
             address=self.config.address,
             location=self.config.location,
-            capacity=capacity,
+            capacity=self.config.capacity,
             security_score=self.security_score,
-            weight=self.weight,
-            health=self.health,
+            weight=self.effective_weight(now),
+            health=self.effective_health(now),
             open_connections=self.open_connections,
-            load=load,
+            load=self.load(),
             server_name=self.config.server_name,
+        )
+
+
+def _timestamp(seconds: float) -> str:
+    """Clock seconds as UTC ISO 8601, to the second: 2026-01-01T12:00:10Z."""
+    try:
+        moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
+    except (OverflowError, OSError, ValueError):
+        return f"{seconds:.0f}s"
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@attrs.define(eq=False)
+class _Considered:
+    """One shard's state, record, filters and score for one request."""
+
+    state: _ShardState
+    info: ShardInfo
+    hard: tuple[str, ...]
+    soft: tuple[str, ...]
+    evaluation: Optional[Evaluation] = None
+
+    @property
+    def reasons(self) -> tuple[str, ...]:
+        return self.soft + self.hard
+
+    def rank_key(self) -> tuple:
+        """Best first: room, then higher total, fewer connections, id."""
+        assert self.evaluation is not None
+        return (
+            self.info.load >= 1.0,
+            -self.evaluation.total,
+            self.info.open_connections,
+            self.info.shard_id,
+        )
+
+    def entry(self) -> choice.Entry:
+        assert self.evaluation is not None
+        return choice.Entry(
+            item=self,
+            base=self.evaluation.details["base_total"],
+            weight=max(0.0, self.evaluation.total),
+            full=self.info.load >= 1.0,
+            ledger=self.state.ledger,
         )
 
 
@@ -443,8 +617,14 @@ class ShardResolver(Service):
     notifications; before it starts, and after it stops, it uses the records
     it last read. Geo networks and the proxy's location come from ``config``.
 
-    ``clock`` (an ``IReactorTime``) stamps connect reports; it defaults to
-    the global reactor, imported only when first needed.
+    ``clock`` (an ``IReactorTime``) times ejections, slow starts and
+    latency samples; it defaults to the global reactor, imported only when
+    first needed. ``random`` is the draw's random source (anything with a
+    ``random()`` method; ``secrets.SystemRandom()`` by default; tests inject
+    a seeded ``random.Random``). ``outlier`` holds the ejection and panic
+    numbers, ``rtt_decay`` the peak-EWMA's τ in seconds, ``rtt_max_age`` how
+    long a measurement stays in use without a new sample, and ``band`` the
+    width of the draw's pool on the 0..1 base score.
     """
 
     def __init__(
@@ -453,21 +633,37 @@ class ShardResolver(Service):
         source: Optional[IShardSource] = None,
         *,
         clock: Optional[IReactorTime] = None,
+        random: Optional[choice.RandomSource] = None,
+        outlier: Optional[OutlierPolicy] = None,
+        rtt_decay: float = 10.0,
+        rtt_max_age: float = 60.0,
+        band: float = choice.DEFAULT_BAND,
     ) -> None:
         self._config = config
         self._source: IShardSource = (
             source if source is not None else StaticShardSource(config)
         )
         self._clock = clock
+        self._random: choice.RandomSource = (
+            random if random is not None else secrets.SystemRandom()
+        )
+        self._outlier = outlier if outlier is not None else OutlierPolicy()
+        self._rtt_decay = rtt_decay
+        self._rtt_max_age = rtt_max_age
+        self._band = band
         self._proxy_location = config.proxy.location
         self._geo: _PrefixTable[Location] = _PrefixTable(
             (_normalise_network(g.network), g.location) for g in config.geo
         )
         self._states: dict[str, _ShardState] = {}
         self._tables: dict[str, _ServiceTable] = {}
+        self._panic: dict[str, bool] = {}
+        self._watchers: dict[object, Callable[[], None]] = {}
         self._unsubscribe: Optional[Callable[[], None]] = None
+        self._loaded = False
         # Bad records at construction are a configuration error: fail loudly.
         self._apply(self._source.services())
+        self._loaded = True
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -490,7 +686,7 @@ class ShardResolver(Service):
 
         Invalid records (duplicate shard ids, negative weights) are logged
         and ignored, keeping the previous records: a bad registry update must
-        not take routing down.
+        not take routing down. After a good reload, ``watch`` callbacks run.
         """
         try:
             self._apply(self._source.services())
@@ -505,6 +701,22 @@ class ShardResolver(Service):
             services=len(self._tables),
             shards=len(self._states),
         )
+        for callback in list(self._watchers.values()):
+            try:
+                callback()
+            except Exception:
+                log.failure("a shard-records watcher failed")
+
+    def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """
+        Call ``callback()`` after every successful reload of the records
+        (the health checker follows shards coming and going this way).
+        Return a function that cancels the watch; calling it twice is
+        harmless.
+        """
+        token = object()
+        self._watchers[token] = callback
+        return lambda: self._watchers.pop(token, None)
 
     def _apply(self, services: Iterable[ServiceConfig]) -> None:
         """Rebuild the per-service tables, reusing each shard's live state."""
@@ -524,6 +736,9 @@ class ShardResolver(Service):
                 state = self._states.get(shard.id)
                 if state is None:
                     state = _ShardState(config=shard, service_id=service.id)
+                    if self._loaded:
+                        # A shard added while running starts cold.
+                        state.back_since = self._now()
                 else:
                     state.config = shard
                     state.service_id = service.id
@@ -545,6 +760,7 @@ class ShardResolver(Service):
         # held on them release harmlessly into the orphaned object.
         self._tables = tables
         self._states = states
+        self._panic = {sid: on for sid, on in self._panic.items() if sid in tables}
 
     def _now(self) -> float:
         if self._clock is None:
@@ -579,23 +795,91 @@ class ShardResolver(Service):
         """
         Return every shard of a service as it stands now, in record order.
 
-        Includes the shards that ``resolve`` would filter out.
+        Includes the shards that ``resolve`` would filter out. ``health`` is
+        the effective one (UNHEALTHY when the check fails or the shard is
+        ejected, DRAINING when it drains), ``load`` the combined load and
+        ``weight`` the effective weight.
         """
-        return [state.info() for state in self._table(service_id).shards]
+        now = self._now()
+        return [state.info(now) for state in self._table(service_id).shards]
 
     # -- live inputs --------------------------------------------------------
 
     def set_health(self, shard_id: str, health: Health) -> None:
-        """Set a shard's health (from health checks or the admin API)."""
+        """
+        Set a shard's health as its active check sees it.
+
+        UNHEALTHY takes it out of rotation (panic mode aside); DRAINING stops
+        new connections; HEALTHY after UNHEALTHY starts its slow start.
+        """
         state = self._state(shard_id)
-        if state.health is not health:
-            log.info(
-                "shard {shard} health {old} -> {new}",
-                shard=shard_id,
-                old=state.health.value,
-                new=health.value,
+        if state.health is health:
+            return
+        log.info(
+            "shard {shard} health {old} -> {new}",
+            shard=shard_id,
+            old=state.health.value,
+            new=health.value,
+        )
+        if state.health is Health.UNHEALTHY and health is Health.HEALTHY:
+            state.back_since = self._now()
+        state.health = health
+
+    def set_admin_state(self, shard_id: str, admin_state: Optional[str]) -> None:
+        """
+        Set the operator's override: ``"drain"`` (no new connections, the
+        existing ones kept), ``"ready"`` (take connections even when the
+        shard's agent asks for a drain; a failing health check still takes
+        it out) or None (no override). The admin API's drain/ready.
+        """
+        if admin_state is not None and admin_state not in ADMIN_STATES:
+            raise ValueError(
+                f"admin state must be one of {ADMIN_STATES} or None, "
+                f"not {admin_state!r}"
             )
-            state.health = health
+        state = self._state(shard_id)
+        if state.admin_state != admin_state:
+            log.info(
+                "shard {shard} admin state {old} -> {new}",
+                shard=shard_id,
+                old=state.admin_state or "none",
+                new=admin_state or "none",
+            )
+            state.admin_state = admin_state
+
+    def apply_agent_report(self, shard_id: str, report: AgentReport) -> None:
+        """
+        Take in what a shard's agent said (see ``shardtcp.resolver.agent``):
+        its drain/maint/ready word, load and weight percentage. Whether it is
+        up or down is the health checker's business (``set_health``).
+        """
+        state = self._states.get(shard_id)
+        if state is None:
+            return
+        admin = state.agent_admin
+        if report.administrative in ("drain", "maint"):
+            admin = report.administrative
+        elif report.administrative == "ready":
+            admin = None
+        if admin != state.agent_admin:
+            log.info(
+                "shard {shard} agent state {old} -> {new}",
+                shard=shard_id,
+                old=state.agent_admin or "ready",
+                new=admin or "ready",
+            )
+            state.agent_admin = admin
+        state.agent_load = report.load
+        if report.weight_percent is not None:
+            state.agent_weight_percent = min(100.0, max(0.0, report.weight_percent))
+
+    def clear_agent_report(self, shard_id: str) -> None:
+        """Forget what the shard's agent said (its check was removed)."""
+        state = self._states.get(shard_id)
+        if state is not None:
+            state.agent_admin = None
+            state.agent_load = None
+            state.agent_weight_percent = None
 
     def set_security_score(self, shard_id: str, score: Optional[float]) -> None:
         """
@@ -627,7 +911,9 @@ class ShardResolver(Service):
         """
         Note the outcome of a connect to a shard, and how long it took.
 
-        A report about a shard that left the records meanwhile is ignored.
+        Successful connects' durations feed the shard's measured latency;
+        consecutive failures eject it (``shardtcp.resolver.outlier``). A
+        report about a shard that left the records meanwhile is ignored.
         """
         state = self._states.get(shard_id)
         if state is None:
@@ -642,6 +928,8 @@ class ShardResolver(Service):
                 last_seconds=seconds if seconds is not None else stats.last_seconds,
                 last_at=now,
             )
+            if seconds is not None:
+                self._observe_rtt(state, seconds, now)
         else:
             state.stats = ConnectStats(
                 ok=stats.ok,
@@ -650,6 +938,38 @@ class ShardResolver(Service):
                 last_seconds=stats.last_seconds,
                 last_at=now,
             )
+        duration = state.outlier.record(ok, now, self._outlier)
+        if duration is not None:
+            # The ramp starts when the ejection ends.
+            state.back_since = state.outlier.ejected_until
+            state.ejection_open = True
+            log.warn(
+                "shard {shard} ejected for {seconds:g}s after {failures} "
+                "consecutive connect failures (ejection {run} in a row)",
+                shard=shard_id,
+                seconds=duration,
+                failures=state.outlier.consecutive,
+                run=state.outlier.ejections,
+            )
+
+    def record_rtt(self, shard_id: str, seconds: float) -> None:
+        """
+        Feed one round-trip sample (a health check's connect time) into the
+        shard's measured latency.
+        """
+        state = self._states.get(shard_id)
+        if state is not None:
+            self._observe_rtt(state, seconds, self._now())
+
+    def _observe_rtt(self, state: _ShardState, seconds: float, now: float) -> None:
+        sample = max(0.0, seconds) * 1000.0
+        previous = state.measured_ms(now, self._rtt_max_age)
+        state.rtt_ms = scoring.peak_ewma(
+            previous, state.rtt_at if previous is not None else None,
+            sample, now, self._rtt_decay,
+        )
+        state.rtt_at = now
+        state.rtt_samples += 1
 
     def connect_stats(self, shard_id: str) -> ConnectStats:
         """Return what ``record_connect_result`` has gathered for a shard."""
@@ -693,11 +1013,9 @@ class ShardResolver(Service):
             return f"policy.allow: in none of {table.allow_summary}"
         return None
 
-    def _rejections(self, table: _ServiceTable, info: ShardInfo) -> tuple[str, ...]:
-        """Return why a shard may not take connections; empty if it may."""
+    def _policy_reasons(self, table: _ServiceTable, info: ShardInfo) -> list[str]:
+        """Why the service policy refuses a shard; empty if it does not."""
         reasons = []
-        if info.health is not Health.HEALTHY:
-            reasons.append(f"health: {info.health.value}")
         minimum = table.config.policy.min_security_score
         if info.security_score < minimum:
             reasons.append(
@@ -714,25 +1032,106 @@ class ShardResolver(Service):
                 reasons.append(
                     f"regions: {info.region or '(none)'} not in {table.regions_text}"
                 )
-        return tuple(reasons)
+        return reasons
+
+    def _consider(self, table: _ServiceTable, now: float) -> list[_Considered]:
+        """Every shard of a service with its filters, not yet scored."""
+        considered = []
+        for state in table.shards:
+            if state.ejection_open and not state.outlier.ejected(now):
+                state.ejection_open = False
+                log.info(
+                    "shard {shard} back from ejection (slow start {seconds:g}s)",
+                    shard=state.config.id,
+                    seconds=state.config.slow_start,
+                )
+            info = state.info(now)
+            hard = tuple(state.drains() + self._policy_reasons(table, info))
+            considered.append(
+                _Considered(state, info, hard, tuple(state.sickness(now)))
+            )
+        return considered
+
+    def _select(
+        self, considered: list[_Considered]
+    ) -> tuple[list[_Considered], bool]:
+        """
+        Return the eligible shards and whether panic mode is in force: when
+        fewer than ``panic_threshold`` of the shards passing the hard filters
+        are healthy, every one of them is eligible.
+        """
+        passing = [c for c in considered if not c.hard]
+        healthy = [c for c in passing if not c.soft]
+        panic = bool(passing) and len(healthy) < (
+            self._outlier.panic_threshold * len(passing)
+        )
+        return (passing if panic else healthy), panic
+
+    def _note_panic(
+        self, service_id: str, panic: bool, considered: list[_Considered]
+    ) -> None:
+        if self._panic.get(service_id, False) == panic:
+            return
+        self._panic[service_id] = panic
+        passing = [c for c in considered if not c.hard]
+        healthy = sum(1 for c in passing if not c.soft)
+        if panic:
+            log.warn(
+                "service {service} in panic mode: only {healthy} of {total} "
+                "shards in rotation, routing among all {total}",
+                service=service_id,
+                healthy=healthy,
+                total=len(passing),
+            )
+        else:
+            log.info(
+                "service {service} out of panic mode: {healthy} of {total} "
+                "shards in rotation",
+                service=service_id,
+                healthy=healthy,
+                total=len(passing),
+            )
 
     def _evaluate(
         self,
         weights: Weights,
         info: ShardInfo,
+        state: Optional[_ShardState],
         location: Optional[Location],
         location_source: str,
+        now: float,
     ) -> Evaluation:
-        if location is not None and info.location is not None:
-            distance: Optional[float] = scoring.great_circle_km(location, info.location)
-            rtt: Optional[float] = scoring.estimated_rtt_ms(distance)
-            latency = scoring.latency_factor(rtt)
+        proxy = self._proxy_location
+        distance: Optional[float] = None
+        geo_rtt: Optional[float] = None
+        expected: Optional[float] = None
+        if info.location is not None:
+            if location is not None:
+                distance = scoring.great_circle_km(location, info.location)
+                geo_rtt = scoring.estimated_rtt_ms(distance)
+            if proxy is not None:
+                expected = scoring.estimated_rtt_ms(
+                    scoring.great_circle_km(proxy, info.location)
+                )
+        measured = (
+            state.measured_ms(now, self._rtt_max_age) if state is not None else None
+        )
+        rtt = scoring.path_rtt_ms(geo_rtt, expected, measured)
+        latency = (
+            scoring.latency_factor(rtt) if rtt is not None else scoring.NEUTRAL_LATENCY
+        )
+        if measured is None:
+            latency_source = "geo" if geo_rtt is not None else "none"
+            excess = None
+        elif geo_rtt is None:
+            latency_source, excess = "measured", None
         else:
-            distance = rtt = None
-            latency = scoring.NEUTRAL_LATENCY
+            latency_source = "geo+measured"
+            excess = rtt - geo_rtt  # type: ignore[operator]
         security = scoring.security_factor(info.security_score)
-        load = scoring.load_factor(info.open_connections, info.capacity)
+        load = scoring.spare_factor(info.load)
         base = scoring.total_score(weights, latency, security, load)
+        capacity = info.capacity
         return Evaluation(
             shard_id=info.shard_id,
             latency=latency,
@@ -742,11 +1141,26 @@ class ShardResolver(Service):
             details={
                 "distance_km": distance,
                 "rtt_ms": rtt,
+                "geo_rtt_ms": geo_rtt,
+                "measured_rtt_ms": measured,
+                "expected_rtt_ms": expected,
+                "excess_rtt_ms": excess,
+                "latency_source": latency_source,
                 "client_location_source": location_source,
                 "open_connections": info.open_connections,
-                "capacity": info.capacity,
+                "capacity": capacity,
+                "own_load": (
+                    info.open_connections / capacity if capacity > 0 else 1.0
+                ),
+                "agent_load": state.agent_load if state is not None else None,
+                "load": info.load,
                 "security_score": info.security_score,
-                "weight": info.weight,
+                "weight": state.weight if state is not None else info.weight,
+                "agent_weight_percent": (
+                    state.agent_weight_percent if state is not None else None
+                ),
+                "slow_start_ramp": state.ramp(now) if state is not None else 1.0,
+                "effective_weight": info.weight,
                 "base_total": base,
                 "at_capacity": info.load >= 1.0,
             },
@@ -757,30 +1171,43 @@ class ShardResolver(Service):
     ) -> Evaluation:
         """
         Score one shard for a request (with the weights of the shard's
-        service), whether or not the filters would let it through.
+        service), whether or not the filters would let it through. The
+        load, weight and security score are taken from ``shard_info``; the
+        measured latency from the shard's live state.
         """
         table = self._table(shard_info.service_id)
         location, source = self.locate_client(request.client[0])
-        return self._evaluate(table.config.weights, shard_info, location, source)
-
-    @staticmethod
-    def _rank_key(item: tuple) -> tuple:
-        """Sort key of ``(info, evaluation, ...)`` items: best first."""
-        info, evaluation = item[0], item[1]
-        return (
-            info.load >= 1.0,
-            -evaluation.total,
-            info.open_connections,
-            info.shard_id,
+        return self._evaluate(
+            table.config.weights,
+            shard_info,
+            self._states.get(shard_info.shard_id),
+            location,
+            source,
+            self._now(),
         )
+
+    def _score(
+        self,
+        table: _ServiceTable,
+        considered: Iterable[_Considered],
+        location: Optional[Location],
+        source: str,
+        now: float,
+    ) -> None:
+        weights = table.config.weights
+        for c in considered:
+            c.evaluation = self._evaluate(weights, c.info, c.state, location, source, now)
 
     def resolve(self, request: ConnectionRequest) -> list[Candidate]:
         """
-        Return the eligible shards for a request, best first.
+        Return the eligible shards for a request: first the one to connect
+        to, drawn among the best few, then the others in rank order (the
+        retry order).
 
         Raises ``UnknownService``, ``AccessDenied`` (checked before any
         shard) or ``NoShardAvailable``. Take a ``lease`` on the candidate
-        actually used.
+        actually used. Only the request's service and client address are
+        read.
         """
         table = self._table(request.service_id)
         ip = request.client[0]
@@ -789,48 +1216,141 @@ class ShardResolver(Service):
         if denied is not None:
             raise AccessDenied(request.service_id, ip, denied)
         location, source = self._locate(address)
-        weights = table.config.weights
-        eligible = []
-        rejections: dict[str, tuple[str, ...]] = {}
-        for state in table.shards:
-            info = state.info()
-            reasons = self._rejections(table, info)
-            if reasons:
-                rejections[info.shard_id] = reasons
-            else:
-                eligible.append((info, self._evaluate(weights, info, location, source)))
+        now = self._now()
+        considered = self._consider(table, now)
+        eligible, panic = self._select(considered)
+        self._note_panic(request.service_id, panic, considered)
         if not eligible:
-            raise NoShardAvailable(request.service_id, rejections)
-        eligible.sort(key=self._rank_key)
-        return [Candidate(info, evaluation) for info, evaluation in eligible]
+            raise NoShardAvailable(
+                request.service_id,
+                {c.info.shard_id: c.reasons for c in considered},
+            )
+        self._score(table, eligible, location, source, now)
+        eligible.sort(key=_Considered.rank_key)
+        members = choice.pool([c.entry() for c in eligible], self._band)
+        index, ledger = choice.draw(members, self._random)
+        first = members[index].item
+        assert isinstance(first, _Considered)
+        first.state.ledger = ledger
+        ordered = [first] + [c for c in eligible if c is not first]
+        return [
+            Candidate(c.info, c.evaluation)  # type: ignore[arg-type]
+            for c in ordered
+        ]
 
     def explain(self, request: ConnectionRequest) -> Explanation:
         """
         Return the ranking ``resolve`` would make, with every shard's score
         and reasons for rejection, without raising for denied clients or
-        empty rankings. Raises ``UnknownService`` only.
+        empty rankings, and without drawing. Raises ``UnknownService`` only.
         """
         table = self._table(request.service_id)
         ip = request.client[0]
         address = _parse_address(ip)
         location, source = self._locate(address)
-        weights = table.config.weights
-        eligible = []
-        rejected = []
-        for state in table.shards:
-            info = state.info()
-            evaluation = self._evaluate(weights, info, location, source)
-            reasons = self._rejections(table, info)
-            (rejected if reasons else eligible).append((info, evaluation, reasons))
-        eligible.sort(key=self._rank_key)
-        rejected.sort(key=self._rank_key)
+        now = self._now()
+        considered = self._consider(table, now)
+        eligible, panic = self._select(considered)
+        self._score(table, considered, location, source, now)
+        eligible.sort(key=_Considered.rank_key)
+        members = choice.pool([c.entry() for c in eligible], self._band)
+        share = {
+            id(m.item): s for m, s in zip(members, choice.shares(members))
+        }
+        chosen = {id(c) for c in eligible}
+        rejected = sorted(
+            (c for c in considered if id(c) not in chosen), key=_Considered.rank_key
+        )
+        shards = []
+        for c in eligible:
+            evaluation = c.evaluation
+            assert evaluation is not None
+            details = dict(evaluation.details)
+            details["in_draw"] = id(c) in share
+            details["draw_share"] = share.get(id(c), 0.0)
+            shards.append(
+                ShardExplanation(
+                    c.info,
+                    attrs.evolve(evaluation, details=details),
+                    (),
+                    c.soft,
+                )
+            )
+        for c in rejected:
+            assert c.evaluation is not None
+            shards.append(ShardExplanation(c.info, c.evaluation, c.reasons))
         return Explanation(
             request=request,
             client_location=location,
             location_source=source,
             denied=self._denied(table, ip, address),
-            shards=tuple(
-                ShardExplanation(info, evaluation, reasons)
-                for info, evaluation, reasons in eligible + rejected
-            ),
+            shards=tuple(shards),
+            panic=panic,
         )
+
+    # -- status -------------------------------------------------------------
+
+    def status(self) -> dict:
+        """
+        Return the live state of every service and shard as plain JSON
+        types, for the admin interface's ``/status``.
+
+        Per service: ``panic``, ``in_rotation`` (healthy shards passing the
+        hard filters) and ``eligible_by_policy``; per shard its health
+        (effective, and the check's verdict), admin and agent state,
+        ejection, load, connections, security score and its source, weights,
+        slow-start ramp, measured latency and connect counters.
+        """
+        now = self._now()
+        services = {}
+        for service_id, table in self._tables.items():
+            considered = self._consider(table, now)
+            eligible, panic = self._select(considered)
+            eligible_ids = {c.info.shard_id for c in eligible}
+            passing = [c for c in considered if not c.hard]
+            shards = {}
+            for c in considered:
+                state, info = c.state, c.info
+                outlier = state.outlier
+                shards[info.shard_id] = {
+                    "address": str(info.address),
+                    "region": info.region,
+                    "health": info.health.value,
+                    "check_health": state.health.value,
+                    "admin_state": state.admin_state,
+                    "agent_state": state.agent_admin,
+                    "agent_load": state.agent_load,
+                    "agent_weight_percent": state.agent_weight_percent,
+                    "eligible": info.shard_id in eligible_ids,
+                    "rejected_by": list(c.reasons),
+                    "ejected": outlier.ejected(now),
+                    "ejected_until": (
+                        outlier.ejected_until if outlier.ejected(now) else None
+                    ),
+                    "ejections": outlier.run_length(now, self._outlier),
+                    "total_ejections": outlier.total_ejections,
+                    "consecutive_failures": outlier.consecutive,
+                    "open_connections": info.open_connections,
+                    "capacity": info.capacity,
+                    "load": info.load,
+                    "security_score": info.security_score,
+                    "security_baseline": state.config.security_score,
+                    "security_source": (
+                        "feed" if state.security_override is not None else "baseline"
+                    ),
+                    "weight": state.weight,
+                    "weight_overridden": state.weight_override is not None,
+                    "slow_start_ramp": state.ramp(now),
+                    "effective_weight": info.weight,
+                    "rtt_ms": state.measured_ms(now, self._rtt_max_age),
+                    "rtt_samples": state.rtt_samples,
+                    "connects_ok": state.stats.ok,
+                    "connects_failed": state.stats.failed,
+                }
+            services[service_id] = {
+                "panic": panic,
+                "in_rotation": sum(1 for c in passing if not c.soft),
+                "eligible_by_policy": len(passing),
+                "shards": shards,
+            }
+        return {"time": now, "services": services}
