@@ -551,7 +551,21 @@ class VerifyingProtocol(Protocol):
         self._finished = True
         self.factory.stats["health_check"] += 1
         log.debug("health check from {peer}", peer=self._addr)
-        self.transport.loseConnection()
+        local_factory = self.factory.local_factory
+        if local_factory is None:
+            self.transport.loseConnection()
+            return
+        # The checker goes on (e.g. a TLS handshake): hand the connection, with
+        # its real peer and no verified facts, to the health factory.
+        protocol = local_factory.buildProtocol(self._addr)
+        if protocol is None:
+            self.transport.loseConnection()
+            return
+        self.wrappedProtocol = protocol
+        protocol.makeConnection(self.transport)
+        rest = self._parser.rest
+        if rest:
+            protocol.dataReceived(rest)
 
     def _start(self, verified: VerifiedConnection, rest: bytes) -> None:
         wrapped_factory = self.factory.wrappedFactory
@@ -630,7 +644,9 @@ class VerifyingFactory(Factory):
     with a header the verifier refuses is closed, logged, and counted in
     ``stats`` under its reason slug.  A LOCAL header (a health check) is
     counted as ``health_check`` and the connection closed cleanly: the
-    application never sees it; with ``allow_local=False`` it is refused as
+    application never sees it; with ``local_factory`` the connection is
+    handed to that factory instead (a TLS shard answers a checker's TLS
+    handshake this way); with ``allow_local=False`` it is refused as
     ``local``.  ``stats`` also counts ``accepted`` connections and
     ``incomplete`` ones (closed by the peer before a complete header), so
     a shard can export it as is.
@@ -647,6 +663,7 @@ class VerifyingFactory(Factory):
         reactor: Any = None,
         allow_local: bool = True,
         max_header_size: int = DEFAULT_MAX_HEADER_SIZE,
+        local_factory: Optional[IProtocolFactory] = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -658,6 +675,7 @@ class VerifyingFactory(Factory):
         self._reactor = reactor
         self.allow_local = allow_local
         self.max_header_size = max_header_size
+        self.local_factory = local_factory
         self.stats: Counter[str] = Counter()
 
     def logPrefix(self) -> str:

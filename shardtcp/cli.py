@@ -79,6 +79,7 @@ def explanation_json(explanation) -> dict:
         else {"lat": loc.lat, "lon": loc.lon, "region": loc.region},
         "location_source": explanation.location_source,
         "denied": explanation.denied,
+        "panic": getattr(explanation, "panic", False),
         "shards": [
             {
                 "shard": s.shard.shard_id,
@@ -87,6 +88,7 @@ def explanation_json(explanation) -> dict:
                 "health": s.shard.health.value,
                 "eligible": not s.rejected_by,
                 "rejected_by": list(s.rejected_by),
+                "set_aside": list(getattr(s, "set_aside", ())),
                 "total": round(s.evaluation.total, 4),
                 "latency": round(s.evaluation.latency, 4),
                 "security": round(s.evaluation.security, 4),
@@ -116,6 +118,8 @@ def format_explanation(explanation) -> str:
     ]
     if explanation.denied:
         lines.append(f"DENIED: {explanation.denied}")
+    if getattr(explanation, "panic", False):
+        lines.append("PANIC: too few healthy shards; routing among all of them")
     lines.append(
         f"{'rank':<5}{'shard':<20}{'region':<14}{'total':>7}{'latency':>9}{'security':>9}{'load':>7}  notes"
     )
@@ -130,7 +134,18 @@ def format_explanation(explanation) -> str:
             label = str(rank)
             d = e.details
             notes = ", ".join(
-                f"{k}={_jsonable(d[k])}" for k in ("distance_km", "rtt_ms", "open_connections", "capacity") if k in d
+                f"{k}={_jsonable(d[k])}"
+                for k in (
+                    "distance_km",
+                    "rtt_ms",
+                    "latency_source",
+                    "measured_rtt_ms",
+                    "open_connections",
+                    "capacity",
+                    "agent_load",
+                    "slow_start_ramp",
+                )
+                if d.get(k) is not None
             )
         lines.append(
             f"{label:<5}{s.shard.shard_id:<20}{s.shard.region or '-':<14}"

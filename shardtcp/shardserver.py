@@ -377,6 +377,20 @@ class SourceProtocol(_ShardProtocol):
         self._stopped = True
 
 
+@implementer(IHandshakeListener)
+class _HandshakeThenClose(Protocol):
+    """What a TLS shard runs for a health check: the handshake, then a close."""
+
+    @classmethod
+    def factory(cls) -> Factory:
+        factory = Factory.forProtocol(cls)
+        factory.noisy = False
+        return factory
+
+    def handshakeCompleted(self) -> None:
+        self.transport.loseConnection()
+
+
 class _ShardApplicationFactory(Factory):
     """Builds the behaviour's protocol for each verified connection."""
 
@@ -443,9 +457,12 @@ class ShardFactory(VerifyingFactory):
         application: Factory = _ShardApplicationFactory(
             shard_id, self.behaviour, self.connections, self.counts
         )
+        local_factory = None
         if tls is not None:
             application = HalfCloseTLSFactory(tls, False, application, clock=reactor)
-        super().__init__(application, verifier, timeout=timeout, reactor=reactor)
+            # Health checks of kind "tls" handshake after their LOCAL header.
+            local_factory = HalfCloseTLSFactory(tls, False, _HandshakeThenClose.factory(), clock=reactor)
+        super().__init__(application, verifier, timeout=timeout, reactor=reactor, local_factory=local_factory)
 
     @property
     def active(self) -> int:

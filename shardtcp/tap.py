@@ -5,9 +5,10 @@
 one line per problem and no traceback, when it is not valid.  The tree is:
 
 * the ``ShardResolver`` (a service: it owns the live shard state);
+* the ``ThreatIntel`` feed poller and the ``HealthChecker``, when configured;
 * one ``ListeningService`` per ``[[listener]]`` (a port that cannot be
   bound fails start-up loudly);
-* later: health checks, feeds and the admin site, each a service.
+* later: the admin site.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from shardtcp.policy import PolicySigner
 from shardtcp.proxy.connector import ShardConnector
 from shardtcp.proxy.listener import ListenerContext, ProxyFactory
 from shardtcp.proxy.tls import ServerTLS, UpstreamTLS
-from shardtcp.resolver import ShardResolver
+from shardtcp.resolver import ShardResolver, build_health_service
 from shardtcp.resolver.feeds import ThreatIntelError, build_threat_intel
 
 
@@ -94,6 +95,7 @@ class ProxyService(MultiService):
         self.metrics = metrics
         self.factories: dict = {}
         self.threat_intel = None
+        self.health = None
 
     def listening_port(self, listener: str):
         """The bound port of a listener (``getHost()`` tells its address)."""
@@ -112,6 +114,11 @@ def build_service(config: Config, reactor=None, *, connector: ShardConnector | N
     if intel is not None:
         intel.setServiceParent(root)
     root.threat_intel = intel
+    upstream_tls = UpstreamTLS()
+    health = build_health_service(config, resolver, reactor, tls_options_for=upstream_tls.options_for)
+    if health is not None:
+        health.setServiceParent(root)
+    root.health = health
     signer = PolicySigner(
         load_private_key(config.signing.private_key),
         kid=config.signing.kid,
@@ -122,7 +129,6 @@ def build_service(config: Config, reactor=None, *, connector: ShardConnector | N
     names = NameTable((s.id, s.names) for s in config.services)
     if connector is None:
         connector = ShardConnector(reactor)
-    upstream_tls = UpstreamTLS()
     for listener in config.listeners:
         context = ListenerContext(
             config=listener,

@@ -264,6 +264,7 @@ class ProxyConnection(SpliceSideMixin, Protocol):
         self._service: Optional[str] = None
         self._shard: Optional[str] = None
         self._start = 0.0
+        self._connect_seconds = 0.0
         self.facts = TLSFacts()
         self.client = None  # (ip, port) as the PROXY header names it
         self.destination = None
@@ -578,6 +579,9 @@ class ProxyConnection(SpliceSideMixin, Protocol):
             self._refuse("token_too_large", str(e), "none" if self._tls is not None else self._identified.protocol)
             return
         upstream.transport.write(header)
+        # The TCP connect time is the latency sample; a TLS handshake on top
+        # would add the shard's CPU time to its distance.
+        self._connect_seconds = ctx.clock.seconds() - started
         service = ctx.resolver.service_config(self._service)
         if not service.upstream_tls:
             self._ready(upstream, candidate, started)
@@ -618,7 +622,7 @@ class ProxyConnection(SpliceSideMixin, Protocol):
             self._release_lease()
             return
         elapsed = ctx.clock.seconds() - started
-        ctx.resolver.record_connect_result(shard.shard_id, True, elapsed)
+        ctx.resolver.record_connect_result(shard.shard_id, True, self._connect_seconds)
         ctx.metrics.connect_seconds.labels(self._service).observe(elapsed)
         self._shard = shard.shard_id
         identified = self._identified
