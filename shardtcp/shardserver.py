@@ -505,10 +505,16 @@ class _ShardTLSOptions(ssl.CertificateOptions):
     Without ALPN protocols of its own, a server must simply not negotiate.
     """
 
+    _alpn_fixed = None
+
     def getContext(self):
         context = super().getContext()
-        if not self._acceptableProtocols:
-            context.set_alpn_select_callback(lambda connection, offered: SSL.NO_OVERLAPPING_PROTOCOLS)
+        # The context is made once and reused; OpenSSL refuses a new
+        # callback on a context that has made connections.
+        if context is not self._alpn_fixed:
+            if not self._acceptableProtocols:
+                context.set_alpn_select_callback(lambda connection, offered: SSL.NO_OVERLAPPING_PROTOCOLS)
+            self._alpn_fixed = context
         return context
 
 
