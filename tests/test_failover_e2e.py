@@ -85,7 +85,8 @@ class FailoverTests(TestCase):
     async def test_killed_shard_under_load(self):
         """
         Sequential clients run while shard A is killed with SIGKILL: every
-        client is served (retries cover the window before ejection), A is
+        client that starts after the kill is served (retries cover the
+        window before ejection; only the one in flight may fail), A is
         marked unhealthy within fall x interval, and after that no
         connection attempt goes to A.
         """
@@ -118,30 +119,37 @@ class FailoverTests(TestCase):
         self.addCleanup(lambda: watcher.running and watcher.stop())
 
         def kill():
-            observed["killed"] = time.monotonic()
             proc_a.send_signal(signal.SIGKILL)
+            # Stamp once it is really gone (its sockets closed by the kernel).
+            proc_a.wait(timeout=10)
+            observed["killed"] = time.monotonic()
 
         def clients():
             context = ssl.create_default_context(cafile=self.ca_path)
             served, failed = {}, []
             end = time.monotonic() + 4.0
             while time.monotonic() < end:
+                started = time.monotonic()
                 try:
                     with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
                         with context.wrap_socket(raw, server_hostname=NAME) as tls:
                             line = tls.recv(4096)
                     shard = line.split()[1].decode() if line.startswith(b"SHARD ") else None
                     if shard is None:
-                        failed.append(line)
+                        failed.append((started, line))
                     else:
                         served[shard] = served.get(shard, 0) + 1
                 except (OSError, ssl.SSLError) as e:
-                    failed.append(repr(e))
+                    failed.append((started, repr(e)))
             return served, failed
 
         reactor.callLater(1.0, kill)
         served, failed = await deferToThread(clients)
-        self.assertEqual(failed, [])
+        # The connection in flight through api-a when it died may fail (its
+        # bytes were on the dead shard); every connection that started after
+        # its death must be served, before and after ejection.
+        self.assertEqual([f for f in failed if f[0] >= observed["killed"]], [])
+        self.assertLessEqual(len(failed), 1, failed)
         self.assertGreater(served.get("api-a", 0), 0)
         self.assertGreater(served.get("api-b", 0), 0)
         self.assertIn("unhealthy_at", observed, "api-a was never marked unhealthy")
