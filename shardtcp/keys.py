@@ -91,7 +91,7 @@ def _b64url_decode(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def _write_atomically(path: str, data: bytes, mode: int = 0o644) -> None:
+def write_atomically(path: str, data: bytes, mode: int = 0o644) -> None:
     """
     Replace ``path`` with ``data`` so that readers see the old or the new
     content, never a half-written file.
@@ -205,7 +205,7 @@ def generate_keypair(out_dir: str, kid: str = "policy-1") -> KeyPaths:
             serialization.NoEncryption(),
         ),
     )
-    _write_atomically(
+    write_atomically(
         paths.public_key,
         public_key.public_bytes(
             serialization.Encoding.PEM,
@@ -219,7 +219,7 @@ def generate_keypair(out_dir: str, kid: str = "policy-1") -> KeyPaths:
     ]
     keys.append(public_jwk(public_key, kid))
     document["keys"] = keys
-    _write_atomically(
+    write_atomically(
         paths.jwks, (json.dumps(document, indent=2) + "\n").encode("utf-8")
     )
     return paths

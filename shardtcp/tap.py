@@ -28,7 +28,8 @@ from shardtcp.model import Config
 from shardtcp.policy import PolicySigner
 from shardtcp.proxy.connector import ShardConnector
 from shardtcp.proxy.listener import ListenerContext, ProxyFactory
-from shardtcp.proxy.tls import ServerTLS, UpstreamTLS
+from shardtcp.proxy.tls import ServerTLS
+from shardtcp.upstream import UpstreamTLS
 from shardtcp.resolver import ShardResolver, build_health_service
 from shardtcp.resolver.feeds import ThreatIntelError, build_threat_intel
 

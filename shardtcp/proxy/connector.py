@@ -11,15 +11,14 @@ families).  How a shard is reached (plain TCP today, TLS origination for
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Callable, Optional
 
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import ConnectError, ConnectionRefusedError, TimeoutError as TxTimeoutError
 from twisted.internet.interfaces import IStreamClientEndpoint
 
 from shardtcp.model import ShardInfo
+from shardtcp.upstream import endpoint_for_address
 
 
 class ShardConnectFailed(Exception):
@@ -28,17 +27,6 @@ class ShardConnectFailed(Exception):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
-
-
-def endpoint_for_address(reactor, host: str, port: int, timeout: float) -> IStreamClientEndpoint:
-    """A plain TCP client endpoint for ``host:port``."""
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return HostnameEndpoint(reactor, host, port, timeout=timeout)
-    if ip.version == 6:
-        return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
-    return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
 
 
 class ShardConnector:

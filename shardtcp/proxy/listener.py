@@ -48,7 +48,8 @@ from shardtcp.model import ConnectionRequest, ListenerConfig, ServiceConfig, for
 from shardtcp.policy import PolicyContext, PolicySigner, PolicyTooLarge, new_connection_id
 from shardtcp.proxy.connector import ShardConnectFailed, ShardConnector
 from shardtcp.proxy.refusal import refusal_bytes
-from shardtcp.proxy.tls import ServerTLS, UpstreamTLS, handshake_facts
+from shardtcp.proxy.tls import ServerTLS, handshake_facts
+from shardtcp.upstream import UpstreamTLS
 from shardtcp.proxy.splice import DOWNSTREAM, UPSTREAM, Splice, SpliceSideMixin, SpliceStats
 from shardtcp.tlslayer import HalfCloseTLSFactory
 from shardtcp.resolver import AccessDenied, NoShardAvailable, ResolverError, UnknownService

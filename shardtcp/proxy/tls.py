@@ -1,5 +1,6 @@
 """
-TLS at the proxy: terminating clients' TLS, and originating TLS to shards.
+TLS at the proxy: terminating clients' TLS (origination lives in
+``shardtcp.upstream``, shared with the health checker).
 
 Termination chooses the certificate *before* the handshake starts.  The
 listener has already peeked the ClientHello (to route it), so it knows the
@@ -27,13 +28,12 @@ from typing import Optional
 from cryptography import x509
 from cryptography.x509.oid import ExtensionOID, NameOID
 from OpenSSL import SSL, crypto
-from twisted.internet import ssl as tssl
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from zope.interface import implementer
 
 from shardtcp import proxyv2
 from shardtcp.identify.names import NameTable
-from shardtcp.model import CertificateConfig, ListenerConfig, ServiceConfig, ShardInfo
+from shardtcp.model import CertificateConfig, ListenerConfig
 
 _VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
 
@@ -180,43 +180,3 @@ def handshake_facts(connection: SSL.Connection):
     if verified:
         return "mtls", ("mtls",), subject, alpn.decode("ascii", "replace") if alpn else None, info
     return "tls", ("none",), None, alpn.decode("ascii", "replace") if alpn else None, info
-
-
-class UpstreamTLS:
-    """
-    Client TLS options for shards of ``upstream_tls`` services, built once
-    per (service, server name): the shard's certificate is checked against
-    ``upstream_ca`` and its name (``server_name``, default the host) with
-    service-identity; the proxy presents ``upstream_cert`` when set.
-    """
-
-    def __init__(self) -> None:
-        self._cache: dict = {}
-
-    def options_for(self, service: ServiceConfig, shard: ShardInfo):
-        name = shard.server_name or shard.address.host
-        key = (service.id, name)
-        options = self._cache.get(key)
-        if options is None:
-            trust = None
-            if service.upstream_ca:
-                with open(service.upstream_ca, "rb") as f:
-                    trust = tssl.trustRootFromCertificates(
-                        [tssl.Certificate.loadPEM(pem) for pem in _split_pem(f.read())]
-                    )
-            client_cert = None
-            if service.upstream_cert and service.upstream_key:
-                with open(service.upstream_cert, "rb") as c, open(service.upstream_key, "rb") as k:
-                    client_cert = tssl.PrivateCertificate.loadPEM(c.read() + b"\n" + k.read())
-            options = tssl.optionsForClientTLS(name, trustRoot=trust, clientCertificate=client_cert)
-            self._cache[key] = options
-        return options
-
-
-def _split_pem(data: bytes) -> list:
-    marker = b"-----END CERTIFICATE-----"
-    parts = []
-    for chunk in data.split(marker):
-        if b"-----BEGIN CERTIFICATE-----" in chunk:
-            parts.append(chunk[chunk.index(b"-----BEGIN CERTIFICATE-----") :] + marker + b"\n")
-    return parts

@@ -63,7 +63,6 @@ import math
 import os
 import re
 import socket
-import tempfile
 import time
 import urllib.parse
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
@@ -84,7 +83,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
-from shardtcp.keys import JWKSError, load_jwks, load_private_key
+from shardtcp.keys import JWKSError, load_jwks, load_private_key, write_atomically
 from shardtcp.model import Config, FeedSourceConfig, IPAddress, IPNetwork
 from shardtcp.resolver.service import UnknownShard
 
@@ -661,19 +660,7 @@ class FeedState:
         }
         data = (json.dumps(document, indent=1) + "\n").encode("utf-8")
         folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".feed-state-", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        write_atomically(path, data, mode=0o600)
         # The rename itself must reach the disk before we rely on it.
         dir_fd = os.open(folder, os.O_RDONLY)
         try:

@@ -62,19 +62,12 @@ service tree can share it and its cache).
 
 from __future__ import annotations
 
-import ipaddress
 import random as _random
 from typing import Callable, Optional
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet import ssl as tssl
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-)
 from twisted.internet.interfaces import (
     IDelayedCall,
     IHandshakeListener,
@@ -87,6 +80,7 @@ from zope.interface import implementer
 
 from shardtcp.model import Config, Health, HealthCheckConfig, ServiceConfig, ShardConfig
 from shardtcp.proxyv2 import local_header
+from shardtcp.upstream import UpstreamTLS, endpoint_for_address
 from shardtcp.resolver.agent import MAX_REPLY, AgentReplyError, AgentReport, parse_agent_reply
 from shardtcp.resolver.service import ShardResolver, UnknownShard
 
@@ -114,68 +108,22 @@ class CheckResult:
 
 
 def default_endpoint_factory(reactor) -> EndpointFactory:
-    """
-    Plain TCP client endpoints: ``TCP4ClientEndpoint``/``TCP6ClientEndpoint``
-    for IP literals, ``HostnameEndpoint`` (non-blocking resolution) for names.
-    """
+    """Plain TCP client endpoints, chosen as the connection path chooses them."""
 
     def endpoint(host: str, port: int, timeout: float) -> IStreamClientEndpoint:
-        try:
-            ip = ipaddress.ip_address(host)
-        except ValueError:
-            return HostnameEndpoint(reactor, host, port, timeout=timeout)
-        if ip.version == 6:
-            return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
-        return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+        return endpoint_for_address(reactor, host, port, timeout)
 
     return endpoint
 
 
-class DefaultTLSOptions:
+def DefaultTLSOptions():
     """
-    Client TLS options for ``tls`` checks, built once per (service, name)
-    as the connection path builds them for upstream TLS: trust
-    ``upstream_ca`` (the platform's trust store when it is not set), check
-    ``server_name`` (default: the shard's host) with service-identity, and
-    present ``upstream_cert``/``upstream_key`` when set. The service tree
-    should pass its ``UpstreamTLS().options_for`` instead, to share one
-    cache; this default keeps the checker usable on its own.
+    Client TLS options for ``tls`` checks, built as the connection path
+    builds them for upstream TLS.  The service tree passes its own
+    ``UpstreamTLS().options_for`` to share one cache; this default keeps the
+    checker usable on its own.
     """
-
-    def __init__(self) -> None:
-        self._cache: dict = {}
-
-    def __call__(self, service: ServiceConfig, shard: ShardConfig):
-        name = shard.server_name or shard.address.host
-        key = (service.id, name)
-        options = self._cache.get(key)
-        if options is None:
-            trust = None
-            if service.upstream_ca:
-                with open(service.upstream_ca, "rb") as f:
-                    trust = tssl.trustRootFromCertificates(
-                        [tssl.Certificate.loadPEM(pem) for pem in _split_pem(f.read())]
-                    )
-            client = None
-            if service.upstream_cert and service.upstream_key:
-                with open(service.upstream_cert, "rb") as c, open(
-                    service.upstream_key, "rb"
-                ) as k:
-                    client = tssl.PrivateCertificate.loadPEM(c.read() + b"\n" + k.read())
-            options = tssl.optionsForClientTLS(
-                name, trustRoot=trust, clientCertificate=client
-            )
-            self._cache[key] = options
-        return options
-
-
-def _split_pem(data: bytes) -> list[bytes]:
-    begin, end = b"-----BEGIN CERTIFICATE-----", b"-----END CERTIFICATE-----"
-    parts = []
-    for chunk in data.split(end):
-        if begin in chunk:
-            parts.append(chunk[chunk.index(begin) :] + end + b"\n")
-    return parts
+    return UpstreamTLS().options_for
 
 
 def _describe(failure: Failure) -> str:
