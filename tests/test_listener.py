@@ -361,3 +361,74 @@ class SpliceTests(SynchronousTestCase):
         self.assertTrue(up.write_closed)
         upstream.dataReceived(b"answer")
         self.assertEqual(transport.value(), b"answer")
+
+
+class AdmissionTests(SynchronousTestCase):
+    """Who may connect at all: threat feeds and trusted load balancers."""
+
+    def test_threat_feed_denies_at_accept(self):
+        """A client a feed denies is closed at accept: no byte read, none written."""
+        h = Harness()
+        h.context.admission = lambda ip: f"feed denies {ip}" if ip == "198.51.100.7" else None
+        protocol, transport = h.connect_client()
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(transport.value(), b"")
+        protocol.dataReceived(client_hello())
+        self.assertEqual(h.connector.attempts, [])
+        self.assertEqual(h.rejected("threat_denied"), 1.0)
+
+    def test_proxy_v2_from_trusted_load_balancer(self):
+        """
+        With accept_proxy, a PROXY v2 header from a trusted network names the
+        client: the shard's header and token carry that source, and the
+        bytes after the header are routed as usual.
+        """
+        import ipaddress
+
+        listener = ListenerConfig(
+            name="edge",
+            listen="tcp:0",
+            accept_proxy=True,
+            trusted_proxies=(ipaddress.ip_network("198.51.100.0/24"),),
+        )
+        h = Harness(listener=listener)
+        protocol, transport = h.connect_client()
+        inbound = proxyv2.encode(
+            proxyv2.ProxyHeader(source=("203.0.113.5", 40000), destination=("192.0.2.1", 443))
+        )
+        hello = client_hello()
+        data = inbound + hello
+        for i in range(0, len(data), 7):
+            protocol.dataReceived(data[i : i + 7])
+        _, up = h.connector.succeed()
+        header, rest = proxyv2.parse(up.value())
+        self.assertEqual(rest, hello)
+        self.assertEqual(header.source, ("203.0.113.5", 40000))
+        self.assertEqual(header.destination, ("192.0.2.1", 443))
+        verified = h.verifier(h.connector.attempts[0][0].shard_id).verify(header)
+        self.assertEqual(verified.claims["src"], "203.0.113.5:40000")
+
+    def test_untrusted_load_balancer_refused(self):
+        """accept_proxy from outside trusted_proxies: closed before reading anything."""
+        import ipaddress
+
+        listener = ListenerConfig(
+            name="edge", listen="tcp:0", accept_proxy=True, trusted_proxies=(ipaddress.ip_network("10.0.0.0/8"),)
+        )
+        h = Harness(listener=listener)
+        protocol, transport = h.connect_client()
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(h.rejected("untrusted_proxy"), 1.0)
+
+    def test_bad_proxy_header_refused(self):
+        """A trusted peer sending a broken PROXY header is refused and counted."""
+        import ipaddress
+
+        listener = ListenerConfig(
+            name="edge", listen="tcp:0", accept_proxy=True, trusted_proxies=(ipaddress.ip_network("198.51.100.0/24"),)
+        )
+        h = Harness(listener=listener)
+        protocol, transport = h.connect_client()
+        protocol.dataReceived(b"\x16\x03\x01\x02\x00")
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(h.rejected("bad_proxy_header"), 1.0)
