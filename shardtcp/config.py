@@ -46,6 +46,7 @@ from shardtcp.model import (
     PolicyConfig,
     ProxyConfig,
     RegistryConfig,
+    ResolverConfig,
     ServiceConfig,
     ShardConfig,
     SigningConfig,
@@ -673,6 +674,7 @@ def _choices(choices: Sequence[str]) -> str:
 
 _TOP_KEYS = (
     "proxy", "signing", "listener", "service", "geo", "threat_intel", "admin", "registry",
+    "resolver",
 )
 _LISTENER_KEYS = (
     "name", "listen", "mode", "identify", "default_service", "peek_timeout",
@@ -715,6 +717,7 @@ def _read_config(reader: _Reader, data: Any, token_size: Optional[TokenSizer]) -
     geo = _read_geo(reader, top)
     threat_intel = _read_threat_intel(reader, top)
     admin = _read_admin(reader, top)
+    resolver = _read_resolver(reader, top)
     _check_token_sizes(reader, proxy, signing, services, listeners, token_size)
     return Config(
         proxy=proxy,
@@ -725,6 +728,25 @@ def _read_config(reader: _Reader, data: Any, token_size: Optional[TokenSizer]) -
         threat_intel=threat_intel,
         admin=admin,
         registry=registry,
+        resolver=resolver,
+    )
+
+
+def _read_resolver(reader: _Reader, top: dict) -> ResolverConfig:
+    keys = ("latency_decay", "eject_after", "eject_base", "eject_max", "panic_threshold")
+    table = reader.sub_table(top, "", "resolver", keys)
+    if table is None:
+        return ResolverConfig()
+    base = reader.duration(table, "resolver", "eject_base", 10.0, maximum=_DAY)
+    longest = reader.duration(table, "resolver", "eject_max", 300.0, maximum=_DAY)
+    if longest < base:
+        reader.add("resolver.eject_max", f"must be at least eject_base ({base:g}s)")
+    return ResolverConfig(
+        latency_decay=reader.duration(table, "resolver", "latency_decay", 10.0, positive=True, maximum=_DAY),
+        eject_after=reader.integer(table, "resolver", "eject_after", 3, minimum=1, maximum=1000),
+        eject_base=base,
+        eject_max=longest,
+        panic_threshold=reader.number(table, "resolver", "panic_threshold", 0.5, minimum=0.0, maximum=1.0),
     )
 
 

@@ -229,6 +229,17 @@ class RegistryConfig:
 
 
 @frozen
+class ResolverConfig:
+    """``[resolver]``: the live-state numbers (all optional)."""
+
+    latency_decay: float = 10.0  # peak-EWMA time constant, seconds
+    eject_after: int = 3  # consecutive connect failures that eject a shard
+    eject_base: float = 10.0  # first ejection; doubles on each repeat
+    eject_max: float = 300.0
+    panic_threshold: float = 0.5  # below this share healthy: route among all
+
+
+@frozen
 class Config:
     """A whole validated configuration; paths in it are absolute."""
 
@@ -240,6 +251,7 @@ class Config:
     threat_intel: Optional[ThreatIntelConfig] = None
     admin: Optional[AdminConfig] = None
     registry: RegistryConfig = field(factory=RegistryConfig)
+    resolver: ResolverConfig = field(factory=ResolverConfig)
     path: Optional[str] = None
 
     def service(self, service_id: str) -> Optional[ServiceConfig]:

@@ -31,6 +31,7 @@ from shardtcp.proxy.listener import ListenerContext, ProxyFactory
 from shardtcp.proxy.tls import ServerTLS
 from shardtcp.upstream import UpstreamTLS
 from shardtcp.resolver import ShardResolver, build_health_service
+from shardtcp.resolver.outlier import OutlierPolicy
 from shardtcp.resolver.feeds import ThreatIntelError, build_threat_intel
 
 
@@ -108,7 +109,18 @@ def build_service(config: Config, reactor=None, *, connector: ShardConnector | N
     if reactor is None:
         from twisted.internet import reactor
     metrics = ProxyMetrics()
-    resolver = ShardResolver(config, clock=reactor)
+    tuning = config.resolver
+    resolver = ShardResolver(
+        config,
+        clock=reactor,
+        rtt_decay=tuning.latency_decay,
+        outlier=OutlierPolicy(
+            consecutive_failures=tuning.eject_after,
+            base_ejection=tuning.eject_base,
+            max_ejection=tuning.eject_max,
+            panic_threshold=tuning.panic_threshold,
+        ),
+    )
     root = ProxyService(config, resolver, metrics)
     resolver.setServiceParent(root)
     intel = build_threat_intel(config, resolver, reactor, registry=metrics.registry)

@@ -1070,3 +1070,41 @@ class FileTests(_Helpers, SynchronousTestCase):
             ],
         )
 
+
+
+class ResolverTableTests(SynchronousTestCase):
+    """[resolver] tunes the live-state numbers."""
+
+    def load(self, extra: str):
+        from shardtcp.config import parse_config
+        import tomllib
+
+        text = """
+[proxy]
+id = "edge-1"
+[signing]
+private_key = "k.pem"
+kid = "k"
+[service.api]
+names = ["api.example.test"]
+[[service.api.shard]]
+id = "a"
+address = "127.0.0.1:1"
+""" + extra
+        return parse_config(tomllib.loads(text), "/tmp", check_files=False)
+
+    def test_defaults_and_values(self):
+        """Absent: the documented defaults; present: the given values."""
+        self.assertEqual(self.load("").resolver.latency_decay, 10.0)
+        tuned = self.load('[resolver]\nlatency_decay = "30s"\neject_after = 5\npanic_threshold = 0.25\n').resolver
+        self.assertEqual((tuned.latency_decay, tuned.eject_after, tuned.panic_threshold), (30.0, 5, 0.25))
+
+    def test_bad_values(self):
+        """Each bad value is reported with its key path."""
+        from shardtcp.config import ConfigError
+
+        with self.assertRaises(ConfigError) as raised:
+            self.load('[resolver]\nlatency_decay = "0s"\neject_base = "1m"\neject_max = "10s"\npanic_threshold = 2\nejct_after = 1\n')
+        text = str(raised.exception)
+        for key in ("resolver.latency_decay", "resolver.eject_max", "resolver.panic_threshold", "resolver.ejct_after"):
+            self.assertIn(key, text)
