@@ -490,7 +490,7 @@ class ProxyConnection(SpliceSideMixin, Protocol):
         ctx = self._ctx
         cfg = ctx.config
         identified = self._identified
-        protocol = "none" if self._tls is not None else identified.protocol
+        protocol = self._answer_protocol()
         request = ConnectionRequest(
             service_id=self._service,
             client=self.client,
@@ -561,7 +561,7 @@ class ProxyConnection(SpliceSideMixin, Protocol):
             self._refuse(
                 "shard_unreachable",
                 f"no shard of {self._service!r} could be reached (tried {tried})",
-                "none" if self._tls is not None else self._identified.protocol,
+                self._answer_protocol(),
             )
 
     def _connected(self, upstream: UpstreamProtocol, index: int, candidate, started: float) -> None:
@@ -569,15 +569,13 @@ class ProxyConnection(SpliceSideMixin, Protocol):
         self._pending = None
         shard = candidate.shard
         if self.state != "connecting":
-            upstream.transport.abortConnection()
-            self._release_lease()
+            self._abandon(upstream)
             return
         try:
             header = self._header(shard.shard_id)
         except PolicyTooLarge as e:
-            upstream.transport.abortConnection()
-            self._release_lease()
-            self._refuse("token_too_large", str(e), "none" if self._tls is not None else self._identified.protocol)
+            self._abandon(upstream)
+            self._refuse("token_too_large", str(e), self._answer_protocol())
             return
         upstream.transport.write(header)
         # The TCP connect time is the latency sample; a TLS handshake on top
@@ -619,8 +617,7 @@ class ProxyConnection(SpliceSideMixin, Protocol):
         self._pending = None
         shard = candidate.shard
         if self.state != "connecting":
-            upstream.transport.abortConnection()
-            self._release_lease()
+            self._abandon(upstream)
             return
         elapsed = ctx.clock.seconds() - started
         ctx.resolver.record_connect_result(shard.shard_id, True, self._connect_seconds)
@@ -687,6 +684,19 @@ class ProxyConnection(SpliceSideMixin, Protocol):
                 tlvs=tuple(tlvs),
             )
         )
+
+    def _answer_protocol(self) -> str:
+        """
+        How a refusal is answered now: in the identified protocol, except
+        once the proxy speaks TLS with the client (an alert or status line
+        in clear would be garbage inside it; a close says enough).
+        """
+        return "none" if self._tls is not None else self._identified.protocol
+
+    def _abandon(self, upstream: UpstreamProtocol) -> None:
+        """Drop a shard connection this client no longer needs."""
+        upstream.transport.abortConnection()
+        self._release_lease()
 
     # -- endings ----------------------------------------------------------
 
