@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -188,6 +189,20 @@ def _cmd_sign_feed(args) -> int:
     return 0
 
 
+def _cmd_init_example(args) -> int:
+    from shardtcp.demo import write_example_files
+
+    try:
+        written = write_example_files(args.dir)
+    except (OSError, ValueError) as e:
+        print(f"shardtcp init-example: {e}", file=sys.stderr)
+        return 1
+    for path in written:
+        print(path)
+    print(f"example files ready; run: twistd -n shardtcp --config {os.path.join(args.dir, 'shardtcp.toml')}")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from shardtcp.demo import run_demo
 
@@ -229,6 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kid", required=True, help="key id written into the JWS header")
     p.add_argument("feed", help="JSON file with iss, iat, exp, seq, shards, deny")
     p.set_defaults(func=_cmd_sign_feed)
+
+    p = sub.add_parser(
+        "init-example", help="create the keys, certificates and feed that etc/shardtcp.toml names (examples only)"
+    )
+    p.add_argument("dir", nargs="?", default="etc", help="the folder of the example configuration (default: etc)")
+    p.set_defaults(func=_cmd_init_example)
 
     p = sub.add_parser("demo", help="start local verifying shards and a proxy in front of them")
     p.add_argument("--port", type=int, default=8443, help="proxy port on 127.0.0.1 (default 8443; 0 = any)")

@@ -193,3 +193,75 @@ def run_demo(port: int = 8443, workdir: Optional[str] = None, check: bool = Fals
     reactor.callWhenRunning(lambda: deferToThread(self_check).addCallbacks(report, failed))
     reactor.run()
     return outcome["status"]
+
+
+def write_example_files(directory: str, *, now=None) -> list:
+    """
+    Create every file ``etc/shardtcp.toml`` names, inside ``directory``:
+    the policy signing key and shards' JWKS, the edge, clients and shards
+    CAs with their certificates (and one client certificate to try mTLS
+    with), the feed signing key's JWKS and a signed sample feed, the admin
+    token and the state folder.  Existing files are left alone.  Returns
+    the paths written.  These are example secrets for a laptop: never
+    deploy them.
+    """
+    import secrets
+    import shutil
+    import time
+
+    from shardtcp.resolver.feeds import sign_feed
+
+    now = time.time() if now is None else now
+    written = []
+    keys_dir = os.path.join(directory, "keys")
+    certs_dir = os.path.join(directory, "certs")
+    for folder in (keys_dir, certs_dir, os.path.join(directory, "feeds"), os.path.join(directory, "state")):
+        os.makedirs(folder, exist_ok=True)
+    if not os.path.exists(os.path.join(keys_dir, "policy.pem")):
+        paths = keymod.generate_keypair(keys_dir, kid="policy")
+        written += [paths.private_key, paths.jwks]
+    feed_dir = os.path.join(keys_dir, "feed")
+    if not os.path.exists(os.path.join(feed_dir, "feed-1.pem")):
+        os.makedirs(feed_dir, exist_ok=True)
+        feed_paths = keymod.generate_keypair(feed_dir, kid="feed-1")
+        shutil.copyfile(feed_paths.jwks, os.path.join(keys_dir, "feed-jwks.json"))
+        written.append(os.path.join(keys_dir, "feed-jwks.json"))
+
+    def ca_files(stem: str, common_name: str):
+        if os.path.exists(os.path.join(certs_dir, f"{stem}.pem")):
+            return None
+        ca = CertificateAuthority(common_name)
+        written.append(ca.write(certs_dir, stem))
+        return ca
+
+    edge = ca_files("edge-ca", "shardtcp example edge CA")
+    if edge is not None:
+        written += edge.issue_server(["api.example.test", "*.api.example.test"]).write(certs_dir, "api")
+        written += edge.issue_server(["default.example.test"]).write(certs_dir, "default")
+    clients = ca_files("clients-ca", "shardtcp example clients CA")
+    if clients is not None:
+        written += clients.issue_client("orders-client", uri="spiffe://example.test/orders").write(certs_dir, "client")
+    shards = ca_files("shards-ca", "shardtcp example shards CA")
+    if shards is not None:
+        written += shards.issue_client("edge-fra-1").write(certs_dir, "proxy")
+        for shard_id in ("api-fra-1", "api-ams-1"):
+            written += shards.issue_server([f"{shard_id}.shards.test"], common_name=shard_id).write(certs_dir, shard_id)
+    feed_path = os.path.join(directory, "feeds", "threat.jws")
+    if not os.path.exists(feed_path):
+        claims = {
+            "iss": "example-intel",
+            "iat": int(now),
+            "exp": int(now) + 7 * 86400,
+            "seq": 1,
+            "shards": {"api-ams-1": 70},
+            "deny": ["192.0.2.0/24"],
+        }
+        token = sign_feed(claims, keymod.load_private_key(os.path.join(feed_dir, "feed-1.pem")), "feed-1")
+        with open(feed_path, "wb") as f:
+            f.write(token + b"\n")
+        written.append(feed_path)
+    token_path = os.path.join(directory, "admin.token")
+    if not os.path.exists(token_path):
+        keymod.write_atomically(token_path, (secrets.token_urlsafe(32) + "\n").encode("ascii"), mode=0o600)
+        written.append(token_path)
+    return [str(p) for p in written]

@@ -179,3 +179,26 @@ class CommandTests(SynchronousTestCase):
         status, out, _ = run_cli("decode-header", self.write("bad.hex", bytes(tampered).hex()))
         self.assertEqual(status, 1)
         self.assertIn("invalid PROXY header", out)
+
+
+class ExampleTests(SynchronousTestCase):
+    """etc/shardtcp.toml is a working example once init-example has run."""
+
+    def test_init_example_makes_the_example_valid(self):
+        """In a copy of etc/, check-config fails before init-example and passes after."""
+        import shutil
+
+        here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "etc", "shardtcp.toml")
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(folder)
+        config = os.path.join(folder, "shardtcp.toml")
+        shutil.copyfile(here, config)
+        status, _, err = run_cli("check-config", config)
+        self.assertEqual(status, 1)
+        self.assertIn("signing.private_key: cannot read", err)
+        status, out, _ = run_cli("init-example", folder)
+        self.assertEqual(status, 0)
+        self.assertIn(os.path.join(folder, "feeds", "threat.jws"), out)
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.join(folder, "keys", "policy.pem")).st_mode), 0o600)
+        status, out, err = run_cli("check-config", config)
+        self.assertEqual((status, err), (0, ""))
