@@ -31,13 +31,19 @@ NEW_YORK = Location(40.71, -74.0, "us-east")
 SINGAPORE = Location(1.35, 103.82, "ap-southeast")
 
 
-def client_hello(server_name: Optional[str] = "api.example.test", alpn: Sequence[str] = ()) -> bytes:
+def client_hello(
+    server_name: Optional[str] = "api.example.test",
+    alpn: Sequence[str] = (),
+    maximum_version: Optional[ssl.TLSVersion] = None,
+) -> bytes:
     """The first flight of a real TLS client (Python's ssl), as bytes."""
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     if alpn:
         context.set_alpn_protocols(list(alpn))
+    if maximum_version is not None:
+        context.maximum_version = maximum_version
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     conn = context.wrap_bio(incoming, outgoing, server_hostname=server_name)
     try:

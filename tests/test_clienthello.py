@@ -29,6 +29,7 @@ from shardtcp.identify.clienthello import (
     split_into_records,
     tls_alert,
 )
+from tests.support import client_hello
 
 # No example database: the tree is shared, and failures print their input.
 _PROPERTY = settings(
@@ -44,20 +45,7 @@ def real_hello(
     maximum_version: Optional[ssl.TLSVersion] = None,
 ) -> bytes:
     """The first flight of a real ``ssl`` client, captured in memory."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    if alpn:
-        context.set_alpn_protocols(list(alpn))
-    if maximum_version is not None:
-        context.maximum_version = maximum_version
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    client = context.wrap_bio(incoming, outgoing, server_hostname=server_name)
-    try:
-        client.do_handshake()
-    except ssl.SSLWantReadError:
-        pass
-    return outgoing.read()
+    return client_hello(server_name, alpn, maximum_version)
 
 
 @functools.cache

@@ -53,9 +53,7 @@ from shardtcp.resolver import (
     total_score,
 )
 
-NEW_YORK = Location(40.71, -74.0, "us-east")
-FRANKFURT = Location(50.11, 8.68, "eu-central")
-SINGAPORE = Location(1.35, 103.82, "ap-southeast")
+from tests.support import FRANKFURT, NEW_YORK, SINGAPORE
 
 US_CLIENT = "198.51.100.7"
 EU_CLIENT = "203.0.113.9"

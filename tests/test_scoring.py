@@ -19,9 +19,7 @@ from shardtcp.resolver.scoring import (
     total_score,
 )
 
-NEW_YORK = Location(40.71, -74.0, "us-east")
-FRANKFURT = Location(50.11, 8.68, "eu-central")
-SINGAPORE = Location(1.35, 103.82, "ap-southeast")
+from tests.support import FRANKFURT, NEW_YORK, SINGAPORE
 
 
 class GreatCircleTests(SynchronousTestCase):
