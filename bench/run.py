@@ -276,7 +276,7 @@ class Lab:
 
     def prepare(self) -> None:
         from shardtcp import keys
-        from shardtcp.pki import CertificateAuthority
+        from shardtcp.example.pki import CertificateAuthority
 
         key_dir = os.path.join(self.workdir, "keys")
         os.makedirs(key_dir, exist_ok=True)

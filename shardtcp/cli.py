@@ -190,7 +190,7 @@ def _cmd_sign_feed(args) -> int:
 
 
 def _cmd_init_example(args) -> int:
-    from shardtcp.demo import write_example_files
+    from shardtcp.example.demo import write_example_files
 
     try:
         written = write_example_files(args.dir)
@@ -204,7 +204,7 @@ def _cmd_init_example(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from shardtcp.demo import run_demo
+    from shardtcp.example.demo import run_demo
 
     return run_demo(port=args.port, workdir=args.workdir, check=args.check)
 

@@ -19,7 +19,7 @@ import sys
 from twisted.internet import utils
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.e2e_support import REPO_ROOT, twistd_binary
+from tests.e2e.harness import REPO_ROOT, twistd_binary
 
 # What the child prints: the tap names getPlugins finds, the file the
 # shardtcp plugin came from, and the file of shardtcp.tap.

@@ -13,7 +13,7 @@ import subprocess
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.test_terminate import NAME, Fixture, _listener, _service
+from tests.e2e.test_terminate import NAME, Fixture, _listener, _service
 
 
 def _run(cmd, data=b"", timeout=20):

@@ -21,8 +21,8 @@ from twisted.trial.unittest import SkipTest, TestCase
 from shardtcp import keys as keymod
 from shardtcp.backend import ShardVerifier
 from shardtcp.config import load_config
-from shardtcp.pki import CertificateAuthority
-from shardtcp.shardserver import shard_factory, tls_options
+from shardtcp.example.pki import CertificateAuthority
+from shardtcp.example.shard import shard_factory, tls_options
 from shardtcp.tap import build_service
 
 NAME = "api.example.test"

@@ -5,7 +5,7 @@ process, so that a newcomer sees a routed, verified connection at once.
 It writes into a work folder: a policy signing key and its JWKS
 (``keygen``), a demo CA and one TLS certificate per shard, and a
 configuration (``demo.toml``) for the proxy.  The shards are reference
-shards (``shardtcp.shardserver``) in three regions that accept a connection
+shards (``shardtcp.example.shard``) in three regions that accept a connection
 only with a valid PROXY v2 header and PolicyContext, and answer with a line
 saying what they verified.  ``[geo]`` places 127.0.0.2 in New York and
 127.0.0.3 in Singapore, so the source address picks the region.
@@ -27,8 +27,8 @@ from typing import Optional
 from shardtcp import keys as keymod
 from shardtcp.backend import ShardVerifier
 from shardtcp.config import load_config
-from shardtcp.pki import CertificateAuthority
-from shardtcp.shardserver import shard_factory, tls_options
+from shardtcp.example.pki import CertificateAuthority
+from shardtcp.example.shard import shard_factory, tls_options
 
 SHARDS = (
     # id, lat, lon, region, demo source address placed there by [geo]

@@ -4,7 +4,7 @@ clients over loopback sockets.
 
 ``Deployment`` is one test's world in a temporary folder: a policy signing
 key and its JWKS (``shardtcp.keys``), a certificate authority
-(``shardtcp.pki``), reference shards (``shardtcp.shardserver``) listening on
+(``shardtcp.example.pki``), reference shards (``shardtcp.example.shard``) listening on
 port 0 and verifying every PROXY v2 header against that JWKS, a TOML
 configuration naming them, and the proxy built from it with
 ``shardtcp.tap.build_service`` on the test's reactor.  Its cleanup waits for
@@ -45,12 +45,12 @@ from twisted.internet.task import deferLater
 from shardtcp import keys as keymod
 from shardtcp.backend import ShardVerifier
 from shardtcp.config import load_config
-from shardtcp.pki import CertificateAuthority
-from shardtcp.shardserver import ShardFactory, shard_factory, tls_options
+from shardtcp.example.pki import CertificateAuthority
+from shardtcp.example.shard import ShardFactory, shard_factory, tls_options
 from shardtcp.tap import ProxyService, build_service
 
 SERVICE_NAME = "api.example.test"
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @attrs.frozen
@@ -159,7 +159,7 @@ class Deployment:
     ) -> Shard:
         """
         Start a verifying TLS reference shard on 127.0.0.1:0, with the TLS
-        options ``shardtcp.shardserver.tls_options`` gives (as the demo).
+        options ``shardtcp.example.shard.tls_options`` gives (as the demo).
         With ``alpn`` (a list), the shard instead negotiates ``http/1.1``
         when offered and appends every offered ALPN list to ``alpn``.
         """

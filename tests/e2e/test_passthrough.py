@@ -2,7 +2,7 @@
 End-to-end tests: real TLS clients, the proxy, and verifying TLS shards,
 over loopback sockets.
 
-Every test builds its own ``Deployment`` (``tests.e2e_support``): reference
+Every test builds its own ``Deployment`` (``tests.e2e.harness``): reference
 shards in two or three regions that accept a connection only with a PROXY
 v2 header whose PolicyContext verifies against the JWKS of the deployment's
 signing key, and the proxy built by ``build_service`` on the real reactor.
@@ -31,9 +31,9 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
 from shardtcp.identify.clienthello import split_into_records
-from shardtcp.shardserver import pattern_sha256
-from tests import e2e_support as e2e
-from tests.e2e_support import (
+from shardtcp.example.shard import pattern_sha256
+from tests.e2e import harness as e2e
+from tests.e2e.harness import (
     AMSTERDAM,
     FRANKFURT,
     NEW_YORK,

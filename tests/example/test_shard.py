@@ -1,10 +1,10 @@
 """
-Tests for shardtcp.shardserver, the reference shard.
+Tests for shardtcp.example.shard, the reference shard.
 
 Most run in memory: a PROXY v2 header signed with a PolicySigner and encoded
 with proxyv2 is fed, with data, to the factory's protocol over a
 StringTransport, or over real TLS handshakes pumped by twisted.test.iosim.
-A few run the shard as a process (``python -m shardtcp.shardserver``) over
+A few run the shard as a process (``python -m shardtcp.example.shard``) over
 loopback sockets.
 """
 
@@ -36,10 +36,10 @@ from zope.interface.verify import verifyObject
 from shardtcp import proxyv2
 from shardtcp.backend import ShardVerifier
 from shardtcp.keys import jwks_document
-from shardtcp.pki import CertificateAuthority
+from shardtcp.example.pki import CertificateAuthority
 from shardtcp.policy import PolicyContext, PolicySigner, new_connection_id
 from shardtcp.proxyv2 import PP2_TYPE_AUTHORITY, PP2_TYPE_UNIQUE_ID, Command, ProxyHeader
-from shardtcp.shardserver import (
+from shardtcp.example.shard import (
     Behaviour,
     HalfCloseTLSProtocol,
     ShardFactory,
@@ -647,7 +647,7 @@ class _SingleFactory:
 
 
 class ProcessTests(SynchronousTestCase):
-    """``python -m shardtcp.shardserver`` over real sockets."""
+    """``python -m shardtcp.example.shard`` over real sockets."""
 
     def setUp(self) -> None:
         self.keys = Keys()
@@ -665,7 +665,7 @@ class ProcessTests(SynchronousTestCase):
         """Start a shard process; return it and its port once it listens."""
         port_file = os.path.join(self.directory, "port")
         process = subprocess.Popen(
-            [sys.executable, "-m", "shardtcp.shardserver", "--id", SHARD, "--jwks", self.jwks,
+            [sys.executable, "-m", "shardtcp.example.shard", "--id", SHARD, "--jwks", self.jwks,
              "--port-file", port_file, *extra],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -753,7 +753,7 @@ class ProcessTests(SynchronousTestCase):
     def test_bad_arguments(self) -> None:
         """A missing JWKS file is reported and exits with status 2."""
         result = subprocess.run(
-            [sys.executable, "-m", "shardtcp.shardserver", "--id", SHARD,
+            [sys.executable, "-m", "shardtcp.example.shard", "--id", SHARD,
              "--jwks", os.path.join(self.directory, "missing.json")],
             capture_output=True,
             timeout=30,

@@ -30,7 +30,7 @@ when the protocol above it provides ``IHalfCloseableProtocol``, and
 ``readConnectionLost`` (Twisted's own TLS layer answers a ``close_notify``
 by closing the whole connection, which would lose the ``BYE`` reply).
 
-Run one as a process with ``python -m shardtcp.shardserver --help``.
+Run one as a process with ``python -m shardtcp.example.shard --help``.
 """
 
 from __future__ import annotations
@@ -554,7 +554,7 @@ def _write_port_file(path: str, port: int) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m shardtcp.shardserver",
+        prog="python -m shardtcp.example.shard",
         description="Run a reference shard that accepts only connections shardtcp vouches for.",
     )
     parser.add_argument("--id", required=True, help="this shard's id (the tokens' aud)")
@@ -646,6 +646,6 @@ def main(argv: Optional[Sequence[str]] = None) -> NoReturn:
 if __name__ == "__main__":
     # Run the importable module's main, not this __main__ copy, so that log
     # namespaces and classes are the same as when the module is imported.
-    from shardtcp.shardserver import main as _main
+    from shardtcp.example.shard import main as _main
 
     _main()

@@ -1,5 +1,5 @@
 """
-Tests for shardtcp.pki: the certificates it issues verify against its CA with
+Tests for shardtcp.example.pki: the certificates it issues verify against its CA with
 OpenSSL, carry the names and usages asked for, and are written to disk safely.
 """
 
@@ -16,7 +16,7 @@ from OpenSSL import crypto
 from twisted.internet import ssl
 from twisted.trial.unittest import SynchronousTestCase
 
-from shardtcp.pki import CertificateAuthority, Issued
+from shardtcp.example.pki import CertificateAuthority, Issued
 
 UTC = datetime.timezone.utc
 

@@ -21,7 +21,7 @@ from twisted.trial.unittest import TestCase
 from shardtcp import keys as keymod
 from shardtcp.config import load_config
 from shardtcp.model import Health
-from shardtcp.pki import CertificateAuthority
+from shardtcp.example.pki import CertificateAuthority
 from shardtcp.tap import build_service
 
 NAME = "api.example.test"
@@ -30,7 +30,7 @@ NAME = "api.example.test"
 def _start_shard_process(case, directory, shard_id, jwks, cert, key):
     port_file = os.path.join(directory, f"{shard_id}.port")
     process = subprocess.Popen(
-        [sys.executable, "-m", "shardtcp.shardserver", "--id", shard_id, "--jwks", jwks,
+        [sys.executable, "-m", "shardtcp.example.shard", "--id", shard_id, "--jwks", jwks,
          "--cert", cert, "--key", key, "--port-file", port_file],
         stdout=subprocess.DEVNULL,
         stderr=open(os.path.join(directory, f"{shard_id}.log"), "wb"),

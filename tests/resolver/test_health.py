@@ -40,7 +40,7 @@ from shardtcp.model import (
     ShardConfig,
     SigningConfig,
 )
-from shardtcp.pki import CertificateAuthority
+from shardtcp.example.pki import CertificateAuthority
 from shardtcp.resolver.agent import MAX_REPLY, AgentReplyError, AgentReport, parse_agent_reply
 from shardtcp.resolver.health import (
     DEFAULT_JITTER,
@@ -822,7 +822,7 @@ class LifecycleTests(SynchronousTestCase):
         checked and is HEALTHY again with its agent's state forgotten; one
         whose address changes is checked at the new address.
         """
-        from tests.test_resolver import ChangingSource
+        from tests.resolver.test_resolver import ChangingSource
 
         clock = Clock()
         network = FakeNetwork(clock)
