@@ -8,7 +8,9 @@ connection path (``PolicySigner``), the size bound that ``check-config``
 enforces (``worst_case_token_size``), connection ids, and the verification
 (``decode_token``) that ``shardtcp.backend`` builds on.
 
-It imports nothing of the project above ``model``.
+Tokens are signed and verified by ``shardtcp.jws``, the same strict
+compact-JWS rules the threat feeds obey.  It imports nothing of the project
+but ``jws`` and ``net``.
 """
 
 from __future__ import annotations
@@ -20,13 +22,13 @@ import secrets
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import attrs
-import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
 
-from shardtcp.model import format_hostport
+from shardtcp import jws
+from shardtcp.net import format_hostport, parse_port
 
 __all__ = [
     "ALGORITHM",
@@ -39,9 +41,11 @@ __all__ = [
     "PolicyError",
     "PolicySigner",
     "PolicyTooLarge",
+    "check_claims",
     "decode_token",
     "format_address",
     "new_connection_id",
+    "verify_signature",
     "worst_case_token_size",
 ]
 
@@ -49,7 +53,7 @@ __all__ = [
 MAX_TOKEN_SIZE = 1024
 
 #: The only signature algorithm issued or accepted.
-ALGORITHM = "EdDSA"
+ALGORITHM = jws.ALGORITHM
 
 #: The most clock skew a verifier may allow, in seconds (SPEC §4).
 MAX_LEEWAY = 5.0
@@ -76,7 +80,7 @@ REQUIRED_CLAIMS = (
 _MIN_ID, _MAX_ID = 16, 32
 
 # Length of the base64url of an Ed25519 signature (64 bytes, no padding).
-_SIGNATURE_B64_LENGTH = 86
+_SIGNATURE_B64_LENGTH = (4 * jws.SIGNATURE_SIZE + 2) // 3
 
 
 def _check_level(instance: Any, attribute: Any, value: str) -> None:
@@ -162,17 +166,23 @@ class PolicyError(Exception):
 def format_address(address: tuple) -> str:
     """
     ``(ip, port)`` as the ``src``/``dst`` claims spell it: ``ip:port``, or
-    ``[ip]:port`` for IPv6, the address in its canonical text form.
+    ``[ip]:port`` for IPv6, the address in its canonical text form
+    (``shardtcp.net.format_hostport``).
 
     A zone (``fe80::1%eth0``) is dropped: a PROXY v2 header cannot carry one,
     and the claim must match the header.  Raises ``ValueError`` for a host
-    that is not an IP literal.
+    that is not an IP literal or a port outside 0..65535.
     """
     host, port = address
+    if not isinstance(host, str):
+        raise ValueError(f"host must be an IP literal, not {host!r}")
+    # Not net.parse_ip: an IPv4-mapped address stays IPv6 here, because the
+    # header it must match carries it that way.
     host = str(ipaddress.ip_address(host.split("%", 1)[0]))
-    port = int(port)
-    if not 0 <= port <= 65535:
-        raise ValueError(f"port out of range: {port}")
+    if isinstance(port, str):
+        port = parse_port(port)
+    elif type(port) is not int or not 0 <= port <= 65535:
+        raise ValueError(f"port out of range: {port!r}")
     return format_hostport(host, port)
 
 
@@ -203,12 +213,7 @@ def _compact_json(value: Any) -> bytes:
 
 
 def _header_json(kid: str) -> bytes:
-    # PyJWT writes the header sorted by key (alg, kid, typ).
-    return json.dumps(
-        {"alg": ALGORITHM, "kid": kid, "typ": "JWT"},
-        separators=(",", ":"),
-        sort_keys=True,
-    ).encode("ascii")
+    return jws.header_json(kid)
 
 
 def _b64_length(n: int) -> int:
@@ -261,7 +266,6 @@ class PolicySigner:
         self._issuer = issuer
         self._lifetime = max(1, math.ceil(ttl))
         self._now = now
-        self._headers = {"kid": kid}
 
     @property
     def kid(self) -> str:
@@ -317,9 +321,7 @@ class PolicySigner:
             claims["sub"] = subject
         if sni is not None:
             claims["sni"] = sni
-        token = jwt.encode(
-            claims, self._key, algorithm=ALGORITHM, headers=self._headers
-        ).encode("ascii")
+        token = jws.sign(claims, self._key, kid=self._kid)
         if len(token) > MAX_TOKEN_SIZE:
             raise PolicyTooLarge(
                 f"PolicyContext token of {len(token)} bytes exceeds "
@@ -381,17 +383,15 @@ def _claim_error(name: str, expected: str) -> PolicyError:
     return PolicyError("invalid_claims", f"claim {name!r} must be {expected}")
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _check_claim_types(claims: dict) -> None:
     for name in ("iss", "aud", "jti", "svc", "src", "dst"):
         if not isinstance(claims[name], str):
             raise _claim_error(name, "a string")
     for name in ("iat", "exp"):
-        if not _is_int(claims[name]):
-            raise _claim_error(name, "an integer")
+        if not jws.numeric_date(claims[name]):
+            raise _claim_error(
+                name, f"an integer from 0 to {jws.MAX_NUMERIC_DATE} (seconds since the epoch)"
+            )
     if claims["enc"] not in ENCRYPTION_LEVELS:
         raise _claim_error("enc", f"one of {ENCRYPTION_LEVELS}")
     amr = claims["amr"]
@@ -409,14 +409,29 @@ def _check_claim_types(claims: dict) -> None:
             raise _claim_error(name, "a string when present")
 
 
-_DECODE_OPTIONS = {
-    "require": list(REQUIRED_CLAIMS),
-    # Time is checked against the injected clock below, not the wall clock.
-    "verify_exp": False,
-    "verify_iat": False,
-    "verify_nbf": False,
-    "strict_aud": True,
+# The jws module's reasons, spelt as PolicyError spells them.
+_REASONS = {
+    "too_large": "token_too_large",
+    "malformed": "malformed_token",
+    "unsigned": "bad_algorithm",
+    "no_kid": "malformed_token",
 }
+
+
+def verify_signature(
+    token: Union[bytes, str], keys: Mapping[str, Ed25519PublicKey]
+) -> jws.Verified:
+    """
+    Check a token's form and signature only (``shardtcp.jws`` rules, at
+    most ``MAX_TOKEN_SIZE`` bytes) and return it verified, claims unchecked.
+    Raises ``PolicyError``.
+    """
+    if isinstance(token, str):
+        token = token.encode("ascii", "replace")
+    try:
+        return jws.verify(token, keys, max_size=MAX_TOKEN_SIZE)
+    except jws.JWSError as e:
+        raise PolicyError(_REASONS.get(e.reason, e.reason), e.message) from None
 
 
 def decode_token(
@@ -430,57 +445,38 @@ def decode_token(
     """
     Verify a PolicyContext token and return its claims.
 
-    Accepts only EdDSA tokens whose ``kid`` names one of ``keys`` and whose
-    signature verifies with it, whose ``aud`` is exactly ``audience``, that
-    carry every claim of ``REQUIRED_CLAIMS`` with the types SPEC §4 gives,
-    that have not expired by ``now()`` and were not issued in its future,
-    both give or take ``leeway`` seconds (capped at ``MAX_LEEWAY``).
-    Anything else raises ``PolicyError`` with a reason slug.
+    Accepts only tokens ``verify_signature`` accepts (EdDSA, a ``kid``
+    naming one of ``keys``, a signature that verifies with it) whose
+    claims ``check_claims`` accepts.  Anything else raises ``PolicyError``
+    with a reason slug.
+    """
+    claims = verify_signature(token, keys).claims
+    return check_claims(claims, audience=audience, now=now, leeway=leeway)
+
+
+def check_claims(
+    claims: Any,
+    *,
+    audience: str,
+    now: Callable[[], float],
+    leeway: float = MAX_LEEWAY,
+) -> dict:
+    """
+    Check the claims of a token whose signature verified and return them.
+
+    Requires every claim of ``REQUIRED_CLAIMS`` with the types SPEC §4
+    gives, ``aud`` exactly ``audience``, and a token that has not expired
+    by ``now()`` and was not issued in its future, both give or take
+    ``leeway`` seconds (capped at ``MAX_LEEWAY``).  Raises ``PolicyError``.
     """
     leeway = min(max(float(leeway), 0.0), MAX_LEEWAY)
-    if isinstance(token, str):
-        token = token.encode("ascii", "replace")
-    if len(token) > MAX_TOKEN_SIZE:
-        raise PolicyError(
-            "token_too_large", f"token of {len(token)} bytes exceeds {MAX_TOKEN_SIZE}"
-        )
-    try:
-        header = jwt.get_unverified_header(token)
-    except jwt.InvalidTokenError as e:
-        raise PolicyError("malformed_token", f"token does not parse: {e}") from None
-    alg = header.get("alg")
-    if alg != ALGORITHM:
-        raise PolicyError("bad_algorithm", f"alg {alg!r} is not {ALGORITHM}")
-    kid = header.get("kid")
-    if not isinstance(kid, str):
-        raise PolicyError("malformed_token", "token header has no kid")
-    key = keys.get(kid)
-    if key is None:
-        raise PolicyError("unknown_kid", f"no trusted key named {kid!r}")
-    try:
-        claims = jwt.decode(
-            token,
-            key,
-            algorithms=[ALGORITHM],
-            audience=audience,
-            options=_DECODE_OPTIONS,
-        )
-    except jwt.InvalidSignatureError:
-        raise PolicyError(
-            "invalid_signature", f"signature does not verify with key {kid!r}"
-        ) from None
-    except jwt.InvalidAlgorithmError as e:
-        raise PolicyError("bad_algorithm", str(e)) from None
-    except jwt.MissingRequiredClaimError as e:
-        raise PolicyError("missing_claims", f"missing claim {e.claim!r}") from None
-    except jwt.InvalidAudienceError:
-        raise PolicyError(
-            "wrong_audience", f"token is not for {audience!r}"
-        ) from None
-    except jwt.DecodeError as e:
-        raise PolicyError("malformed_token", str(e)) from None
-    except jwt.InvalidTokenError as e:
-        raise PolicyError("invalid_claims", str(e)) from None
+    if not isinstance(claims, dict):
+        raise PolicyError("malformed_token", "the claims are not a JSON object")
+    for name in REQUIRED_CLAIMS:
+        if name not in claims:
+            raise PolicyError("missing_claims", f"missing claim {name!r}")
+    if claims["aud"] != audience:
+        raise PolicyError("wrong_audience", f"token is not for {audience!r}")
     _check_claim_types(claims)
     current = now()
     if current >= claims["exp"] + leeway:
