@@ -53,11 +53,8 @@ hang belongs behind an http(s) URL, which is fetched with Twisted's
 
 from __future__ import annotations
 
-import base64
-import binascii
 import collections
 import hashlib
-import ipaddress
 import json
 import math
 import os
@@ -65,11 +62,9 @@ import re
 import socket
 import time
 import urllib.parse
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import attrs
-import jwt
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
@@ -83,8 +78,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
+from shardtcp import jws
 from shardtcp.keys import JWKSError, load_jwks, load_private_key, write_atomically
-from shardtcp.model import Config, FeedSourceConfig, IPAddress, IPNetwork
+from shardtcp.model import Config, FeedSourceConfig
+from shardtcp.net import IPNetwork, PrefixTable, parse_network
 from shardtcp.resolver.service import UnknownShard
 
 __all__ = [
@@ -113,7 +110,7 @@ log = Logger()
 MAX_FEED_SIZE = 1024 * 1024
 
 #: The only signature algorithm feeds may use.
-ALGORITHM = "EdDSA"
+ALGORITHM = jws.ALGORITHM
 
 #: How far in the future ``iat`` may lie, in seconds: the publisher's clock
 #: and ours may disagree a little, but a feed dated well ahead is suspect.
@@ -145,10 +142,7 @@ REQUIRED_CLAIMS = ("iss", "iat", "exp", "seq", "shards", "deny")
 # and refusal messages: keep them printable and short.
 _MAX_NAME = 256
 _MAX_SEQ = 2**63 - 1
-_MAPPED_V4 = ipaddress.IPv6Network("::ffff:0:0/96")
 _MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
-_COMPACT_JWS = re.compile(rb"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
-_ED25519_SIGNATURE_SIZE = 64
 _STATE_VERSION = 1
 _STATE_MAX_SIZE = 64 * 1024 * 1024
 _MESSAGE_LIMIT = 300
@@ -234,24 +228,10 @@ def _invalid(message: str) -> FeedRejected:
 
 
 def _parse_network(index: int, text: Any) -> IPNetwork:
-    where = f"deny[{index}]"
-    if not isinstance(text, str):
-        raise _invalid(f"{where} must be a CIDR string, not {type(text).__name__}")
     try:
-        network = ipaddress.ip_network(text, strict=True)
+        return parse_network(text)
     except ValueError as e:
-        raise _invalid(f"{where} {_show(text)}: {e}") from None
-    if (
-        isinstance(network, ipaddress.IPv6Network)
-        and network.prefixlen >= _MAPPED_V4.prefixlen
-        and network.subnet_of(_MAPPED_V4)
-    ):
-        # Clients arriving as ::ffff:a.b.c.d are matched as IPv4, so their
-        # networks are stored that way too.
-        network = ipaddress.IPv4Network(
-            (int(network.network_address) & 0xFFFFFFFF, network.prefixlen - 96)
-        )
-    return network
+        raise _invalid(f"deny[{index}]: {_show(str(e), 120)}") from None
 
 
 def parse_claims(claims: Any) -> Feed:
@@ -262,8 +242,8 @@ def parse_claims(claims: Any) -> Feed:
     and ``exp`` integers (seconds since the epoch) with ``exp > iat``;
     ``seq`` an integer from 0 to 2**63-1; ``shards`` an object mapping
     shard ids (printable non-empty strings) to numbers from 0 to 100;
-    ``deny`` a list of CIDR strings without host bits (a bare address is a
-    single host).  Other claims are ignored.  Raises ``FeedRejected`` with
+    ``deny`` a list of CIDR strings without host bits, netmask or zone
+    (``shardtcp.net.parse_network``; a bare address is a single host).  Other claims are ignored.  Raises ``FeedRejected`` with
     reason ``invalid_claims``; no time or ``seq`` history is checked here.
     """
     if not isinstance(claims, dict):
@@ -277,8 +257,11 @@ def parse_claims(claims: Any) -> Feed:
             f"iss must be a printable string of 1 to {_MAX_NAME} characters"
         )
     for name in ("iat", "exp"):
-        if not _is_int(claims[name]) or claims[name] < 0:
-            raise _invalid(f"{name} must be a non-negative integer (seconds since the epoch)")
+        if not jws.numeric_date(claims[name]):
+            raise _invalid(
+                f"{name} must be an integer from 0 to {jws.MAX_NUMERIC_DATE} "
+                "(seconds since the epoch)"
+            )
     if claims["exp"] <= claims["iat"]:
         raise _invalid(f"exp {claims['exp']} must be after iat {claims['iat']}")
     seq = claims["seq"]
@@ -291,11 +274,13 @@ def parse_claims(claims: Any) -> Feed:
     for shard_id, score in shards.items():
         if not _printable_name(shard_id):
             raise _invalid(f"shards: invalid shard id {_show(shard_id)}")
+        # Compared before isfinite: an integer too large for a float would
+        # make isfinite raise OverflowError.
         if (
             isinstance(score, bool)
             or not isinstance(score, (int, float))
-            or not math.isfinite(score)
             or not 0 <= score <= 100
+            or not math.isfinite(score)
         ):
             raise _invalid(f"shards[{shard_id!r}] must be a number from 0 to 100, not {_show(score)}")
         scores.append((shard_id, float(score)))
@@ -337,8 +322,7 @@ def sign_feed(claims: Mapping[str, Any], private_key: Ed25519PrivateKey, kid: st
     if not isinstance(kid, str) or not kid:
         raise ValueError("kid must be a non-empty string")
     parse_claims(dict(claims))
-    token = jwt.encode(dict(claims), private_key, algorithm=ALGORITHM, headers={"kid": kid})
-    data = token.encode("ascii")
+    data = jws.sign(claims, private_key, kid=kid)
     if len(data) > MAX_FEED_SIZE:
         raise FeedRejected("too_large", f"the signed feed is {len(data)} bytes, over {MAX_FEED_SIZE}")
     return data
@@ -379,12 +363,6 @@ def sign_feed_file(
 # Verification
 
 
-def _b64url_decode(segment: bytes) -> bytes:
-    # The segment already matched the base64url alphabet; a length of 1
-    # modulo 4 still cannot be decoded.
-    return base64.urlsafe_b64decode(segment + b"=" * (-len(segment) % 4))
-
-
 def _reject_duplicates(pairs: list) -> dict:
     result = {}
     for key, value in pairs:
@@ -416,10 +394,9 @@ class FeedValidator:
     Checks received feeds against the trusted keys, the clock and the
     ``FeedState`` (see ``validate``).
 
-    Verification is done here rather than through ``jwt.decode``: the
-    base64url segments are checked against the alphabet before decoding,
-    the header and claims are parsed as strict JSON (duplicate keys are
-    refused), and each failure maps onto exactly one reason.  ``now``
+    The token is checked by ``shardtcp.jws``, the rules PolicyContext
+    tokens obey too (canonical base64url, strict JSON, bounded numbers),
+    and each failure maps onto exactly one reason.  ``now``
     returns seconds since the epoch (the reactor's ``seconds`` in service).
     """
 
@@ -496,48 +473,14 @@ class FeedValidator:
         if len(raw) > self._max_size:
             raise FeedRejected("too_large", f"feed of {len(raw)} bytes exceeds {self._max_size}")
         token = raw.strip()
-        if not _COMPACT_JWS.fullmatch(token):
-            raise FeedRejected(
-                "malformed", "not a compact JWS (three base64url segments separated by '.')"
-            )
-        header_b64, payload_b64, signature_b64 = token.split(b".")
         try:
-            header_bytes = _b64url_decode(header_b64)
-            payload_bytes = _b64url_decode(payload_b64)
-            signature = _b64url_decode(signature_b64)
-        except (binascii.Error, ValueError):
-            raise FeedRejected("malformed", "a JWS segment is not valid base64url") from None
-        header = _strict_json(header_bytes, "the JWS header")
-        if not isinstance(header, dict):
-            raise FeedRejected("malformed", "the JWS header is not a JSON object")
-        alg = header.get("alg")
-        if isinstance(alg, str) and alg.lower() == "none":
-            raise FeedRejected("unsigned", 'alg "none": the feed is not signed')
-        if alg != ALGORITHM:
-            raise FeedRejected("bad_algorithm", f"alg {_show(alg)} is not {ALGORITHM}")
-        if not signature:
-            raise FeedRejected("unsigned", "the feed has an empty signature")
-        if "crit" in header:
-            # RFC 7515 §4.1.11: extensions we do not understand must not be
-            # ignored; we understand none.
-            raise FeedRejected("malformed", "the JWS header has a 'crit' parameter")
-        kid = header.get("kid")
-        if not isinstance(kid, str) or not kid:
-            raise FeedRejected("unknown_kid", "the JWS header names no kid")
-        key = self._keys.get(kid)
-        if key is None:
-            raise FeedRejected("unknown_kid", f"no trusted key named {_show(kid)}")
-        if len(signature) != _ED25519_SIGNATURE_SIZE:
-            raise FeedRejected(
-                "invalid_signature", f"signature of {len(signature)} bytes, Ed25519 uses 64"
-            )
-        try:
-            key.verify(signature, header_b64 + b"." + payload_b64)
-        except InvalidSignature:
-            raise FeedRejected(
-                "invalid_signature", f"the signature does not verify with key {kid!r}"
-            ) from None
-        feed = parse_claims(_strict_json(payload_bytes, "the claims"))
+            verified = jws.verify(token, self._keys, max_size=self._max_size)
+        except jws.JWSError as e:
+            # A header naming no key names no trusted key.
+            reason = "unknown_kid" if e.reason == "no_kid" else e.reason
+            raise FeedRejected(reason, e.message) from None
+        kid = verified.kid
+        feed = parse_claims(verified.claims)
         return attrs.evolve(
             feed, kid=kid, digest=hashlib.sha256(token).hexdigest(), token=token
         )
@@ -673,51 +616,9 @@ class FeedState:
 # Deny networks
 
 
-class _DenyTable:
-    """
-    Client networks to refuse, each with the refusal reason.
-
-    One dictionary per (family, prefix length) keyed by the network bits,
-    longest prefixes first: a lookup costs one dictionary probe per
-    distinct prefix length, whatever the number of networks, and the most
-    specific network names the reason.
-    """
-
-    def __init__(self, entries: Iterable[tuple[IPNetwork, str]]) -> None:
-        tables: dict[int, dict[int, dict[int, str]]] = {4: {}, 6: {}}
-        count = 0
-        for network, reason in entries:
-            by_length = tables[network.version].setdefault(network.prefixlen, {})
-            key = int(network.network_address) >> (network.max_prefixlen - network.prefixlen)
-            if key not in by_length:
-                by_length[key] = reason
-                count += 1
-        self._lengths = {
-            version: tuple(
-                (length, table[length]) for length in sorted(table, reverse=True)
-            )
-            for version, table in tables.items()
-        }
-        self._count = count
-
-    def __len__(self) -> int:
-        return self._count
-
-    def lookup(self, address: IPAddress) -> Optional[str]:
-        """The reason of the most specific network holding ``address``."""
-        return self.lookup_bits(address.version, int(address))
-
-    def lookup_bits(self, version: int, bits: int) -> Optional[str]:
-        """``lookup`` for an address given as its family and integer value."""
-        width = 32 if version == 4 else 128
-        for length, table in self._lengths[version]:
-            reason = table.get(bits >> (width - length))
-            if reason is not None:
-                return reason
-        return None
-
-
-_EMPTY_DENY = _DenyTable(())
+# Client networks to refuse, each with the refusal reason: the most
+# specific network names the reason.
+_EMPTY_DENY: PrefixTable[str] = PrefixTable(())
 
 
 # ---------------------------------------------------------------------------
@@ -902,7 +803,7 @@ class ThreatIntel(Service):
         denied (feeds name IP networks only).
         """
         table = self._deny
-        if not table._count:
+        if not len(table):
             return None
         # inet_pton is several times faster than ipaddress, and this runs
         # for every accepted connection.
@@ -914,9 +815,11 @@ class ThreatIntel(Service):
             except (OSError, ValueError, TypeError, AttributeError):
                 return None
             if packed[:12] != _MAPPED_PREFIX:
-                return table.lookup_bits(6, int.from_bytes(packed, "big"))
+                hit = table.lookup_bits(6, int.from_bytes(packed, "big"))
+                return None if hit is None else hit[1]
             packed = packed[12:]
-        return table.lookup_bits(4, int.from_bytes(packed, "big"))
+        hit = table.lookup_bits(4, int.from_bytes(packed, "big"))
+        return None if hit is None else hit[1]
 
     # -- service --------------------------------------------------------------
 
@@ -1238,7 +1141,7 @@ class ThreatIntel(Service):
                 entries.append(
                     (network, f"threat feed {feed.issuer} seq {feed.seq} denies {network}{suffix}")
                 )
-        self._deny = _DenyTable(entries) if entries else _EMPTY_DENY
+        self._deny = PrefixTable(entries) if entries else _EMPTY_DENY
 
     def _gauge(self, feed: Feed) -> None:
         if self._metrics is not None:
