@@ -53,12 +53,12 @@ from zope.interface import alsoProvides, directlyProvides, providedBy
 
 from shardtcp import proxyv2
 from shardtcp.keys import load_jwks
+from shardtcp.net import format_hostport
 from shardtcp.policy import (
     MAX_LEEWAY,
     PolicyContext,
     PolicyError,
     decode_token,
-    format_address,
 )
 from shardtcp.proxyv2 import (
     PP2_TYPE_CRC32C,
@@ -99,6 +99,7 @@ class VerificationError(Exception):
     (``bad_crc``, ``missing_crc``, ``too_large``...), those of
     ``policy.PolicyError`` (``unknown_kid``, ``invalid_signature``,
     ``wrong_audience``, ``expired``...), and ``local``, ``no_addresses``,
+    ``unix_family``, ``not_stream``,
     ``duplicate_tlv``, ``missing_policy``, ``missing_unique_id``,
     ``invalid_unique_id``, ``source_mismatch``, ``destination_mismatch``,
     ``jti_mismatch``, ``replay``, ``replay_cache_full``.
@@ -276,8 +277,8 @@ class ShardVerifier:
         Accept ``header`` or raise ``VerificationError``.
 
         Accepted only when: the command is PROXY (LOCAL raises ``local``:
-        health checks are for the caller to recognise first), the addresses
-        are IPv4 or IPv6, a CRC32C TLV is present (its value was checked by
+        health checks are for the caller to recognise first), the family
+        byte says INET or INET6 over STREAM, a CRC32C TLV is present (its value was checked by
         the parser), the PolicyContext and UNIQUE_ID TLVs are present once
         each, the token verifies (trusted kid, signature, ``aud`` = this
         shard, not expired, claims complete), its ``src``/``dst`` are the
@@ -286,13 +287,22 @@ class ShardVerifier:
         """
         if header.command != Command.PROXY:
             raise VerificationError("local", "LOCAL header: no client connection")
-        if (
-            header.source is None
-            or header.destination is None
-            or header.family not in ("INET", "INET6")
-        ):
+        # The family and transport are those the header's family byte
+        # declares, not guesses from the address text: a UNIX path may be
+        # spelt like an IP address.
+        family = header.family
+        if family == "UNIX":
             raise VerificationError(
-                "no_addresses", f"header family {header.family} has no IP addresses"
+                "unix_family", "header family UNIX: SPEC §4 allows INET or INET6 only"
+            )
+        if header.source is None or header.destination is None or family not in ("INET", "INET6"):
+            raise VerificationError(
+                "no_addresses", f"header family {family} has no IP addresses"
+            )
+        if header.transport != "STREAM":
+            raise VerificationError(
+                "not_stream",
+                f"header transport {header.transport}: SPEC §4 allows STREAM only",
             )
         counts = Counter(tlv_type for tlv_type, _ in header.tlvs)
         if counts[PP2_TYPE_CRC32C] == 0:
@@ -320,12 +330,14 @@ class ShardVerifier:
             )
         except PolicyError as e:
             raise VerificationError(e.reason, e.message) from None
-        source = format_address(header.source)
+        # The decoder wrote these from the family's raw bytes, already in
+        # canonical form: no need to parse them again.
+        source = format_hostport(*header.source)
         if claims["src"] != source:
             raise VerificationError(
                 "source_mismatch", f"token src {claims['src']!r}, header source {source!r}"
             )
-        destination = format_address(header.destination)
+        destination = format_hostport(*header.destination)
         if claims["dst"] != destination:
             raise VerificationError(
                 "destination_mismatch",

@@ -6,8 +6,11 @@ The capture may be raw bytes (as written on the wire, possibly followed by
 application bytes) or hex (whitespace ignored).  With ``--jwks`` the token's
 signature is checked with the key its ``kid`` names, and its binding to the
 header (``src``/``dst`` against the addresses, ``jti`` against UNIQUE_ID) is
-checked too.  Expiry is reported against the current time but does not fail
-the check, since captures are usually looked at after the fact.
+checked too.  The signature and the claims are reported apart: a token
+signed by a trusted key but meant for another shard says so, rather than
+calling its signature invalid.  Expiry is reported against the current time
+but does not fail the check, since captures are usually looked at after the
+fact.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import time
 from typing import Optional
 
 from shardtcp import proxyv2
-from shardtcp.policy import PolicyError, decode_token, format_address
+from shardtcp import jws
+from shardtcp.policy import PolicyError, check_claims, format_address, verify_signature
 
 _TLV_NAMES = {
     proxyv2.PP2_TYPE_ALPN: "ALPN",
@@ -43,6 +47,14 @@ def read_capture(data: bytes) -> bytes:
         return data
 
 
+def _show_address(address: tuple) -> str:
+    # A UNIX header carries paths, shown as they are.
+    try:
+        return format_address(address)
+    except ValueError:
+        return repr(address[0])
+
+
 def _b64json(part: str) -> dict:
     padded = part + "=" * (-len(part) % 4)
     return json.loads(base64.urlsafe_b64decode(padded))
@@ -58,10 +70,13 @@ def describe(data: bytes, *, jwks: Optional[str] = None, audience: Optional[str]
     except proxyv2.InvalidProxyHeader as e:
         return [f"invalid PROXY header: {e}"], False
     ok = True
-    lines.append(f"version {header.version}, command {header.command.name}, family {header.family}")
+    lines.append(
+        f"version {header.version}, command {header.command.name}, "
+        f"family {header.family}, transport {header.transport}"
+    )
     if header.source is not None:
-        lines.append(f"source {format_address(header.source)}")
-        lines.append(f"destination {format_address(header.destination)}")
+        lines.append(f"source {_show_address(header.source)}")
+        lines.append(f"destination {_show_address(header.destination)}")
     token = None
     for tlv_type, value in header.tlvs:
         name = _TLV_NAMES.get(tlv_type, f"0x{tlv_type:02X}")
@@ -87,10 +102,13 @@ def describe(data: bytes, *, jwks: Optional[str] = None, audience: Optional[str]
     except (ValueError, UnicodeDecodeError) as e:
         lines.append(f"PolicyContext is not a readable JWS: {e}")
         return lines, False
+    if not isinstance(jose, dict) or not isinstance(claims, dict):
+        lines.append("PolicyContext is not a readable JWS: header or claims not a JSON object")
+        return lines, False
     lines.append("token header " + json.dumps(jose, sort_keys=True))
     lines.append("claims " + json.dumps(claims, sort_keys=True))
     exp = claims.get("exp")
-    if isinstance(exp, int):
+    if jws.numeric_date(exp):
         left = exp - now()
         lines.append(f"expires {'in' if left >= 0 else 'since'} {abs(left):.0f}s")
     if jwks is None:
@@ -99,21 +117,26 @@ def describe(data: bytes, *, jwks: Optional[str] = None, audience: Optional[str]
 
     try:
         keys = load_jwks(jwks)
-        iat = claims.get("iat", 0)
-        decode_token(
-            token,
-            keys,
-            audience=audience or str(claims.get("aud", "")),
-            now=lambda: float(iat),
-        )
-        lines.append(f"signature valid (kid {jose.get('kid')!r})")
+        verify_signature(token, keys)
     except (PolicyError, ValueError, OSError) as e:
         lines.append(f"signature NOT valid: {e}")
         return lines, False
+    lines.append(f"signature valid (kid {jose.get('kid')!r})")
+    # Time is judged at issue, since captures are read after the fact.
+    iat = claims.get("iat")
+    try:
+        check_claims(
+            claims,
+            audience=audience or str(claims.get("aud", "")),
+            now=lambda: float(iat if jws.numeric_date(iat) else now()),
+        )
+    except PolicyError as e:
+        lines.append(f"claims NOT valid: {e}")
+        ok = False
     if header.source is not None:
         for claim, address in (("src", header.source), ("dst", header.destination)):
-            if claims.get(claim) != format_address(address):
-                lines.append(f"{claim} {claims.get(claim)!r} does not match the header's {format_address(address)}")
+            if claims.get(claim) != _show_address(address):
+                lines.append(f"{claim} {claims.get(claim)!r} does not match the header's {_show_address(address)}")
                 ok = False
     if claims.get("jti") != header.unique_id:
         lines.append(f"jti {claims.get('jti')!r} does not match UNIQUE_ID {header.unique_id!r}")

@@ -20,10 +20,11 @@ Choices the specification leaves open, made here on purpose:
   header whose layout cannot be known cannot have its TLVs or CRC checked.
   A LOCAL header's address block is skipped; its TLVs are parsed and its
   CRC32C verified like any other.
-* The transport (STREAM or DGRAM) is checked but not reported.
-* UNIX addresses decode as ``(path, 0)``; ``ProxyHeader.family`` reports
-  ``"UNIX"`` for an address that is not an IP literal.  ``encode`` writes
-  only INET, INET6 and UNSPEC.
+* A decoded header keeps its family/transport byte: ``ProxyHeader.family``
+  and ``ProxyHeader.transport`` report what the sender declared, never a
+  guess from the address text (a UNIX path may look like an IP address).
+* UNIX addresses decode as ``(path, 0)``.  ``encode`` writes only INET,
+  INET6 and UNSPEC, over STREAM.
 * The CRC32C TLV is optional in the protocol, so flipping its type byte
   would silently remove the check; ``require_crc32c=True`` refuses headers
   without one (what a shard does, per the product specification).
@@ -43,6 +44,10 @@ from typing import Iterable, Literal
 
 import attrs
 import google_crc32c
+
+# Re-exported: the one ``host:port`` formatter lives in ``shardtcp.net``,
+# which, like this module, imports nothing else of the project.
+from shardtcp.net import format_hostport
 
 __all__ = [
     "SIGNATURE",
@@ -106,6 +111,8 @@ _ADDRESS_LENGTH = {_FAMILY_UNSPEC: 0, _FAMILY_INET: 12, _FAMILY_INET6: 36, _FAMI
 # The only family/transport bytes the specification allows.
 _VALID_FAMILY_BYTES = frozenset({0x00, 0x11, 0x12, 0x21, 0x22, 0x31, 0x32})
 _TRANSPORT_STREAM = 0x1
+_FAMILY_NAMES = {_FAMILY_UNSPEC: "UNSPEC", _FAMILY_INET: "INET", _FAMILY_INET6: "INET6", _FAMILY_UNIX: "UNIX"}
+_TRANSPORT_NAMES = {0x0: "UNSPEC", 0x1: "STREAM", 0x2: "DGRAM"}
 
 _CRC_PLACEHOLDER = bytes([PP2_TYPE_CRC32C, 0, 4, 0, 0, 0, 0])
 
@@ -136,16 +143,6 @@ class InvalidProxyHeader(Exception):
     def __init__(self, message: str, *, reason: str = "invalid") -> None:
         super().__init__(message)
         self.reason = reason
-
-
-def format_hostport(host: str, port: int) -> str:
-    """
-    Format an address as ``ip:port``, or ``[ip]:port`` for IPv6 (the form of
-    the PolicyContext's ``src``/``dst`` claims).
-    """
-    if ":" in host:
-        return f"[{host}]:{port}"
-    return f"{host}:{port}"
 
 
 def _iter_tlvs(data: bytes, *, what: str) -> list[tuple[int, bytes]]:
@@ -294,6 +291,8 @@ class ProxyHeader:
     reached; both are ``(ip, port)`` or both ``None`` (LOCAL, UNSPEC, v1
     UNKNOWN).  ``tlvs`` are in wire order and, when decoded, include the
     CRC32C TLV.  ``version`` is 1 when decoded from a v1 text line.
+    ``family_byte`` is the family/transport byte as received (``None`` for
+    a header built in memory); it does not take part in equality.
     """
 
     command: Command = attrs.field(default=Command.PROXY, converter=Command)
@@ -301,6 +300,7 @@ class ProxyHeader:
     destination: tuple[str, int] | None = attrs.field(default=None, converter=_to_address)
     tlvs: tuple[tuple[int, bytes], ...] = attrs.field(default=(), converter=_to_tlvs)
     version: int = 2
+    family_byte: int | None = attrs.field(default=None, eq=False)
 
     def get(self, tlv_type: int) -> bytes | None:
         """The value of the first TLV of ``tlv_type``, or ``None``."""
@@ -311,7 +311,12 @@ class ProxyHeader:
 
     @property
     def family(self) -> Literal["INET", "INET6", "UNSPEC", "UNIX"]:
-        """The address family of ``source``/``destination``."""
+        """
+        The address family: as the family byte declared it when decoded,
+        else that of ``source``/``destination`` (the family ``encode`` writes).
+        """
+        if self.family_byte is not None:
+            return _FAMILY_NAMES[self.family_byte >> 4]  # type: ignore[return-value]
         if self.source is None:
             return "UNSPEC"
         try:
@@ -319,6 +324,16 @@ class ProxyHeader:
         except ValueError:
             return "UNIX"
         return "INET" if address.version == 4 else "INET6"
+
+    @property
+    def transport(self) -> Literal["STREAM", "DGRAM", "UNSPEC"]:
+        """
+        The transport: as the family byte declared it when decoded, else
+        the one ``encode`` writes (STREAM, or UNSPEC without addresses).
+        """
+        if self.family_byte is not None:
+            return _TRANSPORT_NAMES[self.family_byte & 0x0F]  # type: ignore[return-value]
+        return "UNSPEC" if self.source is None else "STREAM"
 
     @property
     def authority(self) -> str | None:
@@ -512,7 +527,12 @@ def _decode_v2(data: bytes, require_crc32c: bool) -> ProxyHeader:
             source = (_unix_path(addresses[0:108]), 0)
             destination = (_unix_path(addresses[108:216]), 0)
     return ProxyHeader(
-        command=command, source=source, destination=destination, tlvs=tuple(tlvs), version=2
+        command=command,
+        source=source,
+        destination=destination,
+        tlvs=tuple(tlvs),
+        version=2,
+        family_byte=data[13],
     )
 
 
@@ -548,7 +568,7 @@ def _decode_v1(line: bytes) -> ProxyHeader:
     body = line[6:-2]
     if body == b"UNKNOWN" or body.startswith(b"UNKNOWN "):
         # The specification says to ignore whatever follows UNKNOWN.
-        return ProxyHeader(command=Command.PROXY, version=1)
+        return ProxyHeader(command=Command.PROXY, version=1, family_byte=0x00)
     fields = body.split(b" ")
     if fields[0] not in (b"TCP4", b"TCP6"):
         raise InvalidProxyHeader(
@@ -566,6 +586,7 @@ def _decode_v1(line: bytes) -> ProxyHeader:
         source=(_v1_address(src, protocol, "source"), _v1_port(sport, "source")),
         destination=(_v1_address(dst, protocol, "destination"), _v1_port(dport, "destination")),
         version=1,
+        family_byte=((_FAMILY_INET if protocol == b"TCP4" else _FAMILY_INET6) << 4) | _TRANSPORT_STREAM,
     )
 
 
