@@ -22,7 +22,8 @@ A token ``verify`` accepts:
 The token is read once: the header is decoded and checked before the
 signature, the claims are decoded after it.
 
-PyJWT is not used underneath.  Its decoder accepts non-canonical base64,
+PyJWT is not used underneath.  Its decoder accepts ``=`` padding (on
+purpose; releases allowed by ``PyJWT>=2.8`` also accept set spare bits),
 duplicate JSON keys and numbers of any size, and a verifier that must see
 the ``kid`` first parses the header twice (``get_unverified_header`` then
 ``decode``).  The primitive PyJWT would call is cryptography's Ed25519,

@@ -426,3 +426,70 @@ class DecodeTests(TokenTestsMixin, SynchronousTestCase):
         self.clock.now = 1_000_000_000
         token = self.sign()
         self.decode(token)
+
+    def test_huge_exp_is_a_clean_refusal(self) -> None:
+        """
+        An exp of 10**400 (or just past year 9999) is invalid_claims, not an
+        OverflowError out of the validator; the last second of 9999 is valid.
+        """
+        self.assertReason("invalid_claims", self._sign_claims(self._claims(exp=10**400)))
+        e = self.assertReason("invalid_claims", self._sign_claims(self._claims(exp=253_402_300_800)))
+        self.assertIn("'exp'", str(e))
+        self.decode(self._sign_claims(self._claims(exp=253_402_300_799)))
+
+    def test_non_canonical_signature(self) -> None:
+        """
+        A signature re-spelt with spare bits set in its last character (same
+        64 bytes) is malformed_token; only the canonical spelling verifies.
+        """
+        token = self.sign()
+        head, body, sig = token.split(b".")
+        alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+        value = alphabet.index(sig[-1])
+        for index, char in enumerate(alphabet):
+            if index >> 4 == value >> 4 and index != value:
+                self.assertReason("malformed_token", head + b"." + body + b"." + sig[:-1] + bytes([char]))
+        self.decode(token)
+
+    def test_parses_once(self) -> None:
+        """The token's header and claims are each decoded from JSON once per verification."""
+        from shardtcp import jws
+
+        calls = []
+        decoder = jws._DECODER
+        real = decoder.decode
+        decoder.decode = lambda text: calls.append(text) or real(text)
+        self.addCleanup(delattr, decoder, "decode")
+        self.decode(self.sign())
+        self.assertEqual(len(calls), 2)
+
+    def test_signature_and_claims_apart(self) -> None:
+        """
+        verify_signature accepts a token for another shard; check_claims then
+        refuses it as wrong_audience: the two verdicts are separate.
+        """
+        token = self.sign(audience="api-nyc-1")
+        verified = policy.verify_signature(token, {"policy-1": self.key.public_key()})
+        self.assertEqual(verified.claims["aud"], "api-nyc-1")
+        e = self.assertRaises(
+            PolicyError, policy.check_claims, verified.claims, audience="api-fra-1", now=self.clock
+        )
+        self.assertEqual(e.reason, "wrong_audience")
+
+
+class FormatAddressTests(SynchronousTestCase):
+    """policy.format_address, built on shardtcp.net."""
+
+    def test_forms(self) -> None:
+        """IPv4 as ip:port, IPv6 bracketed and canonical, zone dropped, mapped kept as IPv6."""
+        self.assertEqual(policy.format_address(("192.0.2.1", 0)), "192.0.2.1:0")
+        self.assertEqual(policy.format_address(("2001:DB8::1", 65535)), "[2001:db8::1]:65535")
+        self.assertEqual(policy.format_address(("fe80::1%eth0", 1)), "[fe80::1]:1")
+        self.assertEqual(policy.format_address(("::ffff:192.0.2.1", 1)), "[::ffff:c000:201]:1")
+
+    def test_ports(self) -> None:
+        """65535 and "65535" pass; 65536, -1, True and non-ASCII digit strings are refused."""
+        self.assertEqual(policy.format_address(("192.0.2.1", "65535")), "192.0.2.1:65535")
+        for port in (65536, -1, True, "65536", "\u0669\u0660", "\u00b2", 1.0):
+            self.assertRaises(ValueError, policy.format_address, ("192.0.2.1", port))
+        self.assertRaises(ValueError, policy.format_address, ("example.test", 1))

@@ -539,6 +539,78 @@ def feed_unchecked(claim_set: dict, key=INTEL_KEY, kid: str = "intel-1") -> byte
 # State
 
 
+class FeedLoosenessTests(SynchronousTestCase):
+    """
+    Issue 9's looseness in feeds, each refused: non-canonical base64url,
+    deny entries that are not CIDR, and numbers too large for a float.
+    """
+
+    def setUp(self) -> None:
+        self.validator = FeedValidator(TRUSTED, now=lambda: NOW, state=FeedState(None))
+
+    def assertRejected(self, raw: bytes, reason: str) -> FeedRejected:
+        with self.assertRaises(FeedRejected) as caught:
+            self.validator.validate(raw)
+        self.assertEqual(caught.exception.reason, reason, caught.exception.message)
+        return caught.exception
+
+    def test_signature_reencodings_refused(self) -> None:
+        """
+        The 15 re-spellings of the signature's last character that decode to
+        the same 64 bytes (set spare bits) are all refused as malformed;
+        the canonical spelling is accepted.
+        """
+        good = feed()
+        self.validator.validate(good)
+        head, body, sig = good.split(b".")
+        alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+        value = alphabet.index(sig[-1])
+        same_bytes = [c for i, c in enumerate(alphabet) if i >> 4 == value >> 4 and i != value]
+        self.assertEqual(len(same_bytes), 15)
+        for c in same_bytes:
+            self.assertRejected(head + b"." + body + b"." + sig[:-1] + bytes([c]), "malformed")
+
+    def test_deny_zone_and_netmask_refused(self) -> None:
+        """Deny entries with a zone or in netmask form are invalid claims; CIDR passes."""
+        for entry in ("fe80::1%eth0/128", "10.0.0.0/255.0.0.0", "10.0.0.0/0.255.255.255"):
+            with self.assertRaises(FeedRejected) as caught:
+                parse_claims(claims(deny=[entry]))
+            self.assertEqual(caught.exception.reason, "invalid_claims", entry)
+            self.assertIn("deny[0]", caught.exception.message)
+        self.assertEqual(
+            [str(n) for n in parse_claims(claims(deny=["fe80::1/128", "10.0.0.0/8"])).deny],
+            ["fe80::1/128", "10.0.0.0/8"],
+        )
+
+    def _signed(self, **changes) -> bytes:
+        # sign_feed would refuse these claims: sign them by hand.
+        header = b64(b'{"alg":"EdDSA","kid":"intel-1","typ":"JWT"}')
+        payload = b64(json.dumps(claims(**changes)).encode())
+        signature = b64(INTEL_KEY.sign(header + b"." + payload))
+        return header + b"." + payload + b"." + signature
+
+    def test_huge_exp_refused(self) -> None:
+        """An exp of 10**400 is invalid_claims, not accepted nor OverflowError; the last date passes."""
+        self.assertRejected(self._signed(exp=10**400), "invalid_claims")
+        self.assertRejected(self._signed(exp=253_402_300_800), "invalid_claims")
+        self.assertEqual(
+            self.validator.validate(self._signed(exp=253_402_300_799)).expires_at,
+            253_402_300_799,
+        )
+
+    def test_huge_score_refused(self) -> None:
+        """A score of 10**400 or 1e400 is invalid_claims, not OverflowError; 100 passes."""
+        self.assertRejected(self._signed(shards={"a": 10**400}), "invalid_claims")
+        self.assertRejected(self._signed(shards={"a": 101}), "invalid_claims")
+        raw = self._signed(shards={"a": 100}).split(b".")
+        self.assertEqual(self.validator.validate(self._signed(shards={"a": 100})).scores, {"a": 100.0})
+        payload = b64(json.dumps(claims(shards={"a": 1})).encode().replace(b'"a": 1', b'"a": 1e400'))
+        signature = b64(INTEL_KEY.sign(raw[0] + b"." + payload))
+        self.assertRejected(raw[0] + b"." + payload + b"." + signature, "invalid_claims")
+        with self.assertRaises(FeedRejected):
+            parse_claims(claims(shards={"a": 10**400}))
+
+
 class FeedStateTests(SynchronousTestCase):
     """Tests for FeedState and its state file."""
 
