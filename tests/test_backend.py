@@ -320,6 +320,79 @@ class VerifierTests(HeaderMixin, SynchronousTestCase):
         self.assertRefused("no_addresses", header)
 
 
+def reframed(wire: bytes, family_byte: int, addresses: Optional[bytes] = None) -> bytes:
+    """
+    ``wire`` (one v2 header, CRC32C included) with another family/transport
+    byte and, optionally, another address block; the CRC32C recomputed, as
+    anyone on the path could.
+    """
+    import struct
+
+    import google_crc32c
+
+    length = struct.unpack_from("!H", wire, 14)[0]
+    old_block = {0x1: 12, 0x2: 36, 0x3: 216}[wire[13] >> 4]
+    tlvs = wire[16 + old_block : 16 + length]
+    block = wire[16 : 16 + old_block] if addresses is None else addresses
+    body = bytearray(block + tlvs)
+    # Find the CRC32C TLV in the new body and zero it.
+    offset = len(block)
+    while offset < len(body):
+        tlv_type, tlv_length = body[offset], struct.unpack_from("!H", body, offset + 1)[0]
+        if tlv_type == 0x03:
+            crc_at = 16 + offset + 3
+        offset += 3 + tlv_length
+    head = wire[:13] + bytes([family_byte]) + struct.pack("!H", len(body))
+    data = bytearray(head + body)
+    data[crc_at : crc_at + 4] = b"\0\0\0\0"
+    data[crc_at : crc_at + 4] = struct.pack("!I", google_crc32c.value(bytes(data)))
+    return bytes(data)
+
+
+class FamilyByteTests(HeaderMixin, SynchronousTestCase):
+    """
+    The family and transport come from the header's family byte (SPEC §4:
+    INET or INET6 over STREAM), never from the address text.
+    """
+
+    def assertRefused(self, reason: str, data: bytes) -> VerificationError:
+        e = self.assertRaises(VerificationError, self.verifier.verify_bytes, data)
+        self.assertEqual(e.reason, reason, str(e))
+        return e
+
+    def test_stream_accepted(self) -> None:
+        """The header as signed (INET over STREAM) is accepted, and survives reframed() unchanged."""
+        wire = proxyv2.encode(self.header())
+        self.assertEqual(reframed(wire, 0x11), wire)
+        verified, rest = self.verifier.verify_bytes(wire)
+        self.assertEqual((verified.client, rest), (CLIENT, b""))
+
+    def test_dgram_refused(self) -> None:
+        """The same signed header re-framed as INET over DGRAM is refused as not_stream."""
+        self.assertRefused("not_stream", reframed(proxyv2.encode(self.header()), 0x12))
+
+    def test_inet6_dgram_refused(self) -> None:
+        """INET6 over DGRAM is refused too; INET6 over STREAM passes."""
+        header = self.header(source=("2001:db8::7", 50123), destination=("2001:db8::1", 443))
+        wire = proxyv2.encode(header)
+        self.verifier.verify_bytes(wire)
+        other = ShardVerifier(SHARD, {"policy-1": self.key.public_key()}, now=self.clock.seconds)
+        e = self.assertRaises(VerificationError, other.verify_bytes, reframed(wire, 0x22))
+        self.assertEqual(e.reason, "not_stream")
+
+    def test_unix_with_ip_paths_refused(self) -> None:
+        """
+        A signed header (ports 0) re-framed as UNIX whose paths spell the
+        token's IP addresses is refused as unix_family.
+        """
+        source, destination = (CLIENT[0], 0), (PROXY_ADDR[0], 0)
+        wire = proxyv2.encode(self.header(source=source, destination=destination))
+        paths = CLIENT[0].encode().ljust(108, b"\0") + PROXY_ADDR[0].encode().ljust(108, b"\0")
+        for family_byte in (0x31, 0x32):
+            self.assertRefused("unix_family", reframed(wire, family_byte, paths))
+        self.verifier.verify_bytes(wire)
+
+
 class ReplayCacheTests(SynchronousTestCase):
     """Tests for ReplayCache."""
 

@@ -1212,3 +1212,49 @@ class LayeringTests(SynchronousTestCase):
             elif isinstance(node, ast.Import):
                 for alias in node.names:
                     self.assertFalse(alias.name.startswith("shardtcp"), alias.name)
+
+
+class FamilyByteTests(SynchronousTestCase):
+    """family and transport report the family byte received, not a guess from the text."""
+
+    def _wire(self, family_byte: int, block: bytes) -> bytes:
+        import struct
+
+        return SIGNATURE + bytes([0x21, family_byte]) + struct.pack("!H", len(block)) + block
+
+    def test_dgram(self) -> None:
+        """INET over DGRAM decodes with transport DGRAM; over STREAM, STREAM."""
+        block = bytes([192, 0, 2, 1, 192, 0, 2, 2, 0, 1, 0, 2])
+        for byte, transport in ((0x12, "DGRAM"), (0x11, "STREAM")):
+            header, _ = proxyv2.parse(self._wire(byte, block))
+            self.assertEqual((header.family, header.transport), ("INET", transport))
+
+    def test_unix_paths_that_look_like_ips(self) -> None:
+        """A UNIX header whose paths spell IP addresses is still UNIX."""
+        block = b"192.0.2.1".ljust(108, b"\0") + b"192.0.2.2".ljust(108, b"\0")
+        header, _ = proxyv2.parse(self._wire(0x31, block))
+        self.assertEqual(header.source, ("192.0.2.1", 0))
+        self.assertEqual((header.family, header.transport), ("UNIX", "STREAM"))
+
+    def test_in_memory_and_v1(self) -> None:
+        """Built headers report what encode writes; v1 lines report TCP4/TCP6 as STREAM."""
+        self.assertEqual(ProxyHeader().transport, "UNSPEC")
+        built = ProxyHeader(source=("192.0.2.1", 1), destination=("192.0.2.2", 2))
+        self.assertEqual((built.family, built.transport), ("INET", "STREAM"))
+        header, _ = proxyv2.parse(b"PROXY TCP6 ::1 ::2 1 2\r\n", accept_v1=True)
+        self.assertEqual((header.family, header.transport), ("INET6", "STREAM"))
+        header, _ = proxyv2.parse(b"PROXY UNKNOWN\r\n", accept_v1=True)
+        self.assertEqual((header.family, header.transport), ("UNSPEC", "UNSPEC"))
+
+    def test_family_byte_not_in_equality(self) -> None:
+        """A decoded header equals the one it was encoded from."""
+        built = ProxyHeader(source=("192.0.2.1", 1), destination=("192.0.2.2", 2))
+        decoded, _ = proxyv2.parse(proxyv2.encode(built, crc32c=False))
+        self.assertEqual(decoded, built)
+        self.assertEqual(decoded.family_byte, 0x11)
+
+    def test_format_hostport_is_nets(self) -> None:
+        """proxyv2.format_hostport is shardtcp.net's, re-exported."""
+        from shardtcp import net
+
+        self.assertIs(proxyv2.format_hostport, net.format_hostport)
