@@ -6,7 +6,8 @@ The proxy signs each connection's PolicyContext with an Ed25519 private key
 (RFC 7517, OKP keys of RFC 8037) and selected by ``kid``.  This module writes
 such key sets (``shardtcp keygen``), reads them back, and converts between
 keys and JWKs.  It knows nothing of connections and imports nothing of the
-project, so the shard-side library (``shardtcp.backend``) can use it.
+project but ``shardtcp.jws`` (canonical base64url), so the shard-side library
+(``shardtcp.backend``) can use it.
 
 Rotation: run ``generate_keypair`` again in the same folder with a new
 ``kid``; the new public key joins ``jwks.json`` next to the old one, so shards
@@ -15,7 +16,6 @@ trust both while the proxy switches over.  Remove the old entry afterwards.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import errno
 import json
@@ -31,6 +31,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 from twisted.logger import Logger
+
+from shardtcp.jws import b64url_decode, b64url_encode
 
 __all__ = [
     "JWKS_FILENAME",
@@ -82,13 +84,7 @@ def _check_kid(kid: str) -> None:
 
 
 def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def _b64url_decode(text: str) -> bytes:
-    if not re.fullmatch(r"[A-Za-z0-9_-]*", text):
-        raise ValueError("not base64url")
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    return b64url_encode(data).decode("ascii")
 
 
 def write_atomically(path: str, data: bytes, mode: int = 0o644) -> None:
@@ -328,7 +324,7 @@ def _jwk_to_key(index: int, entry: Any) -> tuple[str, Ed25519PublicKey] | None:
     if not isinstance(x, str):
         raise JWKSError(f"{where}: missing x")
     try:
-        raw = _b64url_decode(x)
+        raw = b64url_decode(x)
     except (ValueError, binascii.Error):
         raise JWKSError(f"{where}: x is not base64url") from None
     if len(raw) != 32:

@@ -11,30 +11,21 @@ formatting:
   of a connection when a shard is chosen) and ``Evaluation`` (why a shard
   scored what it did).
 
-This module imports nothing of the project: every other module may import it.
+This module imports nothing of the project but ``shardtcp.net`` (which
+imports nothing of it): every other module may import it.
 """
 
 from __future__ import annotations
 
 import enum
 import ipaddress
-from typing import Optional, Union
+from typing import Optional
 
 import attrs
 from attrs import field, frozen
 
-IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
-IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
-
-
-def format_hostport(host: str, port: int) -> str:
-    """
-    Format an address as ``ip:port``, or ``[ip]:port`` for IPv6 (the form used
-    in the PolicyContext's ``src``/``dst`` claims and in configuration).
-    """
-    if ":" in host:
-        return f"[{host}]:{port}"
-    return f"{host}:{port}"
+# Re-exported from their one owner, so that older imports keep working.
+from shardtcp.net import IPAddress, IPNetwork, format_hostport  # noqa: F401
 
 
 @frozen

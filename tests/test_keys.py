@@ -302,6 +302,22 @@ class JWKTests(SynchronousTestCase):
             e = self.assertRaises(keys.JWKSError, keys.load_jwks, document)
             self.assertIn(expected, str(e))
 
+    def test_x_must_be_canonical(self) -> None:
+        """
+        A JWK ``x`` re-spelt with spare bits set in its last character (the
+        same 32 bytes), or padded with '=', is refused; the canonical one loads.
+        """
+        key = Ed25519PrivateKey.generate().public_key()
+        good = keys.public_jwk(key, "k")
+        self.assertEqual(len(good["x"]), 43)
+        self.assertIn("k", keys.load_jwks({"keys": [good]}))
+        alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+        value = alphabet.index(good["x"][-1])
+        respelt = good["x"][:-1] + alphabet[value | 1 if not value & 1 else value & ~1]
+        for x in (respelt, good["x"] + "="):
+            e = self.assertRaises(keys.JWKSError, keys.load_jwks, {"keys": [{**good, "x": x}]})
+            self.assertIn("x is not base64url", str(e))
+
     def test_load_from_file_errors_name_file(self) -> None:
         """A JWKS file that is not JSON raises JWKSError naming the path."""
         path = self.mktemp()
