@@ -10,6 +10,8 @@ them agree on the same rules:
   client ``a.b.c.d``, and IPv4-mapped networks are stored as IPv4;
 * networks are written in CIDR notation only (``10.0.0.0/8``), with no host
   bits set, no netmask form and no zone;
+* a zone (``fe80::1%eth0``) is no part of an address's identity: it is
+  dropped from addresses and refused in networks;
 * ports are ASCII decimal digits, 0 to 65535;
 * ``host:port`` is ``[ip]:port`` for IPv6.
 
@@ -57,6 +59,8 @@ def parse_port(text: str) -> int:
     ``int`` reads Arabic-Indic digits as a port: neither is a port here.
     Raises ``ValueError`` with a message fit for one line.
     """
+    if not isinstance(text, str):
+        raise ValueError(f"port must be text of ASCII digits, not {type(text).__name__}")
     if not text or len(text) > 5 or not set(text) <= _ASCII_DIGITS:
         raise ValueError(f"port must be 0 to 65535 in ASCII digits, not {text[:12]!r}")
     port = int(text)
@@ -68,7 +72,12 @@ def parse_port(text: str) -> int:
 def parse_ip(text: object) -> Optional[IPAddress]:
     """
     An IP address from its text, IPv4-mapped IPv6 unwrapped to IPv4; None
-    when ``text`` is not an IP literal (a zone such as ``%eth0`` is not one).
+    when ``text`` is not an IP literal.
+
+    An IPv6 zone (``fe80::1%eth0``, as the socket layer reports a
+    link-local peer) is checked and dropped: networks carry no zone, so a
+    link-local client is matched by its address alone, never let through
+    a deny list for its zone.
     """
     if not isinstance(text, str) or len(text) > _MAX_TEXT:
         return None
@@ -76,8 +85,11 @@ def parse_ip(text: object) -> Optional[IPAddress]:
         address = ipaddress.ip_address(text)
     except ValueError:
         return None
-    if address.version == 6 and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
+    if address.version == 6:
+        if address.ipv4_mapped is not None:
+            return address.ipv4_mapped
+        if address.scope_id is not None:
+            return ipaddress.IPv6Address(int(address))
     return address
 
 
@@ -110,7 +122,12 @@ def parse_network(text: object) -> IPNetwork:
     if "%" in text:
         raise ValueError(f"{text!r}: a network cannot carry a zone")
     address, slash, length = text.partition("/")
-    if slash and (not length or not set(length) <= _ASCII_DIGITS or len(length) > 3):
+    if slash and (
+        not length
+        or not set(length) <= _ASCII_DIGITS
+        or len(length) > 3
+        or (length[0] == "0" and length != "0")
+    ):
         raise ValueError(f"{text!r}: the prefix length must be a number (CIDR notation only)")
     try:
         network = ipaddress.ip_network(text, strict=True)
@@ -158,13 +175,16 @@ class PrefixTable(Generic[V]):
     One dictionary per (family, prefix length) keyed by the network bits,
     longest prefixes first: a lookup costs one dictionary probe per distinct
     prefix length, whatever the number of networks.  When the same network
-    is given twice the first entry wins (file order).
+    is given twice the first entry wins (file order).  Networks are stored
+    as ``normalise_network`` gives them and ``lookup`` unwraps IPv4-mapped
+    addresses, so a mapped client meets its IPv4 networks.
     """
 
     def __init__(self, entries: Iterable[tuple[IPNetwork, V]]) -> None:
         tables: dict[int, dict[int, dict[int, tuple[IPNetwork, V]]]] = {4: {}, 6: {}}
         count = 0
         for network, value in entries:
+            network = normalise_network(network)
             by_length = tables[network.version].setdefault(network.prefixlen, {})
             key = int(network.network_address) >> (network.max_prefixlen - network.prefixlen)
             if key not in by_length:
@@ -181,10 +201,15 @@ class PrefixTable(Generic[V]):
 
     def lookup(self, address: IPAddress) -> Optional[tuple[IPNetwork, V]]:
         """The most specific ``(network, value)`` holding ``address``, or None."""
+        if address.version == 6 and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
         return self.lookup_bits(address.version, int(address))
 
     def lookup_bits(self, version: int, bits: int) -> Optional[tuple[IPNetwork, V]]:
-        """``lookup`` for an address given as its family and integer value."""
+        """
+        ``lookup`` for an address given as its family and integer value, as
+        is (a mapped address must be unwrapped by the caller).
+        """
         width = 32 if version == 4 else 128
         for length, table in self._lengths[version]:
             hit = table.get(bits >> (width - length))
