@@ -24,16 +24,18 @@ What the parser promises:
 
 It also holds the two small TLS facts the connection path needs around it:
 ``looks_like_tls`` for protocol sniffing on shared ports, and ``tls_alert``
-to refuse a TLS client in its own language.
+to refuse a TLS client in its own language.  Server names are checked by
+the one DNS-name grammar, ``shardtcp.identify.names.is_dns_name``.
 """
 
 from __future__ import annotations
 
 import enum
-import re
 from typing import ClassVar, Optional
 
 from attrs import frozen
+
+from shardtcp.identify.names import is_dns_name
 
 __all__ = [
     "AlertDescription",
@@ -64,12 +66,6 @@ _NAME_TYPE_HOST_NAME = 0
 # this cannot be a ClientHello, so a declared length below it is refused
 # before its bytes arrive.
 _MIN_CLIENT_HELLO_BODY = 2 + 32 + 1 + 2 + 2 + 1 + 1
-
-# Labels of letters, digits, hyphens and underscores (underscores are not
-# LDH, but real clients send them and refusing them would break routing for
-# names that resolve fine), neither starting nor ending with a hyphen.
-_LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
-_HOST_NAME = re.compile(rf"(?:{_LABEL}\.)*{_LABEL}")
 
 # Error messages quote attacker-supplied names; keep them short.
 _QUOTE_LIMIT = 64
@@ -549,7 +545,7 @@ def _host_name(raw: bytes) -> str:
         raise MalformedClientHello(
             "server_name is empty", AlertDescription.illegal_parameter
         )
-    if len(name) > 253 or not _HOST_NAME.fullmatch(name):
+    if not is_dns_name(name):
         shown = name if len(name) <= _QUOTE_LIMIT else name[:_QUOTE_LIMIT] + "..."
         raise MalformedClientHello(
             f"server_name {shown!r} is not a host name",

@@ -11,82 +11,44 @@ listener's ``identify`` list: ``0x16`` is a TLS handshake (``sni``);
 Detectors are pure: no I/O, no clock.  The listener owns the timeout.
 
 The preamble methods (``connect``, ``line``, ``http-host``) live in
-``shardtcp.identify.preamble``; importing this module registers them.
+``shardtcp.identify.preamble``, the shared values in
+``shardtcp.identify.types`` (re-exported here); ``METHODS`` lists every
+method by name, built here once, read-only.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from types import MappingProxyType
+from typing import Mapping, Optional, Sequence
 
-from attrs import frozen
-from zope.interface import Attribute, Interface, implementer
+from zope.interface import implementer
 
 from shardtcp.identify.clienthello import ClientHelloError, ClientHelloParser, NotTLS
+from shardtcp.identify.preamble import HTTP_METHODS, ConnectMethod, HttpHostMethod, LineMethod
+from shardtcp.identify.types import (
+    AnswerProtocol,
+    IIdentifyMethod,
+    Identified,
+    IdentifyError,
+)
 
-
-@frozen
-class Identified:
-    """
-    What the first bytes said.
-
-    ``name`` is the SNI or preamble name (None when there was none);
-    ``protocol`` is how to answer a refusal ("tls", "http", "line");
-    ``consume`` is how many leading bytes are the preamble's own and are not
-    forwarded; ``reply_when_connected`` is written to the client once the
-    shard is connected (CONNECT's 200); ``by_service_id`` says that ``name``
-    may also be a service id as it stands (the ``line`` preamble names a
-    service, not a host): the router tries it as one when the name table
-    selects nothing.
-    """
-
-    method: str
-    protocol: str
-    name: Optional[str] = None
-    alpn: tuple = ()
-    tls: bool = False
-    consume: int = 0
-    reply_when_connected: bytes = b""
-    by_service_id: bool = False
-
-
-class IdentifyError(Exception):
-    """
-    The first bytes identify nothing usable.
-
-    ``reason`` is a metrics slug; ``protocol`` says how to answer ("tls",
-    "http", "line", or "none" when the input was not of any known protocol).
-    """
-
-    def __init__(self, reason: str, message: str, protocol: str = "none") -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.protocol = protocol
-
-
-class IIdentifyMethod(Interface):
-    """
-    One way of identifying the service from a connection's first bytes.
-
-    Implementations are registered in ``METHODS`` under their ``name`` and
-    built with one argument, the most bytes they may hold.
-    """
-
-    name = Attribute("The method's name in a listener's identify list.")
-    protocol = Attribute('How a refusal is answered: "tls", "http" or "line".')
-
-    def feed(data: bytes) -> Optional[Identified]:
-        """
-        Feed the next bytes; return the ``Identified`` once known, else
-        None. Raises ``IdentifyError``, and nothing else, on bad input.
-        """
+__all__ = [
+    "METHODS",
+    "AnswerProtocol",
+    "Detector",
+    "IIdentifyMethod",
+    "Identified",
+    "IdentifyError",
+    "SniMethod",
+]
 
 
 @implementer(IIdentifyMethod)
-class _SniMethod:
+class SniMethod:
     """Identify by the SNI of a TLS ClientHello (bytes are not consumed)."""
 
     name = "sni"
-    protocol = "tls"
+    protocol = AnswerProtocol.TLS
 
     def __init__(self, max_size: int) -> None:
         self._parser = ClientHelloParser(max_size=max_size)
@@ -95,22 +57,30 @@ class _SniMethod:
         try:
             info = self._parser.feed(data)
         except ClientHelloError as e:
-            protocol = "none" if isinstance(e, NotTLS) else "tls"
+            protocol = AnswerProtocol.NONE if isinstance(e, NotTLS) else AnswerProtocol.TLS
             raise IdentifyError(getattr(e, "reason", "malformed"), str(e), protocol) from None
         if info is None:
             return None
         return Identified(
-            method="sni", protocol="tls", name=info.server_name, alpn=tuple(info.alpn), tls=True
+            method="sni",
+            protocol=AnswerProtocol.TLS,
+            name=info.server_name,
+            alpn=tuple(info.alpn),
+            tls=True,
         )
 
 
-# Methods registered by name; preamble methods add themselves here.
-METHODS: dict = {"sni": _SniMethod}
+#: Every identification method by its name in a listener's identify list.
+METHODS: Mapping[str, type] = MappingProxyType(
+    {
+        method.name: method
+        for method in (SniMethod, ConnectMethod, LineMethod, HttpHostMethod)
+    }
+)
 
-_HTTP_METHODS = (b"GET ", b"HEAD ", b"POST ", b"PUT ", b"DELETE ", b"OPTIONS ", b"PATCH ", b"TRACE ")
-
-
-_TOKENS = [(b"CONNECT ", "connect"), (b"SHARD ", "line")] + [(m, "http-host") for m in _HTTP_METHODS]
+_TOKENS = [(b"CONNECT ", "connect"), (b"SHARD ", "line")] + [
+    (method + b" ", "http-host") for method in HTTP_METHODS
+]
 
 
 def _classify(prefix: bytes, allowed: Sequence[str]) -> Optional[str]:
@@ -147,12 +117,12 @@ class Detector:
         self._method = None
 
     @property
-    def protocol(self) -> str:
+    def protocol(self) -> AnswerProtocol:
         """
         How to answer a refusal at this point (a peek timeout, an early
-        close): the chosen method's protocol, "none" while undecided.
+        close): the chosen method's protocol, ``NONE`` while undecided.
         """
-        return self._method.protocol if self._method is not None else "none"
+        return self._method.protocol if self._method is not None else AnswerProtocol.NONE
 
     def feed(self, data: bytes) -> Optional[Identified]:
         """Feed bytes; return the identification once known, else None."""
@@ -165,7 +135,7 @@ class Detector:
                 raise IdentifyError(
                     "not_tls" if self._allowed == ("sni",) else "unrecognized",
                     _describe_unexpected(self._buffer, self._allowed),
-                    "none",
+                    AnswerProtocol.NONE,
                 )
             factory = METHODS[kind]
             limit = self._max_client_hello if kind == "sni" else self._max_preamble
@@ -179,8 +149,3 @@ def _describe_unexpected(prefix: bytes, allowed: Sequence[str]) -> str:
     if tuple(allowed) == ("sni",):
         return f"not a TLS ClientHello (first bytes {shown})"
     return f"first bytes {shown} match none of {', '.join(allowed)}"
-
-
-# Last, because the preamble methods need the names above: importing the
-# module registers connect, line and http-host in METHODS.
-import shardtcp.identify.preamble  # noqa: E402,F401

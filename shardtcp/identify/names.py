@@ -30,12 +30,50 @@ import re
 from collections.abc import Iterable
 from typing import Optional
 
-__all__ = ["NameTable", "valid_pattern"]
+from shardtcp.net import parse_port
 
-# Letters, digits, hyphens and underscores, no hyphen at either end: the
-# same host syntax the ClientHello parser accepts for server names.
-_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
-_MAX_NAME = 253
+__all__ = ["MAX_DNS_NAME", "NameTable", "dns_name_problem", "is_dns_name", "valid_pattern"]
+
+#: The longest DNS name, in characters, without the trailing dot.
+MAX_DNS_NAME = 253
+
+# The one DNS-name grammar of shardtcp: labels of letters, digits, hyphens
+# and underscores (underscores are not LDH, but real clients send them and
+# refusing them would break routing for names that resolve fine), 1 to 63
+# characters, no hyphen at either end.
+_LABEL_TEXT = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+_LABEL = re.compile(_LABEL_TEXT)
+_DNS_NAME = re.compile(rf"(?:{_LABEL_TEXT}\.)*{_LABEL_TEXT}")
+
+
+def is_dns_name(host: str) -> bool:
+    """
+    Whether ``host`` (lowercase, without a trailing dot) is a DNS name by
+    shardtcp's one grammar: dot-separated labels of ``a-z``, ``0-9``, ``-``
+    and ``_``, 1 to 63 characters each, no hyphen at either end, at most
+    ``MAX_DNS_NAME`` characters in all.  The ClientHello parser, the
+    preamble parsers, the name table and the configuration all ask this.
+    """
+    return len(host) <= MAX_DNS_NAME and _DNS_NAME.fullmatch(host) is not None
+
+
+def dns_name_problem(host: str) -> Optional[str]:
+    """
+    Why ``host`` (lowercase, without a trailing dot) is not a DNS name by
+    ``is_dns_name``'s grammar, in a short phrase fit for one line, or None.
+    """
+    if not isinstance(host, str):
+        return f"a host name must be text, not {type(host).__name__}"
+    if not host:
+        return "empty host"
+    if not host.isascii():
+        return "not ASCII; write internationalized names in their xn-- form"
+    if len(host) > MAX_DNS_NAME:
+        return f"longer than {MAX_DNS_NAME} characters"
+    for label in host.split("."):
+        if not _LABEL.fullmatch(label):
+            return f"label {label[:64]!r} is not a DNS label"
+    return None
 
 
 class _InvalidName(ValueError):
@@ -76,9 +114,12 @@ def _parse(name: str) -> tuple[str, Optional[int], bool]:
     host, port_text, is_ipv6 = _split_port(name.lower())
     port: Optional[int] = None
     if port_text is not None:
-        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-            raise _InvalidName(f"port {port_text!r} is not a number in 1..65535")
-        port = int(port_text)
+        try:
+            port = parse_port(port_text)
+        except ValueError:
+            port = 0
+        if not port:
+            raise _InvalidName(f"port {port_text[:12]!r} is not a number in 1..65535")
     if is_ipv6:
         try:
             address = ipaddress.IPv6Address(host)
@@ -94,11 +135,9 @@ def _parse(name: str) -> tuple[str, Optional[int], bool]:
         raise _InvalidName("a wildcard needs a domain after '*.'" if wildcard else "empty host")
     if "*" in host:
         raise _InvalidName("'*' is only allowed as the whole leftmost label")
-    if len(host) > _MAX_NAME:
-        raise _InvalidName(f"longer than {_MAX_NAME} characters")
-    for label in host.split("."):
-        if not _LABEL.fullmatch(label):
-            raise _InvalidName(f"label {label!r} is not a DNS label")
+    problem = dns_name_problem(host)
+    if problem is not None:
+        raise _InvalidName(problem)
     return host, port, wildcard
 
 
@@ -194,9 +233,10 @@ class NameTable:
             return None
         port: Optional[int] = None
         if port_text is not None:
-            if not (port_text.isascii() and port_text.isdigit()):
+            try:
+                port = parse_port(port_text)
+            except ValueError:
                 return None
-            port = int(port_text)
         if is_ipv6:
             try:
                 host = f"[{ipaddress.IPv6Address(host).compressed}]"

@@ -35,8 +35,9 @@ the shard might read differently from the proxy:
   and control characters in a field value are errors (400).
 * The start line is ``method SP request-target SP HTTP/1.0|HTTP/1.1`` with
   single spaces; no empty lines before it.
-* Hosts are DNS names (letters, digits, ``-``, ``_``, labels of at most 63
-  characters, at most 253 in all, one trailing dot ignored), dotted-quad
+* Hosts are DNS names (``shardtcp.identify.names.dns_name_problem``:
+  letters, digits, ``-``, ``_``, labels of at most 63 characters, at most
+  253 in all; one trailing dot ignored), dotted-quad
   IPv4 addresses or bracketed IPv6 addresses (no zone, no IPvFuture): the
   names a service can list. A name whose last label is all digits must be
   an IPv4 address. Other reg-names are malformed rather than unknown.
@@ -58,8 +59,8 @@ the shard might read differently from the proxy:
   requests on the same connection go to the same shard whatever their
   ``Host`` says.
 
-Refusals raise ``IdentifyError`` with protocol "http" (``connect``,
-``http-host``) or "line": reasons ``malformed`` (400, ``ERR malformed``),
+Refusals raise ``IdentifyError`` with protocol ``AnswerProtocol.HTTP``
+(``connect``, ``http-host``) or ``LINE``: reasons ``malformed`` (400, ``ERR malformed``),
 ``uri_too_long`` (414: the limit was reached inside the request line),
 ``header_too_large`` (431: inside the header fields) and, for ``line``,
 ``too_large`` when the service name is longer than 253 characters.
@@ -74,7 +75,9 @@ from typing import Callable, Optional
 from attrs import frozen
 from zope.interface import implementer
 
-from shardtcp.identify.detect import METHODS, IIdentifyMethod, Identified, IdentifyError
+from shardtcp.identify.names import dns_name_problem
+from shardtcp.identify.types import AnswerProtocol, IIdentifyMethod, Identified, IdentifyError
+from shardtcp.net import parse_port
 
 __all__ = [
     "CONNECT_ESTABLISHED",
@@ -104,12 +107,10 @@ _TARGET = re.compile(rb"[\x21-\x7e]+")
 _VERSION = re.compile(rb"HTTP/1\.[01]")
 _ABSOLUTE = re.compile(rb"([A-Za-z][A-Za-z0-9+.\-]*)://([^/?#]*)")
 
-_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
 _DIGITS = re.compile(r"[0-9]+")
 _DEC_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 _IPV4 = re.compile(rf"{_DEC_OCTET}(?:\.{_DEC_OCTET}){{3}}")
 _IPV6_CHARS = re.compile(r"[0-9A-Fa-f:.]+")
-_MAX_HOST = 253
 
 # How much of the offending input an error message quotes.
 _SHOWN = 48
@@ -143,14 +144,10 @@ def _parse_host(text: str) -> str:
     host = text.lower()
     if host.endswith("."):
         host = host[:-1]
-    if not host:
-        raise _Invalid("empty host")
-    if len(host) > _MAX_HOST:
-        raise _Invalid(f"host longer than {_MAX_HOST} characters")
+    problem = dns_name_problem(host)
+    if problem is not None:
+        raise _Invalid(problem)
     labels = host.split(".")
-    for label in labels:
-        if not _LABEL.fullmatch(label):
-            raise _Invalid(f"label {label[:64]!r} is not a DNS label")
     # No top-level domain is all digits: such a name is meant as an IPv4
     # address, and one that is not a valid one is refused, not looked up.
     if _DIGITS.fullmatch(labels[-1]) and not _IPV4.fullmatch(host):
@@ -181,9 +178,13 @@ def parse_authority(text: str, *, require_port: bool) -> tuple[str, Optional[int
         if require_port:
             raise _Invalid("a port is required (host:port)")
         return host, None
-    if not (_DIGITS.fullmatch(port_text) and len(port_text) <= 5 and 1 <= int(port_text) <= 65535):
+    try:
+        port = parse_port(port_text)
+    except ValueError:
+        port = 0
+    if not port:
         raise _Invalid(f"port {port_text[:16]!r} is not a number in 1..65535")
-    return host, int(port_text)
+    return host, port
 
 
 def _name(host: str, port: Optional[int]) -> str:
@@ -266,7 +267,7 @@ class _HeadParser:
 
 
 def _http_error(reason: str, message: str) -> IdentifyError:
-    return IdentifyError(reason, message, "http")
+    return IdentifyError(reason, message, AnswerProtocol.HTTP)
 
 
 def _request_line(line: bytes) -> tuple:
@@ -307,7 +308,7 @@ class _Method:
     """
 
     name = ""
-    protocol = ""
+    protocol = AnswerProtocol.NONE
 
     def __init__(self, max_size: int) -> None:
         self._limit = max_size
@@ -338,7 +339,7 @@ class ConnectMethod(_Method):
     """
 
     name = "connect"
-    protocol = "http"
+    protocol = AnswerProtocol.HTTP
 
     def __init__(self, max_size: int) -> None:
         super().__init__(max_size)
@@ -380,7 +381,7 @@ class HttpHostMethod(_Method):
     """
 
     name = "http-host"
-    protocol = "http"
+    protocol = AnswerProtocol.HTTP
 
     def __init__(self, max_size: int) -> None:
         super().__init__(max_size)
@@ -448,7 +449,7 @@ class LineMethod(_Method):
     """
 
     name = "line"
-    protocol = "line"
+    protocol = AnswerProtocol.LINE
 
     def __init__(self, max_size: int) -> None:
         super().__init__(max_size)
@@ -498,7 +499,5 @@ class LineMethod(_Method):
 
 
 def _line_error(reason: str, message: str) -> IdentifyError:
-    return IdentifyError(reason, message, "line")
+    return IdentifyError(reason, message, AnswerProtocol.LINE)
 
-
-METHODS.update({method.name: method for method in (ConnectMethod, LineMethod, HttpHostMethod)})
