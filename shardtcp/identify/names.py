@@ -32,7 +32,14 @@ from typing import Optional
 
 from shardtcp.net import parse_port
 
-__all__ = ["MAX_DNS_NAME", "NameTable", "dns_name_problem", "is_dns_name", "valid_pattern"]
+__all__ = [
+    "MAX_DNS_NAME",
+    "NameTable",
+    "canonical_name",
+    "dns_name_problem",
+    "is_dns_name",
+    "valid_pattern",
+]
 
 #: The longest DNS name, in characters, without the trailing dot.
 MAX_DNS_NAME = 253
@@ -156,6 +163,17 @@ def _canonical(name: str) -> str:
     except _InvalidName:
         lowered = name.lower()
         return lowered[:-1] if lowered.endswith(".") else lowered
+    return ("*." if wildcard else "") + _key(host, port)
+
+
+def canonical_name(name: str) -> str:
+    """
+    A configured service name in the form the table compares: lowercase,
+    no trailing dot, ``*.`` kept, IPv6 compressed in brackets, the port
+    without leading zeros.  Raises ``ValueError`` saying why a name is not
+    usable (the same reason ``valid_pattern`` gives).
+    """
+    host, port, wildcard = _parse(name)
     return ("*." if wildcard else "") + _key(host, port)
 
 

@@ -188,3 +188,15 @@ class NamePortTests(SynchronousTestCase):
         self.assertEqual(table.lookup("api.test:9001"), "svc")
         self.assertIsNone(table.lookup("api.test:\u0669\u0660\u0660\u0661"))
         self.assertIsNone(table.lookup("api.test:" + "9" * 5000))
+
+    def test_canonical_name(self) -> None:
+        """canonical_name gives the table's form, and valid_pattern's reason when unusable."""
+        from shardtcp.identify.names import canonical_name
+
+        self.assertEqual(canonical_name("API.Example.Test."), "api.example.test")
+        self.assertEqual(canonical_name("*.Example.test:0443"), "*.example.test:443")
+        self.assertEqual(canonical_name("[2001:DB8::0:1]:8443"), "[2001:db8::1]:8443")
+        self.assertEqual(canonical_name("2001:db8::1"), "[2001:db8::1]")
+        for bad in ("a..b", "api.test:65536", "*", "a*.test", ""):
+            e = self.assertRaises(ValueError, canonical_name, bad)
+            self.assertEqual(str(e), valid_pattern(bad))
