@@ -242,6 +242,63 @@ class ExampleFilesTests(SynchronousTestCase):
         self.assertIsNone(kit.twistd_plugin_problem())
 
 
+class ExampleShardsStartTests(SynchronousTestCase):
+    """example-shards: what it listens on, and how it refuses to start."""
+
+    def setUp(self):
+        self.folder = os.path.abspath(self.mktemp())
+        os.makedirs(self.folder)
+        self.config_path = os.path.join(self.folder, "shardtcp.toml")
+        shutil.copyfile(EXAMPLE, self.config_path)
+
+    def test_one_shard_per_configured_shard(self):
+        """Each shard of the configuration listens on its address; TLS where init-example wrote its certificate."""
+        from twisted.internet.testing import MemoryReactor
+
+        run_main("init-example", self.folder)
+        reactor = MemoryReactor()
+        started = kit.start_example_shards(self.config_path, reactor)
+        self.assertEqual([(s, tls) for s, _, tls in started], [("api-fra-1", True), ("api-ams-1", True), ("web-1", False)])
+        self.assertEqual([(port, host) for port, _, _, host in reactor.tcpServers], [(9001, "127.0.0.1"), (9002, "127.0.0.1"), (8001, "127.0.0.1")])
+
+    def test_without_init_example(self):
+        """Before init-example, the error names the missing JWKS and the command that writes it."""
+        from twisted.internet.testing import MemoryReactor
+
+        with self.assertRaises(kit.ExampleShardsError) as caught:
+            kit.start_example_shards(self.config_path, MemoryReactor())
+        self.assertIn(f"run `shardtcp init-example {self.folder}` first", str(caught.exception))
+
+    def test_port_in_use(self):
+        """A port in use is one line naming the shard and address; ports already opened are closed."""
+        from twisted.internet.error import CannotListenError
+        from twisted.internet.testing import MemoryReactor
+
+        run_main("init-example", self.folder)
+
+        stopped = []
+
+        class Port:
+            def __init__(self, number):
+                self.number = number
+
+            def stopListening(self):
+                stopped.append(self.number)
+
+        class Busy(MemoryReactor):
+            def listenTCP(self, port, factory, backlog=50, interface=""):
+                if port == 9002:
+                    raise CannotListenError(interface, port, OSError(98, "Address already in use"))
+                return Port(port)
+
+        with self.assertRaises(kit.ExampleShardsError) as caught:
+            kit.start_example_shards(self.config_path, Busy())
+        self.assertEqual(
+            str(caught.exception), "shard api-ams-1: cannot listen on 127.0.0.1:9002: Address already in use"
+        )
+        self.assertEqual(stopped, [9001])
+
+
 def rewrite_ports(text: str, ports: dict) -> str:
     """Replace each fixed port of the example (``ports`` maps old to new) wherever it appears."""
     return re.sub(r"\b(\d{4})\b", lambda m: str(ports.get(int(m.group(1)), m.group(1))), text)

@@ -146,12 +146,15 @@ def start_example_shards(config_path: str, reactor) -> list:
     from shardtcp.config import ConfigError, load_config
     from shardtcp.example.shard import shard_factory, tls_options
 
-    try:
-        config = load_config(config_path)
-    except ConfigError as e:
-        raise ExampleShardsError("; ".join(e.problems)) from e
     folder = os.path.dirname(os.path.abspath(config_path))
     jwks = os.path.join(folder, "keys", "jwks.json")
+    try:
+        # The shards need none of the proxy's own files, only the JWKS.
+        config = load_config(config_path, check_files=False)
+    except ConfigError as e:
+        raise ExampleShardsError(f"{config_path} is not valid:\n  " + "\n  ".join(e.problems)) from e
+    if not os.path.exists(jwks):
+        raise ExampleShardsError(f"{jwks} is missing: run `shardtcp init-example {folder}` first")
     started: list = []
     try:
         for service in config.services:
