@@ -3,8 +3,8 @@ The ``shardtcp`` command: everything an operator does besides running the
 proxy (``twistd shardtcp``).
 
 Subcommands: ``check-config``, ``keygen``, ``explain``, ``decode-header``,
-``sign-feed`` and ``demo``.  Each returns an exit status; none prints a
-traceback for bad input.
+``sign-feed``, ``init-example``, ``example-shards`` and ``demo``.  Each
+returns an exit status; none prints a traceback for bad input.
 """
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ def _cmd_sign_feed(args) -> int:
 
 
 def _cmd_init_example(args) -> int:
-    from shardtcp.example.demo import write_example_files
+    from shardtcp.example.kit import CONFIG_NAME, twistd_plugin_problem, write_example_files
 
     try:
         written = write_example_files(args.dir)
@@ -199,8 +199,22 @@ def _cmd_init_example(args) -> int:
         return 1
     for path in written:
         print(path)
-    print(f"example files ready; run: twistd -n shardtcp --config {os.path.join(args.dir, 'shardtcp.toml')}")
+    config = os.path.join(args.dir, CONFIG_NAME)
+    print(
+        "example files ready; run the example's shards, then the proxy:\n"
+        f"  shardtcp example-shards --config {config} &\n"
+        f"  twistd -n shardtcp --config {config}"
+    )
+    problem = twistd_plugin_problem()
+    if problem is not None:
+        print(f"shardtcp init-example: warning: {problem}", file=sys.stderr)
     return 0
+
+
+def _cmd_example_shards(args) -> int:
+    from shardtcp.example.kit import run_example_shards
+
+    return run_example_shards(args.config)
 
 
 def _cmd_demo(args) -> int:
@@ -248,8 +262,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "init-example", help="create the keys, certificates and feed that etc/shardtcp.toml names (examples only)"
     )
-    p.add_argument("dir", nargs="?", default="etc", help="the folder of the example configuration (default: etc)")
+    p.add_argument(
+        "dir",
+        nargs="?",
+        default="etc",
+        help="the folder of the example configuration (default: etc); shardtcp.toml is written there when missing",
+    )
     p.set_defaults(func=_cmd_init_example)
+
+    p = sub.add_parser(
+        "example-shards",
+        help="run the reference shards the example configuration names, until Ctrl-C (examples only)",
+    )
+    p.add_argument("--config", default="etc/shardtcp.toml", help="the example configuration (default: etc/shardtcp.toml)")
+    p.set_defaults(func=_cmd_example_shards)
 
     p = sub.add_parser("demo", help="start local verifying shards and a proxy in front of them")
     p.add_argument("--port", type=int, default=8443, help="proxy port on 127.0.0.1 (default 8443; 0 = any)")

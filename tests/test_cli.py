@@ -199,6 +199,6 @@ class ExampleTests(SynchronousTestCase):
         status, out, _ = run_cli("init-example", folder)
         self.assertEqual(status, 0)
         self.assertIn(os.path.join(folder, "feeds", "threat.jws"), out)
-        self.assertEqual(stat.S_IMODE(os.stat(os.path.join(folder, "keys", "policy.pem")).st_mode), 0o600)
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.join(folder, "keys", "policy-1.pem")).st_mode), 0o600)
         status, out, err = run_cli("check-config", config)
         self.assertEqual((status, err), (0, ""))

@@ -11,7 +11,10 @@ saying what they verified.  ``[geo]`` places 127.0.0.2 in New York and
 127.0.0.3 in Singapore, so the source address picks the region.
 
 The demo then connects through the proxy itself, prints what the shards
-said, and prints the commands to try by hand.  With ``--check`` it exits
+said, and prints the commands to try by hand, among them a ``twistd``
+command for a second proxy (``twistd.toml``: the same configuration on
+another free port) in front of the same shards, which works while the demo
+runs.  With ``--check`` it exits
 after that self-check (0 when every connection was routed and verified).
 """
 
@@ -39,9 +42,9 @@ SHARDS = (
 SERVICE_NAME = "api.example.test"
 
 _CONFIG = """\
-# Written by `shardtcp demo`. Run it yourself with:
-#   twistd -n shardtcp --config {path}
-# (the demo's shards must be running: they live in the demo process).
+# Written by `shardtcp demo` for {role}.
+# Run a proxy by hand, while the demo runs (its shards live in the demo
+# process), with:  twistd -n shardtcp --config {twistd_path}
 [proxy]
 id = "edge-demo-1"
 location = {{ lat = 50.11, lon = 8.68, region = "eu-central" }}
@@ -86,7 +89,8 @@ security_score = 90
 def prepare(workdir: str, reactor, port: int = 0) -> tuple:
     """
     Write keys, certificates and the configuration into ``workdir`` and start
-    the shards; return ``(config_path, ca_path, shard_factories)``.
+    the shards; return ``(config_path, ca_path, shard_factories,
+    shard_ports)``, the last two keyed by shard id.
     """
     key_dir = os.path.join(workdir, "keys")
     os.makedirs(key_dir, exist_ok=True)
@@ -98,6 +102,7 @@ def prepare(workdir: str, reactor, port: int = 0) -> tuple:
     os.makedirs(cert_dir, exist_ok=True)
     ca_path = ca.write(cert_dir, "ca")
     factories = {}
+    shard_ports = {}
     shard_blocks = []
     for shard_id, lat, lon, region, _ in SHARDS:
         issued = ca.issue_server([SERVICE_NAME, f"*.{SERVICE_NAME}", f"{shard_id}.shards.test"], common_name=shard_id)
@@ -107,13 +112,46 @@ def prepare(workdir: str, reactor, port: int = 0) -> tuple:
         factory = shard_factory(shard_id, verifier, tls=options, reactor=reactor)
         listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
         factories[shard_id] = factory
+        shard_ports[shard_id] = listening.getHost().port
         shard_blocks.append(
             _SHARD.format(id=shard_id, port=listening.getHost().port, lat=lat, lon=lon, region=region)
         )
     config_path = os.path.join(workdir, "demo.toml")
-    with open(config_path, "w") as f:
-        f.write(_CONFIG.format(path=config_path, port=port, name=SERVICE_NAME, shards="\n".join(shard_blocks)))
-    return config_path, ca_path, factories
+    _write_config(config_path, "the demo's own proxy", port, shard_blocks)
+    return config_path, ca_path, factories, shard_ports
+
+
+def _write_config(path: str, role: str, port: int, shard_blocks: list) -> None:
+    twistd_path = os.path.join(os.path.dirname(path), "twistd.toml")
+    with open(path, "w") as f:
+        f.write(
+            _CONFIG.format(
+                role=role,
+                twistd_path=twistd_path,
+                port=port,
+                name=SERVICE_NAME,
+                shards="\n".join(shard_blocks),
+            )
+        )
+
+
+def write_twistd_config(workdir: str, shard_ports: dict, port: Optional[int] = None) -> tuple:
+    """
+    Write ``twistd.toml`` into ``workdir``: the demo's configuration with
+    the listener on ``port`` (default: a port free now), so that a proxy
+    run by hand does not collide with the demo's own.  ``shard_ports`` maps
+    shard ids to their listening ports.  Returns ``(path, port)``.
+    """
+    if port is None:
+        with socket.socket() as probe_socket:
+            probe_socket.bind(("127.0.0.1", 0))
+            port = probe_socket.getsockname()[1]
+    blocks = []
+    for shard_id, lat, lon, region, _ in SHARDS:
+        blocks.append(_SHARD.format(id=shard_id, port=shard_ports[shard_id], lat=lat, lon=lon, region=region))
+    path = os.path.join(workdir, "twistd.toml")
+    _write_config(path, "a proxy run by hand beside the demo's own", port, blocks)
+    return path, port
 
 
 def probe(port: int, ca_path: str, source: str = "127.0.0.1", timeout: float = 10.0) -> str:
@@ -144,7 +182,7 @@ def run_demo(port: int = 8443, workdir: Optional[str] = None, check: bool = Fals
 
     workdir = workdir or tempfile.mkdtemp(prefix="shardtcp-demo-")
     os.makedirs(workdir, exist_ok=True)
-    config_path, ca_path, _ = prepare(workdir, reactor, port)
+    config_path, ca_path, _, shard_ports = prepare(workdir, reactor, port)
     config = load_config(config_path)
     service = build_service(config, reactor)
     try:
@@ -153,6 +191,7 @@ def run_demo(port: int = 8443, workdir: Optional[str] = None, check: bool = Fals
         print(f"shardtcp demo: cannot start the proxy: {e}", file=sys.stderr)
         return 1
     bound = service.listening_port("edge").getHost().port
+    twistd_path, twistd_port = write_twistd_config(workdir, shard_ports)
     if not check:
         globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
     outcome = {"status": 0}
@@ -177,7 +216,9 @@ def run_demo(port: int = 8443, workdir: Optional[str] = None, check: bool = Fals
             f"  openssl s_client -connect 127.0.0.1:{bound} -servername {SERVICE_NAME} "
             f"-CAfile {ca_path} -quiet\n"
             f"  shardtcp explain --config {config_path} --service api --client 127.0.0.2\n"
-            f"  twistd -n shardtcp --config {config_path}   # the same proxy, run by twistd\n"
+            f"  twistd -n shardtcp --config {twistd_path}\n"
+            f"      (a second proxy, on 127.0.0.1:{twistd_port}, in front of the same shards; "
+            "it needs the demo running)\n"
         )
         if check:
             reactor.stop()
@@ -194,74 +235,3 @@ def run_demo(port: int = 8443, workdir: Optional[str] = None, check: bool = Fals
     reactor.run()
     return outcome["status"]
 
-
-def write_example_files(directory: str, *, now=None) -> list:
-    """
-    Create every file ``etc/shardtcp.toml`` names, inside ``directory``:
-    the policy signing key and shards' JWKS, the edge, clients and shards
-    CAs with their certificates (and one client certificate to try mTLS
-    with), the feed signing key's JWKS and a signed sample feed, the admin
-    token and the state folder.  Existing files are left alone.  Returns
-    the paths written.  These are example secrets for a laptop: never
-    deploy them.
-    """
-    import secrets
-    import shutil
-    import time
-
-    from shardtcp.resolver.feeds import sign_feed
-
-    now = time.time() if now is None else now
-    written = []
-    keys_dir = os.path.join(directory, "keys")
-    certs_dir = os.path.join(directory, "certs")
-    for folder in (keys_dir, certs_dir, os.path.join(directory, "feeds"), os.path.join(directory, "state")):
-        os.makedirs(folder, exist_ok=True)
-    if not os.path.exists(os.path.join(keys_dir, "policy.pem")):
-        paths = keymod.generate_keypair(keys_dir, kid="policy")
-        written += [paths.private_key, paths.jwks]
-    feed_dir = os.path.join(keys_dir, "feed")
-    if not os.path.exists(os.path.join(feed_dir, "feed-1.pem")):
-        os.makedirs(feed_dir, exist_ok=True)
-        feed_paths = keymod.generate_keypair(feed_dir, kid="feed-1")
-        shutil.copyfile(feed_paths.jwks, os.path.join(keys_dir, "feed-jwks.json"))
-        written.append(os.path.join(keys_dir, "feed-jwks.json"))
-
-    def ca_files(stem: str, common_name: str):
-        if os.path.exists(os.path.join(certs_dir, f"{stem}.pem")):
-            return None
-        ca = CertificateAuthority(common_name)
-        written.append(ca.write(certs_dir, stem))
-        return ca
-
-    edge = ca_files("edge-ca", "shardtcp example edge CA")
-    if edge is not None:
-        written += edge.issue_server(["api.example.test", "*.api.example.test"]).write(certs_dir, "api")
-        written += edge.issue_server(["default.example.test"]).write(certs_dir, "default")
-    clients = ca_files("clients-ca", "shardtcp example clients CA")
-    if clients is not None:
-        written += clients.issue_client("orders-client", uri="spiffe://example.test/orders").write(certs_dir, "client")
-    shards = ca_files("shards-ca", "shardtcp example shards CA")
-    if shards is not None:
-        written += shards.issue_client("edge-fra-1").write(certs_dir, "proxy")
-        for shard_id in ("api-fra-1", "api-ams-1"):
-            written += shards.issue_server([f"{shard_id}.shards.test"], common_name=shard_id).write(certs_dir, shard_id)
-    feed_path = os.path.join(directory, "feeds", "threat.jws")
-    if not os.path.exists(feed_path):
-        claims = {
-            "iss": "example-intel",
-            "iat": int(now),
-            "exp": int(now) + 7 * 86400,
-            "seq": 1,
-            "shards": {"api-ams-1": 70},
-            "deny": ["192.0.2.0/24"],
-        }
-        token = sign_feed(claims, keymod.load_private_key(os.path.join(feed_dir, "feed-1.pem")), "feed-1")
-        with open(feed_path, "wb") as f:
-            f.write(token + b"\n")
-        written.append(feed_path)
-    token_path = os.path.join(directory, "admin.token")
-    if not os.path.exists(token_path):
-        keymod.write_atomically(token_path, (secrets.token_urlsafe(32) + "\n").encode("ascii"), mode=0o600)
-        written.append(token_path)
-    return [str(p) for p in written]

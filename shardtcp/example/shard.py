@@ -21,6 +21,9 @@ application does is chosen by a *behaviour*:
 ``die-after:N``
     like ``hello``, but aborts the connection once ``N`` bytes have been
     received: a shard dying mid-stream.
+``http``
+    reads one HTTP/1.x request head and answers ``200`` with the hello line
+    as its body, then closes: what ``curl`` shows (the example's shards).
 
 The stack of one connection is ``VerifyingProtocol`` (the PROXY header, in
 clear) → optionally TLS → the behaviour's protocol.  Half-close is carried
@@ -80,7 +83,10 @@ __all__ = [
 
 log = Logger()
 
-BEHAVIOURS = ("hello", "sink", "source:N", "die-after:N")
+BEHAVIOURS = ("hello", "sink", "source:N", "die-after:N", "http")
+
+# Longest request head the http behaviour reads before giving up.
+_MAX_REQUEST_HEAD = 65536
 
 # The download pattern is byte i = i % 251 (a prime, so the pattern does not
 # line up with power-of-two buffer sizes and a misplaced chunk shows).  Chunks
@@ -129,11 +135,11 @@ class Behaviour:
 
 def parse_behaviour(text: str) -> Behaviour:
     """
-    Parse a behaviour name (``hello``, ``sink``, ``source:N``,
+    Parse a behaviour name (``hello``, ``sink``, ``http``, ``source:N``,
     ``die-after:N`` with ``N`` a non-negative integer); ``ValueError`` if it
     is none of them.
     """
-    if text in ("hello", "sink"):
+    if text in ("hello", "sink", "http"):
         return Behaviour(text)
     kind, sep, count = text.partition(":")
     if sep and kind in ("source", "die-after") and count.isdigit():
@@ -322,6 +328,35 @@ class DyingProtocol(HelloProtocol):
         self.transport.abortConnection()
 
 
+class HTTPProtocol(_ShardProtocol):
+    """
+    ``http``: one request, answered ``200 OK`` with the hello line as a
+    ``text/plain`` body, then a close (``Connection: close``).  A head
+    longer than 64 KiB, or input ending before the head does, is answered
+    by a close.
+    """
+
+    _head = b""
+    _answered = False
+
+    def received_data(self, data: bytes) -> None:
+        if self._answered:
+            return
+        self._head += data
+        if b"\r\n\r\n" in self._head or b"\n\n" in self._head:
+            self._answered = True
+            assert self.verified is not None
+            body = hello_line(self.shard_id, self.verified)
+            head = (
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            ).encode("ascii")
+            self._close_with(head + body)
+        elif len(self._head) > _MAX_REQUEST_HEAD:
+            self._answered = True
+            self.transport.loseConnection()
+
+
 @implementer(IPushProducer)
 class SourceProtocol(_ShardProtocol):
     """
@@ -414,6 +449,8 @@ class _ShardApplicationFactory(Factory):
             return HelloProtocol(*args)
         if b.kind == "sink":
             return SinkProtocol(*args)
+        if b.kind == "http":
+            return HTTPProtocol(*args)
         if b.kind == "source":
             assert b.count is not None
             return SourceProtocol(*args, b.count)
@@ -570,7 +607,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--behaviour",
         default="hello",
-        help="hello | sink | source:N | die-after:N (default: %(default)s)",
+        help="hello | sink | http | source:N | die-after:N (default: %(default)s)",
     )
     parser.add_argument(
         "--tlv-type",

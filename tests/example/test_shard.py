@@ -175,9 +175,10 @@ class BehaviourTests(SynchronousTestCase):
     """Parsing behaviour names."""
 
     def test_valid(self) -> None:
-        """The four behaviours parse, with their counts."""
+        """The five behaviours parse, with their counts."""
         self.assertEqual(parse_behaviour("hello"), Behaviour("hello"))
         self.assertEqual(parse_behaviour("sink"), Behaviour("sink"))
+        self.assertEqual(parse_behaviour("http"), Behaviour("http"))
         self.assertEqual(parse_behaviour("source:1048576"), Behaviour("source", 1048576))
         self.assertEqual(parse_behaviour("die-after:0"), Behaviour("die-after", 0))
         self.assertEqual(str(parse_behaviour("die-after:5")), "die-after:5")
@@ -371,6 +372,32 @@ class SinkTests(SynchronousTestCase):
         protocol.readConnectionLost()
         self.assertEqual(transport.value(), bye(payload, b"SINK"))
         self.assertTrue(transport.disconnecting)
+
+
+class HTTPTests(SynchronousTestCase):
+    """The http behaviour (the example's shards, read with curl)."""
+
+    def setUp(self) -> None:
+        self.keys = Keys()
+        factory = shard_factory(SHARD, self.keys.verifier(), reactor=Clock(), behaviour="http")
+        self.protocol, self.transport = connect(factory)
+
+    def test_answers_once_the_head_is_complete(self) -> None:
+        """Nothing before the blank line; then 200 with the hello line as body, and a close."""
+        self.protocol.dataReceived(self.keys.header() + b"GET / HTTP/1.1\r\nHost: api.example.test\r\n")
+        self.assertEqual(self.transport.value(), b"")
+        self.protocol.dataReceived(b"\r\n")
+        head, _, body = self.transport.value().partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 OK\r\n"), head)
+        self.assertIn(f"Content-Length: {len(body)}".encode(), head)
+        self.assertTrue(body.startswith(b"SHARD api-fra-1 client=192.0.2.7:50123 service=api "), body)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_overlong_head_is_closed(self) -> None:
+        """A head that never ends is closed after 64 KiB, unanswered."""
+        self.protocol.dataReceived(self.keys.header() + b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 20000)
+        self.assertEqual(self.transport.value(), b"")
+        self.assertTrue(self.transport.disconnecting)
 
 
 class SourceTests(SynchronousTestCase):
