@@ -45,10 +45,6 @@ _NOT_AVAILABLE_WHY = {
     ("registry", "kind"): "the etcd registry is not available in this version",
 }
 
-# Model attribute names where they differ from the key.
-_ATTRIBUTE = {}
-
-
 def _tables(config: Config, table: str) -> Iterator[tuple[str, Any]]:
     """``(key path, model value)`` for each instance of ``table`` in ``config``."""
     if table == "listener":
@@ -65,7 +61,7 @@ def check_not_yet_available(reader: Reader, config: Config) -> None:
     """Refuse every non-default value of a key listed in ``NOT_YET_AVAILABLE``."""
     for (table, key), default in NOT_YET_AVAILABLE.items():
         for path, value in _tables(config, table):
-            if getattr(value, _ATTRIBUTE.get(key, key)) != default:
+            if getattr(value, key) != default:
                 message = _NOT_AVAILABLE_WHY.get((table, key), "not available in this version")
                 reader.add(join(path, key), message)
 
@@ -121,7 +117,7 @@ def health_trust_notes(config: Config) -> list[str]:
                 path = f"{join('service', service.id)}.shard[{index}].health_check"
                 notes.append(
                     f"{path}: warning: a tls check with no health_ca verifies shards "
-                    f"against the system trust store only; set service.{service.id}"
+                    f"against the system trust store only; set {join('service', service.id)}"
                     ".health_ca to the CA that issued the shards' certificates"
                 )
     return notes
