@@ -7,6 +7,7 @@ function here answers a value or a one-line reason, never raises.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Optional
 
@@ -23,8 +24,6 @@ MAX_NAME = 253
 
 def _ipv6(text: str) -> Optional[str]:
     """The compressed form of the IPv6 literal ``text``, or None."""
-    import ipaddress
-
     if len(text) > 64 or not text.isascii() or "%" in text:
         return None
     try:

@@ -177,3 +177,28 @@ class ListenTests(_Config, SynchronousTestCase):
         self.assertEqual(
             [p.split(": ", 1)[0] for p in problems], ["listener[0].listen", "admin.listen"]
         )
+
+
+class PublicTwistedOnlyTests(SynchronousTestCase):
+    """The package builds endpoints through public Twisted APIs only."""
+
+    def test_no_private_or_test_only_imports(self) -> None:
+        """No module of shardtcp.config imports endpoints._parse or twisted.internet.testing."""
+        import ast
+
+        import shardtcp.config
+
+        folder = os.path.dirname(shardtcp.config.__file__)
+        for name in sorted(os.listdir(folder)):
+            if not name.endswith(".py"):
+                continue
+            with open(os.path.join(folder, name)) as f:
+                tree = ast.parse(f.read())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom):
+                    imported = {a.name for a in node.names}
+                    self.assertNotEqual(node.module, "twisted.internet.testing", name)
+                    if node.module == "twisted.internet.endpoints":
+                        self.assertEqual(
+                            {n for n in imported if n.startswith("_")}, set(), name
+                        )
