@@ -34,7 +34,7 @@ from shardtcp.config._checks import (
     health_trust_notes,
     run_checks,
 )
-from shardtcp.config._endpoints import listen_problem
+from shardtcp.config._endpoints import listen_address, listen_problem
 from shardtcp.config._reader import (
     ConfigError,
     Reader,
@@ -111,7 +111,16 @@ def listen_problems(config: Config) -> list[str]:
     endpoints = [(f"listener[{i}].listen", l.listen) for i, l in enumerate(config.listeners)]
     if config.admin is not None:
         endpoints.append(("admin.listen", config.admin.listen))
+    taken: dict = {}
     for path, description in endpoints:
+        address = listen_address(description)
+        if address is not None and address in taken:
+            # Each probe releases its port, so two listeners on one port
+            # would both pass; the second bind at start-up would not.
+            problems.append(f"{path}: the same port as {taken[address]}")
+            continue
+        if address is not None:
+            taken[address] = path
         problem = listen_problem(description)
         if problem is not None:
             problems.append(f"{path}: {problem}")

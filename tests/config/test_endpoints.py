@@ -179,6 +179,24 @@ class ListenTests(_Config, SynchronousTestCase):
         )
 
 
+class SamePortTests(_Config, SynchronousTestCase):
+    """Two endpoints of one configuration on the same port."""
+
+    def test_same_port_twice(self) -> None:
+        """The second listener on a port is named, though each port alone is free."""
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        data = minimal()
+        data["listener"].append({"name": "again", "listen": f"tcp:{port}:interface=127.0.0.1"})
+        data["listener"][0]["listen"] = f"tcp:{port}:interface=127.0.0.1"
+        config = parse_config(data, self.folder(), check_files=False, token_size=no_size)
+        self.assertEqual(
+            listen_problems(config), ["listener[1].listen: the same port as listener[0].listen"]
+        )
+
+
 class PublicTwistedOnlyTests(SynchronousTestCase):
     """The package builds endpoints through public Twisted APIs only."""
 
