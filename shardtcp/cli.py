@@ -17,13 +17,20 @@ from typing import Optional, Sequence
 
 
 def _cmd_check_config(args) -> int:
-    from shardtcp.config import check_config
+    from shardtcp.config import ConfigError, config_notes, listen_problems, load_config
 
-    problems = check_config(args.path)
+    try:
+        config = load_config(args.path, check_files=True)
+        problems = [] if args.no_listen else listen_problems(config)
+    except ConfigError as e:
+        config, problems = None, e.problems
     for line in problems:
         print(line, file=sys.stderr)
     if problems:
         return 1
+    # Notes do not make the file invalid: they go with the verdict.
+    for line in config_notes(config):
+        print(line)
     print(f"{args.path}: valid")
     return 0
 
@@ -232,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check-config", help="validate a configuration file")
     p.add_argument("path")
+    p.add_argument(
+        "--no-listen",
+        action="store_true",
+        help="do not try to bind the listening ports (by default each is bound and released)",
+    )
     p.set_defaults(func=_cmd_check_config)
 
     p = sub.add_parser("keygen", help="write an Ed25519 signing key pair and a JWKS file")

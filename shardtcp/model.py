@@ -122,6 +122,10 @@ class ServiceConfig:
     weights: Weights = field(factory=Weights)
     policy: PolicyConfig = field(factory=PolicyConfig)
     shards: tuple = ()  # of ShardConfig
+    health_ca: Optional[str] = None  # CA of tls health checks
+    shard_key: str = "none"  # none | client-ip | sni-label | authority | line-arg
+    bounded_load: float = 1.25
+    owners: tuple = ()  # of (key glob, (shard id, ...)), in file order
 
 
 @frozen
@@ -131,6 +135,14 @@ class CertificateConfig:
     cert: str
     key: str
     names: tuple = ()
+
+
+@frozen
+class PerSourceConfig:
+    """``per_source`` of a listener: limits per client address (0 = off)."""
+
+    max_connections: int = 0
+    rate: float = 0.0  # new connections per second
 
 
 @frozen
@@ -156,6 +168,9 @@ class ListenerConfig:
     min_tls: str = "1.2"
     client_ca: Optional[str] = None
     require_client_cert: bool = False
+    max_connections: int = 0  # 0 = no limit
+    backlog: int = 1024
+    per_source: PerSourceConfig = field(factory=PerSourceConfig)
 
 
 @frozen
@@ -164,6 +179,8 @@ class ProxyConfig:
 
     id: str
     location: Optional[Location] = None
+    workers: Union[int, str] = 1  # a count, or "auto" (one per core)
+    drain_timeout: float = 30.0
 
 
 @frozen
@@ -174,6 +191,7 @@ class SigningConfig:
     kid: str
     ttl: float = 30.0
     tlv_type: int = 0xE0
+    jwks: Optional[str] = None  # served at /.well-known/jwks.json
 
 
 @frozen
@@ -231,6 +249,13 @@ class ResolverConfig:
 
 
 @frozen
+class LogConfig:
+    """``[log]``."""
+
+    access: str = "text"  # text | json | off
+
+
+@frozen
 class Config:
     """A whole validated configuration; paths in it are absolute."""
 
@@ -244,6 +269,7 @@ class Config:
     registry: RegistryConfig = field(factory=RegistryConfig)
     resolver: ResolverConfig = field(factory=ResolverConfig)
     path: Optional[str] = None
+    log: LogConfig = field(factory=LogConfig)
 
     def service(self, service_id: str) -> Optional[ServiceConfig]:
         for service in self.services:

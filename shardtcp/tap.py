@@ -7,7 +7,8 @@ one line per problem and no traceback, when it is not valid.  The tree is:
 * the ``ShardResolver`` (a service: it owns the live shard state);
 * the ``ThreatIntel`` feed poller and the ``HealthChecker``, when configured;
 * one ``ListeningService`` per ``[[listener]]`` (a port that cannot be
-  bound fails start-up loudly);
+  bound fails start-up: under ``twistd -n`` with one line naming the
+  listener, the endpoint and the OS error, and exit status 1);
 * later: the admin site.
 """
 
@@ -17,6 +18,7 @@ import sys
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python import usage
 
@@ -31,8 +33,12 @@ from shardtcp.proxy.listener import ListenerContext, ProxyFactory
 from shardtcp.proxy.tls import ServerTLS
 from shardtcp.upstream import UpstreamTLS
 from shardtcp.resolver import ShardResolver, build_health_service
+from shardtcp.resolver.health import health_tls_options
 from shardtcp.resolver.outlier import OutlierPolicy
 from shardtcp.resolver.feeds import ThreatIntelError, build_threat_intel
+
+
+_log = Logger()
 
 
 class Options(usage.Options):
@@ -52,6 +58,18 @@ class Options(usage.Options):
             raise usage.UsageError("--config PATH is required")
 
 
+class ListenFailed(Exception):
+    """A listener could not listen; the message is one line for operators."""
+
+
+def _listen_reason(failure: Failure) -> str:
+    """The OS error behind a failed listen, else the failure's own message."""
+    error = getattr(failure.value, "socketError", None)
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return " ".join((failure.getErrorMessage() or failure.type.__name__).split())
+
+
 class ListeningService(Service):
     """
     Listen on a server endpoint string while running.
@@ -62,10 +80,11 @@ class ListeningService(Service):
     when the configuration asked for port 0.
     """
 
-    def __init__(self, description: str, factory, reactor) -> None:
+    def __init__(self, description: str, factory, reactor, label: str = "") -> None:
         self.description = description
         self.factory = factory
         self._reactor = reactor
+        self.label = label or description
         self.port = None
 
     def startService(self) -> None:
@@ -76,7 +95,10 @@ class ListeningService(Service):
             raise RuntimeError(f"listening on {self.description!r} did not complete at start-up")
         if isinstance(outcome[0], Failure):
             self.running = False
-            outcome[0].raiseException()
+            failure = outcome[0]
+            raise ListenFailed(
+                f"{self.label}: cannot listen on {self.description}: {_listen_reason(failure)}"
+            ) from failure.value
         self.port = outcome[0]
 
     def stopService(self):
@@ -98,6 +120,16 @@ class ProxyService(MultiService):
         self.factories: dict = {}
         self.threat_intel = None
         self.health = None
+        #: Called with ``ListenFailed`` instead of raising it, when set.
+        self.on_listen_failure = None
+
+    def startService(self) -> None:
+        try:
+            super().startService()
+        except ListenFailed as e:
+            if self.on_listen_failure is None:
+                raise
+            self.on_listen_failure(e)
 
     def listening_port(self, listener: str):
         """The bound port of a listener (``getHost()`` tells its address)."""
@@ -128,7 +160,9 @@ def build_service(config: Config, reactor=None, *, connector: ShardConnector | N
         intel.setServiceParent(root)
     root.threat_intel = intel
     upstream_tls = UpstreamTLS()
-    health = build_health_service(config, resolver, reactor, tls_options_for=upstream_tls.options_for)
+    health = build_health_service(
+        config, resolver, reactor, tls_options_for=health_tls_options(upstream_tls)
+    )
     if health is not None:
         health.setServiceParent(root)
     root.health = health
@@ -158,7 +192,9 @@ def build_service(config: Config, reactor=None, *, connector: ShardConnector | N
         )
         factory = ProxyFactory(context)
         root.factories[listener.name] = factory
-        port_service = ListeningService(listener.listen, factory, reactor)
+        port_service = ListeningService(
+            listener.listen, factory, reactor, label=f"listener {listener.name!r}"
+        )
         port_service.setName(f"listener:{listener.name}")
         port_service.setServiceParent(root)
     return root
@@ -174,7 +210,34 @@ def makeService(options: Options, reactor=None) -> ProxyService:
         sys.stderr.write("shardtcp: configuration is not valid; not starting\n")
         raise SystemExit(1)
     try:
-        return build_service(config, reactor)
+        root = build_service(config, reactor)
     except ThreatIntelError as e:
         sys.stderr.write(f"shardtcp: {e}\nshardtcp: not starting\n")
         raise SystemExit(1)
+    parent = getattr(options, "parent", None)
+    if parent is None or parent.get("nodaemon"):
+        root.on_listen_failure = _exit_not_listening
+    else:
+        root.on_listen_failure = _log_not_listening
+    return root
+
+
+def _exit_not_listening(error: ListenFailed) -> None:
+    """
+    One line on stderr and exit status 1: no traceback for a port in use.
+    twistd has pointed ``sys.stderr`` into its log by now; the operator
+    at the terminal reads the process's own stderr.
+    """
+    stderr = sys.__stderr__ or sys.stderr
+    stderr.write(f"shardtcp: {error}; not starting\n")
+    stderr.flush()
+    raise SystemExit(1)
+
+
+def _log_not_listening(error: ListenFailed) -> None:
+    """
+    A daemonizing twistd hands the exception's first 100 bytes to the
+    process that started it (which exits 1); the log file gets all of it.
+    """
+    _log.critical("{error}; not starting", error=str(error))
+    raise error

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -200,5 +201,71 @@ class ExampleTests(SynchronousTestCase):
         self.assertEqual(status, 0)
         self.assertIn(os.path.join(folder, "feeds", "threat.jws"), out)
         self.assertEqual(stat.S_IMODE(os.stat(os.path.join(folder, "keys", "policy-1.pem")).st_mode), 0o600)
-        status, out, err = run_cli("check-config", config)
+        # The example's fixed ports may be taken on a test machine: its
+        # validity, not this machine's free ports, is what is tested here.
+        status, out, err = run_cli("check-config", "--no-listen", config)
         self.assertEqual((status, err), (0, ""))
+
+
+class ListenCheckTests(SynchronousTestCase):
+    """check-config and ``twistd -n shardtcp`` with a port another socket holds."""
+
+    def setUp(self):
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        keymod.generate_keypair(os.path.join(self.dir, "keys"), kid="policy-1")
+        held = socket.socket()
+        self.addCleanup(held.close)
+        held.bind(("127.0.0.1", 0))
+        held.listen(1)
+        self.port = held.getsockname()[1]
+        self.listen = f"tcp:{self.port}:interface=127.0.0.1"
+        self.path = os.path.join(self.dir, "busy.toml")
+        with open(self.path, "w") as f:
+            f.write(GOOD.replace('listen = "tcp:0:interface=127.0.0.1"', f'listen = "{self.listen}"'))
+
+    def test_check_config_port_in_use(self):
+        """check-config binds each port and says when one is in use: exit 1, one line."""
+        status, out, err = run_cli("check-config", self.path)
+        self.assertEqual(status, 1)
+        self.assertEqual(
+            err.splitlines(),
+            [f"listener[0].listen: cannot listen on {self.listen}: Address already in use"],
+        )
+        status, out, err = run_cli("check-config", "--no-listen", self.path)
+        self.assertEqual((status, err), (0, ""))
+
+    def test_check_config_notes(self):
+        """A tls health check without a CA is a warning on stdout; the file stays valid."""
+        path = self.path.replace("busy", "notes")
+        with open(path, "w") as f:
+            f.write(GOOD.replace(
+                'address = "127.0.0.1:9002"',
+                'address = "127.0.0.1:9002"\nhealth_check = { kind = "tls" }',
+            ))
+        status, out, err = run_cli("check-config", path)
+        self.assertEqual((status, err), (0, ""))
+        lines = out.splitlines()
+        self.assertEqual(len(lines), 2, lines)
+        self.assertTrue(lines[0].startswith("service.api.shard[1].health_check: warning: "), lines)
+        self.assertEqual(lines[1], f"{path}: valid")
+
+    def test_twistd_port_in_use(self):
+        """
+        ``twistd -n shardtcp`` on a port in use: exit 1, one line on stderr
+        naming the listener, the endpoint and the OS error, no traceback.
+        """
+        done = subprocess.run(
+            [os.path.join(BIN, "twistd"), "-n", "--pidfile=", "shardtcp", "--config", self.path],
+            capture_output=True,
+            timeout=60,
+            cwd=self.dir,
+        )
+        err = done.stderr.decode()
+        self.assertEqual(done.returncode, 1, err)
+        self.assertEqual(
+            err.splitlines(),
+            [f"shardtcp: listener 'edge': cannot listen on {self.listen}: "
+             "Address already in use; not starting"],
+        )
+        self.assertNotIn("Traceback", done.stdout.decode())

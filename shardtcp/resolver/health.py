@@ -13,8 +13,8 @@ Kinds
 ``tls``
     The same connect and LOCAL header, then a TLS handshake on that
     connection, verified exactly as the connection path verifies upstream
-    TLS: the service's ``upstream_ca`` (the system's trust store when none
-    is set), the shard's ``server_name`` (default its host) checked with
+    TLS: the service's ``health_ca`` when set, else its ``upstream_ca``
+    (the system's trust store when neither is set), the shard's ``server_name`` (default its host) checked with
     service-identity, the proxy's ``upstream_cert`` presented when set.
     Passes when the handshake completes and verifies.
 ``agent``
@@ -120,10 +120,27 @@ def DefaultTLSOptions():
     """
     Client TLS options for ``tls`` checks, built as the connection path
     builds them for upstream TLS.  The service tree passes its own
-    ``UpstreamTLS().options_for`` to share one cache; this default keeps the
-    checker usable on its own.
+    ``health_tls_options(UpstreamTLS())`` to share one cache; this default
+    keeps the checker usable on its own.
     """
-    return UpstreamTLS().options_for
+    return health_tls_options(UpstreamTLS())
+
+
+def health_tls_options(upstream: UpstreamTLS) -> TLSOptionsFor:
+    """
+    ``tls_options_for`` for checks: a service's ``health_ca`` is the trust
+    of its checks; without one, checks verify as the connection path does
+    (sharing ``upstream``'s cache).  Options with a ``health_ca`` get their
+    own cache, so they never stand in for the connection path's.
+    """
+    own = UpstreamTLS()
+
+    def options_for(service: ServiceConfig, shard):
+        if service.health_ca is None:
+            return upstream.options_for(service, shard)
+        return own.options_for(attrs.evolve(service, upstream_ca=service.health_ca), shard)
+
+    return options_for
 
 
 def _describe(failure: Failure) -> str:
@@ -325,6 +342,7 @@ class _Watched:
             self.shard.server_name,
             self.check,
             s.upstream_ca,
+            s.health_ca,
             s.upstream_cert,
             s.upstream_key,
         )

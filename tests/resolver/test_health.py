@@ -612,7 +612,7 @@ class RealTLSCheckTests(SynchronousTestCase):
         os.makedirs(directory)
         self.ca_path = self.ca.write(directory)
 
-    def check(self, certificate_names: list[str], upstream_ca: Optional[str]) -> dict:
+    def check(self, certificate_names: list[str], upstream_ca: Optional[str], **service) -> dict:
         issued = self.ca.issue_server(certificate_names)
         server_options = tssl.PrivateCertificate.loadPEM(issued.cert_pem + issued.key_pem).options()
         clock = Clock()
@@ -634,7 +634,7 @@ class RealTLSCheckTests(SynchronousTestCase):
                 d.callback(client)
                 return d
 
-        config = config_for([shard], upstream_tls=True, upstream_ca=upstream_ca)
+        config = config_for([shard], **({"upstream_tls": True, "upstream_ca": upstream_ca} | service))
         resolver = ShardResolver(config, clock=clock)
         checker = HealthChecker(
             resolver, clock, endpoint_factory=lambda host, port, timeout: PipeEndpoint(),
@@ -660,6 +660,23 @@ class RealTLSCheckTests(SynchronousTestCase):
         status = self.check(["s2.shards.test"], self.ca_path)
         self.assertFalse(status["last_ok"])
         self.assertTrue(status["last_reason"].startswith("TLS handshake failed"), status)
+
+    def test_health_ca_of_a_passthrough_service(self) -> None:
+        """
+        A passthrough service (no upstream_tls, so no upstream_ca) gives its
+        tls checks their own trust with health_ca: a shard certified by a
+        private CA passes, where the system trust store alone fails it.
+        """
+        status = self.check(["s1.shards.test"], None, upstream_tls=False, health_ca=self.ca_path)
+        self.assertEqual((status["last_ok"], status["last_reason"]), (True, "TLS handshake verified"))
+
+    def test_health_ca_is_the_checks_trust(self) -> None:
+        """With both set, health_ca (not upstream_ca) is what a check verifies with."""
+        other = CertificateAuthority()
+        folder = self.mktemp()
+        os.makedirs(folder)
+        status = self.check(["s1.shards.test"], other.write(folder), health_ca=self.ca_path)
+        self.assertEqual((status["last_ok"], status["last_reason"]), (True, "TLS handshake verified"))
 
     def test_untrusted_without_ca(self) -> None:
         """Without upstream_ca the system's trust store decides: a private CA fails."""

@@ -1,0 +1,314 @@
+"""
+Tests for ``shardtcp.config._checks`` and the further keys of SPEC section 3:
+what a listener may route to, tls health checks without a CA, and keys that
+are read and bounded but refused while their feature is not available.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from shardtcp.config import (
+    NOT_YET_AVAILABLE,
+    ConfigError,
+    config_notes,
+    parse_config,
+    parse_rate,
+)
+from shardtcp.model import PerSourceConfig
+from tests.config.test_sections import minimal, no_size
+
+_NOT_AVAILABLE = "not available in this version"
+
+
+class _Helpers:
+    def folder(self) -> str:
+        path = os.path.abspath(self.mktemp())
+        os.makedirs(path)
+        return path
+
+    def parse(self, data: dict):
+        return parse_config(data, self.folder(), check_files=False, token_size=no_size)
+
+    def problems(self, data: dict) -> list[str]:
+        with self.assertRaises(ConfigError) as caught:
+            self.parse(data)
+        return caught.exception.problems
+
+
+def _set(data: dict, where: str, key: str, value: Any) -> None:
+    """Set ``key`` in the table ``where`` (proxy, listener, service...) of ``data``."""
+    if where == "listener":
+        data["listener"][0][key] = value
+    elif where == "service":
+        data["service"]["api"][key] = value
+    else:
+        data.setdefault(where, {})[key] = value
+
+
+class NotYetAvailableTests(_Helpers, SynchronousTestCase):
+    """Each key of NOT_YET_AVAILABLE: its default passes, anything else is refused."""
+
+    # A valid non-default value for each key, as TOML decodes it.
+    OTHER = {
+        ("proxy", "workers"): 2,
+        ("proxy", "drain_timeout"): "10s",
+        ("signing", "jwks"): "keys/jwks.json",
+        ("listener", "max_connections"): 100,
+        ("listener", "backlog"): 128,
+        ("listener", "per_source"): {"max_connections": 10},
+        ("log", "access"): "json",
+        ("service", "shard_key"): "client-ip",
+        ("service", "bounded_load"): 2.0,
+        ("service", "owners"): {"tenant-*": ["api-1"]},
+        ("registry", "kind"): "etcd",
+    }
+    DEFAULT = {
+        ("proxy", "drain_timeout"): "30s",
+        ("listener", "per_source"): {"max_connections": 0, "rate": "0/s"},
+    }
+    PATH = {"listener": "listener[0]", "service": "service.api"}
+
+    def test_every_entry_is_exercised(self) -> None:
+        """The test covers exactly the table's keys."""
+        self.assertEqual(set(self.OTHER), set(NOT_YET_AVAILABLE))
+
+    def test_defaults_accepted(self) -> None:
+        """Each key written with its default value is valid."""
+        for (where, key), default in NOT_YET_AVAILABLE.items():
+            if default is None or default == ():
+                continue  # only absent is the default
+            data = minimal()
+            _set(data, where, key, self.DEFAULT.get((where, key), default))
+            self.parse(data)
+
+    def test_other_values_refused(self) -> None:
+        """Each key with another valid value is one line: "<path>: not available in this version"."""
+        for (where, key), value in self.OTHER.items():
+            data = minimal()
+            _set(data, where, key, value)
+            problems = self.problems(data)
+            path = f"{self.PATH.get(where, where)}.{key}"
+            if (where, key) == ("registry", "kind"):
+                self.assertEqual(
+                    problems, [f"{path}: the etcd registry is not available in this version"]
+                )
+            else:
+                self.assertEqual(problems, [f"{path}: {_NOT_AVAILABLE}"])
+
+    def test_model(self) -> None:
+        """Absent keys give the model's defaults."""
+        config = self.parse(minimal())
+        listener, service = config.listeners[0], config.services[0]
+        self.assertEqual((config.proxy.workers, config.proxy.drain_timeout), (1, 30.0))
+        self.assertIsNone(config.signing.jwks)
+        self.assertEqual((listener.max_connections, listener.backlog), (0, 1024))
+        self.assertEqual(listener.per_source, PerSourceConfig(max_connections=0, rate=0.0))
+        self.assertEqual(config.log.access, "text")
+        self.assertEqual((service.shard_key, service.bounded_load, service.owners), ("none", 1.25, ()))
+        self.assertIsNone(service.health_ca)
+
+
+class BoundsTests(_Helpers, SynchronousTestCase):
+    """Each new key is bounded: the edges are valid values (refused only as not available)."""
+
+    def outcome(self, where: str, key: str, value: Any) -> list[str]:
+        data = minimal()
+        _set(data, where, key, value)
+        try:
+            self.parse(data)
+        except ConfigError as e:
+            return e.problems
+        return []
+
+    def assertInBounds(self, where: str, key: str, value: Any) -> None:
+        problems = self.outcome(where, key, value)
+        self.assertTrue(
+            all(p.endswith(_NOT_AVAILABLE) for p in problems), f"{key}={value!r}: {problems}"
+        )
+
+    def assertOutOfBounds(self, where: str, key: str, value: Any, fragment: str = "") -> None:
+        problems = self.outcome(where, key, value)
+        self.assertTrue(
+            any(not p.endswith(_NOT_AVAILABLE) and fragment in p for p in problems),
+            f"{key}={value!r}: {problems}",
+        )
+
+    def test_workers(self) -> None:
+        """workers: 1..1024 or "auto"."""
+        for good in (1, 1024, "auto"):
+            self.assertInBounds("proxy", "workers", good)
+        for bad in (0, 1025, "many", 1.5, True):
+            self.assertOutOfBounds("proxy", "workers", bad, "proxy.workers: ")
+
+    def test_drain_timeout(self) -> None:
+        """drain_timeout: 0s..24h."""
+        for good in ("0s", "24h"):
+            self.assertInBounds("proxy", "drain_timeout", good)
+        for bad in ("86401s", "30", 30):
+            self.assertOutOfBounds("proxy", "drain_timeout", bad, "proxy.drain_timeout: ")
+
+    def test_jwks(self) -> None:
+        """jwks: a path; NUL bytes and non-strings refused."""
+        self.assertOutOfBounds("signing", "jwks", "a\x00b", "NUL byte")
+        self.assertOutOfBounds("signing", "jwks", 5, "expected a string")
+
+    def test_max_connections(self) -> None:
+        """listener max_connections: 0..10,000,000."""
+        for good in (0, 10_000_000):
+            self.assertInBounds("listener", "max_connections", good)
+        for bad in (-1, 10_000_001, "5"):
+            self.assertOutOfBounds("listener", "max_connections", bad, "listener[0].max_connections: ")
+
+    def test_backlog(self) -> None:
+        """listener backlog: 1..65535."""
+        for good in (1, 65535):
+            self.assertInBounds("listener", "backlog", good)
+        for bad in (0, 65536):
+            self.assertOutOfBounds("listener", "backlog", bad, "listener[0].backlog: ")
+
+    def test_per_source(self) -> None:
+        """per_source: max_connections 0..10,000,000 and a rate "N/s|m|h"; no other keys."""
+        for good in ({"max_connections": 0}, {"max_connections": 10_000_000}, {"rate": "0/s"},
+                     {"rate": "999999999/h"}):
+            self.assertInBounds("listener", "per_source", good)
+        for bad, fragment in (
+            ({"max_connections": -1}, "per_source.max_connections: "),
+            ({"max_connections": 10_000_001}, "per_source.max_connections: "),
+            ({"rate": "10"}, "per_source.rate: "),
+            ({"rate": "1000000000/s"}, "per_source.rate: "),
+            ({"rate": "-1/s"}, "per_source.rate: "),
+            ({"burst": 1}, "per_source.burst: unknown key"),
+            (5, "per_source: expected a table"),
+        ):
+            self.assertOutOfBounds("listener", "per_source", bad, fragment)
+
+    def test_parse_rate(self) -> None:
+        """Rates convert to connections per second."""
+        self.assertEqual(parse_rate("10/s"), 10.0)
+        self.assertEqual(parse_rate("600/m"), 10.0)
+        self.assertEqual(parse_rate("3600/h"), 1.0)
+        for bad in ("10", "1.5/s", "10/d", "", 10, "١٠/s"):
+            with self.assertRaises(ValueError):
+                parse_rate(bad)
+
+    def test_access_log(self) -> None:
+        """[log] access: text, json or off; no other keys."""
+        for good in ("text", "json", "off"):
+            self.assertInBounds("log", "access", good)
+        self.assertOutOfBounds("log", "access", "xml", "log.access: expected one of")
+        self.assertOutOfBounds("log", "format", "x", "log.format: unknown key")
+
+    def test_shard_key(self) -> None:
+        """shard_key: one of SPEC 10's sources."""
+        for good in ("none", "client-ip", "sni-label", "authority", "line-arg"):
+            self.assertInBounds("service", "shard_key", good)
+        self.assertOutOfBounds("service", "shard_key", "cookie", "service.api.shard_key: ")
+
+    def test_bounded_load(self) -> None:
+        """bounded_load: 1.0..100."""
+        for good in (1.0, 1, 100):
+            self.assertInBounds("service", "bounded_load", good)
+        for bad in (0.99, 100.5, "2"):
+            self.assertOutOfBounds("service", "bounded_load", bad, "service.api.bounded_load: ")
+
+    def test_owners(self) -> None:
+        """owners: key glob -> a non-empty list of distinct shard ids."""
+        self.assertInBounds("service", "owners", {"a": ["api-1"], "tenant-*": ["api-1", "api-2"]})
+        for bad, fragment in (
+            ({"a": []}, 'service.api.owners.a: list at least one shard id'),
+            ({"a": ["api 1"]}, "service.api.owners.a[0]: shard id"),
+            ({"a": ["x", "x"]}, "service.api.owners.a[1]: 'x' is listed twice"),
+            ({"a": "api-1"}, "service.api.owners.a: expected a list of strings"),
+            ({"a\nb": ["x"]}, 'service.api.owners."a\\u000ab": a key glob is printable'),
+            (["a"], "service.api.owners: expected a table"),
+        ):
+            self.assertOutOfBounds("service", "owners", bad, fragment)
+
+
+class RouteTests(_Helpers, SynchronousTestCase):
+    """A passthrough or plain listener never reaches an upstream_tls service."""
+
+    def tls_service(self) -> dict:
+        data = minimal()
+        data["service"]["api"]["upstream_tls"] = True
+        return data
+
+    def test_passthrough_refused(self) -> None:
+        """A passthrough listener identifying by SNI reaches the named service: refused."""
+        [problem] = self.problems(self.tls_service())
+        self.assertTrue(problem.startswith("listener[0].mode: a passthrough listener can route "
+                                           "to service 'api', which has upstream_tls = true"), problem)
+
+    def test_plain_by_line(self) -> None:
+        """A plain listener with a SHARD line reaches every service, named or not."""
+        data = self.tls_service()
+        data["service"]["api"]["names"] = []
+        data["listener"][0].update(mode="plain", identify=["line"])
+        [problem] = self.problems(data)
+        self.assertTrue(problem.startswith("listener[0].mode: a plain listener"), problem)
+
+    def test_default_service(self) -> None:
+        """default_service alone is a route."""
+        data = self.tls_service()
+        data["service"]["api"]["names"] = []
+        data["listener"][0].update(identify=[], default_service="api")
+        [problem] = self.problems(data)
+        self.assertTrue(problem.startswith("listener[0].mode: "), problem)
+
+    def test_unreachable_is_fine(self) -> None:
+        """A service without names that no line or default can name is not reachable."""
+        data = self.tls_service()
+        data["service"]["api"]["names"] = []
+        data["service"]["web"] = {
+            "names": ["www.test"], "shard": [{"id": "web-1", "address": "127.0.0.1:80"}]
+        }
+        self.parse(data)
+
+    def test_terminate_may(self) -> None:
+        """A terminate listener may route to it."""
+        data = self.tls_service()
+        data["listener"][0].update(mode="terminate", default_certificate={"cert": "c", "key": "k"})
+        self.parse(data)
+
+
+class HealthTrustTests(_Helpers, SynchronousTestCase):
+    """health_ca, and a note when a tls check has no CA."""
+
+    def with_check(self, kind: str = "tls", **service: Any) -> dict:
+        data = minimal()
+        data["service"]["api"]["shard"][0]["health_check"] = {"kind": kind}
+        data["service"]["api"].update(service)
+        return data
+
+    def test_note_without_ca(self) -> None:
+        """A tls check with neither health_ca nor upstream_ca: one warning line at its path."""
+        [note] = config_notes(self.parse(self.with_check()))
+        self.assertTrue(note.startswith("service.api.shard[0].health_check: warning: "), note)
+        self.assertIn("health_ca", note)
+
+    def test_no_note(self) -> None:
+        """health_ca, or upstream_ca with upstream_tls, or a tcp check: no note."""
+        self.assertEqual(config_notes(self.parse(self.with_check(health_ca="ca.pem"))), [])
+        self.assertEqual(config_notes(self.parse(self.with_check("tcp"))), [])
+        data = self.with_check(upstream_tls=True, upstream_ca="ca.pem")
+        data["listener"][0].update(mode="terminate", default_certificate={"cert": "c", "key": "k"})
+        self.assertEqual(config_notes(self.parse(data)), [])
+
+    def test_health_ca_path(self) -> None:
+        """health_ca is a path resolved against the folder, checked when files are."""
+        folder = self.folder()
+        config = parse_config(
+            self.with_check(health_ca="certs/ca.pem"), folder, check_files=False, token_size=no_size
+        )
+        self.assertEqual(config.services[0].health_ca, os.path.join(folder, "certs", "ca.pem"))
+        with self.assertRaises(ConfigError) as caught:
+            parse_config(self.with_check(health_ca="certs/ca.pem"), folder, token_size=no_size)
+        self.assertIn(
+            f"service.api.health_ca: cannot read {os.path.join(folder, 'certs', 'ca.pem')}: "
+            "No such file or directory",
+            caught.exception.problems,
+        )
