@@ -2,7 +2,7 @@
 """
 Connecting to shards.
 
-``ShardConnector`` turns a ``ShardInfo`` into a connected protocol through a
+``ShardConnector`` (an ``IShardConnector``) turns a ``ShardInfo`` into a connected protocol through a
 Twisted client endpoint, bounded by a connect timeout.  IP literals go
 through ``TCP4ClientEndpoint``/``TCP6ClientEndpoint``; host names through
 ``HostnameEndpoint`` (which resolves without blocking and races address
@@ -19,6 +19,7 @@ from twisted.internet import defer
 from twisted.internet.error import ConnectError, ConnectionRefusedError, TimeoutError as TxTimeoutError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.python.failure import Failure
+from zope.interface import Interface, implementer
 
 from shardtcp.model import ShardInfo
 from shardtcp.upstream import endpoint_for_address
@@ -32,6 +33,18 @@ class ShardConnectFailed(Exception):
         self.reason = reason
 
 
+class IShardConnector(Interface):
+    """How the connection path reaches a shard."""
+
+    def connect(shard, factory, timeout):
+        """
+        Connect ``factory`` to ``shard`` (a ``ShardInfo``); a Deferred that
+        fires with the connected protocol or fails with
+        ``ShardConnectFailed``, within ``timeout`` seconds.
+        """
+
+
+@implementer(IShardConnector)
 class ShardConnector:
     """
     Open connections to shards.

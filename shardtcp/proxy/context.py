@@ -22,7 +22,7 @@ from shardtcp.metrics import ProxyMetrics
 from shardtcp.model import ListenerConfig
 from shardtcp.net import format_address
 from shardtcp.policy import PolicySigner, new_connection_id
-from shardtcp.proxy.connector import ShardConnector
+from shardtcp.proxy.connector import IShardConnector
 from shardtcp.proxy.tls import ServerTLS
 from shardtcp.resolver.interfaces import IResolver
 from shardtcp.upstream import UpstreamTLS
@@ -40,7 +40,7 @@ class ListenerContext:
     names: NameTable
     resolver: IResolver
     signer: PolicySigner
-    connector: ShardConnector  # or anything with its ``connect``
+    connector: IShardConnector
     metrics: ProxyMetrics
     clock: IReactorTime
     tlv_type: int = 0xE0

@@ -100,3 +100,16 @@ class InOrderTests(SynchronousTestCase):
         )
         attempts.start()
         self.assertEqual(failed, ["a", "b", "c", "done"])
+
+
+class InterfaceTests(SynchronousTestCase):
+    """The connector seam."""
+
+    def test_shard_connector_provides_interface(self) -> None:
+        """``ShardConnector`` provides ``IShardConnector``."""
+        from twisted.internet.testing import MemoryReactorClock
+        from zope.interface.verify import verifyObject
+
+        from shardtcp.proxy.connector import IShardConnector, ShardConnector
+
+        verifyObject(IShardConnector, ShardConnector(MemoryReactorClock()))
