@@ -13,12 +13,11 @@ synchronously, for the service and its candidates.
 
 States (``State``)::
 
-    accepted --start--> peeking --identified--> connecting --ready--> spliced
-                           |         (terminate)     ^                   |
-                           |            v            |                finished
-                           |       handshaking --handshake_done          |
-                           v            v            v                   v
-                         closed <--- refusals, timeouts, lost --------- closed
+    accepted -start-> peeking -identified-> connecting -ready-> spliced -finished-> closed
+                         |                      ^
+                         +-sni, terminate-> handshaking -handshake_done-+
+
+    any state before spliced -refusal, timeout, eof while peeking, lost-> closed
 
 The states and their transitions are written out by hand rather than with
 ``automat``: the hot path calls the machine five to eight times per

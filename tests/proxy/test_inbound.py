@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ipaddress
 
-from twisted.internet.address import IPv4Address
 from twisted.trial.unittest import SynchronousTestCase
 
 from shardtcp import proxyv2
@@ -17,9 +16,6 @@ from shardtcp.proxy.listener import ProxyConnection
 
 from tests.proxy.test_listener import Harness
 from tests.support import client_hello
-
-LB = IPv4Address("TCP", "198.51.100.7", 51515)
-
 
 def harness(**kw) -> Harness:
     listener = ListenerConfig(
