@@ -492,3 +492,58 @@ def check_claims(
             f"(leeway {leeway:g}s)",
         )
     return claims
+
+
+# -- admission: what a service's policy grants a connection ------------------
+
+_ENCRYPTION_RANK = {"none": 0, "tls": 1, "mtls": 2}
+
+
+@attrs.frozen
+class TLSFacts:
+    """What the client side's encryption was, as the PolicyContext states it."""
+
+    encryption: str = "none"  # none | tls | mtls
+    authentication: tuple = ("none",)
+    subject: Optional[str] = None
+    alpn: Optional[str] = None  # negotiated, when terminated
+    ssl: Any = None  # a proxyv2.SSLInfo for the SSL TLV, when terminated
+
+
+#: A plaintext client, the state of every connection until shown otherwise.
+NO_TLS = TLSFacts()
+
+#: A client whose TLS passes through the proxy untouched.
+PASSTHROUGH_TLS = TLSFacts(encryption="tls")
+
+
+class PolicyRefused(Exception):
+    """The service's policy refuses this connection; ``reason`` is a slug."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def admit(service: Any, facts: TLSFacts) -> PolicyContext:
+    """
+    Check a ``ServiceConfig``'s encryption and authentication requirements
+    against what the client side actually had, and return the PolicyContext
+    granted; raises ``PolicyRefused``.
+    """
+    policy = service.policy
+    if _ENCRYPTION_RANK[facts.encryption] < _ENCRYPTION_RANK[policy.encryption]:
+        raise PolicyRefused(
+            "policy_encryption",
+            f"service {service.id!r} requires encryption {policy.encryption!r}, client has {facts.encryption!r}",
+        )
+    if policy.authentication != "none" and policy.authentication not in facts.authentication:
+        raise PolicyRefused(
+            "policy_authentication",
+            f"service {service.id!r} requires authentication {policy.authentication!r}",
+        )
+    return PolicyContext(
+        encryption_level=facts.encryption,
+        authentication_method=tuple(facts.authentication),
+        access_control_list=tuple(policy.acl),
+    )

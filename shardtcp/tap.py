@@ -29,7 +29,8 @@ from shardtcp.metrics import ProxyMetrics
 from shardtcp.model import Config
 from shardtcp.policy import PolicySigner
 from shardtcp.proxy.connector import ShardConnector
-from shardtcp.proxy.listener import ListenerContext, ProxyFactory
+from shardtcp.proxy.context import ListenerContext
+from shardtcp.proxy.listener import ProxyFactory
 from shardtcp.proxy.tls import ServerTLS
 from shardtcp.upstream import UpstreamTLS
 from shardtcp.resolver import ShardResolver, build_health_service

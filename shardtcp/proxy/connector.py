@@ -1,21 +1,25 @@
+# -*- test-case-name: tests.proxy.test_connector -*-
 """
 Connecting to shards.
 
-``ShardConnector`` turns a ``ShardInfo`` into a connected protocol through a
+``ShardConnector`` (an ``IShardConnector``) turns a ``ShardInfo`` into a connected protocol through a
 Twisted client endpoint, bounded by a connect timeout.  IP literals go
 through ``TCP4ClientEndpoint``/``TCP6ClientEndpoint``; host names through
 ``HostnameEndpoint`` (which resolves without blocking and races address
 families).  How a shard is reached (plain TCP today, TLS origination for
-``upstream_tls`` services) is decided here and nowhere else.
+``upstream_tls`` services) is decided here and nowhere else; ``InOrder``
+tries a connection's candidates one after the other until one answers.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectError, ConnectionRefusedError, TimeoutError as TxTimeoutError
 from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.python.failure import Failure
+from zope.interface import Interface, implementer
 
 from shardtcp.model import ShardInfo
 from shardtcp.upstream import endpoint_for_address
@@ -29,6 +33,18 @@ class ShardConnectFailed(Exception):
         self.reason = reason
 
 
+class IShardConnector(Interface):
+    """How the connection path reaches a shard."""
+
+    def connect(shard, factory, timeout):
+        """
+        Connect ``factory`` to ``shard`` (a ``ShardInfo``); a Deferred that
+        fires with the connected protocol or fails with
+        ``ShardConnectFailed``, within ``timeout`` seconds.
+        """
+
+
+@implementer(IShardConnector)
 class ShardConnector:
     """
     Open connections to shards.
@@ -76,3 +92,67 @@ def _classify(failure):
     # TLS verification failures and the like are classified by their origin.
     name = getattr(failure.type, "__name__", "error")
     raise ShardConnectFailed("error", f"{name}: {failure.getErrorMessage()}")
+
+
+class InOrder:
+    """
+    Try a connection's candidates in order, one attempt at a time.
+
+    ``attempt(candidate)`` starts one attempt and returns a Deferred that
+    fires with the connected result or fails (with ``ShardConnectFailed``,
+    ideally).  After a failure ``failed(candidate, failure)`` is told; when
+    it returns True the next candidate is tried, and when none is left
+    ``exhausted(candidates)`` is called.  The first success goes to
+    ``succeeded(candidate, result)``.  ``cancel()`` cancels the attempt in
+    progress (its failure is still reported to ``failed``, which decides
+    whether to go on).  No Deferred of its own: one per attempt is enough.
+    """
+
+    __slots__ = ("_candidates", "_attempt", "_succeeded", "_failed", "_exhausted", "_pending", "_index")
+
+    def __init__(
+        self,
+        candidates: Sequence,
+        attempt: Callable[[object], defer.Deferred],
+        *,
+        succeeded: Callable[[object, object], None],
+        failed: Callable[[object, Failure], bool],
+        exhausted: Callable[[Sequence], None],
+    ) -> None:
+        self._candidates = candidates
+        self._attempt = attempt
+        self._succeeded = succeeded
+        self._failed = failed
+        self._exhausted = exhausted
+        self._pending: Optional[defer.Deferred] = None
+        self._index = 0
+
+    def start(self) -> None:
+        """Begin with the first candidate."""
+        self._next()
+
+    def cancel(self) -> None:
+        """Cancel the attempt in progress, if any."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.cancel()
+
+    def _next(self) -> None:
+        candidate = self._candidates[self._index]
+        d = self._attempt(candidate)
+        self._pending = d
+        d.addCallbacks(self._won, self._lost, callbackArgs=(candidate,), errbackArgs=(candidate,))
+
+    def _won(self, result, candidate) -> None:
+        self._pending = None
+        self._succeeded(candidate, result)
+
+    def _lost(self, failure: Failure, candidate) -> None:
+        self._pending = None
+        if not self._failed(candidate, failure):
+            return
+        self._index += 1
+        if self._index < len(self._candidates):
+            self._next()
+        else:
+            self._exhausted(self._candidates)

@@ -1,28 +1,16 @@
+# -*- test-case-name: tests.proxy.test_listener -*-
 """
-One client connection's life: identify, resolve, connect, header, splice.
+One client connection's life on Twisted: the adapter around the machine.
 
 ``ProxyFactory`` is built once per ``[[listener]]`` with everything its
-connections need (``ListenerContext``); ``ProxyConnection`` is the state
-machine of one connection:
-
-``proxy-header``
-    (``accept_proxy`` listeners) a PROXY v1/v2 header from a trusted load
-    balancer is read first; its source becomes the client;
-``peeking``
-    bytes are buffered and fed to the ``Detector`` (bounded by
-    ``max_client_hello`` and ``peek_timeout``) until the service is known;
-``handshaking``
-    (``terminate`` listeners) the client's TLS is being terminated with the
-    certificate chosen for its SNI (see ``shardtcp.proxy.tls``);
-``connecting``
-    the client is paused; the resolver's candidates are tried in order
-    (``1 + retries`` of them), each bounded by ``connect_timeout``, each with
-    the same buffered bytes;
-``spliced``
-    the PROXY v2 header and the buffered bytes have been written to the
-    shard, and a ``Splice`` moves bytes both ways until both sides close;
-``closed``
-    refused or finished.
+connections need (``ListenerContext``).  ``ProxyConnection`` is a thin
+protocol: it feeds its transport's events to a ``ConnectionMachine``
+(``shardtcp.proxy.machine``, where the states and decisions live) and does
+what the machine asks (timers, terminating TLS, connecting to shards in
+order, writing the header from ``shardtcp.proxy.header``, splicing).  For
+``accept_proxy`` listeners a ``ProxyHeaderProtocol``
+(``shardtcp.proxy.inbound``) reads the load balancer's PROXY header in
+front of it.
 
 Every refusal is answered in the client's own protocol (``refusal``), logged
 with its reason and counted; nothing a client sends can raise out of here.
@@ -30,126 +18,26 @@ with its reason and counted; nothing a client sends can raise out of here.
 
 from __future__ import annotations
 
-import ipaddress
-from typing import Callable, Optional
+from typing import Optional
 
-import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from shardtcp import proxyv2
-from shardtcp.identify.detect import Detector, IdentifyError, Identified
-from shardtcp.identify.names import NameTable
-from shardtcp.model import ConnectionRequest, ListenerConfig, ServiceConfig, format_hostport
-from shardtcp.policy import PolicyContext, PolicySigner, PolicyTooLarge, new_connection_id
-from shardtcp.proxy.connector import ShardConnectFailed, ShardConnector
-from shardtcp.proxy.refusal import refusal_bytes
-from shardtcp.proxy.tls import ServerTLS, handshake_facts
-from shardtcp.upstream import UpstreamTLS
+from shardtcp.net import address_pair, format_address
+from shardtcp.policy import PolicyTooLarge, TLSFacts
+from shardtcp.proxy.connector import InOrder, ShardConnectFailed
+from shardtcp.proxy.context import ListenerContext, log
+from shardtcp.proxy.header import build_header
+from shardtcp.proxy.inbound import ProxyHeaderFactory
+from shardtcp.proxy.machine import ConnectionMachine, IConnectionEffects, State
 from shardtcp.proxy.splice import DOWNSTREAM, UPSTREAM, Splice, SpliceSideMixin, SpliceStats
+from shardtcp.proxy.tls import handshake_facts
 from shardtcp.tlslayer import HalfCloseTLSFactory
-from shardtcp.resolver import AccessDenied, NoShardAvailable, ResolverError, UnknownService
 
-log = Logger(namespace="shardtcp.connection")
-
-_ENC_RANK = {"none": 0, "tls": 1, "mtls": 2}
-
-
-@attrs.define
-class TLSFacts:
-    """What the client side's encryption was, as the PolicyContext states it."""
-
-    encryption: str = "none"  # none | tls | mtls
-    authentication: tuple = ("none",)
-    subject: Optional[str] = None
-    alpn: Optional[str] = None  # negotiated, when terminated
-    ssl: Optional[proxyv2.SSLInfo] = None  # for the SSL TLV, when terminated
-
-
-class PolicyRefused(Exception):
-    """The service's policy refuses this connection; ``reason`` is a slug."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-def admit(service: ServiceConfig, facts: TLSFacts) -> PolicyContext:
-    """
-    Check the service's encryption and authentication requirements against
-    what the client side actually had, and return the PolicyContext granted.
-    """
-    policy = service.policy
-    if _ENC_RANK[facts.encryption] < _ENC_RANK[policy.encryption]:
-        raise PolicyRefused(
-            "policy_encryption",
-            f"service {service.id!r} requires encryption {policy.encryption!r}, client has {facts.encryption!r}",
-        )
-    if policy.authentication != "none" and policy.authentication not in facts.authentication:
-        raise PolicyRefused(
-            "policy_authentication",
-            f"service {service.id!r} requires authentication {policy.authentication!r}",
-        )
-    return PolicyContext(
-        encryption_level=facts.encryption,
-        authentication_method=tuple(facts.authentication),
-        access_control_list=tuple(policy.acl),
-    )
-
-
-@attrs.define
-class ListenerContext:
-    """Everything the connections of one listener share."""
-
-    config: ListenerConfig
-    names: NameTable
-    resolver: object  # ShardResolver
-    signer: PolicySigner
-    connector: ShardConnector
-    metrics: object  # ProxyMetrics
-    clock: object  # IReactorTime
-    tlv_type: int = 0xE0
-    # client ip -> reason string when a threat feed denies it, else None
-    admission: Optional[Callable[[str], Optional[str]]] = None
-    connections: set = attrs.field(factory=set)
-    new_id: Callable[[], str] = new_connection_id
-    server_tls: Optional[ServerTLS] = None  # terminate listeners
-    upstream_tls: UpstreamTLS = attrs.field(factory=UpstreamTLS)
-
-    def resolver_has(self, service_id: str) -> bool:
-        """Whether ``service_id`` names a service (line preambles may)."""
-        try:
-            self.resolver.service_config(service_id)
-        except ResolverError:
-            return False
-        return True
-
-
-def _address_pair(peer, host) -> tuple:
-    """
-    The (source, destination) pair for the PROXY header, in one family:
-    v4-mapped IPv6 addresses are unmapped when both are, and a lone IPv4
-    address is mapped when the other side is IPv6.
-    """
-    src = (peer.host, peer.port)
-    dst = (host.host, host.port)
-    s, d = ipaddress.ip_address(src[0]), ipaddress.ip_address(dst[0])
-    if s.version == 6 and s.ipv4_mapped is not None and (d.version == 4 or d.ipv4_mapped is not None):
-        src = (str(s.ipv4_mapped), src[1])
-        s = s.ipv4_mapped
-    if d.version == 6 and d.ipv4_mapped is not None and s.version == 4:
-        dst = (str(d.ipv4_mapped), dst[1])
-        d = d.ipv4_mapped
-    if s.version != d.version:
-        if s.version == 4:
-            src = ("::ffff:" + src[0], src[1])
-        else:
-            dst = ("::ffff:" + dst[0], dst[1])
-    return src, dst
+__all__ = ["ListenerContext", "ProxyConnection", "ProxyFactory", "UpstreamProtocol"]
 
 
 @implementer(IHandshakeListener)
@@ -168,6 +56,10 @@ class UpstreamProtocol(SpliceSideMixin, Protocol):
 
     def connectionMade(self) -> None:
         _no_delay(self.transport)
+
+    def attach(self, splice: Splice) -> None:
+        """From now on, this side's events go to ``splice``."""
+        self._splice = splice
 
     def start_tls(self, options) -> Deferred:
         self._handshake = Deferred(lambda _: self.transport.abortConnection())
@@ -233,72 +125,86 @@ class _OneProtocol(Factory):
         return self._protocol
 
 
-@implementer(IHalfCloseableProtocol)
+@implementer(IHalfCloseableProtocol, IConnectionEffects)
 class ProxyConnection(SpliceSideMixin, Protocol):
     """
-    One client connection; see the module docstring for its states.
+    One client connection: transport events in, the machine's wishes out.
 
-    The raw transport's events arrive here.  When the listener terminates
-    TLS, they are handed to the TLS layer, and the plaintext comes back
-    through ``_TerminatedClient`` to ``_client_data``/``_client_eof``/
-    ``_client_lost``; ``self._client`` is then the TLS layer, which the
-    splice and the refusals write to instead of the raw transport.
+    When the listener terminates TLS, the raw transport's events go to the
+    TLS layer and the plaintext comes back through ``_TerminatedClient``;
+    ``self._client`` is then the TLS layer, which the splice and the
+    refusals write to instead of the raw transport.  Once spliced, events go
+    straight to the ``Splice``.
+
+    ``connection_id`` and ``accepted_at`` are given when a protocol in front
+    (the PROXY-header reader) accepted and counted the connection: the
+    identification deadline then runs from ``accepted_at``.
     """
 
     _side = DOWNSTREAM
 
-    def __init__(self, context: ListenerContext) -> None:
+    def __init__(
+        self,
+        context: ListenerContext,
+        *,
+        connection_id: Optional[str] = None,
+        accepted_at: Optional[float] = None,
+    ) -> None:
         self._ctx = context
-        self.state = "new"
-        self.connection_id = context.new_id()
-        self._buffer: list[bytes] = []
-        self._buffered = 0
-        self._detector: Optional[Detector] = None
-        self._identified: Optional[Identified] = None
-        self._proxy_parser: Optional[proxyv2.HeaderParser] = None
+        self.connection_id = connection_id if connection_id is not None else context.new_id()
+        self.machine: Optional[ConnectionMachine] = None
+        self._accepted_at = accepted_at
+        self._start = 0.0
         self._timer = None
-        self._pending = None
+        self._attempts: Optional[InOrder] = None
+        self._attempt_started = 0.0
+        self._connect_seconds = 0.0
         self._lease = None
-        self._client_eof_seen = False
+        self._upstream: Optional[UpstreamProtocol] = None
+        self._shard: Optional[str] = None
         self._client = None
         self._tls = None
-        self._service: Optional[str] = None
-        self._shard: Optional[str] = None
-        self._start = 0.0
-        self._connect_seconds = 0.0
-        self.facts = TLSFacts()
-        self.client = None  # (ip, port) as the PROXY header names it
-        self.destination = None
 
-    # -- raw transport events ---------------------------------------------
+    @property
+    def state(self) -> str:
+        """The machine's state, by name."""
+        return self.machine.state.value if self.machine is not None else State.ACCEPTED.value
+
+    @property
+    def client(self) -> Optional[tuple]:
+        """``(ip, port)`` of the client, as the PROXY header names it."""
+        return self.machine.client if self.machine is not None else None
+
+    @property
+    def destination(self) -> Optional[tuple]:
+        return self.machine.destination if self.machine is not None else None
+
+    # -- raw transport events -------------------------------------------------
 
     def connectionMade(self) -> None:
         ctx = self._ctx
-        cfg = ctx.config
-        self._client = self.transport
-        _no_delay(self.transport)
-        ctx.connections.add(self)
-        ctx.metrics.accepted.labels(cfg.name).inc()
-        ctx.metrics.active.labels(cfg.name).inc()
-        self._start = ctx.clock.seconds()
-        self.client, self.destination = _address_pair(self.transport.getPeer(), self.transport.getHost())
-        self._timer = ctx.clock.callLater(cfg.peek_timeout, self._peek_timed_out)
-        if cfg.accept_proxy:
-            if not _in_networks(self.client[0], cfg.trusted_proxies):
-                self._refuse("untrusted_proxy", f"{self.client[0]} is not in trusted_proxies", "none")
-                return
-            self.state = "proxy-header"
-            self._proxy_parser = proxyv2.HeaderParser(accept_v1=True, accept_v2=True, max_size=4096)
-            return
-        self._start_peeking()
+        transport = self.transport
+        self._client = transport
+        _no_delay(transport)
+        peek = ctx.config.peek_timeout
+        if self._accepted_at is None:
+            ctx.opened(self)
+            self._start = ctx.clock.seconds()
+        else:
+            self._start = self._accepted_at
+            peek = max(0.0, peek - (ctx.clock.seconds() - self._accepted_at))
+        peer, host = transport.getPeer(), transport.getHost()
+        client, destination = address_pair((peer.host, peer.port), (host.host, host.port))
+        self.machine = ConnectionMachine(ctx, self, client, destination)
+        self.machine.start(peek)
 
     def dataReceived(self, data: bytes) -> None:
         if self._tls is not None:
             self._tls.dataReceived(data)
-        elif self.state == "proxy-header":
-            self._proxy_header_data(data)
+        elif self._splice is not None:
+            self._splice.data(DOWNSTREAM, data)
         else:
-            self._client_data(data)
+            self.machine.data(data)
 
     def readConnectionLost(self) -> None:
         if self._tls is not None:
@@ -312,326 +218,115 @@ class ProxyConnection(SpliceSideMixin, Protocol):
         else:
             self._client_lost(reason)
 
-    # -- a PROXY header from a trusted load balancer ----------------------
-
-    def _proxy_header_data(self, data: bytes) -> None:
-        try:
-            header = self._proxy_parser.feed(data)
-        except proxyv2.InvalidProxyHeader as e:
-            self._refuse("bad_proxy_header", f"invalid PROXY header from {self.client[0]}: {e}", "none")
-            return
-        if header is None:
-            return
-        rest = self._proxy_parser.rest
-        self._proxy_parser = None
-        if header.command == proxyv2.Command.PROXY and header.source and header.destination:
-            if header.family in ("INET", "INET6"):
-                self.client, self.destination = _address_pair(
-                    _Addr(*header.source), _Addr(*header.destination)
-                )
-        if self._start_peeking() and rest:
-            self._client_data(rest)
-
-    # -- plaintext (or pre-TLS) client events -----------------------------
-
-    def _start_peeking(self) -> bool:
-        ctx = self._ctx
-        if ctx.admission is not None:
-            why = ctx.admission(self.client[0])
-            if why is not None:
-                self._refuse("threat_denied", why, "none")
-                return False
-        self.state = "peeking"
-        cfg = ctx.config
-        self._detector = Detector(cfg.identify, max_client_hello=cfg.max_client_hello)
-        return True
+    # -- client events, plaintext or pre-TLS ----------------------------------
 
     def _client_data(self, data: bytes) -> None:
-        if self.state == "spliced":
+        if self._splice is not None:
             self._splice.data(DOWNSTREAM, data)
-            return
-        if self.state == "peeking":
-            self._buffer.append(data)
-            self._buffered += len(data)
-            try:
-                identified = self._detector.feed(data)
-            except IdentifyError as e:
-                self._refuse(e.reason, str(e), e.protocol)
-                return
-            if identified is not None:
-                self._cancel_timer()
-                self._client.pauseProducing()
-                self._identified = identified
-                self._on_identified(identified)
-            return
-        if self.state in ("connecting", "handshaking"):
-            # Bytes in flight when the client was paused, or (terminated
-            # TLS) early application data.
-            self._buffer.append(data)
-            self._buffered += len(data)
-            if self._buffered > self._ctx.config.max_client_hello + 262144:
-                self._refuse("too_large", "client sent too much before the shard was connected", "none")
-        # closed: dropped
+        else:
+            self.machine.data(data)
 
     def _client_eof(self) -> None:
-        if self.state == "spliced":
+        if self._splice is not None:
             self._splice.read_closed(DOWNSTREAM)
-        elif self.state in ("peeking", "proxy-header"):
-            protocol = self._detector.protocol if self._detector is not None else "none"
-            self._refuse("eof", "client closed its side before identifying a service", protocol)
-        elif self.state in ("connecting", "handshaking"):
-            # Carried across once spliced: the shard still answers.
-            self._client_eof_seen = True
+        else:
+            self.machine.eof()
 
     def _client_lost(self, reason) -> None:
-        ctx = self._ctx
-        if self.state == "spliced":
+        if self._splice is not None:
             self._splice.lost(DOWNSTREAM, reason)
+        else:
+            self.machine.lost(reason)
+
+    def _handshake_done(self) -> None:
+        if self.machine.state is not State.HANDSHAKING:
             return
-        previous, self.state = self.state, "closed"
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.cancel()
+        encryption, authentication, subject, alpn, ssl_info = handshake_facts(self._tls.getHandle())
+        self._client = self._tls
+        self.machine.handshake_done(
+            TLSFacts(encryption=encryption, authentication=authentication, subject=subject, alpn=alpn, ssl=ssl_info)
+        )
+
+    # -- IConnectionEffects ---------------------------------------------------
+
+    def start_timer(self, seconds: float) -> None:
+        self._timer = self._ctx.clock.callLater(seconds, self._timed_out)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        self.machine.timed_out()
+
+    def cancel_timer(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def pause_client(self) -> None:
+        self._client.pauseProducing()
+
+    def tls_creator(self, server_name: Optional[str], require_cert: bool):
+        return self._ctx.server_tls.creator_for(server_name, require_cert=require_cert)
+
+    def start_tls(self, creator, buffered: bytes) -> None:
+        ctx = self._ctx
+        factory = HalfCloseTLSFactory(creator, False, _OneProtocol(_TerminatedClient(self)), clock=ctx.clock)
+        tls = factory.buildProtocol(self.transport.getPeer())
+        self._tls = tls
+        tls.makeConnection(self.transport)
+        machine = self.machine
+        if machine.state is State.HANDSHAKING:
+            tls.dataReceived(buffered)
+        if machine.state is State.HANDSHAKING:
+            self.transport.resumeProducing()
+
+    def connect(self, candidates) -> None:
+        self._attempts = InOrder(
+            candidates,
+            self._attempt,
+            succeeded=self._succeeded,
+            failed=self._attempt_failed,
+            exhausted=self._exhausted,
+        )
+        self._attempts.start()
+
+    def stop_connecting(self) -> None:
+        attempts, self._attempts = self._attempts, None
+        if attempts is not None:
+            attempts.cancel()
         self._release_lease()
-        self._cancel_timer()
-        if previous == "handshaking":
+
+    def refuse(self, reason: str, message: str, answer: Optional[bytes]) -> None:
+        self._ctx.refused(self.connection_id, self.machine.client, reason, message)
+        client = self._client
+        if answer is None:
+            client.abortConnection()
+            return
+        if answer:
+            client.write(answer)
+        client.loseConnection()
+
+    def gone(self, previous: State, reason) -> None:
+        ctx = self._ctx
+        if previous is State.HANDSHAKING:
             why = reason.getErrorMessage() if reason is not None else "closed"
             ctx.metrics.rejected.labels(ctx.config.name, "tls_handshake").inc()
             log.info(
                 "connection {id} from {client}: TLS handshake failed: {why}",
                 id=self.connection_id,
-                client=_fmt(self.client),
+                client=format_address(self.machine.client),
                 why=why,
             )
-        elif previous != "closed":
-            ctx.metrics.rejected.labels(ctx.config.name, "client_gone").inc()
-            log.info(
-                "connection {id} from {client} closed by the client while {state}",
-                id=self.connection_id,
-                client=_fmt(self.client),
-                state=previous,
-            )
-        self._finish()
+        elif previous is not State.CLOSED:
+            ctx.gone_early(self.connection_id, self.machine.client, previous.value)
+        ctx.closed(self)
 
-    # -- routing ----------------------------------------------------------
-
-    def _on_identified(self, identified: Identified) -> None:
+    def splice(self, payload: bytes, reply: bytes, client_eof: bool) -> None:
         ctx = self._ctx
-        cfg = ctx.config
-        name = identified.name
-        if name:
-            service_id = ctx.names.lookup(name)
-            if service_id is None and identified.method == "line" and ctx.resolver_has(name):
-                service_id = name
-            if service_id is None:
-                self._refuse("unknown_service", f"no service is named {name!r}", identified.protocol)
-                return
-        elif cfg.default_service:
-            service_id = cfg.default_service
-        else:
-            self._refuse("no_service", f"no server name ({identified.method}) and no default_service", identified.protocol)
-            return
-        self._service = service_id
-        if ctx.server_tls is not None and identified.method == "sni":
-            self._terminate(identified)
-            return
-        if identified.tls:
-            # TLS passed through end to end.
-            self.facts.encryption = "tls"
-        self._resolve_and_connect()
-
-    def _terminate(self, identified: Identified) -> None:
-        """Start the client's TLS with the certificate for its SNI."""
-        ctx = self._ctx
-        try:
-            service = ctx.resolver.service_config(self._service)
-        except ResolverError as e:
-            self._refuse("unknown_service", str(e), "tls")
-            return
-        wants_mtls = service.policy.authentication == "mtls" or service.policy.encryption == "mtls"
-        if wants_mtls and not ctx.server_tls.asks_client_cert:
-            self._refuse(
-                "policy_authentication",
-                f"service {service.id!r} requires mTLS but listener {ctx.config.name!r} has no client_ca",
-                "tls",
-            )
-            return
-        creator = ctx.server_tls.creator_for(identified.name, require_cert=wants_mtls)
-        if creator is None:
-            self._refuse("no_certificate", f"no certificate for server name {identified.name!r}", "tls")
-            return
-        inner = _TerminatedClient(self)
-        factory = HalfCloseTLSFactory(creator, False, _OneProtocol(inner), clock=ctx.clock)
-        tls = factory.buildProtocol(self.transport.getPeer())
-        buffered = b"".join(self._buffer)
-        self._buffer, self._buffered = [], 0
-        self.state = "handshaking"
-        self._tls = tls
-        self._timer = ctx.clock.callLater(ctx.config.peek_timeout, self._handshake_timed_out)
-        tls.makeConnection(self.transport)
-        if self.state == "handshaking":
-            tls.dataReceived(buffered)
-        if self.state == "handshaking":
-            self.transport.resumeProducing()
-
-    def _handshake_done(self) -> None:
-        if self.state != "handshaking":
-            return
-        self._cancel_timer()
-        encryption, authentication, subject, alpn, ssl_info = handshake_facts(self._tls.getHandle())
-        self.facts = TLSFacts(
-            encryption=encryption, authentication=authentication, subject=subject, alpn=alpn, ssl=ssl_info
-        )
-        self._client = self._tls
-        self._client.pauseProducing()
-        self._resolve_and_connect()
-
-    def _resolve_and_connect(self) -> None:
-        ctx = self._ctx
-        cfg = ctx.config
-        identified = self._identified
-        protocol = self._answer_protocol()
-        request = ConnectionRequest(
-            service_id=self._service,
-            client=self.client,
-            destination=self.destination,
-            sni=identified.name if identified.method == "sni" else None,
-            alpn=identified.alpn,
-            listener=cfg.name,
-        )
-        try:
-            candidates = ctx.resolver.resolve(request)
-            self._policy = admit(ctx.resolver.service_config(self._service), self.facts)
-        except AccessDenied as e:
-            self._refuse("denied", str(e), protocol)
-            return
-        except UnknownService as e:
-            self._refuse("unknown_service", str(e), protocol)
-            return
-        except NoShardAvailable as e:
-            self._refuse("no_shard", str(e), protocol)
-            return
-        except PolicyRefused as e:
-            self._refuse(e.reason, str(e), protocol)
-            return
-        except ResolverError as e:
-            self._refuse("internal", str(e), protocol)
-            return
-        self._candidates = candidates[: 1 + cfg.retries]
-        self.state = "connecting"
-        self._attempt(0)
-
-    def _attempt(self, index: int) -> None:
-        ctx = self._ctx
-        candidate = self._candidates[index]
-        shard = candidate.shard
-        self._lease = ctx.resolver.lease(shard.shard_id)
-        started = ctx.clock.seconds()
-        d = ctx.connector.connect(shard, _UPSTREAM_FACTORY, ctx.config.connect_timeout)
-        self._pending = d
-        d.addCallbacks(
-            self._connected,
-            self._connect_failed,
-            callbackArgs=(index, candidate, started),
-            errbackArgs=(index, candidate),
-        )
-
-    def _connect_failed(self, failure, index: int, candidate) -> None:
-        ctx = self._ctx
-        self._pending = None
-        self._release_lease()
-        shard = candidate.shard
-        reason = getattr(failure.value, "reason", "error")
-        if self.state != "connecting":
-            # The client went away and cancelled the attempt.
-            return
-        ctx.resolver.record_connect_result(shard.shard_id, False)
-        ctx.metrics.upstream_failures.labels(self._service, shard.shard_id, reason).inc()
-        log.warn(
-            "connection {id}: shard {shard} ({address}) failed: {why}",
-            id=self.connection_id,
-            shard=shard.shard_id,
-            address=str(shard.address),
-            why=failure.getErrorMessage(),
-        )
-        if index + 1 < len(self._candidates):
-            self._attempt(index + 1)
-        else:
-            tried = ", ".join(c.shard.shard_id for c in self._candidates)
-            self._refuse(
-                "shard_unreachable",
-                f"no shard of {self._service!r} could be reached (tried {tried})",
-                self._answer_protocol(),
-            )
-
-    def _connected(self, upstream: UpstreamProtocol, index: int, candidate, started: float) -> None:
-        ctx = self._ctx
-        self._pending = None
-        shard = candidate.shard
-        if self.state != "connecting":
-            self._abandon(upstream)
-            return
-        try:
-            header = self._header(shard.shard_id)
-        except PolicyTooLarge as e:
-            self._abandon(upstream)
-            self._refuse("token_too_large", str(e), self._answer_protocol())
-            return
-        upstream.transport.write(header)
-        # The TCP connect time is the latency sample; a TLS handshake on top
-        # would add the shard's CPU time to its distance.
-        self._connect_seconds = ctx.clock.seconds() - started
-        service = ctx.resolver.service_config(self._service)
-        if not service.upstream_tls:
-            self._ready(upstream, candidate, started)
-            return
-        d = upstream.start_tls(ctx.upstream_tls.options_for(service, shard))
-        d.addTimeout(ctx.config.connect_timeout, ctx.clock)
-        self._pending = d
-        d.addCallbacks(
-            lambda _: self._ready(upstream, candidate, started),
-            self._upstream_tls_failed,
-            errbackArgs=(upstream, index, candidate),
-        )
-
-    def _upstream_tls_failed(self, failure, upstream, index: int, candidate) -> None:
-        self._pending = None
-        if upstream.transport is not None and upstream.connected:
-            upstream.transport.abortConnection()
-        if self.state != "connecting":
-            self._release_lease()
-            return
-        why = failure.getErrorMessage() or failure.type.__name__
-        log.warn(
-            "security: shard {shard} ({address}) failed TLS verification: {why}",
-            shard=candidate.shard.shard_id,
-            address=str(candidate.shard.address),
-            why=why,
-            security_event="upstream_tls_verification",
-        )
-        self._connect_failed(Failure(ShardConnectFailed("tls_verify", f"TLS verification failed: {why}")), index, candidate)
-
-    def _ready(self, upstream: UpstreamProtocol, candidate, started: float) -> None:
-        """The shard is connected (and verified): send the bytes, splice."""
-        ctx = self._ctx
-        self._pending = None
-        shard = candidate.shard
-        if self.state != "connecting":
-            self._abandon(upstream)
-            return
-        elapsed = ctx.clock.seconds() - started
-        ctx.resolver.record_connect_result(shard.shard_id, True, self._connect_seconds)
-        ctx.metrics.connect_seconds.labels(self._service).observe(elapsed)
-        self._shard = shard.shard_id
-        identified = self._identified
-        payload = b"".join(self._buffer)
-        if self._tls is None:
-            payload = payload[identified.consume :]
-        self._buffer, self._buffered = [], 0
+        upstream, self._upstream = self._upstream, None
         if payload:
             upstream.transport.write(payload)
-        if identified.reply_when_connected:
-            self._client.write(identified.reply_when_connected)
+        if reply:
+            self._client.write(reply)
         splice = Splice(
             self._client,
             upstream.transport,
@@ -640,65 +335,132 @@ class ProxyConnection(SpliceSideMixin, Protocol):
             idle_timeout=ctx.config.idle_timeout,
         )
         self._splice = splice
-        upstream._splice = splice
-        self.state = "spliced"
-        # What only the choice needed: keep idle connections small.
-        self._detector = None
-        self._candidates = None
-        ctx.metrics.spliced.labels(ctx.config.name, self._service, shard.shard_id).inc()
+        upstream.attach(splice)
+        self._attempts = None
+        ctx.metrics.spliced.labels(ctx.config.name, self.machine.service, self._shard).inc()
         splice.start()
-        if self._client_eof_seen:
+        if client_eof:
             splice.read_closed(DOWNSTREAM)
         self._client.resumeProducing()
 
-    def _header(self, shard_id: str) -> bytes:
-        """The PROXY v2 header for ``shard_id``, PolicyContext signed for it."""
-        ctx = self._ctx
-        identified = self._identified
-        facts = self.facts
-        sni = identified.name if identified.method == "sni" else None
-        token = ctx.signer.sign(
-            policy=self._policy,
-            audience=shard_id,
-            connection_id=self.connection_id,
-            service=self._service,
-            source=self.client,
-            destination=self.destination,
-            subject=facts.subject,
-            sni=sni,
-        )
-        tlvs = []
-        if facts.alpn:
-            tlvs.append((proxyv2.PP2_TYPE_ALPN, facts.alpn.encode("ascii", "replace")))
-        if identified.name:
-            tlvs.append((proxyv2.PP2_TYPE_AUTHORITY, identified.name.encode("utf-8")))
-        tlvs.append((proxyv2.PP2_TYPE_UNIQUE_ID, self.connection_id.encode("ascii")))
-        if facts.ssl is not None:
-            tlvs.append((proxyv2.PP2_TYPE_SSL, facts.ssl.to_bytes()))
-        tlvs.append((ctx.tlv_type, token))
-        return proxyv2.encode(
-            proxyv2.ProxyHeader(
-                command=proxyv2.Command.PROXY,
-                source=self.client,
-                destination=self.destination,
-                tlvs=tuple(tlvs),
-            )
-        )
+    # -- one attempt at a shard -----------------------------------------------
 
-    def _answer_protocol(self) -> str:
-        """
-        How a refusal is answered now: in the identified protocol, except
-        once the proxy speaks TLS with the client (an alert or status line
-        in clear would be garbage inside it; a close says enough).
-        """
-        return "none" if self._tls is not None else self._identified.protocol
+    def _attempt(self, candidate) -> Deferred:
+        """Connect to ``candidate``'s shard, write its header, verify its TLS."""
+        ctx = self._ctx
+        shard = candidate.shard
+        self._lease = ctx.resolver.lease(shard.shard_id)
+        self._attempt_started = ctx.clock.seconds()
+        d = ctx.connector.connect(shard, _UPSTREAM_FACTORY, ctx.config.connect_timeout)
+        d.addCallback(self._connected, candidate)
+        return d
+
+    def _connected(self, upstream: UpstreamProtocol, candidate):
+        ctx = self._ctx
+        machine = self.machine
+        shard = candidate.shard
+        if not machine.connecting:
+            self._abandon(upstream)
+            return None
+        identified = machine.identified
+        try:
+            header = build_header(
+                ctx.signer,
+                ctx.tlv_type,
+                shard_id=shard.shard_id,
+                connection_id=self.connection_id,
+                service=machine.service,
+                policy=machine.policy,
+                client=machine.client,
+                destination=machine.destination,
+                name=identified.name,
+                sni=identified.name if identified.method == "sni" else None,
+                tls=machine.facts,
+            )
+        except PolicyTooLarge as e:
+            self._abandon(upstream)
+            machine.header_refused(str(e))
+            return None
+        upstream.transport.write(header)
+        # The TCP connect time is the latency sample; a TLS handshake on top
+        # would add the shard's CPU time to its distance.
+        self._connect_seconds = ctx.clock.seconds() - self._attempt_started
+        service = ctx.resolver.service_config(machine.service)
+        if not service.upstream_tls:
+            return upstream
+        d = upstream.start_tls(ctx.upstream_tls.options_for(service, shard))
+        d.addTimeout(ctx.config.connect_timeout, ctx.clock)
+        d.addErrback(self._upstream_tls_failed, upstream, candidate)
+        return d
+
+    def _upstream_tls_failed(self, failure: Failure, upstream: UpstreamProtocol, candidate):
+        if upstream.transport is not None and upstream.connected:
+            upstream.transport.abortConnection()
+        if not self.machine.connecting:
+            return failure
+        why = failure.getErrorMessage() or failure.type.__name__
+        log.warn(
+            "security: shard {shard} ({address}) failed TLS verification: {why}",
+            shard=candidate.shard.shard_id,
+            address=str(candidate.shard.address),
+            why=why,
+            security_event="upstream_tls_verification",
+        )
+        raise ShardConnectFailed("tls_verify", f"TLS verification failed: {why}")
+
+    def _attempt_failed(self, candidate, failure: Failure) -> bool:
+        """Note a failed attempt; whether to try the next candidate."""
+        self._release_lease()
+        if not self.machine.connecting:
+            # The client went away and cancelled the attempt.
+            return False
+        ctx = self._ctx
+        shard = candidate.shard
+        ctx.resolver.record_connect_result(shard.shard_id, False)
+        reason = getattr(failure.value, "reason", "error")
+        ctx.metrics.upstream_failures.labels(self.machine.service, shard.shard_id, reason).inc()
+        log.warn(
+            "connection {id}: shard {shard} ({address}) failed: {why}",
+            id=self.connection_id,
+            shard=shard.shard_id,
+            address=str(shard.address),
+            why=failure.getErrorMessage(),
+        )
+        return True
+
+    def _exhausted(self, candidates) -> None:
+        self._attempts = None
+        self.machine.unreachable([c.shard.shard_id for c in candidates])
+
+    def _succeeded(self, candidate, upstream: Optional[UpstreamProtocol]) -> None:
+        """The shard is connected (and verified): record it, then splice."""
+        if upstream is None:
+            # Abandoned on the way (the client left, or no header).
+            return
+        ctx = self._ctx
+        machine = self.machine
+        if not machine.connecting:
+            self._abandon(upstream)
+            return
+        shard_id = candidate.shard.shard_id
+        elapsed = ctx.clock.seconds() - self._attempt_started
+        ctx.resolver.record_connect_result(shard_id, True, self._connect_seconds)
+        ctx.metrics.connect_seconds.labels(machine.service).observe(elapsed)
+        self._shard = shard_id
+        self._upstream = upstream
+        machine.ready()
 
     def _abandon(self, upstream: UpstreamProtocol) -> None:
         """Drop a shard connection this client no longer needs."""
         upstream.transport.abortConnection()
         self._release_lease()
 
-    # -- endings ----------------------------------------------------------
+    def _release_lease(self) -> None:
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            lease.release()
+
+    # -- the end --------------------------------------------------------------
 
     def _spliced_done(self, stats: SpliceStats) -> None:
         ctx = self._ctx
@@ -707,79 +469,21 @@ class ProxyConnection(SpliceSideMixin, Protocol):
         ctx.metrics.bytes.labels(name, "down").inc(stats.bytes_down)
         ctx.metrics.ended.labels(name, stats.ended_by or "closed").inc()
         self._release_lease()
+        machine = self.machine
         log.info(
             "connection {id} {client} -> {service}/{shard} closed by {ended_by}: "
             "{bytes_up} bytes up, {bytes_down} down, {duration:.3f}s",
             id=self.connection_id,
-            client=_fmt(self.client),
-            service=self._service,
+            client=format_address(machine.client),
+            service=machine.service,
             shard=self._shard,
             ended_by=stats.ended_by,
             bytes_up=stats.bytes_up,
             bytes_down=stats.bytes_down,
             duration=ctx.clock.seconds() - self._start,
         )
-        self.state = "closed"
-        self._finish()
-
-    def _refuse(self, reason: str, message: str, protocol: str) -> None:
-        """Answer, log, count and close; the connection never reaches a shard."""
-        if self.state in ("closed", "spliced"):
-            return
-        ctx = self._ctx
-        handshaking = self.state == "handshaking"
-        self.state = "closed"
-        self._cancel_timer()
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.cancel()
-        self._release_lease()
-        ctx.metrics.rejected.labels(ctx.config.name, reason).inc()
-        log.info(
-            "connection {id} from {client} refused ({reason}): {message}",
-            id=self.connection_id,
-            client=_fmt(self.client),
-            reason=reason,
-            message=message,
-        )
-        self._buffer = []
-        if handshaking:
-            self._client.abortConnection()
-            return
-        answer = refusal_bytes(reason, protocol)
-        if answer:
-            self._client.write(answer)
-        self._client.loseConnection()
-
-    def _peek_timed_out(self) -> None:
-        self._timer = None
-        protocol = self._detector.protocol if self._detector is not None else "none"
-        what = "PROXY header" if self.state == "proxy-header" else "ClientHello or preamble"
-        self._refuse(
-            "peek_timeout",
-            f"no complete {what} within {self._ctx.config.peek_timeout}s ({self._buffered} bytes received)",
-            protocol,
-        )
-
-    def _handshake_timed_out(self) -> None:
-        self._timer = None
-        self._refuse("handshake_timeout", f"TLS handshake not done within {self._ctx.config.peek_timeout}s", "none")
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-
-    def _release_lease(self) -> None:
-        if self._lease is not None:
-            self._lease.release()
-            self._lease = None
-
-    def _finish(self) -> None:
-        ctx = self._ctx
-        if self in ctx.connections:
-            ctx.connections.discard(self)
-            ctx.metrics.active.labels(ctx.config.name).dec()
+        machine.finished()
+        ctx.closed(self)
 
 
 def _no_delay(transport) -> None:
@@ -795,33 +499,27 @@ def _no_delay(transport) -> None:
             pass
 
 
-@attrs.frozen
-class _Addr:
-    host: str
-    port: int
-
-
-def _in_networks(ip: str, networks) -> bool:
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    if address.version == 6 and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return any(address.version == n.version and address in n for n in networks)
-
-
-def _fmt(address) -> str:
-    return format_hostport(*address) if address else "?"
-
-
 class ProxyFactory(Factory):
-    """Builds a ``ProxyConnection`` per accepted client, sharing ``context``."""
+    """
+    Builds a ``ProxyConnection`` per accepted client, sharing ``context``.
+
+    On ``accept_proxy`` listeners each connection gets a
+    ``ProxyHeaderProtocol`` in front (built by a ``ProxyHeaderFactory``
+    wrapping this factory, as Twisted's ``HAProxyWrappingFactory`` does),
+    and the connection behind it starts once the header has been read.
+    """
 
     noisy = False
 
     def __init__(self, context: ListenerContext) -> None:
         self.context = context
+        self._front = ProxyHeaderFactory(context, self.behind_header) if context.config.accept_proxy else None
 
-    def buildProtocol(self, addr) -> ProxyConnection:
+    def buildProtocol(self, addr):
+        if self._front is not None:
+            return self._front.buildProtocol(addr)
         return ProxyConnection(self.context)
+
+    def behind_header(self, connection_id: str, accepted_at: float) -> ProxyConnection:
+        """The connection that goes on once a PROXY header has been read."""
+        return ProxyConnection(self.context, connection_id=connection_id, accepted_at=accepted_at)

@@ -1,0 +1,115 @@
+"""
+Connecting to shards: ``InOrder`` tries candidates one at a time, in order.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+from twisted.trial.unittest import SynchronousTestCase
+
+from shardtcp.proxy.connector import InOrder, ShardConnectFailed
+
+
+class Attempts:
+    """Records what ``InOrder`` does; each attempt's Deferred is settled by the test."""
+
+    def __init__(self, go_on: bool = True) -> None:
+        self.started: list = []
+        self.deferreds: list = []
+        self.failed: list = []
+        self.succeeded: list = []
+        self.exhausted: list = []
+        self.go_on = go_on
+
+    def attempt(self, candidate):
+        d = defer.Deferred()
+        self.started.append(candidate)
+        self.deferreds.append(d)
+        return d
+
+    def in_order(self, candidates) -> InOrder:
+        return InOrder(
+            candidates,
+            self.attempt,
+            succeeded=lambda c, r: self.succeeded.append((c, r)),
+            failed=lambda c, f: self.failed.append((c, getattr(f.value, "reason", f.type.__name__))) or self.go_on,
+            exhausted=lambda cs: self.exhausted.append(list(cs)),
+        )
+
+
+class InOrderTests(SynchronousTestCase):
+    """One attempt at a time; a failure moves on; the first success ends it."""
+
+    def test_first_success(self) -> None:
+        """Only the first candidate is tried when it answers."""
+        a = Attempts()
+        a.in_order(["a", "b"]).start()
+        self.assertEqual(a.started, ["a"])
+        a.deferreds[0].callback("proto")
+        self.assertEqual(a.succeeded, [("a", "proto")])
+        self.assertEqual(a.started, ["a"])
+
+    def test_failure_tries_next(self) -> None:
+        """A failure is reported, then the next candidate is tried, and its success wins."""
+        a = Attempts()
+        a.in_order(["a", "b", "c"]).start()
+        a.deferreds[0].errback(ShardConnectFailed("refused", "no"))
+        self.assertEqual(a.started, ["a", "b"])
+        a.deferreds[1].callback("p")
+        self.assertEqual(a.failed, [("a", "refused")])
+        self.assertEqual(a.succeeded, [("b", "p")])
+        self.assertEqual(a.exhausted, [])
+
+    def test_exhausted(self) -> None:
+        """When every candidate failed, ``exhausted`` gets them in order."""
+        a = Attempts()
+        a.in_order(["a", "b"]).start()
+        a.deferreds[0].errback(ShardConnectFailed("refused", "no"))
+        a.deferreds[1].errback(ShardConnectFailed("timeout", "no"))
+        self.assertEqual(a.failed, [("a", "refused"), ("b", "timeout")])
+        self.assertEqual(a.exhausted, [["a", "b"]])
+
+    def test_failed_may_stop(self) -> None:
+        """When ``failed`` says no, nothing more is tried and nothing is exhausted."""
+        a = Attempts(go_on=False)
+        a.in_order(["a", "b"]).start()
+        a.deferreds[0].errback(ShardConnectFailed("refused", "no"))
+        self.assertEqual(a.started, ["a"])
+        self.assertEqual(a.exhausted, [])
+
+    def test_cancel(self) -> None:
+        """``cancel`` cancels the attempt in progress; its failure goes to ``failed``."""
+        a = Attempts(go_on=False)
+        attempts = a.in_order(["a", "b"])
+        attempts.start()
+        attempts.cancel()
+        self.assertTrue(a.deferreds[0].called)
+        self.assertEqual(a.failed, [("a", "CancelledError")])
+        self.assertEqual(a.started, ["a"])
+        attempts.cancel()
+
+    def test_synchronous_failures(self) -> None:
+        """Attempts that fail at once still go in order, each once."""
+        failed: list = []
+        attempts = InOrder(
+            ["a", "b", "c"],
+            lambda c: defer.fail(ShardConnectFailed("refused", c)),
+            succeeded=lambda c, r: None,
+            failed=lambda c, f: failed.append(c) or True,
+            exhausted=lambda cs: failed.append("done"),
+        )
+        attempts.start()
+        self.assertEqual(failed, ["a", "b", "c", "done"])
+
+
+class InterfaceTests(SynchronousTestCase):
+    """The connector seam."""
+
+    def test_shard_connector_provides_interface(self) -> None:
+        """``ShardConnector`` provides ``IShardConnector``."""
+        from twisted.internet.testing import MemoryReactorClock
+        from zope.interface.verify import verifyObject
+
+        from shardtcp.proxy.connector import IShardConnector, ShardConnector
+
+        verifyObject(IShardConnector, ShardConnector(MemoryReactorClock()))
