@@ -38,7 +38,9 @@ socket object gives up the descriptor with ``socket.detach()``; the
 transport is then marked disconnected, so later ``write``,
 ``loseConnection`` or ``abortConnection`` calls on it are no-ops and
 nothing ever closes the descriptor behind our back.  Twisted never calls the
-transport's protocol again: the caller stops routing its events.  This
+transport's protocol again (the caller stops routing its events), and the
+takeover may happen inside one of the transport's own callbacks.  Read the
+addresses first: a client transport's ``getPeer`` asks the socket.  This
 reads four attributes of ``twisted.internet.abstract.FileDescriptor``
 (``dataBuffer``, ``offset``, ``_tempDataBuffer``, ``_tempDataLen``), stable
 for many years; ``can_detach`` refuses a transport that lacks them.

@@ -582,6 +582,47 @@ class DetachTests(TestCase):
         self.assertNotIn(down.transport, global_reactor.getReaders())
 
     @defer.inlineCallbacks
+    def test_take_over_from_inside_data_received(self):
+        """
+        Taking the sockets over from inside the client transport's own
+        ``dataReceived`` works: Twisted neither calls the protocol again nor
+        logs an error, and the bytes flow both ways.
+        """
+        shard_srv = _listener()
+        self.addCleanup(shard_srv.close)
+        upstream = yield protocol.ClientCreator(global_reactor, _Recorder).connectTCP(*shard_srv.getsockname())
+        shard_sock, _ = shard_srv.accept()
+        self.addCleanup(shard_sock.close)
+        done = defer.Deferred()
+        splicer = KernelSplicer(self.pool, reactor=global_reactor)
+        taken = []
+
+        class TakeOver(_Recorder):
+            def dataReceived(self, data):
+                taken.append(splicer.take_transports(self.transport, upstream.transport, on_done=done.callback, prefix_up=data))
+
+        server_proto = TakeOver()
+        port = global_reactor.listenTCP(0, protocol.Factory.forProtocol(lambda: server_proto), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client_sock = socket.create_connection(("127.0.0.1", port.getHost().port))
+        self.addCleanup(client_sock.close)
+        client_sock.sendall(b"first")
+        while not taken:
+            yield deferLater(global_reactor, 0.01, lambda: None)
+        self.assertIsNotNone(taken[0])
+        question, answer = os.urandom(MIB), os.urandom(MIB)
+        client = Peer(client_sock, question).start()
+        shard = Peer(shard_sock, answer).start()
+        self.addCleanup(client.close)
+        self.addCleanup(shard.close)
+        yield done
+        yield defer.gatherResults([client.ended, shard.ended])
+        self.assertEqual(shard.sha.digest(), hashlib.sha256(b"first" + question).digest())
+        self.assertEqual(client.sha.digest(), hashlib.sha256(answer).digest())
+        self.assertFalse(server_proto.lost)
+        self.assertFalse(upstream.lost)
+
+    @defer.inlineCallbacks
     def test_dup_would_end_the_connection(self):
         """
         Why the socket is detached rather than duplicated: Twisted closes a
