@@ -56,7 +56,6 @@ import struct
 from typing import Callable, Optional
 
 import attrs
-from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IReactorFDSet, IReactorTime, IReadDescriptor, IWriteDescriptor
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -389,6 +388,8 @@ class KernelSplicer:
 class _Side:
     """One socket of a kernel splice, as the reactor sees it."""
 
+    __slots__ = ("_owner", "index", "sock", "fd", "open", "reading", "writing")
+
     def __init__(self, owner: "KernelSplice", index: int, sock: socket.socket) -> None:
         self._owner = owner
         self.index = index
@@ -418,6 +419,9 @@ class _Side:
 class _Direction:
     """Bytes moving from side ``src`` to side ``dst``."""
 
+    # Slots keep an idle spliced connection small.
+    __slots__ = ("src", "dst", "pipe", "pending", "in_pipe", "eof", "final", "drained", "dead", "stalled", "copy", "tried", "tried_out")
+
     def __init__(self, src: int, pipe: Pipe, prefix: bytes) -> None:
         self.src = src
         self.dst = 1 - src
@@ -440,6 +444,11 @@ class KernelSplice:
     Build it with ``KernelSplicer``; ``stats``, ``close`` and ``abort`` are
     as on the userspace ``Splice``.
     """
+
+    __slots__ = (
+        "_splicer", "_reactor", "_clock", "_on_done", "_idle_timeout", "_idle_call",
+        "_last_activity", "_sides", "_dirs", "_done", "stats",
+    )
 
     def __init__(
         self,
