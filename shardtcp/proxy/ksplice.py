@@ -306,7 +306,9 @@ class KernelSplicer:
 
         ``prefix_up`` goes to the shard and ``prefix_down`` to the client
         first, after whatever each transport still had to send.
-        ``on_done(stats)`` is called once both sockets are closed.
+        ``on_done(stats)`` is called once both sockets are closed, possibly
+        before this returns (a peer that was already gone).  A side whose
+        EOF Twisted already reported is seen again as an EOF here.
         """
         if not (self.enabled and can_detach(downstream) and can_detach(upstream)):
             return None
