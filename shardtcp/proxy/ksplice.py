@@ -1,0 +1,787 @@
+# -*- test-case-name: tests.proxy.test_ksplice -*-
+"""
+Kernel splice: move a connection's bytes with ``splice(2)``, below Twisted.
+
+Once the PROXY header is written, a passthrough or plain connection only
+copies bytes.  ``KernelSplice`` does that through one pipe per direction
+(socket -> pipe -> socket, the bytes never reach Python), driven by the
+reactor through two raw file descriptors.  It keeps the contract of the
+userspace ``Splice``:
+
+* flow control: a direction reads from its source only while its pipe has
+  room and writes while the pipe holds bytes, so a connection holds at most
+  a pipe per direction plus the sockets' own buffers;
+* half-close: an EOF from one side becomes a ``shutdown(SHUT_WR)`` of the
+  other once the pipe is drained; both EOFs close both sockets; a reset or
+  error on one side closes the other after flushing what can be flushed;
+* the same ``SpliceStats`` (bytes read from each side, who ended it), an
+  idle timeout, ``close`` and ``abort``;
+* bytes the caller already holds for a side (a prefix per direction) are
+  sent before any spliced byte.  They are not counted in the stats, as the
+  bytes written before a userspace ``Splice`` starts are not.
+
+``KernelSplicer.take_transports`` returns ``None`` without touching
+anything when it cannot take the connection (kernel splice unavailable,
+pipes exhausted, a transport that is not plain TCP); the caller then uses
+the userspace ``Splice``.  ``PipePool`` bounds the pipes and reuses empty
+ones.
+
+Taking a socket over from Twisted (``detach_transport``).  A
+``tcp.Connection`` closes its socket in ``connectionLost`` with
+``shutdown(SHUT_RDWR)`` (``loseConnection``), which acts on the socket, not
+on the descriptor: keeping an ``os.dup`` and letting Twisted close its own
+copy sends the peer a FIN in the middle of the connection.
+``abortConnection`` sets ``SO_LINGER {1, 0}`` on the shared socket, so the
+dup's eventual close would reset the peer instead of ending cleanly.  Instead the transport is removed from the reactor, its unsent
+write buffer is taken out (it becomes the head of the prefix), and its
+socket object gives up the descriptor with ``socket.detach()``; the
+transport is then marked disconnected, so later ``write``,
+``loseConnection`` or ``abortConnection`` calls on it are no-ops and
+nothing ever closes the descriptor behind our back.  Twisted never calls the
+transport's protocol again (the caller stops routing its events), and the
+takeover may happen inside one of the transport's own callbacks.  Read the
+addresses first: a client transport's ``getPeer`` asks the socket.  This
+reads four attributes of ``twisted.internet.abstract.FileDescriptor``
+(``dataBuffer``, ``offset``, ``_tempDataBuffer``, ``_tempDataLen``), stable
+for many years; ``can_detach`` refuses a transport that lacks them.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+import struct
+from typing import Callable, Optional
+
+import attrs
+from twisted.internet.interfaces import IReactorFDSet, IReactorTime, IReadDescriptor, IWriteDescriptor
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from shardtcp.proxy.splice import DOWNSTREAM, UPSTREAM, SpliceStats
+
+log = Logger()
+
+# HAProxy's tune.pipesize default is the system's; 1 MiB lets one splice
+# call move a whole TCP receive window on a fast link.
+PIPE_SIZE = 1 << 20
+DEFAULT_MAX_PIPES = 4096
+# Empty pipes kept for reuse: saves pipe2 + fcntl + two closes per pipe.
+DEFAULT_KEEP_FREE = 64
+# Read size of a direction that fell back to copying through userspace.
+_COPY_CHUNK = 128 * 1024
+
+_NAMES = ("client", "shard")
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+# splice(2) unsupported for these descriptors or by this kernel/sandbox.
+_UNSUPPORTED = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM)
+
+
+# -- availability ---------------------------------------------------------
+
+_available: Optional[bool] = None
+
+
+def kernel_splice_available() -> bool:
+    """
+    Whether ``os.splice`` works here: probed once (a byte through a pipe
+    between the two ends of a socket pair) and cached.
+    """
+    global _available
+    if _available is None:
+        _available = _probe()
+    return _available
+
+
+def _probe() -> bool:
+    splice = getattr(os, "splice", None)
+    if splice is None:
+        return False
+    a = b = None
+    r = w = -1
+    try:
+        a, b = socket.socketpair()
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        a.sendall(b"x")
+        if splice(b.fileno(), w, 1, flags=_SPLICE_FLAGS) != 1:
+            return False
+        if splice(r, a.fileno(), 1, flags=_SPLICE_FLAGS) != 1:
+            return False
+        return b.recv(1) == b"x"
+    except OSError:
+        return False
+    finally:
+        for s in (a, b):
+            if s is not None:
+                s.close()
+        for fd in (r, w):
+            if fd >= 0:
+                os.close(fd)
+
+
+# -- pipes ----------------------------------------------------------------
+
+
+@attrs.frozen
+class Pipe:
+    """A non-blocking pipe and the bytes it can hold."""
+
+    read_fd: int
+    write_fd: int
+    capacity: int
+
+
+class PipePool:
+    """
+    Owns the count of pipes in use (at most ``max_pipes``) and a few empty
+    ones kept for reuse.  ``acquire`` returns ``None`` when the bound is
+    reached or the system refuses a pipe.
+    """
+
+    def __init__(
+        self,
+        max_pipes: int = DEFAULT_MAX_PIPES,
+        *,
+        pipe_size: int = PIPE_SIZE,
+        keep_free: int = DEFAULT_KEEP_FREE,
+    ) -> None:
+        self.max_pipes = max_pipes
+        self._pipe_size = pipe_size
+        self._keep_free = keep_free
+        self._free: list[Pipe] = []
+        self.in_use = 0
+
+    @property
+    def free(self) -> int:
+        """Empty pipes held for reuse."""
+        return len(self._free)
+
+    def acquire(self) -> Optional[Pipe]:
+        if self.in_use >= self.max_pipes:
+            return None
+        if self._free:
+            pipe = self._free.pop()
+        else:
+            try:
+                pipe = self._make()
+            except OSError as e:
+                log.warn("kernel splice: no pipe: {error}", error=os.strerror(e.errno or 0))
+                return None
+        self.in_use += 1
+        return pipe
+
+    def release(self, pipe: Pipe, *, empty: bool) -> None:
+        """Give ``pipe`` back; a pipe that may hold bytes is closed."""
+        self.in_use -= 1
+        if empty and len(self._free) < self._keep_free:
+            self._free.append(pipe)
+        else:
+            _close_pipe(pipe)
+
+    def close(self) -> None:
+        """Close the pipes kept for reuse (pipes in use close on release)."""
+        free, self._free = self._free, []
+        for pipe in free:
+            _close_pipe(pipe)
+
+    def _make(self) -> Pipe:
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, self._pipe_size)
+        except OSError:
+            # EPERM above /proc/sys/fs/pipe-max-size or the user's pipe
+            # budget: the default size still works, only with more calls.
+            pass
+        try:
+            capacity = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
+        except OSError:
+            capacity = 65536
+        return Pipe(r, w, capacity)
+
+
+def _close_pipe(pipe: Pipe) -> None:
+    for fd in (pipe.read_fd, pipe.write_fd):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+# -- taking sockets over from Twisted ------------------------------------
+
+
+def can_detach(transport) -> bool:
+    """Whether ``detach_transport`` can take ``transport``'s socket."""
+    from twisted.internet import tcp
+
+    return (
+        isinstance(transport, tcp.Connection)
+        and bool(transport.connected)
+        and not transport.disconnected
+        and not transport.disconnecting
+        and not getattr(transport, "_writeDisconnecting", True)
+        and not getattr(transport, "_aborting", True)
+        and not getattr(transport, "TLS", True)
+        and isinstance(getattr(transport, "_tempDataBuffer", None), list)
+        and hasattr(transport, "dataBuffer")
+        and hasattr(transport, "offset")
+        and hasattr(transport, "_tempDataLen")
+    )
+
+
+def detach_transport(transport) -> tuple[socket.socket, bytes]:
+    """
+    Take the connected socket out of a Twisted TCP transport.
+
+    Returns the socket (non-blocking, now owned by the caller) and the bytes
+    written to the transport but not yet sent.  The transport is left inert
+    (see the module docstring); its protocol gets no further events.
+    """
+    if not can_detach(transport):
+        raise ValueError("not a plain, open Twisted TCP transport")
+    transport.stopReading()
+    transport.stopWriting()
+    pending = bytes(transport.dataBuffer[transport.offset :]) + b"".join(transport._tempDataBuffer)
+    transport.dataBuffer = b""
+    transport.offset = 0
+    transport._tempDataBuffer = []
+    transport._tempDataLen = 0
+    if transport.producer is not None:
+        transport.unregisterProducer()
+    fd = transport.socket.detach()
+    transport.connected = False
+    transport.disconnected = True
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(False)
+    return sock, pending
+
+
+# -- the pump -------------------------------------------------------------
+
+
+class KernelSplicer:
+    """
+    Builds ``KernelSplice``s, or says no (``None``) so that the caller uses
+    the userspace ``Splice``.
+
+    ``enabled`` defaults to ``kernel_splice_available()``.  A splice call
+    refused as unsupported (``EINVAL``, ``ENOSYS``) before any has worked
+    disables the splicer: that connection finishes by copying, the next ones
+    are refused.
+    """
+
+    def __init__(
+        self,
+        pool: PipePool,
+        *,
+        reactor: IReactorFDSet,
+        clock: Optional[IReactorTime] = None,
+        enabled: Optional[bool] = None,
+        splice: Optional[Callable[..., int]] = None,
+    ) -> None:
+        self.pool = pool
+        self._reactor = reactor
+        self._clock = clock if clock is not None else reactor
+        self.enabled = kernel_splice_available() if enabled is None else enabled
+        self._splice = splice if splice is not None else getattr(os, "splice", None)
+        self._proven = False
+
+    def take_transports(
+        self,
+        downstream,
+        upstream,
+        *,
+        on_done: Callable[[SpliceStats], None],
+        prefix_up: bytes = b"",
+        prefix_down: bytes = b"",
+        idle_timeout: float = 0.0,
+    ) -> Optional["KernelSplice"]:
+        """
+        Splice the client's transport ``downstream`` and the shard's
+        ``upstream`` in the kernel, or return ``None`` having changed
+        nothing.
+
+        ``prefix_up`` goes to the shard and ``prefix_down`` to the client
+        first, after whatever each transport still had to send.
+        ``on_done(stats)`` is called once both sockets are closed, possibly
+        before this returns (a peer that was already gone).  A side whose
+        EOF Twisted already reported is seen again as an EOF here.
+        """
+        if not (self.enabled and can_detach(downstream) and can_detach(upstream)):
+            return None
+        pipes = self._pipes()
+        if pipes is None:
+            return None
+        down_sock, down_pending = detach_transport(downstream)
+        up_sock, up_pending = detach_transport(upstream)
+        return self._start(
+            down_sock,
+            up_sock,
+            pipes,
+            on_done=on_done,
+            prefix_up=up_pending + prefix_up,
+            prefix_down=down_pending + prefix_down,
+            idle_timeout=idle_timeout,
+        )
+
+    def take_sockets(
+        self,
+        downstream: socket.socket,
+        upstream: socket.socket,
+        *,
+        on_done: Callable[[SpliceStats], None],
+        prefix_up: bytes = b"",
+        prefix_down: bytes = b"",
+        idle_timeout: float = 0.0,
+    ) -> Optional["KernelSplice"]:
+        """
+        As ``take_transports`` for two connected sockets the caller owns;
+        on success the splice owns (and will close) them.
+        """
+        if not self.enabled:
+            return None
+        pipes = self._pipes()
+        if pipes is None:
+            return None
+        downstream.setblocking(False)
+        upstream.setblocking(False)
+        return self._start(
+            downstream,
+            upstream,
+            pipes,
+            on_done=on_done,
+            prefix_up=prefix_up,
+            prefix_down=prefix_down,
+            idle_timeout=idle_timeout,
+        )
+
+    def _pipes(self) -> Optional[tuple[Pipe, Pipe]]:
+        first = self.pool.acquire()
+        if first is None:
+            return None
+        second = self.pool.acquire()
+        if second is None:
+            self.pool.release(first, empty=True)
+            return None
+        return first, second
+
+    def _start(self, down_sock, up_sock, pipes, **kw) -> "KernelSplice":
+        splice = KernelSplice(down_sock, up_sock, pipes, splicer=self, reactor=self._reactor, clock=self._clock, **kw)
+        splice.start()
+        return splice
+
+    # Called by the splices.
+    def _splice_worked(self) -> None:
+        self._proven = True
+
+    def _splice_unsupported(self, error: OSError) -> None:
+        if not self._proven and self.enabled:
+            self.enabled = False
+            log.warn(
+                "kernel splice refused ({error}): using the userspace splice",
+                error=os.strerror(error.errno or 0),
+            )
+
+
+@implementer(IReadDescriptor, IWriteDescriptor)
+class _Side:
+    """One socket of a kernel splice, as the reactor sees it."""
+
+    __slots__ = ("_owner", "index", "sock", "fd", "open", "reading", "writing")
+
+    def __init__(self, owner: "KernelSplice", index: int, sock: socket.socket) -> None:
+        self._owner = owner
+        self.index = index
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.open = True
+        self.reading = False
+        self.writing = False
+
+    def fileno(self) -> int:
+        return self.fd if self.open else -1
+
+    def logPrefix(self) -> str:
+        return "ksplice-" + _NAMES[self.index]
+
+    def doRead(self) -> None:
+        self._owner._readable(self.index)
+
+    def doWrite(self) -> None:
+        self._owner._writable(self.index)
+
+    def connectionLost(self, reason: Failure) -> None:
+        # Only the reactor calls this (shutting down, removeAll).
+        self._owner._reactor_dropped()
+
+
+class _Direction:
+    """Bytes moving from side ``src`` to side ``dst``."""
+
+    # Slots keep an idle spliced connection small.
+    __slots__ = ("src", "dst", "pipe", "pending", "in_pipe", "eof", "final", "drained", "dead", "stalled", "copy", "tried", "tried_out")
+
+    def __init__(self, src: int, pipe: Pipe, prefix: bytes) -> None:
+        self.src = src
+        self.dst = 1 - src
+        self.pipe = pipe
+        self.pending = memoryview(prefix) if prefix else None
+        self.in_pipe = 0
+        self.eof = False  # src gives no more bytes
+        self.final = "shutdown"  # what to do to dst once drained
+        self.drained = False  # final action done
+        self.dead = False  # dst gone: bytes for it are dropped
+        self.stalled = False  # the pipe is full by slot count
+        self.copy = False  # splice refused: copy through userspace
+        self.tried = False  # a splice into the pipe has worked
+        self.tried_out = False  # a splice out of the pipe has worked
+
+
+class KernelSplice:
+    """
+    A kernel splice between the client's socket and the shard's socket.
+    Build it with ``KernelSplicer``; ``stats``, ``close`` and ``abort`` are
+    as on the userspace ``Splice``.
+    """
+
+    __slots__ = (
+        "_splicer", "_reactor", "_clock", "_on_done", "_idle_timeout", "_idle_call",
+        "_last_activity", "_sides", "_dirs", "_done", "stats",
+    )
+
+    def __init__(
+        self,
+        downstream: socket.socket,
+        upstream: socket.socket,
+        pipes: tuple[Pipe, Pipe],
+        *,
+        splicer: KernelSplicer,
+        reactor: IReactorFDSet,
+        clock: IReactorTime,
+        on_done: Callable[[SpliceStats], None],
+        prefix_up: bytes = b"",
+        prefix_down: bytes = b"",
+        idle_timeout: float = 0.0,
+    ) -> None:
+        self._splicer = splicer
+        self._reactor = reactor
+        self._clock = clock
+        self._on_done = on_done
+        self._idle_timeout = idle_timeout
+        self._idle_call = None
+        self._last_activity = 0.0
+        self._sides = (_Side(self, DOWNSTREAM, downstream), _Side(self, UPSTREAM, upstream))
+        # Indexed by source side: [client -> shard, shard -> client].
+        self._dirs = (_Direction(DOWNSTREAM, pipes[0], prefix_up), _Direction(UPSTREAM, pipes[1], prefix_down))
+        self._done = False
+        self.stats = SpliceStats()
+
+    def start(self) -> None:
+        if self._idle_timeout > 0:
+            self._last_activity = self._clock.seconds()
+            self._idle_call = self._clock.callLater(self._idle_timeout, self._check_idle)
+        for d in self._dirs:
+            self._flush(d)
+        self._update()
+
+    # -- public controls --------------------------------------------------
+
+    def close(self, why: str = "closed") -> None:
+        """Stop reading, flush what the pipes hold, then close both sides."""
+        if self._done:
+            return
+        if not self.stats.ended_by:
+            self.stats.ended_by = why
+        for d in self._dirs:
+            d.eof = True
+            d.final = "close"
+            self._flush(d)
+        self._update()
+
+    def abort(self, why: str) -> None:
+        """Reset both sides at once, dropping what the pipes hold."""
+        if self._done:
+            return
+        if not self.stats.ended_by:
+            self.stats.ended_by = why
+        for side in self._sides:
+            self._close_side(side, reset=True)
+        self._finish()
+
+    # -- reactor events ---------------------------------------------------
+
+    def _readable(self, index: int) -> None:
+        d = self._dirs[index]
+        if d.eof or self._done:
+            self._update()
+            return
+        src = self._sides[index]
+        if d.copy:
+            self._copy_in(d, src)
+        else:
+            room = d.pipe.capacity - d.in_pipe
+            if room > 0:
+                self._splice_in(d, src, room)
+        if not self._done:
+            self._flush(d)
+            self._update()
+
+    def _writable(self, index: int) -> None:
+        # ``index`` is the destination: flush the direction into it.
+        if self._done:
+            return
+        self._flush(self._dirs[1 - index])
+        self._update()
+
+    def _reactor_dropped(self) -> None:
+        # The reactor is going away: close without flushing, as Twisted
+        # does for its own connections then.
+        if self._done:
+            return
+        if not self.stats.ended_by:
+            self.stats.ended_by = "closed"
+        for side in self._sides:
+            self._close_side(side, reset=False)
+        self._finish()
+
+    # -- moving bytes -----------------------------------------------------
+
+    def _splice_in(self, d: _Direction, src: _Side, room: int) -> None:
+        try:
+            n = self._splicer._splice(src.fd, d.pipe.write_fd, room, flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            # Level-triggered readiness said there are bytes: with bytes in
+            # the pipe, the pipe is full by slot count before byte count.
+            if d.in_pipe:
+                d.stalled = True
+            return
+        except InterruptedError:
+            return
+        except OSError as e:
+            if e.errno in _UNSUPPORTED and not d.tried:
+                self._fall_back(d, e)
+                self._copy_in(d, src)
+                return
+            self._side_failed(src.index, e)
+            return
+        if not d.tried:
+            d.tried = True
+            self._splicer._splice_worked()
+        if n == 0:
+            self._eof(d)
+            return
+        d.in_pipe += n
+        self._count(d.src, n)
+
+    def _copy_in(self, d: _Direction, src: _Side) -> None:
+        if d.pending is not None or d.in_pipe:
+            return
+        try:
+            data = src.sock.recv(_COPY_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._side_failed(src.index, e)
+            return
+        if not data:
+            self._eof(d)
+            return
+        d.pending = memoryview(data)
+        self._count(d.src, len(data))
+
+    def _fall_back(self, d: _Direction, error: OSError) -> None:
+        d.copy = True
+        d.tried = True
+        self._splicer._splice_unsupported(error)
+
+    def _flush(self, d: _Direction) -> None:
+        """Send what ``d`` holds to its destination; finish it if drained."""
+        if d.dead or d.drained:
+            return
+        dst = self._sides[d.dst]
+        while d.pending is not None:
+            try:
+                n = dst.sock.send(d.pending)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                self._side_failed(dst.index, e)
+                return
+            self._touch()
+            if n >= len(d.pending):
+                d.pending = None
+            else:
+                d.pending = d.pending[n:]
+        if d.in_pipe:
+            try:
+                n = self._splicer._splice(d.pipe.read_fd, dst.fd, d.in_pipe, flags=_SPLICE_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in _UNSUPPORTED and not d.tried_out:
+                    self._drain_pipe_to_memory(d, e)
+                    self._flush(d)
+                    return
+                self._side_failed(dst.index, e)
+                return
+            d.tried_out = True
+            d.in_pipe -= n
+            d.stalled = False
+            self._touch()
+            if d.in_pipe:
+                return
+        if d.eof:
+            self._drained(d)
+
+    def _drain_pipe_to_memory(self, d: _Direction, error: OSError) -> None:
+        # Splicing out was refused: what is in the pipe goes out by send.
+        self._fall_back(d, error)
+        chunks = []
+        while d.in_pipe:
+            try:
+                chunk = os.read(d.pipe.read_fd, d.in_pipe)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+            d.in_pipe -= len(chunk)
+        d.pending = memoryview(b"".join(chunks)) if chunks else None
+
+    def _count(self, side: int, n: int) -> None:
+        if side == DOWNSTREAM:
+            self.stats.bytes_up += n
+        else:
+            self.stats.bytes_down += n
+        self._touch()
+
+    def _touch(self) -> None:
+        if self._idle_call is not None:
+            self._last_activity = self._clock.seconds()
+
+    # -- endings ----------------------------------------------------------
+
+    def _eof(self, d: _Direction) -> None:
+        d.eof = True
+        if all(x.eof for x in self._dirs) and not self.stats.ended_by:
+            self.stats.ended_by = _NAMES[d.src]
+
+    def _drained(self, d: _Direction) -> None:
+        """Everything from ``d.src`` reached ``d.dst``: pass the end on."""
+        d.drained = True
+        dst = self._sides[d.dst]
+        other = self._dirs[d.dst]
+        if d.final == "close" or (other.eof and (other.drained or other.dead)):
+            self._close_side(dst, reset=False)
+        else:
+            try:
+                dst.sock.shutdown(socket.SHUT_WR)
+            except OSError as e:
+                self._side_failed(dst.index, e)
+                return
+        if other.drained and other.eof:
+            # Both directions ended: close what is still open.
+            for side in self._sides:
+                self._close_side(side, reset=False)
+        if not any(side.open for side in self._sides):
+            self._finish()
+
+    def _side_failed(self, index: int, error: Optional[OSError]) -> None:
+        """``index``'s socket failed: close it, flush the other, close it."""
+        side = self._sides[index]
+        if not side.open:
+            return
+        if not self.stats.ended_by:
+            self.stats.ended_by = _NAMES[index]
+            self.stats.clean = False
+        self._close_side(side, reset=False)
+        into = self._dirs[1 - index]  # other -> this side: nowhere to go
+        into.dead = True
+        into.eof = True
+        out = self._dirs[index]  # this side -> other: flush, then close
+        out.eof = True
+        out.final = "close"
+        if not self._done:
+            self._flush(out)
+        if not any(s.open for s in self._sides):
+            self._finish()
+
+    def _close_side(self, side: _Side, *, reset: bool) -> None:
+        if not side.open:
+            return
+        self._set(side, read=False, write=False)
+        side.open = False
+        d_in = self._dirs[1 - side.index]
+        d_in.dead = d_in.dead or not d_in.drained
+        try:
+            if reset:
+                side.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            else:
+                side.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        side.sock.close()
+
+    def _finish(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        for side in self._sides:
+            self._close_side(side, reset=False)
+        for d in self._dirs:
+            self._splicer.pool.release(d.pipe, empty=d.in_pipe == 0)
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
+        self._on_done(self.stats)
+
+    def _check_idle(self) -> None:
+        self._idle_call = None
+        if self._done:
+            return
+        quiet = self._clock.seconds() - self._last_activity
+        if quiet >= self._idle_timeout:
+            self.stats.clean = False
+            self.abort("idle")
+        else:
+            self._idle_call = self._clock.callLater(self._idle_timeout - quiet, self._check_idle)
+
+    # -- reactor registration ---------------------------------------------
+
+    def _update(self) -> None:
+        if self._done:
+            return
+        for side in self._sides:
+            if not side.open:
+                continue
+            out = self._dirs[side.index]  # side -> other
+            into = self._dirs[1 - side.index]  # other -> side
+            read = not out.eof and not out.stalled and (
+                (out.copy and out.pending is None) or (not out.copy and out.in_pipe < out.pipe.capacity)
+            )
+            write = not into.dead and not into.drained and (into.pending is not None or into.in_pipe > 0)
+            self._set(side, read=read, write=write)
+
+    def _set(self, side: _Side, *, read: bool, write: bool) -> None:
+        if read != side.reading:
+            side.reading = read
+            (self._reactor.addReader if read else self._reactor.removeReader)(side)
+        if write != side.writing:
+            side.writing = write
+            (self._reactor.addWriter if write else self._reactor.removeWriter)(side)
+
+
+__all__ = [
+    "DEFAULT_MAX_PIPES",
+    "KernelSplice",
+    "KernelSplicer",
+    "PIPE_SIZE",
+    "Pipe",
+    "PipePool",
+    "can_detach",
+    "detach_transport",
+    "kernel_splice_available",
+]
