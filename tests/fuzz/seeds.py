@@ -75,6 +75,17 @@ networks = [
 """
 
 
+def _padding_bits(token: bytes) -> bytes:
+    """
+    ``token`` with the unused low bits of its signature's last base64url
+    character set: the same signature bytes, spelled differently.
+    """
+    alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    last = alphabet.index(token[-1:])
+    other = last ^ 1
+    return token[:-1] + alphabet[other : other + 1]
+
+
 def seeds() -> dict[str, dict[str, bytes]]:
     """Every target's seeds, by target and file name (the first byte is the target's mode byte)."""
     hello = _client_hello("api.example.test", ["h2", "http/1.1"])
@@ -105,9 +116,13 @@ def seeds() -> dict[str, dict[str, bytes]]:
         "feeds": {
             "genuine": b"\x00" + targets.genuine_feed(),
             "genuine-padded": b"\x00 " + targets.genuine_feed() + b"\n",
+            "padding-bits": b"\x00" + _padding_bits(targets.genuine_feed()),
         },
         "config": {
             "full": _CONFIG,
+            "superscript-port": _CONFIG.replace(b'"127.0.0.1:9001"', '"127.0.0.1:\u00b2"'.encode()),
+            "huge-score": _CONFIG.replace(b"security_score = 90", b"security_score = 1" + b"0" * 400),
+            "nested-arrays": _CONFIG.replace(b'ttl = "30s"', b"ttl = " + b"[" * 1000 + b"]" * 1000),
         },
         "agent": {
             "up-ready": b"up ready 75%\n",
