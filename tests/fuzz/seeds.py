@@ -12,27 +12,9 @@ import os
 import ssl
 
 from tests.fuzz import targets
+from tests.support import client_hello as _client_hello
 
 CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus")
-
-
-def _client_hello(server_name, alpn=(), maximum_version=None) -> bytes:
-    # The same real first flight tests.support builds, kept here so the
-    # corpus does not depend on the unit-test helpers.
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    if alpn:
-        context.set_alpn_protocols(list(alpn))
-    if maximum_version is not None:
-        context.maximum_version = maximum_version
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    conn = context.wrap_bio(incoming, outgoing, server_hostname=server_name)
-    try:
-        conn.do_handshake()
-    except ssl.SSLWantReadError:
-        pass
-    return outgoing.read()
 
 
 _CONFIG = b"""\
