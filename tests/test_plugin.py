@@ -16,10 +16,9 @@ import os
 import shutil
 import sys
 
-from twisted.internet import utils
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.e2e.harness import REPO_ROOT, twistd_binary
+from tests.e2e.harness import REPO_ROOT, run_child, twistd_binary
 
 # What the child prints: the tap names getPlugins finds, the file the
 # shardtcp plugin came from, and the file of shardtcp.tap.
@@ -59,13 +58,15 @@ class InstalledPluginTests(TestCase):
         source = os.path.join(base, "source")
         target = os.path.join(base, "installed")
         shutil.copytree(REPO_ROOT, source, ignore=_ignore_build_litter)
-        out, err, code = await utils.getProcessOutputAndValue(
-            sys.executable,
-            ["-m", "pip", "install", "--no-deps", "--no-input", "--disable-pip-version-check",
+        pip = await run_child(
+            self,
+            [sys.executable, "-m", "pip", "install", "--no-deps", "--no-input", "--disable-pip-version-check",
              "--target", target, source],
             env=dict(os.environ),
-            path=base,
+            cwd=base,
+            timeout=150,
         )
+        out, err, code = pip.out, pip.err, pip.status
         if code != 0:
             text = (out + err).decode(errors="replace")
             if "No matching distribution found for setuptools" in text or "Could not fetch URL" in text:
@@ -90,9 +91,8 @@ class InstalledPluginTests(TestCase):
         target = await self.install()
         elsewhere = os.path.abspath(self.mktemp())
         os.makedirs(elsewhere)
-        out, err, code = await utils.getProcessOutputAndValue(
-            sys.executable, ["-c", _PROBE, REPO_ROOT], env=self.child_env(target), path=elsewhere
-        )
+        probe = await run_child(self, [sys.executable, "-c", _PROBE, REPO_ROOT], env=self.child_env(target), cwd=elsewhere)
+        out, err, code = probe.out, probe.err, probe.status
         self.assertEqual(code, 0, err.decode(errors="replace"))
         found = json.loads(out.decode().strip().splitlines()[-1])
         self.assertNotIn(os.path.realpath(REPO_ROOT), [os.path.realpath(p) for p in found["sys_path"] if p])
@@ -108,9 +108,8 @@ class InstalledPluginTests(TestCase):
             f"shardtcp.tap loaded from {found['tap_file']}",
         )
         # twistd itself, as a user runs it, from the same folder.
-        out, err, code = await utils.getProcessOutputAndValue(
-            twistd_binary(), ["shardtcp", "--help"], env=self.child_env(target), path=elsewhere
-        )
+        twistd = await run_child(self, [twistd_binary(), "shardtcp", "--help"], env=self.child_env(target), cwd=elsewhere)
+        out, err, code = twistd.out, twistd.err, twistd.status
         text = (out + err).decode(errors="replace")
         self.assertEqual(code, 0, text)
         self.assertIn("--config", text)

@@ -18,9 +18,16 @@ The clients are blocking (run them with ``deferToThread``):
   ``close_notify`` followed by ``shutdown(SHUT_WR)``.
 * ``plain_tls_exchange`` is an ordinary ``ssl.SSLSocket`` client.
 
-``SClient`` runs ``openssl s_client`` as a child process of the reactor, and
-``ChildProcess`` any other one (``twistd -n shardtcp``), each killed in
-cleanup.
+Configurations are written by ``Deployment.write_config`` (from dicts) or
+``Deployment.start_proxy_text`` (hand-written TOML, with ``listener_toml``
+and ``service_toml``); ``EdgeFixture`` adds the edge, client and foreign
+certificate authorities that terminating listeners need.  Shards run in
+process (``add_shard``, ``add_plain_shard``) or as child processes
+(``add_shard_process``) that a test may kill.
+
+Every child process (``twistd``, ``openssl``, ``curl``, ``pip``, a shard)
+goes through ``spawn`` or ``run_child``: a ``ChildProcess`` of the reactor,
+killed after its timeout and stopped in cleanup.
 """
 
 from __future__ import annotations
@@ -150,7 +157,30 @@ class Deployment:
         self.shards: dict[str, Shard] = {}
         self.proxy: Optional[ProxyService] = None
         self.config_path: Optional[str] = None
+        self._authorities: dict[str, tuple[CertificateAuthority, str]] = {}
         case.addCleanup(lambda: defer.ensureDeferred(self._shut_down()))
+
+    # -- certificates -----------------------------------------------------
+
+    def authority(self, stem: str, name: Optional[str] = None) -> tuple[CertificateAuthority, str]:
+        """
+        Another certificate authority of this deployment (the edge's own
+        certificates, client certificates, someone else's), made on first
+        use and written to ``<directory>/<stem>.pem``: (the CA, that path).
+        """
+        if stem not in self._authorities:
+            ca = CertificateAuthority(name or f"shardtcp e2e {stem}")
+            self._authorities[stem] = (ca, ca.write(self.directory, stem))
+        return self._authorities[stem]
+
+    def issue_server(self, stem: str, ca: CertificateAuthority, names: Sequence[str], **kw) -> tuple[str, str]:
+        """A server certificate from ``ca`` written as ``<stem>.pem`` / ``<stem>.key`` beside the configuration."""
+        return ca.issue_server(list(names), **kw).write(self.directory, stem)
+
+    def issue_client(self, ca: CertificateAuthority, **kw) -> tuple[str, str]:
+        """The ``orders-client`` certificate (SAN URI ``spiffe://example.test/orders``) from ``ca``."""
+        issued = ca.issue_client("orders-client", uri="spiffe://example.test/orders", **kw)
+        return issued.write(self.directory, f"client-{id(issued)}")
 
     # -- shards -----------------------------------------------------------
 
@@ -174,6 +204,14 @@ class Deployment:
             options = RecordingALPNOptions(
                 alpn, privateKey=private.privateKey.original, certificate=private.original
             )
+        return self._listen_shard(
+            shard_id, place, behaviour, options, issued.cert_pem, issued.cert.public_bytes(serialization.Encoding.DER)
+        )
+
+    def _listen_shard(
+        self, shard_id: str, place: Place, behaviour: str, options, cert_pem: bytes = b"", cert_der: bytes = b""
+    ) -> Shard:
+        """Listen with a reference shard verifying against this deployment's JWKS; record it."""
         verifier = ShardVerifier.from_jwks(shard_id, self.jwks)
         factory = shard_factory(shard_id, verifier, tls=options, reactor=self._reactor, behaviour=behaviour)
         listening = self._reactor.listenTCP(0, factory, interface="127.0.0.1")
@@ -183,11 +221,61 @@ class Deployment:
             port=listening.getHost().port,
             factory=factory,
             listening=listening,
-            cert_pem=issued.cert_pem,
-            cert_der=issued.cert.public_bytes(serialization.Encoding.DER),
+            cert_pem=cert_pem,
+            cert_der=cert_der,
         )
         self.shards[shard_id] = shard
         return shard
+
+    def add_plain_shard(
+        self,
+        shard_id: str,
+        place: Place = FRANKFURT,
+        behaviour: str = "hello",
+        *,
+        tls_names: Optional[Sequence[str]] = None,
+        ca: Optional[CertificateAuthority] = None,
+    ) -> Shard:
+        """
+        Start a verifying reference shard on 127.0.0.1:0 that speaks plain
+        TCP after the PROXY header, or, with ``tls_names``, TLS with a
+        certificate for those names from ``ca`` (default: the deployment's).
+        """
+        options = None
+        cert_pem = b""
+        if tls_names:
+            issued = (ca or self.ca).issue_server(list(tls_names), common_name=shard_id)
+            cert_path, key_path = issued.write(self.cert_dir, shard_id)
+            options = tls_options(cert_path, key_path)
+            cert_pem = issued.cert_pem
+        return self._listen_shard(shard_id, place, behaviour, options, cert_pem)
+
+    async def add_shard_process(self, shard_id: str, place: Place = FRANKFURT, timeout: float = 20.0) -> tuple:
+        """
+        Start a TLS reference shard as a child process (``python -m
+        shardtcp.example.shard``), so that a test can kill it; returns
+        (its ``ChildProcess``, its port) once it listens.  Stopped in cleanup.
+        """
+        cert, key = self.ca.issue_server(
+            [SERVICE_NAME, f"{shard_id}.shards.test"], common_name=shard_id
+        ).write(self.cert_dir, shard_id)
+        port_file = os.path.join(self.directory, f"{shard_id}.port")
+        child = spawn(
+            self._case,
+            [sys.executable, "-m", "shardtcp.example.shard", "--id", shard_id, "--jwks", self.jwks,
+             "--cert", cert, "--key", key, "--port-file", port_file],
+            timeout=600.0,
+        )
+        if not await wait_for(lambda: child.done or os.path.exists(port_file), timeout):
+            raise RuntimeError(f"shard {shard_id} did not start")
+        if child.done:
+            raise RuntimeError(f"shard {shard_id} ended: {child.err.decode(errors='replace')}")
+        # The port file may exist before it has been written to the end.
+        if not await wait_for(lambda: _read_port(port_file) is not None, timeout):
+            raise RuntimeError(f"shard {shard_id} wrote no port")
+        port = _read_port(port_file)
+        self.shards[shard_id] = Shard(shard_id=shard_id, place=place, port=port)
+        return child, port
 
     def add_refusing_shard(self, shard_id: str, place: Place) -> Shard:
         """A shard in the configuration whose port refuses connections (nothing listens)."""
@@ -272,6 +360,29 @@ class Deployment:
         self.proxy.startService()
         return self.proxy
 
+    def start_proxy_text(self, body: str, proxy_id: str = "edge-t", name: str = "proxy.toml") -> int:
+        """
+        Build and start the proxy from a configuration written by hand:
+        ``[proxy]`` and ``[signing]`` (this deployment's key) followed by
+        ``body``, relative paths resolved against ``directory``.  Returns
+        the port of the listener named ``edge``.
+        """
+        path = os.path.join(self.directory, name)
+        with open(path, "w") as f:
+            f.write(
+                f"[proxy]\nid = {_toml_string(proxy_id)}\n[signing]\n"
+                f"private_key = {_toml_string(os.path.relpath(self.private_key, self.directory))}\n"
+                'kid = "policy-1"\n' + body
+            )
+        self.config_path = path
+        self.proxy = build_service(load_config(path), self._reactor)
+        self.proxy.startService()
+        return self.port("edge")
+
+    def rejected(self, reason: str, listener: str = "edge") -> float:
+        """How many connections the in-process proxy refused for ``reason`` on ``listener``."""
+        return self.metric("shardtcp_connections_rejected_total", listener=listener, reason=reason)
+
     def port(self, listener: str = "edge") -> int:
         """The bound port of one of the in-process proxy's listeners."""
         assert self.proxy is not None
@@ -324,6 +435,98 @@ class Deployment:
         for shard in self.shards.values():
             if shard.listening is not None:
                 await shard.listening.stopListening()
+
+
+def _read_port(path: str) -> Optional[int]:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
+def listener_toml(mode: str = "passthrough", extra: str = "", *, name: str = "edge", connect_timeout: str = "2s") -> str:
+    """One ``[[listener]]`` on 127.0.0.1:0, as TOML text, with ``extra`` lines appended."""
+    return (
+        f'[[listener]]\nname = {_toml_string(name)}\nlisten = "tcp:0:interface=127.0.0.1"\n'
+        f'mode = {_toml_string(mode)}\nconnect_timeout = {_toml_string(connect_timeout)}\n{extra}\n'
+    )
+
+
+def service_toml(shards: Sequence[tuple], *, policy: str = "", upstream: str = "", service: str = "api",
+                 names: Sequence[str] = (SERVICE_NAME, "*." + SERVICE_NAME)) -> str:
+    """
+    A ``[service.<service>]`` as TOML text; ``shards`` are (id, port,
+    extra TOML lines) on 127.0.0.1.
+    """
+    text = f"[service.{service}]\nnames = {_toml_value(list(names))}\n{upstream}\n"
+    if policy:
+        text += f"[service.{service}.policy]\n{policy}\n"
+    for shard_id, port, extra in shards:
+        text += (
+            f"[[service.{service}.shard]]\nid = {_toml_string(shard_id)}\n"
+            f'address = "127.0.0.1:{port}"\n{extra}\n'
+        )
+    return text
+
+
+class EdgeFixture:
+    """
+    A ``Deployment`` for tests that write their configuration by hand
+    (terminate, preamble), with the certificates those configurations name: the edge's own (``api.pem``, ``default.pem``, from
+    ``server-ca.pem``), client certificates (``client-ca.pem``) and
+    someone else's CA; shards use the deployment's CA (``shard_ca_path``).
+    """
+
+    def __init__(self, case) -> None:
+        self.deployment = Deployment(case)
+        self.server_ca, self.server_ca_path = self.deployment.authority("server-ca", "edge CA")
+        self.client_ca, self.client_ca_path = self.deployment.authority("client-ca", "clients CA")
+        self.other_ca, _ = self.deployment.authority("other-ca", "someone else's CA")
+        self.shard_ca_path = self.deployment.ca_path
+        self.deployment.issue_server("api", self.server_ca, [SERVICE_NAME, f"*.{SERVICE_NAME}"])
+        self.deployment.issue_server("default", self.server_ca, ["default.example.test"])
+
+    @property
+    def shards(self) -> dict:
+        """The shard factories by id (what each shard verified)."""
+        return {k: s.factory for k, s in self.deployment.shards.items()}
+
+    @property
+    def service(self):
+        """The running proxy (``ProxyService``)."""
+        return self.deployment.proxy
+
+    def start_shard(self, shard_id: str, *, tls_names=None, behaviour: str = "hello") -> int:
+        return self.deployment.add_plain_shard(shard_id, behaviour=behaviour, tls_names=tls_names).port
+
+    def client_cert(self, ca=None, **kw):
+        return self.deployment.issue_client(ca or self.client_ca, **kw)
+
+    def proxy(self, text: str) -> int:
+        return self.deployment.start_proxy_text(text)
+
+    def rejected(self, reason: str) -> float:
+        return self.deployment.rejected(reason)
+
+
+def terminate_listener_toml(extra: str = "") -> str:
+    """A terminating ``edge`` listener with the ``api.pem`` certificate for the service's names."""
+    return listener_toml(
+        mode="terminate",
+        extra='certificates = [ { names = ["api.example.test", "*.api.example.test"], cert = "api.pem", key = "api.key" } ]\n'
+        + extra,
+    )
+
+
+def tls_client(port, *, server_name: Optional[str] = SERVICE_NAME, cafile=None, cert=None, alpn=None, source="127.0.0.1"):
+    """
+    Handshake through the proxy and return (the peer certificate's CN,
+    negotiated ALPN, the first line read).
+    """
+    result = plain_tls_exchange(port, cafile, server_name=server_name, cert=cert, alpn=alpn or (), source=source)
+    return result["cn"], result["alpn"], result["hello"]
 
 
 class RecordingALPNOptions(tssl.CertificateOptions):
@@ -612,6 +815,23 @@ class TLSClient:
         self._flush()
 
 
+def half_close_exchange(port: int, ca_path: str, payload: bytes, *, source: str = "127.0.0.1") -> dict:
+    """
+    Handshake, read the shard's hello line, send ``payload``, then a TLS
+    ``close_notify`` and ``shutdown(SHUT_WR)``, and read to the end: the
+    hello line, what came back, whether it ended with close_notify, the
+    peer certificate (DER) and the client's address.
+    """
+    with TLSClient(port, SERVICE_NAME, ca_path, source=source) as client:
+        client.handshake()
+        line = client.read_line()
+        client.send(payload)
+        client.close_notify()
+        client.sock.shutdown(socket.SHUT_WR)
+        data, clean = client.read_to_end()
+        return {"hello": line, "data": data, "clean": clean, "der": client.cert_der, "local": client.local}
+
+
 def send_bytewise(pause: float = 0.001) -> Callable[[socket.socket, bytes], None]:
     """A ``send_hello`` that sends one byte per segment (TCP_NODELAY is on), ``pause`` apart."""
 
@@ -634,21 +854,31 @@ def common_name(cert: dict) -> Optional[str]:
 
 def plain_tls_exchange(
     port: int,
-    ca_path: str,
+    ca_path: Optional[str],
     *,
     server_name: Optional[str] = SERVICE_NAME,
     source: str = "127.0.0.1",
     payload: bytes = b"",
+    cert: Optional[tuple] = None,
+    alpn: Sequence[str] = (),
     timeout: float = 15.0,
 ) -> dict:
     """
     An ordinary ``ssl.SSLSocket`` client: connect, read the shard's hello
-    line, send ``payload`` and read its echo.  Returns the hello line, the
-    echo, the peer certificate (dict and DER) and the client's address.
+    line, send ``payload`` and read its echo.  ``ca_path`` None verifies
+    nothing; ``cert`` is a client (certificate, key) pair.  Returns the
+    hello line, the echo, the peer certificate (dict, DER and subject CN),
+    the negotiated ALPN, the TLS version and the client's address.
     """
     context = ssl.create_default_context(cafile=ca_path)
-    if server_name is None:
+    if server_name is None or ca_path is None:
         context.check_hostname = False
+    if ca_path is None:
+        context.verify_mode = ssl.CERT_NONE
+    if cert:
+        context.load_cert_chain(*cert)
+    if alpn:
+        context.set_alpn_protocols(list(alpn))
     with socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(source, 0)) as raw:
         local = raw.getsockname()
         with context.wrap_socket(raw, server_hostname=server_name) as tls:
@@ -659,14 +889,41 @@ def plain_tls_exchange(
                 tls.sendall(payload)
                 echo = reader.read(len(payload))
             reader.close()
+            der = tls.getpeercert(binary_form=True)
             return {
                 "hello": hello,
                 "echo": echo,
                 "cert": tls.getpeercert(),
-                "der": tls.getpeercert(binary_form=True),
+                "der": der,
+                "cn": der_common_name(der) if der else None,
+                "alpn": tls.selected_alpn_protocol(),
                 "local": local,
                 "version": tls.version(),
             }
+
+
+def der_common_name(der: bytes) -> Optional[str]:
+    """The subject CN of a DER certificate (readable even when nothing was verified)."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    names = x509.load_der_x509_certificate(der).subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return names[0].value if names else None
+
+
+def exchange_until_close(port: int, data: bytes, *, source: str = "127.0.0.1", timeout: float = 10.0) -> bytes:
+    """
+    Send ``data`` on a plain socket and read until the proxy closes
+    cleanly; a reset raises ``ConnectionResetError``.
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(source, 0)) as sock:
+        sock.sendall(data)
+        received = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return received
+            received += chunk
 
 
 def raw_exchange(port: int, data: bytes, timeout: float = 10.0) -> tuple[bytes, str]:
@@ -808,6 +1065,29 @@ def spawn(case, argv: Sequence[str], *, stdin: bytes = b"", until: Optional[byte
 
     case.addCleanup(lambda: defer.ensureDeferred(cleanup()))
     child.ended.addBoth(lambda result: (killer.cancel() if killer.active() else None, result)[1])
+    return child
+
+
+def require_binary(name: str) -> str:
+    """The path of ``name`` on PATH, or ``SkipTest`` saying it is not installed."""
+    from twisted.trial.unittest import SkipTest
+
+    found = shutil.which(name)
+    if found is None:
+        raise SkipTest(f"{name} is not installed")
+    return found
+
+
+async def run_child(case, argv: Sequence[str], *, stdin: bytes = b"", timeout: float = 20.0,
+                    env: Optional[dict] = None, cwd: Optional[str] = None) -> ChildProcess:
+    """
+    Run ``argv`` (its program looked up on PATH) to the end with ``stdin``
+    as its input; killed after ``timeout`` seconds.  Returns the ended
+    ``ChildProcess`` (``status``, ``out``, ``err``).
+    """
+    program = argv[0] if os.path.isabs(argv[0]) else require_binary(argv[0])
+    child = spawn(case, [program, *argv[1:]], stdin=stdin, env=env, cwd=cwd, timeout=timeout)
+    await child.ended
     return child
 
 

@@ -5,12 +5,8 @@ load, and TLS health checks against a TLS shard.
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
 import ssl
-import subprocess
-import sys
 import time
 
 from twisted.internet import reactor
@@ -18,37 +14,9 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from shardtcp import keys as keymod
-from shardtcp.config import load_config
 from shardtcp.model import Health
-from shardtcp.example.pki import CertificateAuthority
-from shardtcp.tap import build_service
-
-NAME = "api.example.test"
-
-
-def _start_shard_process(case, directory, shard_id, jwks, cert, key):
-    port_file = os.path.join(directory, f"{shard_id}.port")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "shardtcp.example.shard", "--id", shard_id, "--jwks", jwks,
-         "--cert", cert, "--key", key, "--port-file", port_file],
-        stdout=subprocess.DEVNULL,
-        stderr=open(os.path.join(directory, f"{shard_id}.log"), "wb"),
-    )
-
-    def stop():
-        if process.poll() is None:
-            process.send_signal(signal.SIGKILL)
-        process.wait(timeout=10)
-
-    case.addCleanup(stop)
-    deadline = time.monotonic() + 20
-    while not os.path.exists(port_file):
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"shard {shard_id} did not start")
-        time.sleep(0.05)
-    with open(port_file) as f:
-        return process, int(f.read().strip())
+from tests.e2e.harness import SERVICE_NAME as NAME
+from tests.e2e.harness import Deployment, listener_toml
 
 
 class FailoverTests(TestCase):
@@ -57,30 +25,19 @@ class FailoverTests(TestCase):
     timeout = 90
 
     def setUp(self):
-        self.dir = os.path.abspath(self.mktemp())
-        os.makedirs(self.dir)
-        self.keys = keymod.generate_keypair(os.path.join(self.dir, "keys"), kid="policy-1")
-        self.ca = CertificateAuthority("shards CA")
-        self.ca_path = self.ca.write(self.dir, "ca")
+        self.deployment = Deployment(self, reactor)
+        self.dir = self.deployment.directory
+        self.ca_path = self.deployment.ca_path
 
-    def shard(self, shard_id):
-        cert, key = self.ca.issue_server([NAME, f"{shard_id}.shards.test"], common_name=shard_id).write(
-            self.dir, shard_id
+    async def shard(self, shard_id):
+        """A shard in a child process: (its ChildProcess, its port)."""
+        return await self.deployment.add_shard_process(shard_id)
+
+    def proxy(self, body: str, *, mode: str = "passthrough", listener: str = ""):
+        self.deployment.start_proxy_text(
+            listener_toml(mode, "retries = 2\n" + listener, connect_timeout="1s") + body, proxy_id="edge-f"
         )
-        return _start_shard_process(self, self.dir, shard_id, self.keys.jwks, cert, key)
-
-    def proxy(self, body: str):
-        path = os.path.join(self.dir, "proxy.toml")
-        with open(path, "w") as f:
-            f.write(
-                '[proxy]\nid = "edge-f"\n[signing]\nprivate_key = "keys/policy-1.pem"\nkid = "policy-1"\n'
-                '[[listener]]\nname = "edge"\nlisten = "tcp:0:interface=127.0.0.1"\n'
-                'connect_timeout = "1s"\nretries = 2\n' + body
-            )
-        service = build_service(load_config(path), reactor)
-        service.startService()
-        self.addCleanup(service.stopService)
-        return service
+        return self.deployment.proxy
 
     async def test_killed_shard_under_load(self):
         """
@@ -90,8 +47,8 @@ class FailoverTests(TestCase):
         marked unhealthy within fall x interval, and after that no
         connection attempt goes to A.
         """
-        proc_a, port_a = await deferToThread(self.shard, "api-a")
-        _, port_b = await deferToThread(self.shard, "api-b")
+        proc_a, port_a = await self.shard("api-a")
+        _, port_b = await self.shard("api-b")
         check = 'health_check = { kind = "tcp", interval = "200ms", timeout = "200ms", rise = 2, fall = 2 }'
         service = self.proxy(
             f'[service.api]\nnames = ["{NAME}"]\n'
@@ -118,11 +75,15 @@ class FailoverTests(TestCase):
         watcher.start(0.02)
         self.addCleanup(lambda: watcher.running and watcher.stop())
 
-        def kill():
-            proc_a.send_signal(signal.SIGKILL)
-            # Stamp once it is really gone (its sockets closed by the kernel).
-            proc_a.wait(timeout=10)
+        def stamp(result):
             observed["killed"] = time.monotonic()
+            return result
+
+        # Stamp once it is really gone (reaped: its sockets closed by the kernel).
+        proc_a.ended.addCallback(stamp)
+
+        def kill():
+            proc_a.signal("KILL")
 
         def clients():
             context = ssl.create_default_context(cafile=self.ca_path)
@@ -164,18 +125,19 @@ class FailoverTests(TestCase):
         shard's server_name, and keeps a good shard healthy; a shard whose
         certificate does not match is marked unhealthy.
         """
-        _, good = await deferToThread(self.shard, "api-good")
-        _, bad = await deferToThread(self.shard, "api-bad")
-        proxy_ca = CertificateAuthority("edge CA")
-        cert, key = proxy_ca.issue_server([NAME]).write(self.dir, "edge")
+        _, good = await self.shard("api-good")
+        _, bad = await self.shard("api-bad")
+        proxy_ca, _ = self.deployment.authority("edge-ca", "edge CA")
+        self.deployment.issue_server("edge", proxy_ca, [NAME])
         check = 'health_check = { kind = "tls", interval = "200ms", timeout = "1s", rise = 1, fall = 1 }'
         service = self.proxy(
-            'mode = "terminate"\ncertificates = [ { names = ["api.example.test"], cert = "edge.pem", key = "edge.key" } ]\n'
-            f'[service.api]\nnames = ["{NAME}"]\nupstream_tls = true\nupstream_ca = "ca.pem"\n'
+            f'[service.api]\nnames = ["{NAME}"]\nupstream_tls = true\nupstream_ca = "certs/ca.pem"\n'
             f'[[service.api.shard]]\nid = "api-good"\naddress = "127.0.0.1:{good}"\n'
             f'server_name = "api-good.shards.test"\n{check}\n'
             f'[[service.api.shard]]\nid = "api-bad"\naddress = "127.0.0.1:{bad}"\n'
-            f'server_name = "not-this.shards.test"\n{check}\n'
+            f'server_name = "not-this.shards.test"\n{check}\n',
+            mode="terminate",
+            listener='certificates = [ { names = ["api.example.test"], cert = "edge.pem", key = "edge.key" } ]',
         )
         for _ in range(100):
             status = service.health.status()["shards"]

@@ -455,17 +455,8 @@ class StreamTests(_EndToEnd):
         deployment = self.three_regions()
         payload = os.urandom(256 * 1024)
 
-        def run():
-            with TLSClient(deployment.port(), SERVICE_NAME, deployment.ca_path) as client:
-                client.handshake()
-                line = client.read_line()
-                client.send(payload)
-                client.close_notify()
-                client.sock.shutdown(socket.SHUT_WR)
-                data, clean = client.read_to_end()
-                return line, data, clean, client.cert_der, client.local
-
-        line, data, clean, der, local = await deferToThread(run)
+        got = await deferToThread(e2e.half_close_exchange, deployment.port(), deployment.ca_path, payload)
+        line, data, clean, der, local = got["hello"], got["data"], got["clean"], got["der"], got["local"]
         self.assert_served(deployment, "api-fra-1", cert_der=der, local=local, hello=line)
         bye = f"BYE {len(payload)} {e2e.sha256_hex(payload)}\n".encode()
         self.assertEqual(len(data), len(payload) + len(bye))
@@ -619,17 +610,8 @@ class TwistdTests(_EndToEnd):
 
         payload = b"half-closed through twistd\n" * 100
 
-        def python_client():
-            with TLSClient(port, SERVICE_NAME, deployment.ca_path, source="127.0.0.2") as client:
-                client.handshake()
-                line = client.read_line()
-                client.send(payload)
-                client.close_notify()
-                client.sock.shutdown(socket.SHUT_WR)
-                data, clean = client.read_to_end()
-                return line, data, client.cert_der, client.local
-
-        line, data, der, local = await deferToThread(python_client)
+        got = await deferToThread(e2e.half_close_exchange, port, deployment.ca_path, payload, source="127.0.0.2")
+        line, data, der, local = got["hello"], got["data"], got["der"], got["local"]
         self.assert_served(deployment, "api-nyc-1", cert_der=der, local=local, hello=line)
         self.assertEqual(data, payload + f"BYE {len(payload)} {e2e.sha256_hex(payload)}\n".encode())
 

@@ -6,35 +6,26 @@ of the method on one port, and every refusal's exact answer.
 
 from __future__ import annotations
 
-import shutil
 import socket
-import subprocess
 
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
-from tests.e2e.test_terminate import NAME, Fixture, _listener, _service
-
-
-def _run(cmd, data=b"", timeout=20):
-    if shutil.which(cmd[0]) is None:
-        raise SkipTest(f"{cmd[0]} is not installed")
-    done = subprocess.run(cmd, input=data, capture_output=True, timeout=timeout)
-    return done.returncode, done.stdout.decode("utf-8", "replace"), done.stderr.decode("utf-8", "replace")
+from tests.e2e.harness import SERVICE_NAME as NAME
+from tests.e2e.harness import EdgeFixture as Fixture
+from tests.e2e.harness import exchange_until_close, free_port, run_child
+from tests.e2e.harness import listener_toml as _listener
+from tests.e2e.harness import service_toml as _service
 
 
-def _exchange(port, data: bytes, *, wait=True) -> bytes:
+async def _run(case, cmd, data=b"", timeout=20):
+    child = await run_child(case, cmd, stdin=data, timeout=timeout)
+    return child.status, child.out.decode("utf-8", "replace"), child.err.decode("utf-8", "replace")
+
+
+def _exchange(port, data: bytes) -> bytes:
     """Send ``data`` raw, read until the proxy closes."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(data)
-        if not wait:
-            return b""
-        received = b""
-        while True:
-            chunk = s.recv(4096)
-            if not chunk:
-                return received
-            received += chunk
+    return exchange_until_close(port, data)
 
 
 class PreambleTests(TestCase):
@@ -63,8 +54,8 @@ class PreambleTests(TestCase):
         port = self.fx.proxy(
             _listener("plain", 'identify = ["connect"]') + _service([("api-1", self.tls_shard, "")])
         )
-        code, out, err = await deferToThread(
-            _run,
+        code, out, err = await _run(
+            self,
             ["curl", "-sv", "--http0.9", "-p", "-x", f"http://127.0.0.1:{port}",
              "--cacert", self.fx.shard_ca_path, f"https://{NAME}/"],
         )
@@ -80,8 +71,8 @@ class PreambleTests(TestCase):
         port = self.fx.proxy(
             _listener("plain", 'identify = ["connect"]') + _service([("api-1", self.tls_shard, "")])
         )
-        code, out, err = await deferToThread(
-            _run,
+        code, out, err = await _run(
+            self,
             ["openssl", "s_client", "-proxy", f"127.0.0.1:{port}", "-connect", f"{NAME}:443",
              "-servername", NAME, "-CAfile", self.fx.shard_ca_path, "-ign_eof"],
         )
@@ -91,8 +82,8 @@ class PreambleTests(TestCase):
     async def test_curl_routed_by_host(self):
         """A plain HTTP request is routed by its Host header and reaches the shard unchanged."""
         port = self.plain_proxy('["http-host"]')
-        code, out, err = await deferToThread(
-            _run, ["curl", "-s", "--http0.9", "-H", f"Host: {NAME}", f"http://127.0.0.1:{port}/path?q=1"]
+        code, out, err = await _run(
+            self, ["curl", "-s", "--http0.9", "-H", f"Host: {NAME}", f"http://127.0.0.1:{port}/path?q=1"]
         )
         self.assertIn("SHARD api-plain ", out)
         verified = self.fx.shards["api-plain"].connections[-1]
@@ -121,10 +112,7 @@ class PreambleTests(TestCase):
 
     async def test_refusals(self):
         """Each refusal gets its exact status line or ERR line, and is counted."""
-        closed = socket.socket()
-        closed.bind(("127.0.0.1", 0))
-        dead_port = closed.getsockname()[1]
-        closed.close()
+        dead_port = free_port()
         port = self.fx.proxy(
             _listener("plain", 'identify = ["connect", "http-host", "line"]\npeek_timeout = "1s"\nretries = 0')
             + _service([("api-plain", self.fx.start_shard("api-plain", behaviour="source:0"), "")],

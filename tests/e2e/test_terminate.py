@@ -8,157 +8,25 @@ every PolicyContext.
 from __future__ import annotations
 
 import datetime
-import os
-import shutil
 import socket
 import ssl
-import subprocess
 
-from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
-from shardtcp import keys as keymod
-from shardtcp.backend import ShardVerifier
-from shardtcp.config import load_config
-from shardtcp.example.pki import CertificateAuthority
-from shardtcp.example.shard import shard_factory, tls_options
-from shardtcp.tap import build_service
-
-NAME = "api.example.test"
+from tests.e2e.harness import SERVICE_NAME as NAME
+from tests.e2e.harness import EdgeFixture as Fixture
+from tests.e2e.harness import run_child
+from tests.e2e.harness import service_toml as _service
+from tests.e2e.harness import terminate_listener_toml as _terminate_listener
+from tests.e2e.harness import tls_client
 
 
-class Fixture:
-    """Keys, certificates, shards and a configured proxy in a temp folder."""
-
-    def __init__(self, case: TestCase) -> None:
-        self.case = case
-        self.dir = os.path.abspath(case.mktemp())
-        os.makedirs(self.dir)
-        self.paths = keymod.generate_keypair(os.path.join(self.dir, "keys"), kid="policy-1")
-        self.server_ca = CertificateAuthority("edge CA")
-        self.client_ca = CertificateAuthority("clients CA")
-        self.other_ca = CertificateAuthority("someone else's CA")
-        self.shard_ca = CertificateAuthority("shards CA")
-        self.server_ca_path = self.server_ca.write(self.dir, "server-ca")
-        self.client_ca_path = self.client_ca.write(self.dir, "client-ca")
-        self.shard_ca_path = self.shard_ca.write(self.dir, "shard-ca")
-        self.api_cert = self.server_ca.issue_server([NAME, f"*.{NAME}"]).write(self.dir, "api")
-        self.default_cert = self.server_ca.issue_server(["default.example.test"]).write(self.dir, "default")
-        self.shards: dict = {}
-
-    def start_shard(self, shard_id: str, *, tls_names=None, behaviour: str = "hello") -> int:
-        """A reference shard; TLS with a shards-CA certificate for ``tls_names``."""
-        options = None
-        if tls_names:
-            issued = self.shard_ca.issue_server(tls_names, common_name=shard_id)
-            cert, key = issued.write(self.dir, shard_id)
-            options = tls_options(cert, key)
-        verifier = ShardVerifier.from_jwks(shard_id, self.paths.jwks)
-        factory = shard_factory(shard_id, verifier, tls=options, reactor=reactor, behaviour=behaviour)
-        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-        self.case.addCleanup(port.stopListening)
-        self.shards[shard_id] = factory
-        return port.getHost().port
-
-    def client_cert(self, ca=None, **kw):
-        issued = (ca or self.client_ca).issue_client("orders-client", uri="spiffe://example.test/orders", **kw)
-        return issued.write(self.dir, f"client-{id(issued)}")
-
-    def proxy(self, text: str):
-        path = os.path.join(self.dir, "proxy.toml")
-        with open(path, "w") as f:
-            f.write(
-                '[proxy]\nid = "edge-t"\n[signing]\nprivate_key = "keys/policy-1.pem"\nkid = "policy-1"\n'
-                + text
-            )
-        service = build_service(load_config(path), reactor)
-        service.startService()
-        self.case.addCleanup(self._drain)
-        self.case.addCleanup(service.stopService)
-        self.service = service
-        return service.listening_port("edge").getHost().port
-
-    async def _drain(self) -> None:
-        """Wait (bounded) until the proxy's connections have all closed."""
-        from twisted.internet.task import deferLater
-
-        for _ in range(100):
-            if not any(f.context.connections for f in self.service.factories.values()):
-                break
-            await deferLater(reactor, 0.05, lambda: None)
-        for shard in self.shards.values():
-            for _ in range(100):
-                if shard.active == 0:
-                    break
-                await deferLater(reactor, 0.05, lambda: None)
-
-    def rejected(self, reason: str) -> float:
-        return self.service.metrics.value("shardtcp_connections_rejected_total", listener="edge", reason=reason)
-
-
-def _listener(mode="terminate", extra="") -> str:
-    return (
-        '[[listener]]\nname = "edge"\nlisten = "tcp:0:interface=127.0.0.1"\n'
-        f'mode = "{mode}"\nconnect_timeout = "2s"\n{extra}\n'
+async def _s_client(case, port, *args, data=b"ping\n"):
+    child = await run_child(
+        case, ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-ign_eof", *args], stdin=data
     )
-
-
-def _terminate_listener(extra="") -> str:
-    return _listener(
-        "terminate",
-        'certificates = [ { names = ["api.example.test", "*.api.example.test"], cert = "api.pem", key = "api.key" } ]\n'
-        + extra,
-    )
-
-
-def _service(shards, *, policy="", upstream="") -> str:
-    text = f'[service.api]\nnames = ["{NAME}", "*.{NAME}"]\n{upstream}\n'
-    if policy:
-        text += f"[service.api.policy]\n{policy}\n"
-    for shard_id, port, extra in shards:
-        text += f'[[service.api.shard]]\nid = "{shard_id}"\naddress = "127.0.0.1:{port}"\n{extra}\n'
-    return text
-
-
-def tls_client(port, *, server_name=NAME, cafile=None, cert=None, alpn=None, source="127.0.0.1", payload=b""):
-    """
-    Handshake through the proxy, send ``payload``, half-close, and return
-    (the peer certificate's CN, negotiated ALPN, everything read).
-    """
-    context = ssl.create_default_context(cafile=cafile)
-    if cafile is None:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    if cert:
-        context.load_cert_chain(*cert)
-    if alpn:
-        context.set_alpn_protocols(alpn)
-    with socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0)) as raw:
-        with context.wrap_socket(raw, server_hostname=server_name) as tls:
-            der = tls.getpeercert(binary_form=True)
-            cn = None
-            if der:
-                from cryptography import x509
-                from cryptography.x509.oid import NameOID
-
-                cn = x509.load_der_x509_certificate(der).subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
-            tls.sendall(payload)
-            data = b""
-            while b"\n" not in data:
-                chunk = tls.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
-            return cn, tls.selected_alpn_protocol(), data
-
-
-def _s_client(port, *args, data=b"ping\n"):
-    if shutil.which("openssl") is None:
-        raise SkipTest("openssl is not installed")
-    cmd = ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-ign_eof", *args]
-    done = subprocess.run(cmd, input=data, capture_output=True, timeout=20)
-    return done.stdout.decode("utf-8", "replace") + done.stderr.decode("utf-8", "replace")
+    return child.out.decode("utf-8", "replace") + child.err.decode("utf-8", "replace")
 
 
 class TerminateTests(TestCase):
@@ -217,21 +85,21 @@ class TerminateTests(TestCase):
         """``openssl s_client`` reaches the shard with and without a client certificate."""
         port = self.start('client_ca = "client-ca.pem"')
         cert, key = self.fx.client_cert()
-        out = await deferToThread(
-            _s_client, port, "-servername", NAME, "-CAfile", self.fx.server_ca_path, "-cert", cert, "-key", key
+        out = await _s_client(
+            self, port, "-servername", NAME, "-CAfile", self.fx.server_ca_path, "-cert", cert, "-key", key
         )
         self.assertIn("SHARD api-1 ", out)
         self.assertIn("enc=mtls amr=mtls", out)
         self.assertIn("Verify return code: 0 (ok)", out)
-        out = await deferToThread(_s_client, port, "-servername", NAME, "-CAfile", self.fx.server_ca_path)
+        out = await _s_client(self, port, "-servername", NAME, "-CAfile", self.fx.server_ca_path)
         self.assertIn("enc=tls amr=none", out)
 
     async def test_certificate_from_another_ca_refused(self):
         """A client certificate from another CA fails the handshake with unknown_ca."""
         port = self.start('client_ca = "client-ca.pem"')
         cert, key = self.fx.client_cert(self.fx.other_ca)
-        out = await deferToThread(
-            _s_client, port, "-servername", NAME, "-CAfile", self.fx.server_ca_path, "-cert", cert, "-key", key
+        out = await _s_client(
+            self, port, "-servername", NAME, "-CAfile", self.fx.server_ca_path, "-cert", cert, "-key", key
         )
         self.assertNotIn("SHARD api-1", out)
         self.assertIn("unknown ca", out.lower())
@@ -243,8 +111,8 @@ class TerminateTests(TestCase):
         port = self.start('client_ca = "client-ca.pem"')
         past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=2)
         cert, key = self.fx.client_cert(not_after=past)
-        out = await deferToThread(
-            _s_client, port, "-servername", NAME, "-CAfile", self.fx.server_ca_path, "-cert", cert, "-key", key
+        out = await _s_client(
+            self, port, "-servername", NAME, "-CAfile", self.fx.server_ca_path, "-cert", cert, "-key", key
         )
         self.assertNotIn("SHARD api-1", out)
         self.assertIn("certificate expired", out.lower())
@@ -306,7 +174,7 @@ class UpstreamTLSTests(TestCase):
                     ("api-bad", bad, 'server_name = "api-bad.shards.test"\nsecurity_score = 100'),
                     ("api-good", good, 'server_name = "api-good.shards.test"\nsecurity_score = 60'),
                 ],
-                upstream='upstream_tls = true\nupstream_ca = "shard-ca.pem"',
+                upstream='upstream_tls = true\nupstream_ca = "certs/ca.pem"',
             )
         )
         _, _, line = await deferToThread(tls_client, port, cafile=fx.server_ca_path)
