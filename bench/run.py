@@ -27,9 +27,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench import goals  # noqa: E402
 from bench.lab import REPO_ROOT, BenchError, Lab, optional_version, say  # noqa: E402
 from bench.runs import bulk_plain, connrate, micro, resolver, tls, workers  # noqa: E402
 
@@ -113,12 +115,19 @@ def main(argv: list | None = None) -> int:
             if options.only and name not in options.only:
                 continue
             say(f"run {name}")
-            lab = Lab(workdir)
+            os.mkdir(os.path.join(workdir, name))
+            lab = Lab(os.path.join(workdir, name))
             try:
                 lab.prepare()
                 results[name] = module.run(lab, settings)
             except BenchError as e:
                 failed = f"{name}: {e}"
+                break
+            except Exception as e:
+                # Not a measurement that went wrong but the bench itself (or
+                # an API it uses that moved): say where, and fail.
+                traceback.print_exc()
+                failed = f"{name}: {type(e).__name__}: {e}"
                 break
             finally:
                 lab.close()
@@ -135,6 +144,7 @@ def main(argv: list | None = None) -> int:
     for name, module in RUNS.items():
         if name in results:
             print(module.report(results[name]) + "\n")
+    print(goals.report(results) + "\n")
     if options.json:
         with open(options.json, "w") as f:
             json.dump(results, f, indent=2, sort_keys=True, default=str)
