@@ -74,6 +74,8 @@ def meta(quick: bool) -> dict:
         "wrk": optional_version(["wrk", "--version"]) or "wrk: not installed",
         "commit": _git_commit(),
         "quick": quick,
+        # Other work on the machine inflates every figure, CPU ones included.
+        "load_before": "%.2f %.2f %.2f" % os.getloadavg(),
     }
 
 
@@ -137,10 +139,12 @@ def main(argv: list | None = None) -> int:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     results["meta"]["seconds"] = round(time.monotonic() - started, 1)
+    results["meta"]["load_after"] = "%.2f %.2f %.2f" % os.getloadavg()
     m = results["meta"]
     print(f"shardtcp bench, {m['date']}, commit {m['commit']}{' (--quick)' if m['quick'] else ''}, "
           f"{m['seconds']} s\n{m['machine']}\nPython {m['python']}, {m['openssl']}, Twisted {m['twisted']}\n"
-          f"{m['haproxy']}\n{m['wrk']}\n")
+          f"{m['haproxy']}\n{m['wrk']}\n"
+          f"load average (1, 5, 15 min) before {m['load_before']}, after {m['load_after']}\n")
     for name, module in RUNS.items():
         if name in results:
             print(module.report(results[name]) + "\n")

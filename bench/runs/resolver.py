@@ -12,7 +12,6 @@ commands an operator runs: ``twistd -n shardtcp`` until it listens,
 
 from __future__ import annotations
 
-import os
 import resource
 import subprocess
 import time
