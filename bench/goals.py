@@ -17,7 +17,7 @@ def _row(goal: str, figure: Optional[float], limit: Optional[float], unit: str, 
         return [goal, "-", "-", "-", "not measured"]
     share = figure / limit
     return [goal, f"{format(figure, spec)} {unit}", f"{format(limit, spec)} {unit}", fmt(share, ".2f"),
-            "met" if share <= 1 else f"missed by {share:.1f}x"]
+            "met" if share <= 1 else f"missed by {share:.2f}x" if share < 10 else f"missed by {share:.0f}x"]
 
 
 def _get(results: dict, *path):

@@ -151,7 +151,7 @@ def main(argv: list | None = None) -> int:
     print(goals.report(results) + "\n")
     if options.json:
         with open(options.json, "w") as f:
-            json.dump(results, f, indent=2, sort_keys=True, default=str)
+            json.dump(results, f, indent=2, default=str)
             f.write("\n")
     if failed:
         print(f"bench FAILED in {failed}", file=sys.stderr)

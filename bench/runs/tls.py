@@ -118,8 +118,9 @@ def report(r: dict) -> str:
                      fmt(ratio(cpu["shardtcp"], cpu["haproxy"]), ".2f")])
     out = [table(f"TLS bulk: {r['bulk_mib']} MiB over one TLS connection, best of {r['rounds']}", head, rows)]
     rows = []
-    for mode, per_target in r["connect"].items():
-        c = per_target
+    # One at a time first, whatever order the figures were stored in (JSON).
+    for mode in sorted(r["connect"], key=lambda m: 1 if m.startswith("one") else int(m.split()[0])):
+        c = r["connect"][mode]
         rows.append([f"{mode}: connections/s"] + [fmt(c[n]["conn_s"], ".0f") for n in TARGETS]
                     + [fmt(ratio(c["shardtcp"]["conn_s"], c[o]["conn_s"]), ".2f") for o in ("direct", "haproxy")])
         for key, label in (("ttfb_p50_ms", "first byte p50 ms"), ("ttfb_p99_ms", "first byte p99 ms")):
