@@ -91,8 +91,11 @@ def _git_commit() -> str:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
 
-    head = git("rev-parse", "--short", "HEAD")
-    dirty = git("status", "--porcelain", "--untracked-files=no", "shardtcp")
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "shardtcp")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (no git)"
     return (head + ("+dirty" if dirty else "")) if head else "unknown"
 
 
