@@ -9,7 +9,8 @@ PROXY v2 header, which is skipped (16 fixed bytes, then the length they
 announce; the signed PolicyContext in it is not verified here, its cost is
 measured on its own); then the client names one operation in nine bytes
 (``!cQ``): ``U`` read N bytes and answer their count, ``D`` send N bytes,
-``R`` echo N bytes, ``H`` hold the connection until the client closes it.
+``R`` echo N bytes, ``E`` echo everything until the client closes, ``H``
+hold the connection until the client closes it.
 
 It imports nothing of shardtcp or of the bench, so it is the same program
 for every target.
@@ -77,6 +78,13 @@ def _serve(raw: socket.socket, context, slots: threading.BoundedSemaphore) -> No
                 sent += k
         elif op == b"R":
             sock.sendall(_recv_exact(sock, n))
+        elif op == b"E":
+            # Echo everything until the client closes.
+            for _ in range(1_000_000):
+                data = sock.recv(CHUNK)
+                if not data:
+                    break
+                sock.sendall(data)
         # After every operation (and for "H"): wait for the client to close.
         for _ in range(1_000_000):
             if not sock.recv(CHUNK):

@@ -32,6 +32,8 @@ from bench.lab import SERVICE_NAME, BenchError, Lab, bin_path, free_port, readli
 
 # What a client of a plain shardtcp listener sends first (consumed by the proxy).
 PLAIN_PREAMBLE = f"SHARD {SERVICE_NAME}\n".encode()
+ECHO_NAME = "echo.localhost"
+ECHO_PREAMBLE = f"SHARD {ECHO_NAME}\n".encode()
 
 
 @attrs.frozen
@@ -117,11 +119,12 @@ def start_https_backend(lab: Lab) -> HttpsBackend:
 # -- shardtcp ----------------------------------------------------------------
 
 
-def shardtcp_config(lab: Lab, listeners: Iterable[str], shards: Iterable[Shard]) -> str:
+def shardtcp_config(lab: Lab, listeners: Iterable[str], shards: Iterable[Shard], echo: Optional[str] = None) -> str:
     """
     A configuration for ``twistd shardtcp`` / ``shardtcp check-config``:
     the bench's signing key, the given ``[[listener]]`` tables and one
-    service ``api`` named ``SERVICE_NAME`` with ``shards``.
+    service ``api`` named ``SERVICE_NAME`` with ``shards``; with ``echo``
+    (a shard's ``host:port``) also a service ``echo`` named ``ECHO_NAME``.
     """
     parts = [
         "[proxy]",
@@ -153,6 +156,9 @@ def shardtcp_config(lab: Lab, listeners: Iterable[str], shards: Iterable[Shard])
             "security_score = 90",
             "",
         ]
+    if echo is not None:
+        parts += ["[service.echo]", f'names = ["{ECHO_NAME}"]', "",
+                  "[[service.echo.shard]]", 'id = "echo-1"', f'address = "{echo}"', ""]
     parts += [
         "[geo]",
         'networks = [ { cidr = "198.51.100.0/24", lat = 40.71, lon = -74.0, region = "us-east" } ]',
@@ -178,10 +184,12 @@ def listener(name: str, port: int, mode: str) -> str:
 
 
 def many_shards(count: int) -> list[Shard]:
-    """``count`` shards on distinct loopback ports, spread over Europe and beyond."""
+    """``count`` shards on distinct loopback addresses, spread over Europe and beyond."""
     if not 1 <= count <= 40_000:
         raise BenchError(f"{count} shards is outside 1..40000")
-    return [Shard(f"api-{i}", f"127.0.0.1:{10000 + i}", 40 + i % 20, -10 + i % 40) for i in range(count)]
+    # Port 9 on addresses of 127.3.0.0/16, where nothing listens: a
+    # connection that gets that far is refused at once.
+    return [Shard(f"api-{i}", f"127.3.{i // 250}.{i % 250 + 1}:9", 40 + i % 20, -10 + i % 40) for i in range(count)]
 
 
 def start_shardtcp(lab: Lab, name: str, config_text: str, port: int, timeout: float = 30.0) -> tuple[Target, float]:
