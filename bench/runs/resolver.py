@@ -130,7 +130,8 @@ def large_service(lab: Lab, target: targets.Target, count: int) -> dict:
     if opener.is_alive() or failures or len(latencies) != count or not busy:
         raise BenchError(f"connections to the 10,000-shard service: {len(latencies)} of {count} ended"
                          + (f", first failure: {failures[0]}" if failures else ""))
-    idle.sort(), busy.sort(), latencies.sort()
+    for values in (idle, busy, latencies):
+        values.sort()
     return {
         "connections": count,
         "cpu_ms_per_connection": used.total * 1000 / count,
