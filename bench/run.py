@@ -52,10 +52,10 @@ def settings_for(options: argparse.Namespace) -> dict:
         "rounds": 1 if quick else 3,
         "tls_bulk_mib": 64 if quick else 256,
         "bulk_mib": 256 if quick else 1024,
-        "connections": 500 if quick else 2000,
+        "connections": 300 if quick else 2000,
         "concurrency": 8,
         "time_limit": 8.0 if quick else 20.0,
-        "hold": 1000,
+        "hold": 500 if quick else 1000,
         "wrk_seconds": 4 if quick else 10,
         "wrk_connections": 8,
     }
