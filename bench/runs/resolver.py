@@ -1,0 +1,204 @@
+"""
+Resolver scaling: what choosing a shard costs as a service grows.
+
+``ShardResolver.resolve`` is timed in this process at 3, 100, 1,000 and
+10,000 shards, on a resolver built from a generated configuration as the
+proxy builds it (``shardtcp.config.load_config``, then the public
+``ShardResolver(config, clock=...)``), in CPU microseconds per call
+(``time.process_time``).  At the largest size the run also times the three
+commands an operator runs: ``twistd -n shardtcp`` until it listens,
+``shardtcp check-config`` and ``shardtcp explain``, with their CPU time;
+and what connections to that service cost and do to an open connection of
+another service on the same proxy.
+"""
+
+from __future__ import annotations
+
+import resource
+import subprocess
+import threading
+import time
+
+from bench import clients, measure, targets
+from bench.clients import percentile
+from bench.lab import SERVICE_NAME, BenchError, Lab, bin_path, free_port, recv_exact, say
+from bench.report import fmt, table
+
+SIZES = (3, 100, 1000, 10000)
+CLIENT = "198.51.100.7"
+BUDGET = 2.0  # seconds of timing per size, at most a few times over
+
+
+def _config_text(lab: Lab, shards: int, port: int) -> str:
+    return targets.shardtcp_config(lab, [targets.listener("edge", port, "passthrough")], targets.many_shards(shards))
+
+
+def resolve_cost(lab: Lab, shards: int, quick: bool) -> dict:
+    from twisted.internet.task import Clock
+
+    from shardtcp.config import load_config
+    from shardtcp.model import ConnectionRequest
+    from shardtcp.resolver import ShardResolver
+
+    path = lab.path(f"resolver-{shards}.toml")
+    with open(path, "w") as f:
+        f.write(_config_text(lab, shards, 1))
+    clock = Clock()
+    clock.advance(time.time())
+    resolver = ShardResolver(load_config(path), clock=clock)
+    request = ConnectionRequest(service_id="api", client=(CLIENT, 51515), destination=("127.0.0.1", 8443),
+                                sni=SERVICE_NAME, alpn=(), listener="edge")
+    candidates = resolver.resolve(request)
+    if not candidates:
+        raise BenchError(f"resolve at {shards} shards chose no shard")
+    # Batches that double until one takes 0.2 s (bounded), then the best of a few.
+    number = 1
+    for _ in range(30):
+        t0 = time.process_time()
+        for _ in range(number):
+            resolver.resolve(request)
+        if time.process_time() - t0 >= 0.2 or number >= 1 << 20:
+            break
+        number *= 2
+    best = float("inf")
+    for _ in range(2 if quick else 3):
+        t0 = time.process_time()
+        for _ in range(number):
+            resolver.resolve(request)
+        best = min(best, (time.process_time() - t0) / number)
+    return {"us_per_call": best * 1e6, "calls_per_batch": number, "candidates": len(candidates)}
+
+
+def large_service(lab: Lab, target: targets.Target, count: int) -> dict:
+    """
+    What ``count`` connections to the 10,000-shard service cost, and what
+    they do to an open connection of another service: 64-byte echoes
+    through that connection, 10 ms apart, idle and then while the large
+    service's connections are made one after another.  Their shards do not
+    listen, so each such connection ends when its attempts are refused (the
+    proxy then answers with its refusal line and closes).
+    """
+    payload = b"x" * 64
+
+    def rtt(sock) -> float:
+        t0 = time.perf_counter()
+        sock.sendall(payload)
+        recv_exact(sock, len(payload))
+        return (time.perf_counter() - t0) * 1000
+
+    latencies: list[float] = []
+    failures: list[str] = []
+
+    def open_large() -> None:
+        for _ in range(count):
+            t0 = time.perf_counter()
+            try:
+                with clients.connect(target.port, None, targets.PLAIN_PREAMBLE) as sock:
+                    sock.settimeout(30.0)
+                    # The proxy answers with its refusal line, then closes.
+                    for _ in range(64):
+                        if not sock.recv(1024):
+                            break
+            except ConnectionResetError:
+                pass  # how the proxy may drop a connection none of whose shards answered
+            except OSError as e:
+                failures.append(f"{type(e).__name__}: {e}")
+            latencies.append((time.perf_counter() - t0) * 1000)
+
+    try:
+        with clients.connect(target.port, None, targets.ECHO_PREAMBLE) as echo:
+            echo.sendall(clients.OP.pack(b"E", 0))
+            idle = []
+            for _ in range(50):
+                idle.append(rtt(echo))
+                time.sleep(0.01)
+            before = measure.cpu(target.pid)
+            opener = threading.Thread(target=open_large, daemon=True)
+            opener.start()
+            busy = []
+            deadline = time.monotonic() + 60.0 * count
+            for _ in range(100_000):
+                if not opener.is_alive() or time.monotonic() > deadline:
+                    break
+                busy.append(rtt(echo))
+                time.sleep(0.01)
+            opener.join(timeout=60.0)
+            used = measure.cpu(target.pid) - before
+    except (OSError, EOFError) as e:
+        raise BenchError(f"echo through the small service next to the 10,000-shard one: {e}") from e
+    lab.alive("shardtcp", target.process)
+    if opener.is_alive() or failures or len(latencies) != count or not busy:
+        raise BenchError(f"connections to the 10,000-shard service: {len(latencies)} of {count} ended"
+                         + (f", first failure: {failures[0]}" if failures else ""))
+    for values in (idle, busy, latencies):
+        values.sort()
+    return {
+        "connections": count,
+        "cpu_ms_per_connection": used.total * 1000 / count,
+        "latency_ms_p50": percentile(latencies, 50), "latency_ms_max": latencies[-1],
+        "echo_idle_ms_p50": percentile(idle, 50), "echo_idle_ms_max": idle[-1],
+        "echo_busy_ms_p50": percentile(busy, 50), "echo_busy_ms_max": busy[-1], "echo_busy_samples": len(busy),
+    }
+
+
+def _command(argv: list, timeout: float) -> dict:
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    try:
+        done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        raise BenchError(f"{' '.join(argv[:2])} took more than {timeout:.0f}s") from e
+    seconds = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode != 0:
+        raise BenchError(f"{' '.join(argv)} exited with {done.returncode}: "
+                         f"{(done.stderr or done.stdout)[-2000:].decode('utf-8', 'replace')}")
+    return {"seconds": seconds, "cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)}
+
+
+def run(lab: Lab, settings: dict) -> dict:
+    results: dict = {"resolve": {}}
+    for shards in SIZES:
+        results["resolve"][shards] = resolve_cost(lab, shards, settings["quick"])
+        say(f"resolve at {shards} shards: {results['resolve'][shards]['us_per_call']:.1f} µs")
+    shards = SIZES[-1]
+    backend = targets.start_backend(lab, "backend-echo", tls=False)
+    port = free_port()
+    text = targets.shardtcp_config(lab, [targets.listener("plain", port, "plain")], targets.many_shards(shards),
+                                   echo=f"127.0.0.1:{backend.port}")
+    target, seconds = targets.start_shardtcp(lab, f"shardtcp-{shards}", text, port, timeout=120.0)
+    results["startup"] = {"seconds": seconds, "cpu_s": measure.cpu(target.pid).total}
+    results["large_service"] = large_service(lab, target, 4 if settings["quick"] else 10)
+    lab.stop(target.process)
+    lab.stop(backend.process)
+    config = lab.path(f"shardtcp-{shards}.toml")
+    shardtcp = bin_path("shardtcp")
+    results["check_config"] = _command([shardtcp, "check-config", config], 120.0)
+    results["explain"] = _command([shardtcp, "explain", "--config", config, "--service", "api",
+                                   "--client", CLIENT, "--sni", SERVICE_NAME], 120.0)
+    results["shards"] = shards
+    say(f"at {shards} shards: start-up {results['startup']['seconds']:.2f} s, "
+        f"check-config {results['check_config']['seconds']:.2f} s, explain {results['explain']['seconds']:.2f} s")
+    return results
+
+
+def report(r: dict) -> str:
+    rows = [[f"{n:,} shards", fmt(v["us_per_call"], ".1f"), fmt(v["us_per_call"] / n, ".2f")]
+            for n, v in r["resolve"].items()]
+    out = table("Resolver: ShardResolver.resolve, one service, CPU per call",
+                ["", "µs per call", "µs per shard"], rows)
+    rows = [
+        ["twistd -n shardtcp until listening", fmt(r["startup"]["seconds"], ".2f"), fmt(r["startup"]["cpu_s"], ".2f")],
+        ["shardtcp check-config", fmt(r["check_config"]["seconds"], ".2f"), fmt(r["check_config"]["cpu_s"], ".2f")],
+        ["shardtcp explain", fmt(r["explain"]["seconds"], ".2f"), fmt(r["explain"]["cpu_s"], ".2f")],
+    ]
+    out += "\n\n" + table(f"Commands at {r['shards']:,} shards", ["", "seconds", "CPU seconds"], rows)
+    g = r["large_service"]
+    rows = [
+        ["proxy CPU ms per connection to it", fmt(g["cpu_ms_per_connection"], ".0f"), ""],
+        ["its connections' latency ms (accept to close)", fmt(g["latency_ms_p50"], ".0f"), fmt(g["latency_ms_max"], ".0f")],
+        ["another service's echo ms, idle", fmt(g["echo_idle_ms_p50"], ".2f"), fmt(g["echo_idle_ms_max"], ".2f")],
+        ["another service's echo ms, meanwhile", fmt(g["echo_busy_ms_p50"], ".2f"), fmt(g["echo_busy_ms_max"], ".2f")],
+    ]
+    return out + "\n\n" + table(f"A {r['shards']:,}-shard service beside a small one ({g['connections']} connections "
+                                 "to it, one after another)", ["", "p50", "max"], rows)
