@@ -127,6 +127,7 @@ __all__ = [
     "ShardResolver",
     "UnknownService",
     "UnknownShard",
+    "build_resolver",
 ]
 
 log = Logger()
@@ -931,3 +932,22 @@ class ShardResolver(Service):
         from shardtcp.status import render_status
 
         return render_status(self.snapshot())
+
+
+def build_resolver(config: Config, *, clock: IReactorTime) -> ShardResolver:
+    """
+    The ``ShardResolver`` of a configuration, tuned by its ``[resolver]``
+    table: the one the proxy runs and the one ``shardtcp explain`` asks.
+    """
+    tuning = config.resolver
+    return ShardResolver(
+        config,
+        clock=clock,
+        rtt_decay=tuning.latency_decay,
+        outlier=OutlierPolicy(
+            consecutive_failures=tuning.eject_after,
+            base_ejection=tuning.eject_base,
+            max_ejection=tuning.eject_max,
+            panic_threshold=tuning.panic_threshold,
+        ),
+    )
