@@ -1,5 +1,13 @@
+# -*- test-case-name: tests.resolver.test_resolver -*-
 """
 The ShardResolver: which shard should take this connection, right now.
+
+It owns the records and the live state (``shardtcp.resolver.state``) and
+runs the one ranking pipeline (``shardtcp.resolver.ranking``) for both
+``resolve`` and ``explain``; it provides ``IResolver`` to the connection
+path and ``IResolverControl`` to the health checker, the threat feeds and
+the admin interface, whose ``/status`` is rendered from ``snapshot()`` by
+``shardtcp.status``.
 
 The resolver knows no protocol. The connection path hands it a
 ``ConnectionRequest`` (service id, client address) and gets back the
@@ -10,8 +18,9 @@ connection ends.
 
 How a shard is chosen, for one request:
 
-1. **Access.** The client's address is checked against the service policy's
-   ``deny`` then ``allow`` networks. Deny wins over allow; an address in no
+1. **Access.** A client address that is not an IP, or that a threat feed
+   in force denies (``set_admission``), is refused; then the address is
+   checked against the service policy's ``deny`` then ``allow`` networks. Deny wins over allow; an address in no
    allow network is denied. A denied client gets ``AccessDenied`` before any
    shard is looked at.
 2. **Filters**, of two kinds.
