@@ -200,13 +200,19 @@ def policy_reasons(table: ServiceTable, security_score: float, region: str) -> l
 def consider(table: ServiceTable, now: float) -> list[Considered]:
     """Every shard of the service with its filters, in record order."""
     considered = []
+    minimum = table.config.policy.min_security_score
+    regions = table.regions
     for state, expected in zip(table.shards, table.expected_ms):
         soft = state.sickness(now)
         drains = state.drains()
-        location = state.config.location
-        hard = drains + policy_reasons(
-            table, state.security_score, location.region if location is not None else ""
-        )
+        security = state.security_score
+        if security < minimum or regions:
+            location = state.config.location
+            hard = drains + policy_reasons(
+                table, security, location.region if location is not None else ""
+            )
+        else:
+            hard = drains
         health = (
             Health.UNHEALTHY if soft else Health.DRAINING if drains else Health.HEALTHY
         )
