@@ -51,29 +51,92 @@ def _cmd_keygen(args) -> int:
 
 
 def _cmd_explain(args) -> int:
+    """
+    Rank a service's shards for a client as the running proxy would: the
+    same ``[resolver]`` tuning and the threat feeds in force.  Exit 1 when
+    the client would be refused admission (a threat feed, the policy's
+    access rules) or the configuration is bad, 2 when ``--client`` is not
+    an IP address (a usage error, as argparse's), else 0.
+    """
     from shardtcp.config import ConfigError, load_config
+    from shardtcp.keys import JWKSError
     from shardtcp.model import ConnectionRequest
-    from shardtcp.resolver import ShardResolver
+    from shardtcp.net import parse_ip
+    from shardtcp.resolver.feeds import ThreatIntelError
+    from shardtcp.resolver.service import build_resolver
 
+    if parse_ip(args.client) is None:
+        print(f"shardtcp explain: --client {args.client!r} is not an IP address", file=sys.stderr)
+        return 2
     try:
         config = load_config(args.config, check_files=False)
     except ConfigError as e:
         for line in e.problems:
             print(line, file=sys.stderr)
         return 1
-    resolver = ShardResolver(config, clock=_NullClock())
     if config.service(args.service) is None:
         print(f"shardtcp explain: unknown service {args.service!r}", file=sys.stderr)
+        return 1
+    clock = _frozen_clock()
+    resolver = build_resolver(config, clock=clock)
+    try:
+        intel = _feeds_in_force(config, resolver, clock)
+    except (JWKSError, OSError, ThreatIntelError) as e:
+        print(f"shardtcp explain: threat_intel: {e}", file=sys.stderr)
         return 1
     request = ConnectionRequest(
         service_id=args.service, client=(args.client, 0), sni=args.sni, listener="explain"
     )
-    explanation = resolver.explain(request)
+    try:
+        explanation = resolver.explain(request)
+    finally:
+        if intel is not None:
+            intel.stopService()
     if args.json:
         print(json.dumps(explanation_json(explanation), indent=2))
     else:
         print(format_explanation(explanation))
-    return 0
+    return 1 if explanation.denied is not None else 0
+
+
+def _frozen_clock():
+    """A clock for offline use: the time now, standing still."""
+    import time
+
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    clock.advance(time.time())
+    return clock
+
+
+def _feeds_in_force(config, resolver, clock):
+    """
+    Apply the threat feeds the proxy has in force to ``resolver`` (their
+    deny networks and security scores), without writing anything: the
+    feeds remembered in the state file when there is one (the proxy records
+    each feed it accepts there), else the local feed files read now.  HTTP
+    sources are not fetched.  Returns the started ``ThreatIntel``, or None.
+    """
+    settings = config.threat_intel
+    if settings is None:
+        return None
+    from shardtcp.keys import load_jwks
+    from shardtcp.resolver.feeds import FeedState, FeedValidator, ThreatIntel
+
+    validator = FeedValidator(
+        load_jwks(settings.trusted_keys), now=clock.seconds, state=FeedState(settings.state_file)
+    )
+    if settings.state_file is not None:
+        sources = ()
+    else:
+        sources = tuple(
+            s for s in settings.feeds if not s.source.lower().startswith(("http://", "https://"))
+        )
+    intel = ThreatIntel(validator, sources, resolver, reactor=clock, on_expiry=settings.on_expiry)
+    intel.startService()
+    resolver.set_admission(intel.denies)
+    return intel
 
 
 def explanation_json(explanation) -> dict:
@@ -160,18 +223,6 @@ def format_explanation(explanation) -> str:
             f"{e.total:>7.3f}{e.latency:>9.3f}{e.security:>9.3f}{e.load:>7.3f}  {notes}"
         )
     return "\n".join(lines)
-
-
-class _NullClock:
-    """A clock for offline use (explain): time stands still."""
-
-    def seconds(self) -> float:
-        import time
-
-        return time.time()
-
-    def callLater(self, *a, **kw):  # pragma: no cover - never scheduled offline
-        raise RuntimeError("no scheduling offline")
 
 
 def _cmd_decode_header(args) -> int:

@@ -35,7 +35,7 @@ from shardtcp.proxy.tls import ServerTLS
 from shardtcp.upstream import UpstreamTLS
 from shardtcp.resolver import ShardResolver, build_health_service
 from shardtcp.resolver.health import health_tls_options
-from shardtcp.resolver.outlier import OutlierPolicy
+from shardtcp.resolver.service import build_resolver
 from shardtcp.resolver.feeds import ThreatIntelError, build_threat_intel
 
 
@@ -142,23 +142,14 @@ def build_service(config: Config, reactor=None, *, connector: ShardConnector | N
     if reactor is None:
         from twisted.internet import reactor
     metrics = ProxyMetrics()
-    tuning = config.resolver
-    resolver = ShardResolver(
-        config,
-        clock=reactor,
-        rtt_decay=tuning.latency_decay,
-        outlier=OutlierPolicy(
-            consecutive_failures=tuning.eject_after,
-            base_ejection=tuning.eject_base,
-            max_ejection=tuning.eject_max,
-            panic_threshold=tuning.panic_threshold,
-        ),
-    )
+    resolver = build_resolver(config, clock=reactor)
     root = ProxyService(config, resolver, metrics)
     resolver.setServiceParent(root)
     intel = build_threat_intel(config, resolver, reactor, registry=metrics.registry)
     if intel is not None:
         intel.setServiceParent(root)
+        # explain (and resolve) admit clients as the connection path does.
+        resolver.set_admission(intel.denies)
     root.threat_intel = intel
     upstream_tls = UpstreamTLS()
     health = build_health_service(

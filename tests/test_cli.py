@@ -132,6 +132,75 @@ class CommandTests(SynchronousTestCase):
         status, text, _ = run_cli("explain", "--config", self.write("ok.toml", GOOD), "--service", "api", "--client", "10.1.1.1")
         self.assertIn("(proxy)", text.splitlines()[0])
 
+    def signed_feed(self, name, deny, shards=None):
+        """A feed file signed with the test key, valid for ten minutes."""
+        from shardtcp.resolver.feeds import sign_feed
+
+        now = int(time.time())
+        claims = {"iss": "intel", "iat": now - 5, "exp": now + 600, "seq": 1,
+                  "shards": shards or {}, "deny": list(deny)}
+        token = sign_feed(claims, keymod.load_private_key(self.keys.private_key), "policy-1")
+        path = os.path.join(self.dir, name)
+        with open(path, "wb") as f:
+            f.write(token)
+        return path
+
+    def test_explain_denied_by_policy(self):
+        """
+        A client the service policy denies is shown DENIED with the rule,
+        no shard is ranked for it, and explain exits 1.
+        """
+        config = GOOD + '[service.api.policy]\ndeny = ["198.51.100.0/24"]\n'
+        path = self.write("deny.toml", config)
+        status, out, _ = run_cli("explain", "--config", path, "--service", "api", "--client", "198.51.100.7")
+        self.assertEqual(status, 1)
+        self.assertIn("DENIED: policy.deny 198.51.100.0/24", out)
+        status, out, _ = run_cli(
+            "explain", "--config", path, "--service", "api", "--client", "198.51.100.7", "--json"
+        )
+        self.assertEqual(status, 1)
+        ranking = json.loads(out)
+        self.assertEqual(ranking["denied"], "policy.deny 198.51.100.0/24")
+        self.assertEqual([s["eligible"] for s in ranking["shards"]], [False, False])
+        status, _, _ = run_cli("explain", "--config", path, "--service", "api", "--client", "10.1.1.1")
+        self.assertEqual(status, 0)
+
+    def test_explain_applies_threat_feeds(self):
+        """
+        explain uses the threat feeds in force: a client a feed denies is
+        DENIED (exit 1) naming the feed, and a feed's security score
+        replaces the shard's baseline in the ranking of other clients.
+        """
+        feed = self.signed_feed("threat.jws", ["198.51.100.0/24"], {"api-fra-1": 20})
+        config = GOOD + (
+            f'[threat_intel]\ntrusted_keys = "{self.keys.jwks}"\n'
+            f'feeds = [ {{ source = "{feed}" }} ]\n'
+        )
+        path = self.write("feeds.toml", config)
+        status, out, _ = run_cli(
+            "explain", "--config", path, "--service", "api", "--client", "198.51.100.7", "--json"
+        )
+        self.assertEqual(status, 1, out)
+        ranking = json.loads(out)
+        self.assertIn("threat feed intel", ranking["denied"])
+        self.assertIn("198.51.100.0/24", ranking["denied"])
+        self.assertFalse(any(s["eligible"] for s in ranking["shards"]))
+        status, out, _ = run_cli(
+            "explain", "--config", path, "--service", "api", "--client", "10.1.1.1", "--json"
+        )
+        self.assertEqual(status, 0, out)
+        scores = {s["shard"]: s["details"]["security_score"] for s in json.loads(out)["shards"]}
+        self.assertEqual(scores["api-fra-1"], 20)
+
+    def test_explain_client_not_an_ip(self):
+        """--client that is not an IP address is one line on stderr and exit 2."""
+        status, out, err = run_cli(
+            "explain", "--config", self.write("ok.toml", GOOD), "--service", "api", "--client", "notanip"
+        )
+        self.assertEqual(status, 2)
+        self.assertEqual(out, "")
+        self.assertEqual(err.strip().splitlines(), ["shardtcp explain: --client 'notanip' is not an IP address"])
+
     def test_sign_feed(self):
         """sign-feed prints a compact JWS signed with the given kid; an expired feed is refused."""
         now = int(time.time())

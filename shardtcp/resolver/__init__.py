@@ -6,8 +6,10 @@ and gets ranked ``Candidate`` shards back, then holds a ``Lease`` on the one
 it uses and reports how the connect went. ``sources`` says where shard
 records come from, ``scoring`` holds the score formulas, ``choice`` the
 draw among the best shards, ``outlier`` passive ejection, ``agent`` the
-agent-check reply format, ``health`` the active health checks, and
-``service`` the ``ShardResolver`` itself.
+agent-check reply format, ``health`` the active health checks, ``state``
+each shard's live state and leases, ``ranking`` the one pipeline behind
+``resolve`` and ``explain``, ``snapshot`` the frozen view ``status``
+renders, and ``service`` the ``ShardResolver`` itself.
 """
 
 from shardtcp.resolver.agent import AgentReplyError, AgentReport, parse_agent_reply
@@ -16,7 +18,9 @@ from shardtcp.resolver.health import (
     HealthChecker,
     build_health_service,
 )
+from shardtcp.resolver.interfaces import IResolver, IResolverControl
 from shardtcp.resolver.outlier import OutlierPolicy, OutlierTracker
+from shardtcp.resolver.ranking import Factors
 from shardtcp.resolver.scoring import (
     combined_load,
     ejection_seconds,
@@ -45,6 +49,7 @@ from shardtcp.resolver.service import (
     UnknownService,
     UnknownShard,
 )
+from shardtcp.resolver.snapshot import ResolverSnapshot, ServiceSnapshot, ShardSnapshot
 from shardtcp.resolver.sources import IShardSource, StaticShardSource
 
 __all__ = [
@@ -56,15 +61,21 @@ __all__ = [
     "CheckResult",
     "ConnectStats",
     "Explanation",
+    "Factors",
     "HealthChecker",
+    "IResolver",
+    "IResolverControl",
     "IShardSource",
     "Lease",
     "NoShardAvailable",
     "OutlierPolicy",
     "OutlierTracker",
     "ResolverError",
+    "ResolverSnapshot",
+    "ServiceSnapshot",
     "ShardExplanation",
     "ShardResolver",
+    "ShardSnapshot",
     "StaticShardSource",
     "UnknownService",
     "UnknownShard",

@@ -1,5 +1,13 @@
+# -*- test-case-name: tests.resolver.test_resolver -*-
 """
 The ShardResolver: which shard should take this connection, right now.
+
+It owns the records and the live state (``shardtcp.resolver.state``) and
+runs the one ranking pipeline (``shardtcp.resolver.ranking``) for both
+``resolve`` and ``explain``; it provides ``IResolver`` to the connection
+path and ``IResolverControl`` to the health checker, the threat feeds and
+the admin interface, whose ``/status`` is rendered from ``snapshot()`` by
+``shardtcp.status``.
 
 The resolver knows no protocol. The connection path hands it a
 ``ConnectionRequest`` (service id, client address) and gets back the
@@ -10,8 +18,9 @@ connection ends.
 
 How a shard is chosen, for one request:
 
-1. **Access.** The client's address is checked against the service policy's
-   ``deny`` then ``allow`` networks. Deny wins over allow; an address in no
+1. **Access.** A client address that is not an IP, or that a threat feed
+   in force denies (``set_admission``), is refused; then the address is
+   checked against the service policy's ``deny`` then ``allow`` networks. Deny wins over allow; an address in no
    allow network is denied. A denied client gets ``AccessDenied`` before any
    shard is looked at.
 2. **Filters**, of two kinds.
@@ -87,49 +96,56 @@ ids must be unique across services.
 
 from __future__ import annotations
 
-import datetime
-import fnmatch
-import ipaddress
 import secrets
-from typing import Callable, Generic, Iterable, Optional, TypeVar
+from typing import Callable, Iterable, Optional
 
 import attrs
 from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from shardtcp.model import (
     Config,
     ConnectionRequest,
     Evaluation,
     Health,
-    IPAddress,
-    IPNetwork,
     Location,
     ServiceConfig,
-    ShardConfig,
     ShardInfo,
-    Weights,
 )
-from shardtcp.resolver import choice, scoring
+from shardtcp.net import PrefixTable, normalise_network
+from shardtcp.resolver import choice, ranking, scoring
 from shardtcp.resolver.agent import AgentReport
-from shardtcp.resolver.outlier import OutlierPolicy, OutlierTracker
+from shardtcp.resolver.interfaces import IResolver, IResolverControl
+from shardtcp.resolver.outlier import OutlierPolicy
+from shardtcp.resolver.snapshot import ResolverSnapshot, ServiceSnapshot, ShardSnapshot
 from shardtcp.resolver.sources import IShardSource, StaticShardSource
+from shardtcp.resolver.state import ADMIN_STATES, ConnectStats, Lease, ShardState
+
+__all__ = [
+    "ADMIN_STATES",
+    "AccessDenied",
+    "Candidate",
+    "ConnectStats",
+    "Explanation",
+    "Lease",
+    "NoShardAvailable",
+    "ResolverError",
+    "ShardExplanation",
+    "ShardResolver",
+    "UnknownService",
+    "UnknownShard",
+    "build_resolver",
+]
 
 log = Logger()
-
-V = TypeVar("V")
-
-_MAPPED_V4 = ipaddress.IPv6Network("::ffff:0:0/96")
 
 # How many shard ids and distinct reasons a NoShardAvailable message lists
 # before it summarises: the message goes into logs once per refused
 # connection, so it must stay bounded whatever the number of shards.
 _IDS_SHOWN = 3
 _GROUPS_SHOWN = 5
-
-#: Operator states accepted by ``set_admin_state``.
-ADMIN_STATES = ("drain", "ready")
 
 
 # ---------------------------------------------------------------------------
@@ -227,10 +243,39 @@ def _summarise_rejections(
 
 @attrs.frozen
 class Candidate:
-    """An eligible shard and its score for one request."""
+    """
+    An eligible shard and its score for one request.
+
+    ``evaluation`` (and ``factors``, its typed details) are worked out when
+    first asked for, from the inputs the ranking used: ``resolve`` itself
+    does not build them.
+    """
 
     shard: ShardInfo
-    evaluation: Evaluation
+    ranked: ranking.Ranked = attrs.field(repr=False)
+    client: ranking.Client = attrs.field(repr=False)
+    at: float = attrs.field(repr=False)
+
+    @property
+    def factors(self) -> ranking.Factors:
+        """Every input of the score."""
+        return ranking.factors(self.ranked, self.client, self.at)
+
+    @property
+    def evaluation(self) -> Evaluation:
+        """The score factor by factor, with ``details``."""
+        return _evaluation(self.ranked, self.factors)
+
+
+def _evaluation(ranked: ranking.Ranked, factors: ranking.Factors) -> Evaluation:
+    return Evaluation(
+        shard_id=ranked.info.shard_id,
+        latency=ranked.latency,
+        security=ranked.security,
+        load=ranked.spare,
+        total=ranked.total,
+        details=factors.as_dict(),
+    )
 
 
 @attrs.frozen
@@ -241,23 +286,20 @@ class ShardExplanation:
     ``rejected_by`` lists why the shard would not be chosen, e.g.
     ``("health: unhealthy",)``, ``("min_security_score: 40 < 50",)`` or
     ``("regions: us-east not in ['eu-*']",)``,
-    ``("ejected until 2026-01-01T12:00:10Z (3 consecutive failures)",)``;
+    ``("ejected until 2026-01-01T12:00:10Z (3 consecutive failures)",)``,
+    or for a client refused admission ``("denied: policy.deny ...", ...)``;
     empty means eligible. ``set_aside`` lists the health reasons that panic
     mode set aside for an eligible shard.
 
-    ``evaluation.details`` holds each input: ``distance_km``, ``geo_rtt_ms``,
-    ``measured_rtt_ms``, ``expected_rtt_ms``, ``excess_rtt_ms``, ``rtt_ms``
-    and ``latency_source`` (geo, measured, geo+measured or none);
-    ``own_load``, ``agent_load`` and ``load``; ``weight``,
-    ``agent_weight_percent``, ``slow_start_ramp`` and ``effective_weight``;
-    ``base_total``; and for eligible shards ``in_draw`` and ``draw_share``
-    (the long-run share of first picks among the pool).
+    ``factors`` holds each input of the score (``shardtcp.resolver.ranking.
+    Factors``); ``evaluation.details`` the same by name.
     """
 
     shard: ShardInfo
     evaluation: Evaluation
     rejected_by: tuple[str, ...] = ()
     set_aside: tuple[str, ...] = ()
+    factors: Optional[ranking.Factors] = attrs.field(default=None, eq=False, repr=False)
 
 
 @attrs.frozen
@@ -267,11 +309,12 @@ class Explanation:
 
     ``location_source`` says where ``client_location`` came from: ``"geo"``,
     ``"proxy"`` (the proxy's own location stood in) or ``"unknown"``.
-    ``denied`` is the access rule refusing the client, or None; when it is
-    set no shard would be chosen, whatever the shards' own ``rejected_by``
-    say. ``shards`` holds the eligible shards in rank order (the pool the
-    first candidate is drawn from is marked ``in_draw``), then the rejected
-    ones. ``panic`` says whether panic mode is in force for the service.
+    ``denied`` is the admission refusal (not an IP address, a threat feed
+    in force, the policy's access rules), or None; when it is set no shard
+    is eligible and every shard's ``rejected_by`` starts with it. ``shards``
+    holds the eligible shards in rank order (the pool the first candidate is
+    drawn from is marked ``in_draw``), then the rejected ones. ``panic``
+    says whether panic mode is in force for the service.
     """
 
     request: ConnectionRequest
@@ -282,332 +325,11 @@ class Explanation:
     panic: bool = False
 
 
-@attrs.frozen
-class ConnectStats:
-    """
-    What the connection path reported of its connects to one shard.
-
-    ``last_seconds`` is the duration of the last successful connect, and
-    ``last_at`` the clock time of the last report, either way.
-    """
-
-    ok: int = 0
-    failed: int = 0
-    consecutive_failures: int = 0
-    last_seconds: Optional[float] = None
-    last_at: Optional[float] = None
-
-
-# ---------------------------------------------------------------------------
-# Address matching
-
-
-def _parse_address(ip: str) -> Optional[IPAddress]:
-    """
-    Parse a client address; unwrap IPv4-mapped IPv6; None if not an IP.
-    """
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        return address.ipv4_mapped
-    return address
-
-
-def _normalise_network(network: object) -> IPNetwork:
-    """
-    Return ``network`` as a network object, IPv4-mapped ranges as IPv4.
-    """
-    net = ipaddress.ip_network(network, strict=False)  # type: ignore[arg-type]
-    if (
-        isinstance(net, ipaddress.IPv6Network)
-        and net.prefixlen >= _MAPPED_V4.prefixlen
-        and net.subnet_of(_MAPPED_V4)
-    ):
-        return ipaddress.IPv4Network(
-            (int(net.network_address) & 0xFFFFFFFF, net.prefixlen - 96)
-        )
-    return net
-
-
-class _PrefixTable(Generic[V]):
-    """
-    Longest-prefix match of addresses against networks.
-
-    One dictionary per (family, prefix length) keyed by the network bits:
-    a lookup costs one dictionary probe per distinct prefix length, however
-    many networks there are. When the same network is given twice the first
-    entry wins (file order).
-    """
-
-    def __init__(self, entries: Iterable[tuple[IPNetwork, V]]) -> None:
-        self._tables: dict[int, dict[int, dict[int, tuple[IPNetwork, V]]]] = {
-            4: {},
-            6: {},
-        }
-        for network, value in entries:
-            by_length = self._tables[network.version].setdefault(
-                network.prefixlen, {}
-            )
-            key = int(network.network_address) >> (
-                network.max_prefixlen - network.prefixlen
-            )
-            by_length.setdefault(key, (network, value))
-        self._lengths = {
-            version: sorted(table, reverse=True)
-            for version, table in self._tables.items()
-        }
-
-    def lookup(self, address: IPAddress) -> Optional[tuple[IPNetwork, V]]:
-        """Return the most specific ``(network, value)`` holding ``address``."""
-        table = self._tables[address.version]
-        bits = int(address)
-        width = address.max_prefixlen
-        for length in self._lengths[address.version]:
-            hit = table[length].get(bits >> (width - length))
-            if hit is not None:
-                return hit
-        return None
-
-
-# ---------------------------------------------------------------------------
-# Per-shard and per-service state
-
-
-@attrs.define(eq=False)
-class _ShardState:
-    """
-    The live, mutable state of one shard, kept across record reloads.
-
-    Leases hold a reference to this object, so a lease taken before a reload
-    still releases the count it added.
-
-    ``health`` is the active health check's verdict (or what ``set_health``
-    set); ``admin_state`` the operator's override; ``agent_admin``,
-    ``agent_load`` and ``agent_weight_percent`` what the shard's agent last
-    said; ``back_since`` when the slow-start ramp began; ``ledger`` the
-    draw's fair-share ledger.
-    """
-
-    config: ShardConfig
-    service_id: str
-    health: Health = Health.HEALTHY
-    admin_state: Optional[str] = None
-    agent_admin: Optional[str] = None
-    agent_load: Optional[float] = None
-    agent_weight_percent: Optional[float] = None
-    security_override: Optional[float] = None
-    weight_override: Optional[float] = None
-    open_connections: int = 0
-    stats: ConnectStats = attrs.field(factory=ConnectStats)
-    outlier: OutlierTracker = attrs.field(factory=OutlierTracker)
-    ejection_open: bool = False
-    rtt_ms: Optional[float] = None
-    rtt_at: Optional[float] = None
-    rtt_samples: int = 0
-    back_since: Optional[float] = None
-    ledger: float = 0.0
-
-    @property
-    def security_score(self) -> float:
-        if self.security_override is not None:
-            return self.security_override
-        return self.config.security_score
-
-    @property
-    def weight(self) -> float:
-        """The operator's weight: the admin override, else the record's."""
-        if self.weight_override is not None:
-            return self.weight_override
-        return self.config.weight
-
-    def ramp(self, now: float) -> float:
-        return scoring.slow_start_factor(self.back_since, now, self.config.slow_start)
-
-    def effective_weight(self, now: float) -> float:
-        agent = (
-            self.agent_weight_percent / 100.0
-            if self.agent_weight_percent is not None
-            else 1.0
-        )
-        return self.weight * agent * self.ramp(now)
-
-    def load(self) -> float:
-        return scoring.combined_load(
-            self.open_connections, self.config.capacity, self.agent_load
-        )
-
-    def measured_ms(self, now: float, max_age: float) -> Optional[float]:
-        """The peak-EWMA connect time, unless its last sample is too old."""
-        if self.rtt_ms is None or self.rtt_at is None:
-            return None
-        if now - self.rtt_at > max_age:
-            return None
-        return self.rtt_ms
-
-    def drains(self) -> list[str]:
-        """Why the shard takes no new connections (hard filters)."""
-        reasons = []
-        if self.admin_state != "ready":
-            if self.health is Health.DRAINING:
-                reasons.append("health: draining")
-            if self.agent_admin is not None:
-                reasons.append(f"agent: {self.agent_admin}")
-        if self.admin_state == "drain":
-            reasons.append("admin: drain")
-        return reasons
-
-    def sickness(self, now: float) -> list[str]:
-        """Why the shard is out of rotation (the health filters)."""
-        reasons = []
-        if self.health is Health.UNHEALTHY:
-            reasons.append("health: unhealthy")
-        if self.outlier.ejected(now):
-            until = self.outlier.ejected_until
-            assert until is not None
-            reasons.append(
-                f"ejected until {_timestamp(until)} "
-                f"({self.outlier.consecutive} consecutive failures)"
-            )
-        return reasons
-
-    def effective_health(self, now: float) -> Health:
-        if self.sickness(now):
-            return Health.UNHEALTHY
-        if self.drains():
-            return Health.DRAINING
-        return Health.HEALTHY
-
-    def info(self, now: float) -> ShardInfo:
-        return ShardInfo(
-            shard_id=self.config.id,
-            service_id=self.service_id,
-            address=self.config.address,
-            location=self.config.location,
-            capacity=self.config.capacity,
-            security_score=self.security_score,
-            weight=self.effective_weight(now),
-            health=self.effective_health(now),
-            open_connections=self.open_connections,
-            load=self.load(),
-            server_name=self.config.server_name,
-        )
-
-
-def _timestamp(seconds: float) -> str:
-    """Clock seconds as UTC ISO 8601, to the second: 2026-01-01T12:00:10Z."""
-    try:
-        moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
-    except (OverflowError, OSError, ValueError):
-        return f"{seconds:.0f}s"
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-@attrs.define(eq=False)
-class _Considered:
-    """One shard's state, record, filters and score for one request."""
-
-    state: _ShardState
-    info: ShardInfo
-    hard: tuple[str, ...]
-    soft: tuple[str, ...]
-    evaluation: Optional[Evaluation] = None
-
-    @property
-    def reasons(self) -> tuple[str, ...]:
-        return self.soft + self.hard
-
-    def rank_key(self) -> tuple:
-        """Best first: room, then higher total, fewer connections, id."""
-        assert self.evaluation is not None
-        return (
-            self.info.load >= 1.0,
-            -self.evaluation.total,
-            self.info.open_connections,
-            self.info.shard_id,
-        )
-
-    def entry(self) -> choice.Entry:
-        assert self.evaluation is not None
-        return choice.Entry(
-            item=self,
-            base=self.evaluation.details["base_total"],
-            weight=max(0.0, self.evaluation.total),
-            full=self.info.load >= 1.0,
-            ledger=self.state.ledger,
-        )
-
-
-@attrs.frozen
-class _ServiceTable:
-    """What ``resolve`` needs of one service, computed once per reload."""
-
-    config: ServiceConfig
-    shards: tuple[_ShardState, ...]
-    allow: _PrefixTable[None]
-    deny: _PrefixTable[None]
-    allow_summary: str
-    regions: tuple[str, ...]  # lower-cased patterns
-    regions_text: str  # the patterns as configured, for messages
-
-
-def _summarise_networks(networks: Iterable[object], limit: int = 5) -> str:
-    texts = [str(n) for n in networks]
-    if len(texts) > limit:
-        return ", ".join(texts[:limit]) + f" and {len(texts) - limit} more"
-    return ", ".join(texts)
-
-
-def _number(value: float) -> str:
-    """Format a score for messages: 40.0 as 40, 42.5 as 42.5."""
-    return f"{value:g}"
-
-
-# ---------------------------------------------------------------------------
-# Leases
-
-
-class Lease:
-    """
-    One connection (opening or open) counted against a shard.
-
-    Obtained from ``ShardResolver.lease``; ``release()`` ends the count and
-    may be called any number of times, so every path that ends a connection
-    can call it without coordinating with the others.
-    """
-
-    def __init__(self, state: _ShardState) -> None:
-        self._state = state
-        self._released = False
-        state.open_connections += 1
-
-    @property
-    def shard_id(self) -> str:
-        """The id of the shard this lease counts against."""
-        return self._state.config.id
-
-    @property
-    def released(self) -> bool:
-        """Whether ``release()`` has been called."""
-        return self._released
-
-    def release(self) -> None:
-        """Stop counting this connection; later calls do nothing."""
-        if self._released:
-            return
-        self._released = True
-        self._state.open_connections -= 1
-
-    def __repr__(self) -> str:
-        state = "released" if self._released else "held"
-        return f"<Lease {self.shard_id} {state}>"
-
-
 # ---------------------------------------------------------------------------
 # The resolver
 
 
+@implementer(IResolver, IResolverControl)
 class ShardResolver(Service):
     """
     Chooses shards for connections; see the module docstring for the rules.
@@ -624,7 +346,9 @@ class ShardResolver(Service):
     a seeded ``random.Random``). ``outlier`` holds the ejection and panic
     numbers, ``rtt_decay`` the peak-EWMA's τ in seconds, ``rtt_max_age`` how
     long a measurement stays in use without a new sample, and ``band`` the
-    width of the draw's pool on the 0..1 base score.
+    width of the draw's pool on the 0..1 base score. ``admission``, when
+    given (or set later with ``set_admission``), says why a threat feed in
+    force denies a client address, or None.
     """
 
     def __init__(
@@ -638,6 +362,7 @@ class ShardResolver(Service):
         rtt_decay: float = 10.0,
         rtt_max_age: float = 60.0,
         band: float = choice.DEFAULT_BAND,
+        admission: Optional[ranking.ThreatCheck] = None,
     ) -> None:
         self._config = config
         self._source: IShardSource = (
@@ -651,12 +376,16 @@ class ShardResolver(Service):
         self._rtt_decay = rtt_decay
         self._rtt_max_age = rtt_max_age
         self._band = band
-        self._proxy_location = config.proxy.location
-        self._geo: _PrefixTable[Location] = _PrefixTable(
-            (_normalise_network(g.network), g.location) for g in config.geo
+        self._admission = admission
+        self._settings = ranking.Settings(
+            rtt_max_age=rtt_max_age, panic_threshold=self._outlier.panic_threshold
         )
-        self._states: dict[str, _ShardState] = {}
-        self._tables: dict[str, _ServiceTable] = {}
+        self._proxy_location = config.proxy.location
+        self._geo: PrefixTable[Location] = PrefixTable(
+            (normalise_network(g.network), g.location) for g in config.geo
+        )
+        self._states: dict[str, ShardState] = {}
+        self._tables: dict[str, ranking.ServiceTable] = {}
         self._panic: dict[str, bool] = {}
         self._watchers: dict[object, Callable[[], None]] = {}
         self._unsubscribe: Optional[Callable[[], None]] = None
@@ -720,8 +449,8 @@ class ShardResolver(Service):
 
     def _apply(self, services: Iterable[ServiceConfig]) -> None:
         """Rebuild the per-service tables, reusing each shard's live state."""
-        tables: dict[str, _ServiceTable] = {}
-        states: dict[str, _ShardState] = {}
+        tables: dict[str, ranking.ServiceTable] = {}
+        states: dict[str, ShardState] = {}
         for service in services:
             if service.id in tables:
                 raise ValueError(f"service {service.id!r} appears twice")
@@ -735,7 +464,7 @@ class ShardResolver(Service):
                     raise ValueError(f"shard {shard.id!r} has a negative weight")
                 state = self._states.get(shard.id)
                 if state is None:
-                    state = _ShardState(config=shard, service_id=service.id)
+                    state = ShardState(config=shard, service_id=service.id)
                     if self._loaded:
                         # A shard added while running starts cold.
                         state.back_since = self._now()
@@ -744,17 +473,8 @@ class ShardResolver(Service):
                     state.service_id = service.id
                 states[shard.id] = state
                 shard_states.append(state)
-            policy = service.policy
-            tables[service.id] = _ServiceTable(
-                config=service,
-                shards=tuple(shard_states),
-                allow=_PrefixTable(
-                    (_normalise_network(n), None) for n in policy.allow
-                ),
-                deny=_PrefixTable((_normalise_network(n), None) for n in policy.deny),
-                allow_summary=_summarise_networks(policy.allow),
-                regions=tuple(p.lower() for p in policy.regions),
-                regions_text=str(list(policy.regions)),
+            tables[service.id] = ranking.ServiceTable.build(
+                service, shard_states, self._proxy_location
             )
         # Shards gone from the records lose their state here; leases still
         # held on them release harmlessly into the orphaned object.
@@ -771,13 +491,13 @@ class ShardResolver(Service):
 
     # -- records ------------------------------------------------------------
 
-    def _table(self, service_id: str) -> _ServiceTable:
+    def _table(self, service_id: str) -> ranking.ServiceTable:
         table = self._tables.get(service_id)
         if table is None:
             raise UnknownService(service_id)
         return table
 
-    def _state(self, shard_id: str) -> _ShardState:
+    def _state(self, shard_id: str) -> ShardState:
         state = self._states.get(shard_id)
         if state is None:
             raise UnknownShard(shard_id)
@@ -804,6 +524,14 @@ class ShardResolver(Service):
         return [state.info(now) for state in self._table(service_id).shards]
 
     # -- live inputs --------------------------------------------------------
+
+    def set_admission(self, admission: Optional[ranking.ThreatCheck]) -> None:
+        """
+        Say which threat feeds are in force: ``admission(ip)`` returns why a
+        feed denies the client address, or None (``ThreatIntel.denies``).
+        ``resolve`` and ``explain`` both refuse such a client.
+        """
+        self._admission = admission
 
     def set_health(self, shard_id: str, health: Health) -> None:
         """
@@ -961,7 +689,7 @@ class ShardResolver(Service):
         if state is not None:
             self._observe_rtt(state, seconds, self._now())
 
-    def _observe_rtt(self, state: _ShardState, seconds: float, now: float) -> None:
+    def _observe_rtt(self, state: ShardState, seconds: float, now: float) -> None:
         sample = max(0.0, seconds) * 1000.0
         previous = state.measured_ms(now, self._rtt_max_age)
         state.rtt_ms = scoring.peak_ewma(
@@ -985,58 +713,10 @@ class ShardResolver(Service):
         otherwise ``(proxy location, "proxy")``; otherwise
         ``(None, "unknown")``.
         """
-        return self._locate(_parse_address(ip))
+        client = ranking.locate(ip, self._geo, self._proxy_location)
+        return client.location, client.location_source
 
-    def _locate(
-        self, address: Optional[IPAddress]
-    ) -> tuple[Optional[Location], str]:
-        if address is not None:
-            hit = self._geo.lookup(address)
-            if hit is not None:
-                return hit[1], "geo"
-        if self._proxy_location is not None:
-            return self._proxy_location, "proxy"
-        return None, "unknown"
-
-    def _denied(
-        self, table: _ServiceTable, ip: str, address: Optional[IPAddress]
-    ) -> Optional[str]:
-        """Return the rule refusing the client, or None if it may pass."""
-        if address is None:
-            return f"client address {ip!r} is not an IP address"
-        hit = table.deny.lookup(address)
-        if hit is not None:
-            return f"policy.deny {hit[0]}"
-        if table.allow.lookup(address) is None:
-            if not table.allow_summary:
-                return "policy.allow is empty"
-            return f"policy.allow: in none of {table.allow_summary}"
-        return None
-
-    def _policy_reasons(self, table: _ServiceTable, info: ShardInfo) -> list[str]:
-        """Why the service policy refuses a shard; empty if it does not."""
-        reasons = []
-        minimum = table.config.policy.min_security_score
-        if info.security_score < minimum:
-            reasons.append(
-                "min_security_score: "
-                f"{_number(info.security_score)} < {_number(minimum)}"
-            )
-        if table.regions:
-            region = info.region.lower()
-            # A shard with no region cannot show where it is, so it satisfies
-            # no residency constraint (fnmatch would let "*" match "").
-            if not region or not any(
-                fnmatch.fnmatchcase(region, p) for p in table.regions
-            ):
-                reasons.append(
-                    f"regions: {info.region or '(none)'} not in {table.regions_text}"
-                )
-        return reasons
-
-    def _consider(self, table: _ServiceTable, now: float) -> list[_Considered]:
-        """Every shard of a service with its filters, not yet scored."""
-        considered = []
+    def _note_ejections_ended(self, table: ranking.ServiceTable, now: float) -> None:
         for state in table.shards:
             if state.ejection_open and not state.outlier.ejected(now):
                 state.ejection_open = False
@@ -1045,126 +725,59 @@ class ShardResolver(Service):
                     shard=state.config.id,
                     seconds=state.config.slow_start,
                 )
-            info = state.info(now)
-            hard = tuple(state.drains() + self._policy_reasons(table, info))
-            considered.append(
-                _Considered(state, info, hard, tuple(state.sickness(now)))
-            )
-        return considered
 
-    def _select(
-        self, considered: list[_Considered]
-    ) -> tuple[list[_Considered], bool]:
+    def _rank(
+        self, request: ConnectionRequest, *, score_all: bool
+    ) -> tuple[ranking.Ranking, float]:
         """
-        Return the eligible shards and whether panic mode is in force: when
-        fewer than ``panic_threshold`` of the shards passing the hard filters
-        are healthy, every one of them is eligible.
+        The one pipeline behind ``resolve`` and ``explain``; only
+        ``resolve`` (``score_all`` false) logs panic-mode transitions.
         """
-        passing = [c for c in considered if not c.hard]
-        healthy = [c for c in passing if not c.soft]
-        panic = bool(passing) and len(healthy) < (
-            self._outlier.panic_threshold * len(passing)
+        table = self._table(request.service_id)
+        client = ranking.locate(request.client[0], self._geo, self._proxy_location)
+        now = self._now()
+        self._note_ejections_ended(table, now)
+        result = ranking.rank(
+            table, client, now, self._settings,
+            threat=self._admission, score_all=score_all,
         )
-        return (passing if panic else healthy), panic
+        if result.denied is None and not score_all:
+            self._note_panic(request.service_id, result)
+        return result, now
 
-    def _note_panic(
-        self, service_id: str, panic: bool, considered: list[_Considered]
-    ) -> None:
+    def _note_panic(self, service_id: str, result: ranking.Ranking) -> None:
+        panic = result.panic
         if self._panic.get(service_id, False) == panic:
             return
         self._panic[service_id] = panic
-        passing = [c for c in considered if not c.hard]
-        healthy = sum(1 for c in passing if not c.soft)
         if panic:
             log.warn(
                 "service {service} in panic mode: only {healthy} of {total} "
                 "shards in rotation, routing among all {total}",
                 service=service_id,
-                healthy=healthy,
-                total=len(passing),
+                healthy=result.in_rotation,
+                total=result.passing,
             )
         else:
             log.info(
                 "service {service} out of panic mode: {healthy} of {total} "
                 "shards in rotation",
                 service=service_id,
-                healthy=healthy,
-                total=len(passing),
+                healthy=result.in_rotation,
+                total=result.passing,
             )
 
-    def _evaluate(
-        self,
-        weights: Weights,
-        info: ShardInfo,
-        state: Optional[_ShardState],
-        location: Optional[Location],
-        location_source: str,
-        now: float,
-    ) -> Evaluation:
-        proxy = self._proxy_location
-        distance: Optional[float] = None
-        geo_rtt: Optional[float] = None
-        expected: Optional[float] = None
-        if info.location is not None:
-            if location is not None:
-                distance = scoring.great_circle_km(location, info.location)
-                geo_rtt = scoring.estimated_rtt_ms(distance)
-            if proxy is not None:
-                expected = scoring.estimated_rtt_ms(
-                    scoring.great_circle_km(proxy, info.location)
-                )
-        measured = (
-            state.measured_ms(now, self._rtt_max_age) if state is not None else None
-        )
-        rtt = scoring.path_rtt_ms(geo_rtt, expected, measured)
-        latency = (
-            scoring.latency_factor(rtt) if rtt is not None else scoring.NEUTRAL_LATENCY
-        )
-        if measured is None:
-            latency_source = "geo" if geo_rtt is not None else "none"
-            excess = None
-        elif geo_rtt is None:
-            latency_source, excess = "measured", None
-        else:
-            latency_source = "geo+measured"
-            excess = rtt - geo_rtt  # type: ignore[operator]
-        security = scoring.security_factor(info.security_score)
-        load = scoring.spare_factor(info.load)
-        base = scoring.total_score(weights, latency, security, load)
-        capacity = info.capacity
-        return Evaluation(
-            shard_id=info.shard_id,
-            latency=latency,
-            security=security,
-            load=load,
-            total=base * info.weight,
-            details={
-                "distance_km": distance,
-                "rtt_ms": rtt,
-                "geo_rtt_ms": geo_rtt,
-                "measured_rtt_ms": measured,
-                "expected_rtt_ms": expected,
-                "excess_rtt_ms": excess,
-                "latency_source": latency_source,
-                "client_location_source": location_source,
-                "open_connections": info.open_connections,
-                "capacity": capacity,
-                "own_load": (
-                    info.open_connections / capacity if capacity > 0 else 1.0
-                ),
-                "agent_load": state.agent_load if state is not None else None,
-                "load": info.load,
-                "security_score": info.security_score,
-                "weight": state.weight if state is not None else info.weight,
-                "agent_weight_percent": (
-                    state.agent_weight_percent if state is not None else None
-                ),
-                "slow_start_ramp": state.ramp(now) if state is not None else 1.0,
-                "effective_weight": info.weight,
-                "base_total": base,
-                "at_capacity": info.load >= 1.0,
-            },
-        )
+    def _entries(self, eligible: tuple[ranking.Ranked, ...]) -> list[choice.Entry]:
+        return [
+            choice.Entry(
+                item=r,
+                base=r.base,
+                weight=max(0.0, r.total),
+                full=r.info.load >= 1.0,
+                ledger=r.state.ledger if r.state is not None else 0.0,
+            )
+            for r in eligible
+        ]
 
     def evaluate_shard(
         self, shard_info: ShardInfo, request: ConnectionRequest
@@ -1176,27 +789,18 @@ class ShardResolver(Service):
         measured latency from the shard's live state.
         """
         table = self._table(shard_info.service_id)
-        location, source = self.locate_client(request.client[0])
-        return self._evaluate(
-            table.config.weights,
+        client = ranking.locate(request.client[0], self._geo, self._proxy_location)
+        now = self._now()
+        state = self._states.get(shard_info.shard_id)
+        ranked = ranking.score(
             shard_info,
-            self._states.get(shard_info.shard_id),
-            location,
-            source,
-            self._now(),
+            state,
+            client,
+            table.config.weights,
+            ranking.expected_rtt_ms(self._proxy_location, shard_info.location),
+            state.measured_ms(now, self._rtt_max_age) if state is not None else None,
         )
-
-    def _score(
-        self,
-        table: _ServiceTable,
-        considered: Iterable[_Considered],
-        location: Optional[Location],
-        source: str,
-        now: float,
-    ) -> None:
-        weights = table.config.weights
-        for c in considered:
-            c.evaluation = self._evaluate(weights, c.info, c.state, location, source, now)
+        return _evaluation(ranked, ranking.factors(ranked, client, now))
 
     def resolve(self, request: ConnectionRequest) -> list[Candidate]:
         """
@@ -1205,152 +809,154 @@ class ShardResolver(Service):
         retry order).
 
         Raises ``UnknownService``, ``AccessDenied`` (checked before any
-        shard) or ``NoShardAvailable``. Take a ``lease`` on the candidate
-        actually used. Only the request's service and client address are
-        read.
+        shard: not an IP, a threat feed in force, the policy's access rules)
+        or ``NoShardAvailable``. Take a ``lease`` on the candidate actually
+        used. Only the request's service and client address are read.
         """
-        table = self._table(request.service_id)
-        ip = request.client[0]
-        address = _parse_address(ip)
-        denied = self._denied(table, ip, address)
-        if denied is not None:
-            raise AccessDenied(request.service_id, ip, denied)
-        location, source = self._locate(address)
-        now = self._now()
-        considered = self._consider(table, now)
-        eligible, panic = self._select(considered)
-        self._note_panic(request.service_id, panic, considered)
+        result, now = self._rank(request, score_all=False)
+        if result.denied is not None:
+            raise AccessDenied(request.service_id, request.client[0], result.denied)
+        eligible = result.eligible
         if not eligible:
-            raise NoShardAvailable(
-                request.service_id,
-                {c.info.shard_id: c.reasons for c in considered},
-            )
-        self._score(table, eligible, location, source, now)
-        eligible.sort(key=_Considered.rank_key)
-        members = choice.pool([c.entry() for c in eligible], self._band)
+            raise NoShardAvailable(request.service_id, dict(result.rejections))
+        members = choice.pool(self._entries(eligible), self._band)
         index, ledger = choice.draw(members, self._random)
         first = members[index].item
-        assert isinstance(first, _Considered)
+        assert isinstance(first, ranking.Ranked) and first.state is not None
         first.state.ledger = ledger
-        ordered = [first] + [c for c in eligible if c is not first]
-        return [
-            Candidate(c.info, c.evaluation)  # type: ignore[arg-type]
-            for c in ordered
-        ]
+        client = result.client
+        ordered = [Candidate(first.info, first, client, now)]
+        ordered.extend(
+            Candidate(r.info, r, client, now) for r in eligible if r is not first
+        )
+        return ordered
 
     def explain(self, request: ConnectionRequest) -> Explanation:
         """
         Return the ranking ``resolve`` would make, with every shard's score
         and reasons for rejection, without raising for denied clients or
-        empty rankings, and without drawing. Raises ``UnknownService`` only.
+        empty rankings, and without drawing. A client ``resolve`` would
+        refuse is shown ``denied``, with no shard eligible. Raises
+        ``UnknownService`` only.
         """
-        table = self._table(request.service_id)
-        ip = request.client[0]
-        address = _parse_address(ip)
-        location, source = self._locate(address)
-        now = self._now()
-        considered = self._consider(table, now)
-        eligible, panic = self._select(considered)
-        self._score(table, considered, location, source, now)
-        eligible.sort(key=_Considered.rank_key)
-        members = choice.pool([c.entry() for c in eligible], self._band)
-        share = {
-            id(m.item): s for m, s in zip(members, choice.shares(members))
-        }
-        chosen = {id(c) for c in eligible}
-        rejected = sorted(
-            (c for c in considered if id(c) not in chosen), key=_Considered.rank_key
-        )
+        result, now = self._rank(request, score_all=True)
+        client = result.client
+        members = choice.pool(self._entries(result.eligible), self._band)
+        share = {id(m.item): s for m, s in zip(members, choice.shares(members))}
         shards = []
-        for c in eligible:
-            evaluation = c.evaluation
-            assert evaluation is not None
-            details = dict(evaluation.details)
-            details["in_draw"] = id(c) in share
-            details["draw_share"] = share.get(id(c), 0.0)
-            shards.append(
-                ShardExplanation(
-                    c.info,
-                    attrs.evolve(evaluation, details=details),
-                    (),
-                    c.soft,
-                )
+        for r in result.eligible:
+            factors = ranking.factors(
+                r, client, now, in_draw=id(r) in share, draw_share=share.get(id(r), 0.0)
             )
-        for c in rejected:
-            assert c.evaluation is not None
-            shards.append(ShardExplanation(c.info, c.evaluation, c.reasons))
+            shards.append(
+                ShardExplanation(r.info, _evaluation(r, factors), (), r.set_aside, factors)
+            )
+        for r in result.rejected:
+            factors = ranking.factors(r, client, now)
+            shards.append(
+                ShardExplanation(r.info, _evaluation(r, factors), r.reasons, (), factors)
+            )
         return Explanation(
             request=request,
-            client_location=location,
-            location_source=source,
-            denied=self._denied(table, ip, address),
+            client_location=client.location,
+            location_source=client.location_source,
+            denied=result.denied,
             shards=tuple(shards),
-            panic=panic,
+            panic=result.panic,
         )
 
     # -- status -------------------------------------------------------------
 
-    def status(self) -> dict:
+    def snapshot(self) -> ResolverSnapshot:
         """
-        Return the live state of every service and shard as plain JSON
-        types, for the admin interface's ``/status``.
-
-        Per service: ``panic``, ``in_rotation`` (healthy shards passing the
-        hard filters) and ``eligible_by_policy``; per shard its health
-        (effective, and the check's verdict), admin and agent state,
-        ejection, load, connections, security score and its source, weights,
-        slow-start ramp, measured latency and connect counters.
+        The live state of every service and shard now, as a frozen value
+        (``shardtcp.status.render_status`` turns it into the admin
+        ``/status`` document).
         """
         now = self._now()
-        services = {}
+        services = []
         for service_id, table in self._tables.items():
-            considered = self._consider(table, now)
-            eligible, panic = self._select(considered)
+            considered = ranking.consider(table, now)
+            eligible, panic, in_rotation, passing = ranking.select(
+                considered, self._settings.panic_threshold
+            )
             eligible_ids = {c.info.shard_id for c in eligible}
-            passing = [c for c in considered if not c.hard]
-            shards = {}
+            shards = []
             for c in considered:
                 state, info = c.state, c.info
                 outlier = state.outlier
-                shards[info.shard_id] = {
-                    "address": str(info.address),
-                    "region": info.region,
-                    "health": info.health.value,
-                    "check_health": state.health.value,
-                    "admin_state": state.admin_state,
-                    "agent_state": state.agent_admin,
-                    "agent_load": state.agent_load,
-                    "agent_weight_percent": state.agent_weight_percent,
-                    "eligible": info.shard_id in eligible_ids,
-                    "rejected_by": list(c.reasons),
-                    "ejected": outlier.ejected(now),
-                    "ejected_until": (
-                        outlier.ejected_until if outlier.ejected(now) else None
-                    ),
-                    "ejections": outlier.run_length(now, self._outlier),
-                    "total_ejections": outlier.total_ejections,
-                    "consecutive_failures": outlier.consecutive,
-                    "open_connections": info.open_connections,
-                    "capacity": info.capacity,
-                    "load": info.load,
-                    "security_score": info.security_score,
-                    "security_baseline": state.config.security_score,
-                    "security_source": (
-                        "feed" if state.security_override is not None else "baseline"
-                    ),
-                    "weight": state.weight,
-                    "weight_overridden": state.weight_override is not None,
-                    "slow_start_ramp": state.ramp(now),
-                    "effective_weight": info.weight,
-                    "rtt_ms": state.measured_ms(now, self._rtt_max_age),
-                    "rtt_samples": state.rtt_samples,
-                    "connects_ok": state.stats.ok,
-                    "connects_failed": state.stats.failed,
-                }
-            services[service_id] = {
-                "panic": panic,
-                "in_rotation": sum(1 for c in passing if not c.soft),
-                "eligible_by_policy": len(passing),
-                "shards": shards,
-            }
-        return {"time": now, "services": services}
+                ejected = outlier.ejected(now)
+                shards.append(
+                    ShardSnapshot(
+                        shard_id=info.shard_id,
+                        address=str(info.address),
+                        region=info.region,
+                        health=info.health.value,
+                        check_health=state.health.value,
+                        admin_state=state.admin_state,
+                        agent_state=state.agent_admin,
+                        agent_load=state.agent_load,
+                        agent_weight_percent=state.agent_weight_percent,
+                        eligible=info.shard_id in eligible_ids,
+                        rejected_by=c.reasons,
+                        ejected=ejected,
+                        ejected_until=outlier.ejected_until if ejected else None,
+                        ejections=outlier.run_length(now, self._outlier),
+                        total_ejections=outlier.total_ejections,
+                        consecutive_failures=outlier.consecutive,
+                        open_connections=info.open_connections,
+                        capacity=info.capacity,
+                        load=info.load,
+                        security_score=info.security_score,
+                        security_baseline=state.config.security_score,
+                        security_source=(
+                            "feed" if state.security_override is not None else "baseline"
+                        ),
+                        weight=state.weight,
+                        weight_overridden=state.weight_override is not None,
+                        slow_start_ramp=state.ramp(now),
+                        effective_weight=info.weight,
+                        rtt_ms=state.measured_ms(now, self._rtt_max_age),
+                        rtt_samples=state.rtt_samples,
+                        connects_ok=state.stats.ok,
+                        connects_failed=state.stats.failed,
+                    )
+                )
+            services.append(
+                ServiceSnapshot(
+                    service_id=service_id,
+                    panic=panic,
+                    in_rotation=in_rotation,
+                    eligible_by_policy=passing,
+                    shards=tuple(shards),
+                )
+            )
+        return ResolverSnapshot(time=now, services=tuple(services))
+
+    def status(self) -> dict:
+        """
+        The live state of every service and shard as plain JSON types, for
+        the admin interface's ``/status``: ``render_status(snapshot())``.
+        """
+        from shardtcp.status import render_status
+
+        return render_status(self.snapshot())
+
+
+def build_resolver(config: Config, *, clock: IReactorTime) -> ShardResolver:
+    """
+    The ``ShardResolver`` of a configuration, tuned by its ``[resolver]``
+    table: the one the proxy runs and the one ``shardtcp explain`` asks.
+    """
+    tuning = config.resolver
+    return ShardResolver(
+        config,
+        clock=clock,
+        rtt_decay=tuning.latency_decay,
+        outlier=OutlierPolicy(
+            consecutive_failures=tuning.eject_after,
+            base_ejection=tuning.eject_base,
+            max_ejection=tuning.eject_max,
+            panic_threshold=tuning.panic_threshold,
+        ),
+    )

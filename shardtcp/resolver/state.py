@@ -1,0 +1,214 @@
+# -*- test-case-name: tests.resolver.test_resolver -*-
+"""
+The live state of each shard, and the leases counted against it.
+
+``ShardState`` holds what changes while the proxy runs (health, operator and
+agent state, overrides, leases, connect counters, ejections, measured
+latency, the draw's ledger) and survives reloads of the records.  ``Lease``
+counts one connection against a shard and releases it at most once.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Optional
+
+import attrs
+
+from shardtcp.model import Health, ShardConfig, ShardInfo
+from shardtcp.resolver import scoring
+from shardtcp.resolver.outlier import OutlierTracker
+
+#: Operator states accepted by ``ShardResolver.set_admin_state``.
+ADMIN_STATES = ("drain", "ready")
+
+
+@attrs.frozen
+class ConnectStats:
+    """
+    What the connection path reported of its connects to one shard.
+
+    ``last_seconds`` is the duration of the last successful connect, and
+    ``last_at`` the clock time of the last report, either way.
+    """
+
+    ok: int = 0
+    failed: int = 0
+    consecutive_failures: int = 0
+    last_seconds: Optional[float] = None
+    last_at: Optional[float] = None
+
+
+def timestamp(seconds: float) -> str:
+    """Clock seconds as UTC ISO 8601, to the second: 2026-01-01T12:00:10Z."""
+    try:
+        moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
+    except (OverflowError, OSError, ValueError):
+        return f"{seconds:.0f}s"
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@attrs.define(eq=False)
+class ShardState:
+    """
+    The live, mutable state of one shard, kept across record reloads.
+
+    Leases hold a reference to this object, so a lease taken before a reload
+    still releases the count it added.
+
+    ``health`` is the active health check's verdict (or what ``set_health``
+    set); ``admin_state`` the operator's override; ``agent_admin``,
+    ``agent_load`` and ``agent_weight_percent`` what the shard's agent last
+    said; ``back_since`` when the slow-start ramp began; ``ledger`` the
+    draw's fair-share ledger.  Only the resolver writes it; the ranking
+    only reads it.
+    """
+
+    config: ShardConfig
+    service_id: str
+    health: Health = Health.HEALTHY
+    admin_state: Optional[str] = None
+    agent_admin: Optional[str] = None
+    agent_load: Optional[float] = None
+    agent_weight_percent: Optional[float] = None
+    security_override: Optional[float] = None
+    weight_override: Optional[float] = None
+    open_connections: int = 0
+    stats: ConnectStats = attrs.field(factory=ConnectStats)
+    outlier: OutlierTracker = attrs.field(factory=OutlierTracker)
+    ejection_open: bool = False
+    rtt_ms: Optional[float] = None
+    rtt_at: Optional[float] = None
+    rtt_samples: int = 0
+    back_since: Optional[float] = None
+    ledger: float = 0.0
+
+    @property
+    def security_score(self) -> float:
+        """The feed's score when one is in force, else the record's."""
+        if self.security_override is not None:
+            return self.security_override
+        return self.config.security_score
+
+    @property
+    def weight(self) -> float:
+        """The operator's weight: the admin override, else the record's."""
+        if self.weight_override is not None:
+            return self.weight_override
+        return self.config.weight
+
+    def ramp(self, now: float) -> float:
+        """The slow-start factor at ``now``, 0.1 to 1."""
+        return scoring.slow_start_factor(self.back_since, now, self.config.slow_start)
+
+    def effective_weight(self, now: float) -> float:
+        """Operator weight × agent weight % × slow-start ramp."""
+        agent = (
+            self.agent_weight_percent / 100.0
+            if self.agent_weight_percent is not None
+            else 1.0
+        )
+        return self.weight * agent * self.ramp(now)
+
+    def load(self) -> float:
+        """``max(open / capacity, agent-reported load)``."""
+        return scoring.combined_load(
+            self.open_connections, self.config.capacity, self.agent_load
+        )
+
+    def measured_ms(self, now: float, max_age: float) -> Optional[float]:
+        """The peak-EWMA connect time, unless its last sample is too old."""
+        if self.rtt_ms is None or self.rtt_at is None:
+            return None
+        if now - self.rtt_at > max_age:
+            return None
+        return self.rtt_ms
+
+    def drains(self) -> list[str]:
+        """Why the shard takes no new connections (hard filters)."""
+        reasons = []
+        if self.admin_state != "ready":
+            if self.health is Health.DRAINING:
+                reasons.append("health: draining")
+            if self.agent_admin is not None:
+                reasons.append(f"agent: {self.agent_admin}")
+        if self.admin_state == "drain":
+            reasons.append("admin: drain")
+        return reasons
+
+    def sickness(self, now: float) -> list[str]:
+        """Why the shard is out of rotation (the health filters)."""
+        reasons = []
+        if self.health is Health.UNHEALTHY:
+            reasons.append("health: unhealthy")
+        if self.outlier.ejected(now):
+            until = self.outlier.ejected_until
+            assert until is not None
+            reasons.append(
+                f"ejected until {timestamp(until)} "
+                f"({self.outlier.consecutive} consecutive failures)"
+            )
+        return reasons
+
+    def effective_health(self, now: float) -> Health:
+        """UNHEALTHY when sick, DRAINING when draining, else HEALTHY."""
+        if self.sickness(now):
+            return Health.UNHEALTHY
+        if self.drains():
+            return Health.DRAINING
+        return Health.HEALTHY
+
+    def info(self, now: float, health: Optional[Health] = None) -> ShardInfo:
+        """
+        The shard as it stands at ``now``, as a frozen ``ShardInfo``;
+        ``health``, when given, is its effective health already worked out.
+        """
+        return ShardInfo(
+            shard_id=self.config.id,
+            service_id=self.service_id,
+            address=self.config.address,
+            location=self.config.location,
+            capacity=self.config.capacity,
+            security_score=self.security_score,
+            weight=self.effective_weight(now),
+            health=health if health is not None else self.effective_health(now),
+            open_connections=self.open_connections,
+            load=self.load(),
+            server_name=self.config.server_name,
+        )
+
+
+class Lease:
+    """
+    One connection (opening or open) counted against a shard.
+
+    Obtained from ``ShardResolver.lease``; ``release()`` ends the count and
+    may be called any number of times, so every path that ends a connection
+    can call it without coordinating with the others.
+    """
+
+    def __init__(self, state: ShardState) -> None:
+        self._state = state
+        self._released = False
+        state.open_connections += 1
+
+    @property
+    def shard_id(self) -> str:
+        """The id of the shard this lease counts against."""
+        return self._state.config.id
+
+    @property
+    def released(self) -> bool:
+        """Whether ``release()`` has been called."""
+        return self._released
+
+    def release(self) -> None:
+        """Stop counting this connection; later calls do nothing."""
+        if self._released:
+            return
+        self._released = True
+        self._state.open_connections -= 1
+
+    def __repr__(self) -> str:
+        state = "released" if self._released else "held"
+        return f"<Lease {self.shard_id} {state}>"
