@@ -713,3 +713,124 @@ class LoopbackTests(TestCase):
             with self.assertRaises(VerificationError) as caught:
                 self.connect(v, old_config, n)
             self.assertEqual(caught.exception.reason, "unknown_kid")
+
+
+class ShardProcessTests(SynchronousTestCase):
+    """``python -m shardtcp.example.shard --jwks-url`` as a process."""
+
+    def setUp(self) -> None:
+        import http.server
+        import threading
+
+        self.key = Ed25519PrivateKey.generate()
+        body = _jwks(**{"policy-1": self.key})
+        self.served: list[str] = []
+        served = self.served
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                served.append(self.path)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        thread.start()
+
+        def stop() -> None:
+            self.server.shutdown()
+            self.server.server_close()
+            thread.join(10)
+
+        self.addCleanup(stop)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/.well-known/jwks.json"
+
+    def test_fetches_and_verifies(self) -> None:
+        """
+        The shard fetches the URL at start and then accepts a connection
+        signed with policy-1: its greeting names the client's address.
+        """
+        import signal
+        import socket
+        import subprocess
+        import sys
+        import time
+
+        folder = self.mktemp()
+        os.makedirs(folder)
+        port_file = os.path.join(folder, "port")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "shardtcp.example.shard", "--id", SHARD,
+             "--jwks-url", self.url, "--port-file", port_file],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+
+        def stop() -> None:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            process.stderr.close()
+
+        self.addCleanup(stop)
+        deadline = time.monotonic() + 20
+        while not (os.path.exists(port_file) and self.served):
+            if process.poll() is not None:
+                self.fail(f"shard exited early: {process.stderr.read().decode()}")
+            if time.monotonic() > deadline:
+                self.fail("shard did not listen and fetch")
+            time.sleep(0.05)
+        with open(port_file) as f:
+            port = int(f.read())
+        self.assertEqual(self.served[0], "/.well-known/jwks.json")
+        signer = PolicySigner(self.key, kid="policy-1", issuer="edge-1", ttl=30, now=time.time)
+        received = b""
+        # The fetch may still be on its way when the request was served:
+        # a refused connection (unknown_kid) is closed at once; try again.
+        for attempt in range(100):
+            cid = f"process-conn-{attempt:010d}"
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                token = signer.sign(
+                    policy=POLICY, audience=SHARD, connection_id=cid, service="api",
+                    source=sock.getsockname(), destination=sock.getpeername(),
+                )
+                header = ProxyHeader(
+                    command=Command.PROXY,
+                    source=sock.getsockname(),
+                    destination=sock.getpeername(),
+                    tlvs=((PP2_TYPE_UNIQUE_ID, cid.encode()), (0xE0, token)),
+                )
+                sock.sendall(proxyv2.encode(header))
+                sock.shutdown(socket.SHUT_WR)
+                received = b""
+                while chunk := sock.recv(65536):
+                    received += chunk
+            if received:
+                break
+            time.sleep(0.05)
+        self.assertTrue(received.startswith(b"SHARD api-1 client=127.0.0.1:"), received)
+        process.send_signal(signal.SIGTERM)
+        self.assertEqual(process.wait(timeout=20), 0)
+
+    def test_bad_url(self) -> None:
+        """An ftp:// --jwks-url, or --jwks-ca without --jwks-url: exit 2 with the reason."""
+        import subprocess
+        import sys
+
+        for args, expected in (
+            (["--jwks-url", "ftp://127.0.0.1/jwks.json"], b"only http and https"),
+            (["--jwks", "x.json", "--jwks-ca", "ca.pem"], b"--jwks-ca goes with --jwks-url"),
+        ):
+            result = subprocess.run(
+                [sys.executable, "-m", "shardtcp.example.shard", "--id", SHARD, *args],
+                capture_output=True,
+                timeout=30,
+            )
+            self.assertEqual(result.returncode, 2, result.stderr)
+            self.assertIn(expected, result.stderr)
