@@ -509,3 +509,13 @@ class CheckConfigJWKSTests(_SigningFolder, SynchronousTestCase):
                 "'policy-2' (it has: policy-1)"
             ],
         )
+
+    def test_missing_file_one_line(self) -> None:
+        """A jwks path that does not exist: exit 1 and one line naming signing.jwks."""
+        os.unlink(self.paths.jwks)
+        status, out, err = self.check("policy-1")
+        self.assertEqual(status, 1)
+        lines = err.splitlines()
+        self.assertEqual(len(lines), 1, lines)
+        self.assertTrue(lines[0].startswith("signing.jwks: "), lines)
+        self.assertIn(self.paths.jwks, lines[0])

@@ -142,6 +142,9 @@ def check_signing_jwks(reader: Reader, signing: SigningConfig) -> None:
     """
     if not signing.jwks or not reader.check_files or not signing.private_key:
         return
+    if any(p.startswith(("signing.jwks:", "signing.private_key:")) for p in reader.problems):
+        # Already reported (unreadable file): one line per problem.
+        return
     from shardtcp.keys import jwks_problem
 
     problem = jwks_problem(signing.jwks, signing.private_key, signing.kid)
