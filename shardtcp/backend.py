@@ -10,6 +10,9 @@ module checks that header and hands the shard application a connection whose
   is acceptable, and returns a ``VerifiedConnection`` or raises
   ``VerificationError`` with a reason slug;
 * ``ReplayCache`` remembers the connection ids already accepted;
+* ``IKeySource`` is where the verifier finds the trusted keys:
+  ``StaticKeySource`` (a dict, or a JWKS file) or ``RemoteKeySet`` (a JWKS
+  URL fetched and kept fresh, see its docstring);
 * ``VerifyingFactory`` wraps a shard's own Twisted factory: it reads and
   verifies the header, then builds the application's protocol with the
   client's address and passes every later byte on unchanged.
@@ -24,7 +27,7 @@ A shard application reaches the verified facts through its transport::
 ``verified_connection`` also works behind ``TLSMemoryBIOFactory`` (a TLS
 endpoint's protocol is a wrapper whose own ``transport`` is ours).
 
-This module imports ``proxyv2``, ``policy``, ``keys`` and ``model`` only,
+This module imports ``proxyv2``, ``policy``, ``keys`` and ``net`` only,
 never the proxy.
 """
 
@@ -37,7 +40,9 @@ from typing import Any, Callable, Mapping, Optional, Union
 
 import attrs
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from twisted.application.service import IService, Service
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
@@ -46,13 +51,19 @@ from twisted.internet.interfaces import (
     IProtocolFactory,
     ITransport,
 )
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.ssl import Certificate, trustRootFromCertificates
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import alsoProvides, directlyProvides, providedBy
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IResponse
+from zope.interface import Interface, alsoProvides, directlyProvides, implementer, providedBy
 
 from shardtcp import proxyv2
-from shardtcp.keys import load_jwks
+from shardtcp.keys import JWKSError, load_jwks, parse_jwks
 from shardtcp.net import format_hostport
 from shardtcp.policy import (
     MAX_LEEWAY,
@@ -71,7 +82,10 @@ from shardtcp.proxyv2 import (
 
 __all__ = [
     "DEFAULT_TLV_TYPE",
+    "IKeySource",
+    "RemoteKeySet",
     "ReplayCache",
+    "StaticKeySource",
     "ShardVerifier",
     "VerificationError",
     "VerifiedConnection",
@@ -214,13 +228,380 @@ def _is_connection_id(value: bytes) -> bool:
     return 16 <= len(value) <= 32 and value.isascii() and value.decode().isprintable()
 
 
+# -- where the trusted keys come from ----------------------------------------
+
+
+class IKeySource(Interface):
+    """
+    The policy-signing public keys a ``ShardVerifier`` trusts, by kid.
+
+    A static JWKS file and a fetched JWKS URL are interchangeable behind it.
+    """
+
+    def key_for(kid: str) -> Optional[Ed25519PublicKey]:
+        """The trusted key named ``kid``, or ``None``."""
+
+    def unknown_kid(kid: str) -> None:
+        """
+        Told that a token named ``kid`` and no trusted key has that name; a
+        source that can learn new keys may look again (rate-limited: anyone
+        can send a token with a made-up kid).  Returns at once.
+        """
+
+
+@implementer(IKeySource)
+class StaticKeySource:
+    """Keys fixed at construction (or replaced with ``set_keys``)."""
+
+    def __init__(self, keys: Mapping[str, Ed25519PublicKey]) -> None:
+        self.set_keys(keys)
+
+    @classmethod
+    def from_jwks(cls, jwks_path_or_dict: Union[str, Mapping[str, Any]]) -> "StaticKeySource":
+        """The Ed25519 keys of a JWKS file or document."""
+        return cls(load_jwks(jwks_path_or_dict))
+
+    def set_keys(self, keys: Mapping[str, Ed25519PublicKey]) -> None:
+        if not keys:
+            raise ValueError("at least one trusted key is needed")
+        self._keys = dict(keys)
+
+    def key_for(self, kid: str) -> Optional[Ed25519PublicKey]:
+        return self._keys.get(kid)
+
+    def unknown_kid(self, kid: str) -> None:
+        pass
+
+
+class _Lookup(Mapping):
+    """
+    The ``Mapping`` the token verifier reads keys from, over an
+    ``IKeySource``; remembers the last kid it did not find, so the verifier
+    can report it without parsing the token again.
+    """
+
+    def __init__(self, source: IKeySource) -> None:
+        self._source = source
+        self.missing: Optional[str] = None
+
+    def __getitem__(self, kid: str) -> Ed25519PublicKey:
+        key = self._source.key_for(kid)
+        if key is None:
+            self.missing = kid
+            raise KeyError(kid)
+        return key
+
+    def __iter__(self):
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+#: The largest JWKS response ``RemoteKeySet`` reads.
+MAX_JWKS_RESPONSE = 1024 * 1024
+
+
+class _FetchFailed(Exception):
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(reason, message)
+        self.reason = reason
+        self.message = message
+
+
+class _BoundedBody(Protocol):
+    """
+    Collects a response body of at most ``limit`` bytes, then fires
+    ``done`` with it; a longer body (declared or actual) stops the transfer
+    and fails ``done`` with ``oversize``.  Cancelling ``done`` (a timeout)
+    stops the transfer too.
+    """
+
+    def __init__(self, limit: int, declared: Any) -> None:
+        self._limit = limit
+        self._declared = declared
+        self._parts: list[bytes] = []
+        self._size = 0
+        self.done: Deferred = Deferred(lambda d: self._stop())
+
+    def _stop(self) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def connectionMade(self) -> None:
+        if isinstance(self._declared, int) and self._declared > self._limit:
+            self._fail(f"Content-Length {self._declared} exceeds {self._limit} bytes")
+
+    def _fail(self, message: str) -> None:
+        if not self.done.called:
+            self._stop()
+            self.done.errback(_FetchFailed("oversize", message))
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.done.called:
+            return
+        self._size += len(data)
+        if self._size > self._limit:
+            self._fail(f"body exceeds {self._limit} bytes")
+            return
+        self._parts.append(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(b"".join(self._parts))
+        else:
+            self.done.errback(_FetchFailed("transfer", f"body lost: {reason.getErrorMessage()}"))
+
+
+class _Discard(Protocol):
+    """Stops a response body from being read at all."""
+
+    def connectionMade(self) -> None:
+        self.transport.stopProducing()
+
+
+def jwks_agent(reactor: Any, ca: Optional[str] = None) -> IAgent:
+    """
+    A ``twisted.web.client.Agent`` for JWKS URLs: https verified against
+    the PEM CA certificate(s) in ``ca`` when given, else the system's trust
+    store; http as is.  No redirects are followed (a JWKS URL is fixed
+    configuration; a redirect is reported as a failed fetch).
+    """
+    if ca is None:
+        return Agent(reactor)
+    with open(ca, "rb") as f:
+        pem = f.read()
+    authorities = [Certificate.loadPEM(block) for block in _pem_blocks(pem)]
+    if not authorities:
+        raise ValueError(f"{ca}: no PEM certificate")
+    trust = trustRootFromCertificates(authorities)
+    return Agent(reactor, contextFactory=BrowserLikePolicyForHTTPS(trustRoot=trust))
+
+
+def _pem_blocks(pem: bytes) -> list[bytes]:
+    end = b"-----END CERTIFICATE-----"
+    blocks = []
+    for part in pem.split(end)[:-1]:
+        start = part.find(b"-----BEGIN CERTIFICATE-----")
+        if start >= 0:
+            blocks.append(part[start:] + end + b"\n")
+    return blocks
+
+
+@implementer(IKeySource)
+class RemoteKeySet(Service):
+    """
+    The trusted keys of a JWKS URL, fetched at start, every
+    ``refresh_interval`` seconds, and when a token names a kid not known
+    yet (a rotation published between two refreshes).
+
+    The guarantees, each tested:
+
+    * an unknown kid causes a fetch only when the last fetch began at least
+      ``min_interval`` seconds ago (exactly ``min_interval`` is enough) and
+      none is in flight: a flood of forged kids costs at most one fetch per
+      ``min_interval``;
+    * a failed fetch (connection error, ``timeout`` seconds passed, a status
+      other than 200, a body over ``max_size`` bytes, or a body that is not
+      a JWKS with at least one Ed25519 key) changes nothing: the last good
+      keys stay trusted.  (PyJWT's ``PyJWKClient`` empties its cache when a
+      fetch fails, pyjwt#1162, so one bad answer from the key server makes
+      every shard refuse every connection; this class does not.)  A
+      successful fetch replaces the keys as a whole, which is how a
+      retired key stops being trusted;
+    * a connection whose kid is unknown is refused at once (``unknown_kid``)
+      even while the fetch it caused is in flight; the connections after the
+      fetch see the new key.  Holding connections until the fetch ends would
+      let forged kids pin connections and memory for up to ``timeout``
+      each, and a rotation done as docs/keys.rst says never depends on it:
+      shards fetch the new key before the proxy signs with it.
+
+    ``agent`` is an ``IAgent`` (default: ``jwks_agent(reactor, ca)``);
+    ``reactor`` gives the clock.  ``stats`` counts ``fetches``,
+    ``fetched`` (successes), ``failed_<reason>`` (``connect``, ``timeout``,
+    ``status``, ``oversize``, ``transfer``, ``invalid``), ``unknown_kid`` and
+    ``refetch_limited``.  ``keys`` is the current kid → key mapping (empty
+    until the first good fetch; every token is ``unknown_kid`` until then).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        reactor: Any = None,
+        agent: Optional[IAgent] = None,
+        ca: Optional[str] = None,
+        min_interval: float = 30.0,
+        refresh_interval: float = 300.0,
+        timeout: float = 10.0,
+        max_size: int = MAX_JWKS_RESPONSE,
+    ) -> None:
+        scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+        if scheme not in ("http", "https"):
+            raise ValueError(f"JWKS URL {url!r}: only http and https URLs are fetched")
+        if ca is not None and scheme != "https":
+            raise ValueError(f"JWKS URL {url!r}: a CA is only used with https")
+        if not min_interval > 0 or not refresh_interval > 0 or not timeout > 0:
+            raise ValueError("min_interval, refresh_interval and timeout must be positive")
+        if max_size < 1:
+            raise ValueError(f"max_size must be at least 1, not {max_size!r}")
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+        self.url = url
+        self._reactor = reactor
+        self._agent = agent if agent is not None else jwks_agent(reactor, ca)
+        self.min_interval = float(min_interval)
+        self.refresh_interval = float(refresh_interval)
+        self.timeout = float(timeout)
+        self.max_size = max_size
+        self.keys: dict[str, Ed25519PublicKey] = {}
+        self.stats: Counter[str] = Counter()
+        self._last_fetch: Optional[float] = None
+        self._in_flight: Optional[Deferred] = None
+        self._loop: Optional[LoopingCall] = None
+
+    # IKeySource
+
+    def key_for(self, kid: str) -> Optional[Ed25519PublicKey]:
+        return self.keys.get(kid)
+
+    def unknown_kid(self, kid: str) -> None:
+        self.stats["unknown_kid"] += 1
+        if self._in_flight is not None:
+            return
+        now = self._reactor.seconds()
+        if self._last_fetch is not None and now - self._last_fetch < self.min_interval:
+            self.stats["refetch_limited"] += 1
+            return
+        log.info("JWKS: unknown kid {kid!r}, fetching {url}", kid=kid[:64], url=self.url)
+        self.refresh()
+
+    # IService
+
+    def startService(self) -> None:
+        Service.startService(self)
+        self._loop = LoopingCall(self.refresh)
+        self._loop.clock = self._reactor
+        self._loop.start(self.refresh_interval, now=True)
+
+    def stopService(self) -> Any:
+        Service.stopService(self)
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        if self._in_flight is not None:
+            self._in_flight.cancel()
+        return None
+
+    # fetching
+
+    def refresh(self) -> Deferred:
+        """
+        Fetch the JWKS now, or join the fetch in flight; the ``Deferred``
+        fires with ``True`` when that fetch's keys were taken, ``False``
+        when it failed, and never fails.  Not rate-limited: this is what
+        the refresh timer calls, and what a shard's owner may call.
+        """
+        if self._in_flight is not None:
+            return self._follow(self._in_flight)
+        self._last_fetch = self._reactor.seconds()
+        self.stats["fetches"] += 1
+        d = self._fetch()
+        d.addTimeout(self.timeout, self._reactor)
+        d.addCallbacks(self._fetched, self._failed)
+        self._in_flight = d
+
+        def done(result: bool) -> bool:
+            self._in_flight = None
+            return result
+
+        d.addBoth(done)
+        return self._follow(d)
+
+    @staticmethod
+    def _follow(d: Deferred) -> Deferred:
+        # Each caller gets its own Deferred, fired with the fetch's outcome:
+        # a caller's callbacks must not change the stored chain, and
+        # cancelling the stored one (at stop) must not reach into a caller's.
+        mine: Deferred = Deferred()
+
+        def tell(result: bool) -> bool:
+            mine.callback(result)
+            return result
+
+        d.addBoth(tell)
+        return mine
+
+    def _fetch(self) -> Deferred:
+        d = self._agent.request(
+            b"GET", self.url.encode("ascii"), Headers({b"Accept": [b"application/json"]})
+        )
+
+        def got_response(response: IResponse) -> Deferred:
+            if response.code != 200:
+                # Drop the body unread; the status says enough.
+                response.deliverBody(_Discard())
+                raise _FetchFailed("status", f"HTTP status {response.code}")
+            body = _BoundedBody(self.max_size, response.length)
+            response.deliverBody(body)
+            return body.done
+
+        d.addCallback(got_response)
+        return d
+
+    def _fetched(self, data: bytes) -> bool:
+        try:
+            keys = parse_jwks(data, self.url)
+        except JWKSError as e:
+            return self._failed(Failure(_FetchFailed("invalid", str(e))))
+        old = set(self.keys)
+        self.keys = keys
+        self.stats["fetched"] += 1
+        if set(keys) != old:
+            log.info(
+                "JWKS: {url} now trusts kids {kids}",
+                url=self.url,
+                kids=sorted(keys),
+                added=sorted(set(keys) - old),
+                removed=sorted(old - set(keys)),
+            )
+        return True
+
+    def _failed(self, failure: Failure) -> bool:
+        if failure.check(_FetchFailed):
+            reason, message = failure.value.reason, failure.value.message
+        elif failure.check(CancelledError) and not self.running:
+            return False
+        elif failure.check(CancelledError, TimeoutError):
+            reason, message = "timeout", f"no complete answer within {self.timeout:g}s"
+        else:
+            reason, message = "connect", failure.getErrorMessage()
+        self.stats[f"failed_{reason}"] += 1
+        log.warn(
+            "JWKS: fetching {url} failed ({reason}: {message}); keeping the "
+            "{count} keys already trusted",
+            url=self.url,
+            reason=reason,
+            message=message[:200],
+            count=len(self.keys),
+        )
+        return False
+
+
 class ShardVerifier:
     """
     Decides whether a PROXY header from shardtcp admits a connection to the
     shard ``shard_id`` (SPEC §4).
 
-    ``keys`` are the trusted policy-signing public keys by kid (see
-    ``from_jwks``); ``tlv_type`` is the PolicyContext TLV's type (the
+    ``keys`` are the trusted policy-signing public keys: an ``IKeySource``
+    (``StaticKeySource``, ``RemoteKeySet``) or a mapping of kid to key (see
+    ``from_jwks``).  A token naming a kid the source does not know is
+    refused (``unknown_kid``) and the source told, so a ``RemoteKeySet``
+    can fetch again for the connections that follow.  ``tlv_type`` is the PolicyContext TLV's type (the
     proxy's ``signing.tlv_type``); ``leeway`` the clock skew allowed, at
     most 5 s; ``now`` the clock (default ``time.time``).  Without a
     ``replay_cache``, one is made on the same clock.
@@ -229,7 +610,7 @@ class ShardVerifier:
     def __init__(
         self,
         shard_id: str,
-        keys: Mapping[str, Ed25519PublicKey],
+        keys: Union[IKeySource, Mapping[str, Ed25519PublicKey]],
         *,
         tlv_type: int = DEFAULT_TLV_TYPE,
         leeway: float = MAX_LEEWAY,
@@ -238,14 +619,14 @@ class ShardVerifier:
     ) -> None:
         if not isinstance(shard_id, str) or not shard_id:
             raise ValueError("shard_id must be a non-empty string")
-        if not keys:
-            raise ValueError("at least one trusted key is needed")
+        if not IKeySource.providedBy(keys):
+            keys = StaticKeySource(keys)
         if not 0xE0 <= tlv_type <= 0xEF:
             raise ValueError(f"tlv_type must be in 0xE0..0xEF, not {tlv_type:#x}")
         if not 0 <= leeway <= MAX_LEEWAY:
             raise ValueError(f"leeway must be within 0..{MAX_LEEWAY:g} s, not {leeway!r}")
         self.shard_id = shard_id
-        self._keys = dict(keys)
+        self.keys: IKeySource = keys
         self._tlv_type = tlv_type
         self._leeway = float(leeway)
         self._now = now if now is not None else time.time
@@ -255,12 +636,10 @@ class ShardVerifier:
 
     def set_keys(self, keys: Mapping[str, Ed25519PublicKey]) -> None:
         """
-        Replace the trusted keys (after reloading a JWKS during a rotation);
-        connections verified from then on use the new set.
+        Trust ``keys`` (kid -> key) from now on, in place of the key source
+        (after reloading a JWKS file during a rotation).
         """
-        if not keys:
-            raise ValueError("at least one trusted key is needed")
-        self._keys = dict(keys)
+        self.keys = StaticKeySource(keys)
 
     @classmethod
     def from_jwks(
@@ -324,11 +703,14 @@ class ShardVerifier:
             raise VerificationError(
                 "invalid_unique_id", "UNIQUE_ID is not 16 to 32 printable ASCII characters"
             )
+        lookup = _Lookup(self.keys)
         try:
             claims = decode_token(
-                token, self._keys, audience=self.shard_id, now=self._now, leeway=self._leeway
+                token, lookup, audience=self.shard_id, now=self._now, leeway=self._leeway
             )
         except PolicyError as e:
+            if e.reason == "unknown_kid" and lookup.missing is not None:
+                self.keys.unknown_kid(lookup.missing)
             raise VerificationError(e.reason, e.message) from None
         # The decoder wrote these from the family's raw bytes, already in
         # canonical form: no need to parse them again.
@@ -651,6 +1033,10 @@ class VerifyingFactory(Factory):
     ``verified_connection(self.transport)`` from behind TLS).  The bytes
     after the header reach it unchanged.
 
+    When the verifier's key source is a service (a ``RemoteKeySet``) not
+    yet running, the factory starts it when it starts listening and stops
+    it when it stops.
+
     A connection without a complete header within ``timeout`` seconds
     (``None``: no limit), with a header over ``max_header_size`` bytes, or
     with a header the verifier refuses is closed, logged, and counted in
@@ -689,6 +1075,7 @@ class VerifyingFactory(Factory):
         self.max_header_size = max_header_size
         self.local_factory = local_factory
         self.stats: Counter[str] = Counter()
+        self._owned_source: Any = None
 
     def logPrefix(self) -> str:
         inner = getattr(self.wrappedFactory, "logPrefix", None)
@@ -702,6 +1089,19 @@ class VerifyingFactory(Factory):
     def doStop(self) -> None:
         self.wrappedFactory.doStop()
         Factory.doStop(self)
+
+    def startFactory(self) -> None:
+        # A key source that is a service (RemoteKeySet) fetches while the
+        # shard listens; one already running belongs to its owner.
+        source = self.verifier.keys
+        if IService.providedBy(source) and not source.running:
+            source.startService()
+            self._owned_source = source
+
+    def stopFactory(self) -> None:
+        source, self._owned_source = self._owned_source, None
+        if source is not None:
+            source.stopService()
 
     def schedule_timeout(self, call: Callable[[], None]) -> Optional[IDelayedCall]:
         """Arrange for ``call`` after ``timeout`` seconds (none without one)."""

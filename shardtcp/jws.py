@@ -10,7 +10,8 @@ A token ``verify`` accepts:
 * is three segments of canonical base64url: the URL-safe alphabet only, no
   ``=``, no length of 1 modulo 4 and no set bits after the last byte, so a
   token has exactly one spelling;
-* has a header that is a JSON object with ``alg`` ``EdDSA``, a ``kid``
+* has a header that is a JSON object with ``alg`` ``EdDSA`` (or
+  ``Ed25519``, the fully-specified name of RFC 9864), a ``kid``
   naming one of the trusted keys, ``typ`` absent or ``JWT``, and no
   ``crit`` (no extension is understood, so none may be required);
 * carries a 64-byte Ed25519 signature over its first two segments that
@@ -51,6 +52,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 
 __all__ = [
     "ALGORITHM",
+    "ALGORITHMS",
     "MAX_INTEGER",
     "MAX_NUMERIC_DATE",
     "REASONS",
@@ -66,8 +68,14 @@ __all__ = [
     "verify",
 ]
 
-#: The only signature algorithm issued or accepted.
+#: The signature algorithm ``sign`` writes.
 ALGORITHM = "EdDSA"
+
+#: The ``alg`` values ``verify`` accepts: both name Ed25519 signatures here.
+#: RFC 9864 deprecates the polymorphic ``EdDSA`` for the fully-specified
+#: ``Ed25519``; issuers that follow it must still verify.  ``sign`` keeps
+#: writing ``EdDSA`` (SPEC §4), which every deployed verifier knows.
+ALGORITHMS = (ALGORITHM, "Ed25519")
 
 #: The only ``typ`` accepted when a header carries one.
 TYPE = "JWT"
@@ -86,7 +94,7 @@ REASONS = (
     "too_large",  # longer than the caller's bound
     "malformed",  # not three canonical base64url segments of JSON objects, or a bad typ/crit
     "unsigned",  # alg "none" (any case), or an empty signature
-    "bad_algorithm",  # any alg but EdDSA
+    "bad_algorithm",  # any alg but EdDSA or Ed25519
     "no_kid",  # the header names no key
     "unknown_kid",  # no trusted key of that kid
     "invalid_signature",  # the signature does not verify with that key
@@ -262,8 +270,8 @@ def verify(
     alg = header.get("alg")
     if isinstance(alg, str) and alg.lower() == "none":
         raise JWSError("unsigned", 'alg "none": the token is not signed')
-    if alg != ALGORITHM:
-        raise JWSError("bad_algorithm", f"alg {_show(alg)} is not {ALGORITHM}")
+    if alg not in ALGORITHMS:
+        raise JWSError("bad_algorithm", f"alg {_show(alg)} is not {' or '.join(ALGORITHMS)}")
     if not signature_b64:
         raise JWSError("unsigned", "the token has an empty signature")
     if "crit" in header:

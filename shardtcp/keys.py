@@ -9,9 +9,12 @@ keys and JWKs.  It knows nothing of connections and imports nothing of the
 project but ``shardtcp.jws`` (canonical base64url), so the shard-side library
 (``shardtcp.backend``) can use it.
 
-Rotation: run ``generate_keypair`` again in the same folder with a new
-``kid``; the new public key joins ``jwks.json`` next to the old one, so shards
-trust both while the proxy switches over.  Remove the old entry afterwards.
+Rotation (docs/keys.rst): run ``generate_keypair`` again in the same folder
+with a new ``kid``; the new public key joins ``jwks.json`` next to the old
+one, so shards trust both while the proxy switches over.  Remove the old
+entry afterwards.  ``serving_jwks`` is the document the admin site serves at
+``/.well-known/jwks.json``, and ``jwks_problem`` the check ``check-config``
+runs on ``[signing] jwks``.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from shardtcp.jws import b64url_decode, b64url_encode
 
 __all__ = [
     "JWKS_FILENAME",
+    "JWK_ALGORITHMS",
     "JWKSError",
     "KeyFileError",
     "KeyPaths",
@@ -43,7 +47,10 @@ __all__ = [
     "jwks_document",
     "load_jwks",
     "load_private_key",
+    "jwks_problem",
+    "parse_jwks",
     "public_jwk",
+    "serving_jwks",
 ]
 
 log = Logger()
@@ -55,6 +62,10 @@ _KID_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 
 # A JWKS file is configuration, not bulk data: refuse anything absurdly large.
 _MAX_JWKS_SIZE = 1024 * 1024
+
+#: The ``alg`` of a JWK that is used (absent means the same): ``EdDSA`` and
+#: its RFC 9864 fully-specified name ``Ed25519``.
+JWK_ALGORITHMS = ("EdDSA", "Ed25519")
 
 
 class KeyFileError(ValueError):
@@ -145,14 +156,18 @@ def _write_private_key(path: str, pem: bytes) -> None:
 def _read_jwks_file(path: str) -> dict:
     with open(path, "rb") as f:
         data = f.read(_MAX_JWKS_SIZE + 1)
+    return _jwks_json(data, path)
+
+
+def _jwks_json(data: bytes, source: str) -> dict:
     if len(data) > _MAX_JWKS_SIZE:
-        raise JWKSError(f"{path}: larger than {_MAX_JWKS_SIZE} bytes")
+        raise JWKSError(f"{source}: larger than {_MAX_JWKS_SIZE} bytes")
     try:
         document = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise JWKSError(f"{path}: not valid JSON: {e}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise JWKSError(f"{source}: not valid JSON: {e}") from None
     if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
-        raise JWKSError(f'{path}: not a JWKS document (an object with a "keys" list)')
+        raise JWKSError(f'{source}: not a JWKS document (an object with a "keys" list)')
     return document
 
 
@@ -312,9 +327,9 @@ def _jwk_to_key(index: int, entry: Any) -> tuple[str, Ed25519PublicKey] | None:
             crv=entry.get("crv"),
         )
         return None
-    if entry.get("use", "sig") != "sig" or entry.get("alg", "EdDSA") != "EdDSA":
+    if entry.get("use", "sig") != "sig" or entry.get("alg", "EdDSA") not in JWK_ALGORITHMS:
         log.warn(
-            "JWKS: skipping {where}: use {use!r}/alg {alg!r} is not sig/EdDSA",
+            "JWKS: skipping {where}: use {use!r}/alg {alg!r} is not sig/EdDSA or Ed25519",
             where=where,
             use=entry.get("use"),
             alg=entry.get("alg"),
@@ -352,6 +367,19 @@ def load_jwks(
     else:
         source = os.fspath(path_or_dict)
         document = _read_jwks_file(source)
+    return _document_keys(document, source)
+
+
+def parse_jwks(data: bytes, source: str = "JWKS") -> dict[str, Ed25519PublicKey]:
+    """
+    The Ed25519 public keys, by kid, of a JWKS document's bytes (as fetched
+    from a URL), with the rules of ``load_jwks``; ``source`` names the
+    document in error messages.  At most 1 MiB is accepted.
+    """
+    return _document_keys(_jwks_json(data, source), source)
+
+
+def _document_keys(document: Mapping[str, Any], source: str) -> dict[str, Ed25519PublicKey]:
     keys: dict[str, Ed25519PublicKey] = {}
     for index, entry in enumerate(document["keys"]):
         try:
@@ -367,3 +395,60 @@ def load_jwks(
     if not keys:
         raise JWKSError(f"{source}: no Ed25519 (OKP) signing key in the document")
     return keys
+
+
+def _raw_public(key: Ed25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def jwks_problem(jwks_path: str, private_key_path: str, kid: str) -> str | None:
+    """
+    What is wrong with ``[signing] jwks`` for the key the proxy signs with,
+    or ``None``: the file must be a readable JWKS whose entry ``kid`` is the
+    public half of the private key at ``private_key_path``.  Shards that
+    trust this document would otherwise refuse every connection
+    (``unknown_kid`` or ``invalid_signature``).  The answer is one line.
+    """
+    try:
+        published = load_jwks(jwks_path)
+    except FileNotFoundError:
+        return f"{jwks_path}: no such file"
+    except OSError as e:
+        return f"{jwks_path}: cannot be read ({e.strerror or e})"
+    except JWKSError as e:
+        return str(e)
+    if kid not in published:
+        names = ", ".join(sorted(published))
+        return f"{jwks_path} has no key with the active kid {kid!r} (it has: {names})"
+    try:
+        private = load_private_key(private_key_path)
+    except (OSError, KeyFileError):
+        # The private key's own check reports what is wrong with it.
+        return None
+    if _raw_public(published[kid]) != _raw_public(private.public_key()):
+        return (
+            f"{jwks_path}: the key {kid!r} is not the public half of "
+            f"{private_key_path}; shards would refuse every token"
+        )
+    return None
+
+
+def serving_jwks(config: Any) -> bytes:
+    """
+    The JSON document to serve at ``/.well-known/jwks.json``.
+
+    ``config`` is a ``Config`` or its ``SigningConfig``.  With ``[signing]
+    jwks`` set, that file, once ``load_jwks`` accepts it (so no private
+    material and no broken entry is ever served); without it, the public
+    half of the signing key under the active kid.  Raises ``JWKSError``,
+    ``KeyFileError`` or ``OSError`` when the file or key cannot be used.
+    """
+    signing = getattr(config, "signing", config)
+    if signing.jwks:
+        with open(signing.jwks, "rb") as f:
+            data = f.read(_MAX_JWKS_SIZE + 1)
+        _document_keys(_jwks_json(data, signing.jwks), signing.jwks)
+        return data
+    private = load_private_key(signing.private_key)
+    document = jwks_document({signing.kid: private})
+    return (json.dumps(document, indent=2) + "\n").encode("utf-8")

@@ -26,11 +26,14 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test.iosim import connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
 from shardtcp import keys as keys_module
 from shardtcp import proxyv2
 from shardtcp.backend import (
+    IKeySource,
     ReplayCache,
+    StaticKeySource,
     ShardVerifier,
     VerificationError,
     VerifiedConnection,
@@ -837,3 +840,65 @@ class TLSBehindVerifierTests(HeaderMixin, SynchronousTestCase):
         self.assertEqual(verified.policy, POLICY)
         self.assertEqual(verified.connection_id, CONN_ID)
         self.assertEqual(factory.stats["accepted"], 1)
+
+
+@implementer(IKeySource)
+class _RecordingSource:
+    """An IKeySource that records the unknown kids it is told of."""
+
+    def __init__(self, keys) -> None:
+        self.keys = dict(keys)
+        self.unknown: list = []
+
+    def key_for(self, kid):
+        return self.keys.get(kid)
+
+    def unknown_kid(self, kid) -> None:
+        self.unknown.append(kid)
+
+
+class KeySourceTests(HeaderMixin, SynchronousTestCase):
+    """ShardVerifier over an IKeySource."""
+
+    def test_interfaces(self) -> None:
+        """StaticKeySource provides IKeySource; a plain mapping is wrapped in one."""
+        self.assertTrue(verifyObject(IKeySource, StaticKeySource({"k": self.key.public_key()})))
+        self.assertTrue(IKeySource.providedBy(self.verifier.keys))
+        with self.assertRaises(ValueError):
+            ShardVerifier(SHARD, {})
+
+    def test_unknown_kid_reported(self) -> None:
+        """
+        A token under a kid the source lacks is refused unknown_kid and the
+        kid reported once; a known kid with a bad signature and a good
+        token report nothing.
+        """
+        source = _RecordingSource({"policy-1": self.key.public_key()})
+        verifier = ShardVerifier(SHARD, source, now=self.clock.seconds)
+        other = PolicySigner(
+            Ed25519PrivateKey.generate(), kid="policy-9", issuer="x", ttl=30, now=self.clock.seconds
+        )
+        token = other.sign(
+            policy=POLICY, audience=SHARD, connection_id=CONN_ID, service="api",
+            source=CLIENT, destination=PROXY_ADDR,
+        )
+        e = self.assertRaises(VerificationError, verifier.verify, self.parsed(token=token))
+        self.assertEqual(e.reason, "unknown_kid")
+        self.assertEqual(source.unknown, ["policy-9"])
+        forged = PolicySigner(
+            Ed25519PrivateKey.generate(), kid="policy-1", issuer="x", ttl=30, now=self.clock.seconds
+        ).sign(
+            policy=POLICY, audience=SHARD, connection_id=CONN_ID, service="api",
+            source=CLIENT, destination=PROXY_ADDR,
+        )
+        e = self.assertRaises(VerificationError, verifier.verify, self.parsed(token=forged))
+        self.assertEqual(e.reason, "invalid_signature")
+        verifier.verify(self.parsed())
+        self.assertEqual(source.unknown, ["policy-9"])
+
+    def test_set_keys_replaces_source(self) -> None:
+        """set_keys trusts the new keys only: the old kid becomes unknown_kid."""
+        new = Ed25519PrivateKey.generate()
+        self.verifier.set_keys({"policy-2": new.public_key()})
+        e = self.assertRaises(VerificationError, self.verifier.verify, self.parsed())
+        self.assertEqual(e.reason, "unknown_kid")

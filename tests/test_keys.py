@@ -326,3 +326,196 @@ class JWKTests(SynchronousTestCase):
         e = self.assertRaises(keys.JWKSError, keys.load_jwks, path)
         self.assertIn(path, str(e))
         self.assertIn("not valid JSON", str(e))
+
+
+class AlgorithmNameTests(SynchronousTestCase):
+    """Which JWK alg values load_jwks and parse_jwks use."""
+
+    def test_alg_names(self) -> None:
+        """
+        alg absent, EdDSA or Ed25519 (RFC 9864) is used; ES256, eddsa and
+        ed25519 entries are skipped (so a document of only those has no key).
+        """
+        key = Ed25519PrivateKey.generate()
+        base = keys.public_jwk(key, "k")
+        for alg in (None, "EdDSA", "Ed25519"):
+            entry = {k: v for k, v in base.items() if k != "alg"}
+            if alg is not None:
+                entry["alg"] = alg
+            self.assertEqual(list(keys.load_jwks({"keys": [entry]})), ["k"], alg)
+            self.assertEqual(list(keys.parse_jwks(json.dumps({"keys": [entry]}).encode())), ["k"])
+        for alg in ("ES256", "eddsa", "ed25519"):
+            e = self.assertRaises(
+                keys.JWKSError, keys.load_jwks, {"keys": [dict(base, alg=alg)]}
+            )
+            self.assertIn("no Ed25519", str(e))
+
+
+class ParseJWKSTests(SynchronousTestCase):
+    """keys.parse_jwks: a fetched document's bytes."""
+
+    def test_size_bound(self) -> None:
+        """1 MiB of JWKS (padded with spaces) parses; one byte more is refused."""
+        key = Ed25519PrivateKey.generate()
+        body = json.dumps(keys.jwks_document({"k": key})).encode()
+        self.assertEqual(list(keys.parse_jwks(body.ljust(1024 * 1024))), ["k"])
+        e = self.assertRaises(
+            keys.JWKSError, keys.parse_jwks, body.ljust(1024 * 1024 + 1), "https://k.test/j"
+        )
+        self.assertEqual(str(e), "https://k.test/j: larger than 1048576 bytes")
+
+    def test_garbage(self) -> None:
+        """Not JSON, not an object with a keys list, deeply nested: JWKSError naming the source."""
+        for body in (b"<html>", b"[]", b'{"keys": 1}', b"[" * 100_000, b"\xff\xfe"):
+            e = self.assertRaises(keys.JWKSError, keys.parse_jwks, body, "src")
+            self.assertTrue(str(e).startswith("src: "), str(e))
+
+
+class _SigningFolder:
+    """A keys folder with policy-1 made by generate_keypair, and a signing config."""
+
+    def setUp(self) -> None:
+        self.folder = os.path.abspath(self.mktemp())
+        self.paths = keys.generate_keypair(self.folder, kid="policy-1")
+
+    def signing(self, jwks=None, kid="policy-1", private_key=None):
+        from shardtcp.model import SigningConfig
+
+        return SigningConfig(
+            private_key=private_key or self.paths.private_key, kid=kid, jwks=jwks
+        )
+
+
+class ServingJWKSTests(_SigningFolder, SynchronousTestCase):
+    """keys.serving_jwks: what /.well-known/jwks.json serves."""
+
+    def test_configured_file_served_as_is(self) -> None:
+        """With [signing] jwks, its exact bytes are served (both kids of a rotation)."""
+        keys.generate_keypair(self.folder, kid="policy-2")
+        with open(self.paths.jwks, "rb") as f:
+            expected = f.read()
+        served = keys.serving_jwks(self.signing(jwks=self.paths.jwks))
+        self.assertEqual(served, expected)
+        self.assertEqual(sorted(keys.parse_jwks(served)), ["policy-1", "policy-2"])
+
+    def test_fallback_is_public_half(self) -> None:
+        """Without jwks: one key, the active kid, the signing key's public half, no 'd'."""
+        served = json.loads(keys.serving_jwks(self.signing(kid="edge-key")))
+        self.assertEqual([k["kid"] for k in served["keys"]], ["edge-key"])
+        self.assertNotIn("d", served["keys"][0])
+        private = keys.load_private_key(self.paths.private_key)
+        self.assertEqual(served["keys"][0], keys.public_jwk(private, "edge-key"))
+
+    def test_config_object_accepted(self) -> None:
+        """A whole Config (anything with .signing) is accepted as well as its SigningConfig."""
+
+        class Config:
+            signing = self.signing(kid="x")
+
+        self.assertEqual(keys.serving_jwks(Config()), keys.serving_jwks(self.signing(kid="x")))
+
+    def test_private_material_never_served(self) -> None:
+        """A jwks file holding a private 'd' is refused (JWKSError), not served."""
+        with open(self.paths.jwks) as f:
+            document = json.load(f)
+        document["keys"][0]["d"] = "AAAA"
+        with open(self.paths.jwks, "w") as f:
+            json.dump(document, f)
+        e = self.assertRaises(keys.JWKSError, keys.serving_jwks, self.signing(jwks=self.paths.jwks))
+        self.assertIn("private key material", str(e))
+
+
+class JWKSProblemTests(_SigningFolder, SynchronousTestCase):
+    """keys.jwks_problem: check-config's check of [signing] jwks."""
+
+    def problem(self, kid="policy-1", jwks=None):
+        return keys.jwks_problem(jwks or self.paths.jwks, self.paths.private_key, kid)
+
+    def test_valid(self) -> None:
+        """The file keygen wrote, for its own kid: no problem."""
+        self.assertIsNone(self.problem())
+
+    def test_missing_kid(self) -> None:
+        """The active kid is absent: one line naming the file, the kid and the kids present."""
+        self.assertEqual(
+            self.problem(kid="policy-2"),
+            f"{self.paths.jwks} has no key with the active kid 'policy-2' (it has: policy-1)",
+        )
+
+    def test_other_key_under_the_kid(self) -> None:
+        """The kid holds another key: named as not the public half of the private key."""
+        other = Ed25519PrivateKey.generate()
+        with open(self.paths.jwks, "w") as f:
+            json.dump(keys.jwks_document({"policy-1": other}), f)
+        line = self.problem()
+        self.assertIn("is not the public half of", line)
+        self.assertIn(self.paths.private_key, line)
+        self.assertNotIn("\n", line)
+
+    def test_unreadable(self) -> None:
+        """No file, not JSON: one line naming the file."""
+        missing = os.path.join(self.folder, "none.json")
+        self.assertEqual(self.problem(jwks=missing), f"{missing}: no such file")
+        with open(self.paths.jwks, "w") as f:
+            f.write("{")
+        line = self.problem()
+        self.assertTrue(line.startswith(f"{self.paths.jwks}: not valid JSON"), line)
+        self.assertNotIn("\n", line)
+
+
+class CheckConfigJWKSTests(_SigningFolder, SynchronousTestCase):
+    """`shardtcp check-config` with [signing] jwks set."""
+
+    def check(self, kid: str) -> tuple[int, str, str]:
+        import contextlib
+        import io
+
+        from shardtcp.cli import main
+
+        path = os.path.join(self.folder, "shardtcp.toml")
+        with open(path, "w") as f:
+            f.write(
+                f'[proxy]\nid = "edge-1"\n[signing]\nprivate_key = "{kid}.pem"\n'
+                f'kid = "{kid}"\njwks = "jwks.json"\n'
+                '[[listener]]\nname = "edge"\nlisten = "tcp:0:interface=127.0.0.1"\n'
+                '[service.api]\nnames = ["api.example.test"]\n'
+                '[[service.api.shard]]\nid = "api-1"\naddress = "127.0.0.1:9001"\n'
+            )
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = main(["check-config", "--no-listen", path])
+        return status, out.getvalue(), err.getvalue()
+
+    def test_valid_then_missing_kid(self) -> None:
+        """
+        jwks holding the active kid: valid (exit 0).  A kid whose key exists
+        but is not published: exit 1 and exactly one line, naming signing.jwks.
+        """
+        status, out, err = self.check("policy-1")
+        self.assertEqual((status, err), (0, ""))
+        self.assertTrue(out.endswith(": valid\n"))
+        # policy-2's key exists, but the JWKS is put back to policy-1 only.
+        with open(self.paths.jwks, "rb") as f:
+            published = f.read()
+        keys.generate_keypair(self.folder, kid="policy-2")
+        with open(self.paths.jwks, "wb") as f:
+            f.write(published)
+        status, out, err = self.check("policy-2")
+        self.assertEqual(status, 1)
+        self.assertEqual(
+            err.splitlines(),
+            [
+                f"signing.jwks: {self.paths.jwks} has no key with the active kid "
+                "'policy-2' (it has: policy-1)"
+            ],
+        )
+
+    def test_missing_file_one_line(self) -> None:
+        """A jwks path that does not exist: exit 1 and one line naming signing.jwks."""
+        os.unlink(self.paths.jwks)
+        status, out, err = self.check("policy-1")
+        self.assertEqual(status, 1)
+        lines = err.splitlines()
+        self.assertEqual(len(lines), 1, lines)
+        self.assertTrue(lines[0].startswith("signing.jwks: "), lines)
+        self.assertIn(self.paths.jwks, lines[0])

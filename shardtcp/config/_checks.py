@@ -2,7 +2,8 @@
 """
 Checks that span tables of a configuration, run on the model once every
 table has been read: what a listener can route to, the PolicyContext size
-bound, health-check trust, and the keys accepted but not available yet.
+bound, health-check trust, the published JWKS against the signing key, and
+the keys accepted but not available yet.
 
 ``NOT_YET_AVAILABLE`` lists every key whose meaning SPEC section 3 fixes but
 this version does not implement: a non-default value there is refused with
@@ -29,7 +30,6 @@ TokenSizer = Callable[..., int]
 NOT_YET_AVAILABLE: dict[tuple[str, str], Any] = {
     ("proxy", "workers"): 1,
     ("proxy", "drain_timeout"): 30.0,
-    ("signing", "jwks"): None,
     ("listener", "max_connections"): 0,
     ("listener", "backlog"): 1024,
     ("listener", "per_source"): PerSourceConfig(),
@@ -127,11 +127,29 @@ def run_checks(reader: Reader, config: Config, token_size: Optional[TokenSizer])
     """Every cross-table check, in a fixed order."""
     check_listener_routes(reader, config)
     check_not_yet_available(reader, config)
+    check_signing_jwks(reader, config.signing)
     check_token_sizes(
         reader, config.proxy, config.signing, config.services, config.listeners, token_size
     )
 
 
+
+def check_signing_jwks(reader: Reader, signing: SigningConfig) -> None:
+    """
+    ``[signing] jwks``, when set and files are checked, must publish the
+    public half of the signing key under the active kid: shards trusting it
+    would otherwise refuse every connection.
+    """
+    if not signing.jwks or not reader.check_files or not signing.private_key:
+        return
+    if any(p.startswith(("signing.jwks:", "signing.private_key:")) for p in reader.problems):
+        # Already reported (unreadable file): one line per problem.
+        return
+    from shardtcp.keys import jwks_problem
+
+    problem = jwks_problem(signing.jwks, signing.private_key, signing.kid)
+    if problem is not None:
+        reader.add("signing.jwks", problem)
 
 
 def default_token_size() -> Optional[TokenSizer]:

@@ -64,7 +64,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from shardtcp import backend
-from shardtcp.backend import ShardVerifier, VerifiedConnection, VerifyingFactory
+from shardtcp.backend import RemoteKeySet, ShardVerifier, VerifiedConnection, VerifyingFactory
 from shardtcp.policy import format_address
 from shardtcp.tlslayer import HalfCloseTLSFactory, HalfCloseTLSProtocol  # noqa: F401 (re-exported)
 
@@ -600,7 +600,14 @@ def _parser() -> argparse.ArgumentParser:
         default="tcp:0:interface=127.0.0.1",
         help="server endpoint string (default: %(default)s)",
     )
-    parser.add_argument("--jwks", required=True, help="JWKS of the trusted policy-signing keys")
+    trusted = parser.add_mutually_exclusive_group(required=True)
+    trusted.add_argument("--jwks", help="JWKS file of the trusted policy-signing keys")
+    trusted.add_argument(
+        "--jwks-url",
+        help="http(s) URL of the trusted keys' JWKS (the proxy's /.well-known/jwks.json), "
+        "fetched at start, every 5 minutes, and on an unknown kid at most every 30 s",
+    )
+    parser.add_argument("--jwks-ca", help="with an https --jwks-url: the CA (PEM) to verify it with")
     parser.add_argument("--cert", help="TLS certificate (PEM); with --key, speak TLS after the header")
     parser.add_argument("--key", help="TLS private key (PEM)")
     parser.add_argument("--client-ca", help="with --cert: require a client certificate from this CA")
@@ -629,7 +636,14 @@ def _build(parser: argparse.ArgumentParser, options: argparse.Namespace) -> tupl
     try:
         parse_behaviour(options.behaviour)
         tlv_type = int(options.tlv_type, 0)
-        verifier = ShardVerifier.from_jwks(options.id, options.jwks, tlv_type=tlv_type)
+        if options.jwks_url is not None:
+            # The factory starts fetching when it starts listening.
+            key_set = RemoteKeySet(options.jwks_url, reactor=reactor, ca=options.jwks_ca)
+            verifier = ShardVerifier(options.id, key_set, tlv_type=tlv_type)
+        else:
+            if options.jwks_ca is not None:
+                parser.error("--jwks-ca goes with --jwks-url")
+            verifier = ShardVerifier.from_jwks(options.id, options.jwks, tlv_type=tlv_type)
         tls = (
             _tls_options(options.cert, options.key, options.client_ca)
             if options.cert is not None
