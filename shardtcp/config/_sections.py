@@ -696,10 +696,13 @@ def _read_termination(reader: Reader, table: dict, path: str) -> dict:
 
 
 def _read_log(reader: Reader, top: dict) -> LogConfig:
-    table = reader.sub_table(top, "", "log", ("access",))
+    table = reader.sub_table(top, "", "log", ("access", "access_file"))
     if table is None:
         return LogConfig()
-    return LogConfig(access=reader.choice(table, "log", "access", ACCESS_LOGS, "text"))
+    return LogConfig(
+        access=reader.choice(table, "log", "access", ACCESS_LOGS, "text"),
+        access_file=reader.path(table, "log", "access_file", readable=False),
+    )
 
 
 def _read_geo(reader: Reader, top: dict) -> tuple:
