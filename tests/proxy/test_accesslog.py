@@ -287,6 +287,24 @@ class FormTests(SynchronousTestCase):
             parse_config(data, folder, check_files=False, token_size=no_size)
         self.assertEqual(caught.exception.problems, ["log.access_file: the path contains a NUL byte"])
 
+    def test_config_access_file_folder_checked(self) -> None:
+        """
+        When files are checked (check-config, start-up), an access file in
+        a folder that does not exist is one problem line; an existing
+        folder passes.
+        """
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(folder, "logs"))
+        from shardtcp.config._reader import Reader
+        from shardtcp.config._sections import _read_log
+
+        reader = Reader(folder, check_files=True)
+        self.assertEqual(_read_log(reader, {"log": {"access_file": "logs/access.log"}}).access_file, os.path.join(folder, "logs", "access.log"))
+        self.assertEqual(reader.problems, [])
+        reader = Reader(folder, check_files=True)
+        _read_log(reader, {"log": {"access_file": "nowhere/access.log"}})
+        self.assertEqual(reader.problems, [f"log.access_file: the folder {os.path.join(folder, 'nowhere')} does not exist"])
+
 
 class RefusalLimiterTests(SynchronousTestCase):
     """The bound on refusal lines: N per interval per (reason, network), summary exact."""
