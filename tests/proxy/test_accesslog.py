@@ -15,7 +15,7 @@ from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogLevel, formatEvent
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from shardtcp.config import ConfigError, parse_config
@@ -428,3 +428,63 @@ class RefusalLimiterTests(SynchronousTestCase):
             RefusalLimiter(Clock(), lines=0)
         with self.assertRaises(ValueError):
             RefusalLimiter(Clock(), interval=0)
+
+
+class AccessFileServiceTests(TestCase):
+    """``[log] access_file`` through the service tree, over real loopback sockets."""
+
+    timeout = 60
+
+    async def test_access_file_and_reopen_logs(self) -> None:
+        """
+        A proxy built from a configuration with ``access = "json"`` and
+        ``access_file`` writes each verified connection's line to that file
+        only; after the file is renamed, ``ProxyService.reopen_logs()`` (what
+        SIGUSR1 calls) sends the next line to a new file of the same name.
+        """
+        from twisted.internet import reactor
+        from twisted.internet.threads import deferToThread
+
+        from tests.e2e import harness as e2e
+
+        from twisted.logger import globalLogPublisher
+
+        elsewhere: list = []
+
+        def observe(event) -> None:
+            if event.get("log_namespace") == "shardtcp.access":
+                elsewhere.append(event)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        deployment = e2e.Deployment(self, reactor)
+        shard = deployment.add_shard("api-fra-1", e2e.FRANKFURT)
+        path = os.path.join(deployment.directory, "access.log")
+        port = deployment.start_proxy_text(
+            e2e.listener_toml()
+            + e2e.service_toml([("api-fra-1", shard.port, "")])
+            + '[log]\naccess = "json"\naccess_file = "access.log"\n'
+        )
+
+        def lines(name: str) -> list:
+            if not os.path.exists(name):
+                return []
+            with open(name) as f:
+                return [json.loads(line) for line in f]
+
+        first = await deferToThread(e2e.plain_tls_exchange, port, deployment.ca_path, payload=b"one\n")
+        self.assertTrue(await e2e.wait_for(lambda: len(lines(path)) == 1, 10.0))
+        os.rename(path, path + ".1")
+        deployment.proxy.reopen_logs()
+        second = await deferToThread(e2e.plain_tls_exchange, port, deployment.ca_path, payload=b"two\n")
+        self.assertTrue(await e2e.wait_for(lambda: len(lines(path)) == 1, 10.0))
+        [old], [new] = lines(path + ".1"), lines(path)
+        for line, got in ((old, first), (new, second)):
+            self.assertEqual(line["client"], f"127.0.0.1:{got['local'][1]}")
+            self.assertEqual((line["shard"], line["sni"]), ("api-fra-1", e2e.SERVICE_NAME))
+            # Which side's close reaches the proxy first is up to the two peers.
+            self.assertIn(line["close"], ("client", "shard"))
+            self.assertGreater(line["bytes_up"], 4)
+            self.assertGreater(line["bytes_down"], len(got["hello"]))
+        self.assertNotEqual(old["id"], new["id"])
+        self.assertEqual(elsewhere, [])
