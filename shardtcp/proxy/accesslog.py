@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
-from typing import Callable, Optional
+from typing import Optional
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import ILogObserver, Logger, globalLogPublisher

@@ -10,7 +10,6 @@ import ipaddress
 import json
 import os
 
-from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogLevel, formatEvent
@@ -24,7 +23,6 @@ from shardtcp.proxy.accesslog import (
     ACCESS_FIELDS,
     AccessLog,
     AccessLogError,
-    AccessLogFile,
     RefusalLimiter,
     format_text,
     source_network,
