@@ -206,12 +206,16 @@ _refusal_log = Logger(namespace="shardtcp.connection")
 
 class RefusalLimiter:
     """
-    A token bucket of ``lines`` log lines per ``interval`` seconds for each
-    (reason, source network).
+    Token buckets bounding refusal lines: ``lines`` per ``interval``
+    seconds for each (reason, source network), and ``total_lines`` per
+    interval over all of them.
 
     ``allow(reason, ip)`` says whether a refusal line may be written now.
-    A key that had lines suppressed gets one summary line (``suppressed``
-    lines, exact) when its interval ends.  At most ``max_keys`` keys are
+    When an interval in which lines were suppressed ends, the keys with the
+    most suppressed lines get a summary line each (at most
+    ``summary_lines``) and the rest one line together; every count is
+    exact.  So under any attack, refusals write at most ``total_lines +
+    summary_lines + 1`` lines per interval.  At most ``max_keys`` keys are
     tracked; past that, new sources share one key per reason (``*``), so
     an attacker spreading over many networks cannot grow the table.
     """
@@ -222,19 +226,25 @@ class RefusalLimiter:
         *,
         lines: int = 10,
         interval: float = 10.0,
+        total_lines: int = 100,
+        summary_lines: int = 10,
         max_keys: int = 4096,
         log: Optional[Logger] = None,
     ) -> None:
-        if lines < 1 or interval <= 0:
-            raise ValueError("lines must be at least 1 and interval positive")
+        if lines < 1 or total_lines < 1 or interval <= 0:
+            raise ValueError("lines and total_lines must be at least 1 and interval positive")
         self._clock = clock
         self._lines = lines
         self._interval = interval
         self._rate = lines / interval
+        self._total = total_lines
+        self._total_rate = total_lines / interval
+        self._summary_lines = summary_lines
         self._max_keys = max_keys
         self._log = log if log is not None else _refusal_log
         # key -> [tokens, last refill time, suppressed count]
         self._buckets: dict = {}
+        self._all = [float(total_lines), clock.seconds()]
         self._flush_call = None
         self._pruned_at = float("-inf")
 
@@ -257,10 +267,15 @@ class RefusalLimiter:
                 self._buckets[key] = bucket
         tokens = min(float(self._lines), bucket[0] + (now - bucket[1]) * self._rate)
         bucket[1] = now
-        if tokens >= 1.0:
+        every = self._all
+        total = min(float(self._total), every[0] + (now - every[1]) * self._total_rate)
+        every[1] = now
+        if tokens >= 1.0 and total >= 1.0:
             bucket[0] = tokens - 1.0
+            every[0] = total - 1.0
             return True
         bucket[0] = tokens
+        every[0] = total
         bucket[2] += 1
         if self._flush_call is None:
             self._flush_call = self._clock.callLater(self._interval, self._flush)
@@ -274,20 +289,30 @@ class RefusalLimiter:
         """Say what was suppressed, then forget keys that are quiet again."""
         self._flush_call = None
         now = self._clock.seconds()
-        for key in list(self._buckets):
-            bucket = self._buckets[key]
-            reason, network = key
-            if bucket[2]:
-                self._log.info(
-                    "{suppressed} refusal lines ({reason}) from {network} suppressed "
-                    "in the last {interval:g}s (over {lines} lines per {interval:g}s)",
-                    suppressed=bucket[2],
-                    reason=reason,
-                    network=network,
-                    interval=self._interval,
-                    lines=self._lines,
-                )
-                bucket[2] = 0
+        held = sorted(
+            ((bucket[2], key) for key, bucket in self._buckets.items() if bucket[2]),
+            key=lambda item: (-item[0], item[1]),
+        )
+        for count, (reason, network) in held[: self._summary_lines]:
+            self._log.info(
+                "{suppressed} refusal lines ({reason}) from {network} suppressed "
+                "in the last {interval:g}s (over {lines} lines per {interval:g}s)",
+                suppressed=count,
+                reason=reason,
+                network=network,
+                interval=self._interval,
+                lines=self._lines,
+            )
+        rest = held[self._summary_lines :]
+        if rest:
+            self._log.info(
+                "{suppressed} more refusal lines from {networks} other networks suppressed in the last {interval:g}s",
+                suppressed=sum(count for count, _ in rest),
+                networks=len(rest),
+                interval=self._interval,
+            )
+        for _, key in held:
+            self._buckets[key][2] = 0
         self._prune(now)
 
     def _prune(self, now: float) -> None:

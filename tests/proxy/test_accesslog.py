@@ -392,7 +392,48 @@ class RefusalLimiterTests(SynchronousTestCase):
             limiter.allow("eof", f"10.{i // 256}.{i % 256}.2")
         self.assertEqual(len(limiter._buckets), 5)
         clock.advance(10)
-        self.assertIn("from * suppressed", formatEvent(events[-1]))
+        # The shared key suppressed the most: its summary comes first.
+        self.assertIn("from * suppressed", formatEvent(events[0]))
+        self.assertEqual(sum(e["suppressed"] for e in events), 1 + 1000)
+
+    def test_total_bound_over_all_keys(self) -> None:
+        """
+        ``total_lines`` bounds the lines of every key together: with 3 per
+        network and 5 in all, two networks get 5 lines, the sixth is
+        suppressed though its own network still has a token; the tokens
+        come back at ``total_lines / interval``.
+        """
+        clock, limiter, events = self.limiter(lines=3, total_lines=5)
+        allowed = [limiter.allow("eof", "10.0.1.1") for _ in range(3)]
+        allowed += [limiter.allow("eof", "10.0.2.1") for _ in range(2)]
+        self.assertEqual(allowed, [True] * 5)
+        self.assertFalse(limiter.allow("eof", "10.0.2.1"))
+        clock.advance(10 / 5 - 0.01)
+        self.assertFalse(limiter.allow("eof", "10.0.3.1"))
+        clock.advance(0.02)
+        self.assertTrue(limiter.allow("eof", "10.0.3.1"))
+        clock.advance(10)
+        self.assertEqual(sorted((e["network"], e["suppressed"]) for e in events), [("10.0.2.0/24", 1), ("10.0.3.0/24", 1)])
+
+    def test_summary_lines_bounded_counts_exact(self) -> None:
+        """
+        With suppressions from more networks than ``summary_lines``, the
+        busiest get a line each and the rest one line together: 2 + 1 lines
+        for 5 networks, and the counts add up exactly.
+        """
+        clock, limiter, events = self.limiter(lines=1, summary_lines=2)
+        for network, extra in ((1, 5), (2, 4), (3, 3), (4, 2), (5, 1)):
+            for _ in range(1 + extra):
+                limiter.allow("eof", f"10.0.{network}.1")
+        clock.advance(10)
+        self.assertEqual(
+            [formatEvent(e) for e in events],
+            [
+                "5 refusal lines (eof) from 10.0.1.0/24 suppressed in the last 10s (over 1 lines per 10s)",
+                "4 refusal lines (eof) from 10.0.2.0/24 suppressed in the last 10s (over 1 lines per 10s)",
+                "6 more refusal lines from 3 other networks suppressed in the last 10s",
+            ],
+        )
 
     def test_counters_stay_exact(self) -> None:
         """
@@ -426,6 +467,8 @@ class RefusalLimiterTests(SynchronousTestCase):
             RefusalLimiter(Clock(), lines=0)
         with self.assertRaises(ValueError):
             RefusalLimiter(Clock(), interval=0)
+        with self.assertRaises(ValueError):
+            RefusalLimiter(Clock(), total_lines=0)
 
 
 class AccessFileServiceTests(TestCase):
