@@ -253,6 +253,7 @@ class LogConfig:
     """``[log]``."""
 
     access: str = "text"  # text | json | off
+    access_file: Optional[str] = None  # absolute; None: twistd's log
 
 
 @frozen

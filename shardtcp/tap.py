@@ -29,6 +29,7 @@ from shardtcp.metrics import ProxyMetrics
 from shardtcp.model import Config
 from shardtcp.policy import PolicySigner
 from shardtcp.proxy.connector import ShardConnector
+from shardtcp.proxy.accesslog import AccessLog, AccessLogError, RefusalLimiter
 from shardtcp.proxy.context import ListenerContext
 from shardtcp.proxy.listener import ProxyFactory
 from shardtcp.proxy.tls import ServerTLS
@@ -123,6 +124,9 @@ class ProxyService(MultiService):
         self.health = None
         #: Called with ``ListenFailed`` instead of raising it, when set.
         self.on_listen_failure = None
+        #: ``[log] access``: shared by every listener.
+        self.access_log: AccessLog = AccessLog("off")
+        self.refusal_lines: RefusalLimiter | None = None
 
     def startService(self) -> None:
         try:
@@ -131,6 +135,16 @@ class ProxyService(MultiService):
             if self.on_listen_failure is None:
                 raise
             self.on_listen_failure(e)
+
+    def reopen_logs(self) -> None:
+        """Reopen the log files shardtcp owns (``[log] access_file``): SIGUSR1."""
+        self.access_log.reopen()
+
+    def stopService(self):
+        d = super().stopService()
+        if self.refusal_lines is not None:
+            self.refusal_lines.stop()
+        return d
 
     def listening_port(self, listener: str):
         """The bound port of a listener (``getHost()`` tells its address)."""
@@ -168,6 +182,8 @@ def build_service(config: Config, reactor=None, *, connector: ShardConnector | N
     names = NameTable((s.id, s.names) for s in config.services)
     if connector is None:
         connector = ShardConnector(reactor)
+    root.access_log = AccessLog(config.log.access, config.log.access_file)
+    root.refusal_lines = RefusalLimiter(reactor)
     for listener in config.listeners:
         context = ListenerContext(
             config=listener,
@@ -181,6 +197,8 @@ def build_service(config: Config, reactor=None, *, connector: ShardConnector | N
             server_tls=ServerTLS(listener) if listener.mode == "terminate" else None,
             upstream_tls=upstream_tls,
             admission=intel.denies if intel is not None else None,
+            access=root.access_log,
+            refusal_lines=root.refusal_lines,
         )
         factory = ProxyFactory(context)
         root.factories[listener.name] = factory
@@ -203,7 +221,7 @@ def makeService(options: Options, reactor=None) -> ProxyService:
         raise SystemExit(1)
     try:
         root = build_service(config, reactor)
-    except ThreatIntelError as e:
+    except (ThreatIntelError, AccessLogError) as e:
         sys.stderr.write(f"shardtcp: {e}\nshardtcp: not starting\n")
         raise SystemExit(1)
     parent = getattr(options, "parent", None)

@@ -33,7 +33,6 @@ NOT_YET_AVAILABLE: dict[tuple[str, str], Any] = {
     ("listener", "max_connections"): 0,
     ("listener", "backlog"): 1024,
     ("listener", "per_source"): PerSourceConfig(),
-    ("log", "access"): "text",
     ("service", "shard_key"): "none",
     ("service", "bounded_load"): 1.25,
     ("service", "owners"): (),

@@ -696,10 +696,14 @@ def _read_termination(reader: Reader, table: dict, path: str) -> dict:
 
 
 def _read_log(reader: Reader, top: dict) -> LogConfig:
-    table = reader.sub_table(top, "", "log", ("access",))
+    table = reader.sub_table(top, "", "log", ("access", "access_file"))
     if table is None:
         return LogConfig()
-    return LogConfig(access=reader.choice(table, "log", "access", ACCESS_LOGS, "text"))
+    access_file = reader.path(table, "log", "access_file", readable=False)
+    if access_file is not None and reader.check_files and not os.path.isdir(os.path.dirname(access_file)):
+        # Found now rather than at start-up, where it would stop the proxy.
+        reader.add("log.access_file", f"the folder {os.path.dirname(access_file)} does not exist")
+    return LogConfig(access=reader.choice(table, "log", "access", ACCESS_LOGS, "text"), access_file=access_file)
 
 
 def _read_geo(reader: Reader, top: dict) -> tuple:

@@ -6,7 +6,9 @@ What the connections of one listener share, and how they are counted.
 and handed to every protocol of that listener (the connection adapter and
 the PROXY-header wrapper in front of it).  Its ``opened``/``closed``/
 ``refused`` methods are the one place a connection is counted and its
-refusal logged, whichever of those protocols ends it.
+refusal logged, whichever of those protocols ends it; refusal lines go
+through a ``RefusalLimiter`` (the counters do not), and each connection's
+end is written once to the ``AccessLog``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from shardtcp.metrics import ProxyMetrics
 from shardtcp.model import ListenerConfig
 from shardtcp.net import format_address
 from shardtcp.policy import PolicySigner, new_connection_id
+from shardtcp.proxy.accesslog import AccessLog, RefusalLimiter
 from shardtcp.proxy.connector import IShardConnector
 from shardtcp.proxy.tls import ServerTLS
 from shardtcp.resolver.interfaces import IResolver
@@ -51,6 +54,14 @@ class ListenerContext:
     new_id: Callable[[], str] = new_connection_id
     server_tls: Optional[ServerTLS] = None  # terminate listeners
     upstream_tls: UpstreamTLS = attrs.field(factory=UpstreamTLS)
+    # one line per connection at its end ([log] access)
+    access: AccessLog = attrs.field(factory=AccessLog)
+    # bounds refusal lines; shared by every listener when given by tap
+    refusal_lines: Optional[RefusalLimiter] = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.refusal_lines is None:
+            self.refusal_lines = RefusalLimiter(self.clock)
 
     @property
     def terminates(self) -> bool:
@@ -82,9 +93,14 @@ class ListenerContext:
             self.connections.discard(protocol)
             self.metrics.active.labels(self.config.name).dec()
 
-    def refused(self, connection_id: str, client: Optional[tuple], reason: str, message: str) -> None:
-        """Count and log a refusal."""
+    def refused(self, connection_id: str, client: Optional[tuple], reason: str, message: str) -> bool:
+        """
+        Count a refusal and log it unless its lines are over their bound;
+        whether it was logged (the access line follows the same answer).
+        """
         self.metrics.rejected.labels(self.config.name, reason).inc()
+        if not self.may_log(reason, client):
+            return False
         log.info(
             "connection {id} from {client} refused ({reason}): {message}",
             id=connection_id,
@@ -92,13 +108,46 @@ class ListenerContext:
             reason=reason,
             message=message,
         )
+        return True
 
-    def gone_early(self, connection_id: str, client: Optional[tuple], state: str) -> None:
-        """Count and log a client that left before being spliced."""
+    def may_log(self, reason: str, client: Optional[tuple]) -> bool:
+        """Whether a line about an early end for ``reason`` is within its bound."""
+        return self.refusal_lines.allow(reason, client[0] if client else None)
+
+    def ended(self, fields: dict) -> None:
+        """Write a connection's access line (``ACCESS_FIELDS``)."""
+        self.access.write(fields)
+
+    def ended_early(self, connection_id: str, client: Optional[tuple], close: str, started: float) -> None:
+        """The access line of a connection that ended before it had a service."""
+        if not self.access.enabled:
+            return
+        self.access.write(
+            {
+                "id": connection_id,
+                "client": format_address(client) if client else None,
+                "listener": self.config.name,
+                "service": None,
+                "shard": None,
+                "sni": None,
+                "bytes_up": 0,
+                "bytes_down": 0,
+                "peek": None,
+                "connect": None,
+                "total": self.clock.seconds() - started,
+                "close": close,
+            }
+        )
+
+    def gone_early(self, connection_id: str, client: Optional[tuple], state: str) -> bool:
+        """Count a client that left before being spliced; whether it was logged."""
         self.metrics.rejected.labels(self.config.name, "client_gone").inc()
+        if not self.may_log("client_gone", client):
+            return False
         log.info(
             "connection {id} from {client} closed by the client while {state}",
             id=connection_id,
             client=format_address(client),
             state=state,
         )
+        return True

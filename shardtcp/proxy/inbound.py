@@ -114,8 +114,8 @@ class ProxyHeaderProtocol(Protocol):
             return
         ctx = self._ctx
         self._cancel_timer()
-        if not self._closing:
-            ctx.gone_early(self.connection_id, self._client, "proxy-header")
+        if not self._closing and ctx.gone_early(self.connection_id, self._client, "proxy-header"):
+            ctx.ended_early(self.connection_id, self._client, "client", self._accepted_at)
         ctx.closed(self)
 
     # -- the header stage -----------------------------------------------------
@@ -144,7 +144,8 @@ class ProxyHeaderProtocol(Protocol):
         self._closing = True
         self._parser = None
         self._cancel_timer()
-        self._ctx.refused(self.connection_id, self._client, reason, message)
+        if self._ctx.refused(self.connection_id, self._client, reason, message):
+            self._ctx.ended_early(self.connection_id, self._client, f"refused:{reason}", self._accepted_at)
         self.transport.loseConnection()
 
     def _timed_out(self) -> None:

@@ -164,6 +164,13 @@ class ProxyConnection(SpliceSideMixin, Protocol):
         self._shard: Optional[str] = None
         self._client = None
         self._tls = None
+        # when the shard connection was asked for, and when it was ready
+        self._connect_at: Optional[float] = None
+        self._connected_at: Optional[float] = None
+        #: Why the connection is being closed, when the proxy closes it on
+        #: purpose (``drain``, ``shutdown``): set before closing it, the
+        #: access line says it instead of the side that closed.
+        self.end_reason: Optional[str] = None
 
     @property
     def state(self) -> str:
@@ -280,6 +287,7 @@ class ProxyConnection(SpliceSideMixin, Protocol):
             self.transport.resumeProducing()
 
     def connect(self, candidates) -> None:
+        self._connect_at = self._ctx.clock.seconds()
         self._attempts = InOrder(
             candidates,
             self._attempt,
@@ -296,7 +304,8 @@ class ProxyConnection(SpliceSideMixin, Protocol):
         self._release_lease()
 
     def refuse(self, reason: str, message: str, answer: Optional[bytes]) -> None:
-        self._ctx.refused(self.connection_id, self.machine.client, reason, message)
+        if self._ctx.refused(self.connection_id, self.machine.client, reason, message):
+            self._access(f"refused:{reason}", 0, 0)
         client = self._client
         if answer is None:
             client.abortConnection()
@@ -310,14 +319,17 @@ class ProxyConnection(SpliceSideMixin, Protocol):
         if previous is State.HANDSHAKING:
             why = reason.getErrorMessage() if reason is not None else "closed"
             ctx.metrics.rejected.labels(ctx.config.name, "tls_handshake").inc()
-            log.info(
-                "connection {id} from {client}: TLS handshake failed: {why}",
-                id=self.connection_id,
-                client=format_address(self.machine.client),
-                why=why,
-            )
+            if ctx.may_log("tls_handshake", self.machine.client):
+                log.info(
+                    "connection {id} from {client}: TLS handshake failed: {why}",
+                    id=self.connection_id,
+                    client=format_address(self.machine.client),
+                    why=why,
+                )
+                self._access("refused:tls_handshake", 0, 0)
         elif previous is not State.CLOSED:
-            ctx.gone_early(self.connection_id, self.machine.client, previous.value)
+            if ctx.gone_early(self.connection_id, self.machine.client, previous.value):
+                self._access(self.end_reason or "client", 0, 0)
         ctx.closed(self)
 
     def splice(self, payload: bytes, reply: bytes, client_eof: bool) -> None:
@@ -334,6 +346,9 @@ class ProxyConnection(SpliceSideMixin, Protocol):
             on_done=self._spliced_done,
             idle_timeout=ctx.config.idle_timeout,
         )
+        # Bytes the client sent with its preamble (after a SHARD line, a
+        # CONNECT request) went to the shard above: they are bytes up.
+        splice.stats.bytes_up = len(payload)
         self._splice = splice
         upstream.attach(splice)
         self._attempts = None
@@ -446,6 +461,7 @@ class ProxyConnection(SpliceSideMixin, Protocol):
         elapsed = ctx.clock.seconds() - self._attempt_started
         ctx.resolver.record_connect_result(shard_id, True, self._connect_seconds)
         ctx.metrics.connect_seconds.labels(machine.service).observe(elapsed)
+        self._connected_at = ctx.clock.seconds()
         self._shard = shard_id
         self._upstream = upstream
         machine.ready()
@@ -469,21 +485,34 @@ class ProxyConnection(SpliceSideMixin, Protocol):
         ctx.metrics.bytes.labels(name, "down").inc(stats.bytes_down)
         ctx.metrics.ended.labels(name, stats.ended_by or "closed").inc()
         self._release_lease()
-        machine = self.machine
-        log.info(
-            "connection {id} {client} -> {service}/{shard} closed by {ended_by}: "
-            "{bytes_up} bytes up, {bytes_down} down, {duration:.3f}s",
-            id=self.connection_id,
-            client=format_address(machine.client),
-            service=machine.service,
-            shard=self._shard,
-            ended_by=stats.ended_by,
-            bytes_up=stats.bytes_up,
-            bytes_down=stats.bytes_down,
-            duration=ctx.clock.seconds() - self._start,
-        )
-        machine.finished()
+        self._access(self.end_reason or stats.ended_by or "closed", stats.bytes_up, stats.bytes_down)
+        self.machine.finished()
         ctx.closed(self)
+
+    def _access(self, close: str, bytes_up: int, bytes_down: int) -> None:
+        """Write this connection's access line (once, at its end)."""
+        ctx = self._ctx
+        if not ctx.access.enabled:
+            return
+        machine = self.machine
+        identified = machine.identified
+        connect_at, connected_at = self._connect_at, self._connected_at
+        ctx.ended(
+            {
+                "id": self.connection_id,
+                "client": format_address(machine.client),
+                "listener": ctx.config.name,
+                "service": machine.service,
+                "shard": self._shard,
+                "sni": identified.name if identified is not None and identified.method == "sni" else None,
+                "bytes_up": bytes_up,
+                "bytes_down": bytes_down,
+                "peek": None if connect_at is None else connect_at - self._start,
+                "connect": None if connected_at is None or connect_at is None else connected_at - connect_at,
+                "total": ctx.clock.seconds() - self._start,
+                "close": close,
+            }
+        )
 
 
 def _no_delay(transport) -> None:

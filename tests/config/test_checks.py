@@ -59,7 +59,6 @@ class NotYetAvailableTests(_Helpers, SynchronousTestCase):
         ("listener", "max_connections"): 100,
         ("listener", "backlog"): 128,
         ("listener", "per_source"): {"max_connections": 10},
-        ("log", "access"): "json",
         ("service", "shard_key"): "client-ip",
         ("service", "bounded_load"): 2.0,
         ("service", "owners"): {"tenant-*": ["api-1"]},

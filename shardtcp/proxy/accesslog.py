@@ -1,0 +1,331 @@
+# -*- test-case-name: tests.proxy.test_accesslog -*-
+"""
+The access log (one line per connection at its end) and the bound on
+refusal lines.
+
+``AccessLog`` turns a connection's end into one ``twisted.logger`` event in
+the ``shardtcp.access`` namespace: ``text`` events go to twistd's log like
+any other, ``json`` events carry the line as one JSON object, and with
+``[log] access_file`` they go to an ``AccessLogFile`` instead, whose
+``reopen()`` is what SIGUSR1 calls after logrotate moved the file.  The
+line is built once per connection from plain values; nothing is kept per
+event on the way.
+
+``RefusalLimiter`` bounds what refusals write under attack: a token bucket
+of ``lines`` per ``interval`` for each (reason, source network), the source
+network being the client's /24 (IPv4) or /64 (IPv6).  What it suppresses is
+counted and said in one summary line per key when its interval ends.  It
+only decides about log lines: the metrics count every refusal.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from typing import Optional
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import ILogObserver, Logger, globalLogPublisher
+from zope.interface import implementer
+
+__all__ = [
+    "ACCESS_FIELDS",
+    "AccessLog",
+    "AccessLogError",
+    "AccessLogFile",
+    "RefusalLimiter",
+    "format_text",
+    "source_network",
+]
+
+#: The fields of an access line, in the order the text form writes them.
+ACCESS_FIELDS = (
+    "id",
+    "client",
+    "listener",
+    "service",
+    "shard",
+    "sni",
+    "bytes_up",
+    "bytes_down",
+    "peek",
+    "connect",
+    "total",
+    "close",
+)
+
+_TEXT = (
+    "{id} {client} {listener} {service}/{shard} sni={sni} "
+    "up={bytes_up} down={bytes_down} peek={peek} connect={connect} total={total} close={close}"
+)
+
+
+def _seconds(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def format_text(fields: dict) -> str:
+    """The text form of one access line (``-`` for what is not known)."""
+    return _TEXT.format(
+        id=fields["id"],
+        client=fields["client"] or "-",
+        listener=fields["listener"],
+        service=fields["service"] or "-",
+        shard=fields["shard"] or "-",
+        sni=fields["sni"] or "-",
+        bytes_up=fields["bytes_up"],
+        bytes_down=fields["bytes_down"],
+        peek=_seconds(fields["peek"]),
+        connect=_seconds(fields["connect"]),
+        total=_seconds(fields["total"]),
+        close=fields["close"],
+    )
+
+
+def format_json(fields: dict) -> str:
+    """The JSON form of one access line: one object, no newline inside."""
+    return json.dumps(fields, separators=(",", ":"), ensure_ascii=True)
+
+
+class AccessLogError(Exception):
+    """The access file cannot be opened (one line naming it and why)."""
+
+
+_problems = Logger(namespace="shardtcp.log")
+
+
+@implementer(ILogObserver)
+class AccessLogFile:
+    """
+    Writes ``shardtcp.access`` events to a file of its own, one line each.
+
+    The file is opened for appending and each line is written whole (one
+    ``write`` per connection), so a reader never sees half a line.
+    ``reopen()`` closes it and opens the same path again: after logrotate
+    has renamed the file, new lines go to a new file of that name.
+    """
+
+    def __init__(self, path: str, form: str) -> None:
+        self.path = path
+        self._format = format_json if form == "json" else format_text
+        self._file = self._open()
+
+    def _open(self):
+        # Line-buffered text: one write(2) per line.
+        try:
+            return open(self.path, "a", buffering=1, encoding="utf-8")
+        except OSError as e:
+            raise AccessLogError(f"log.access_file: cannot open {self.path}: {e.strerror or e}") from None
+
+    def __call__(self, event: dict) -> None:
+        fields = event.get("access")
+        if fields is None or self._file is None:
+            return
+        self._file.write(self._format(fields) + "\n")
+
+    def reopen(self) -> None:
+        """
+        Open ``path`` again and close the old file (after log rotation).
+        When it cannot be opened, lines keep going to the old file and the
+        problem is logged: losing the access log is worse than a late rotation.
+        """
+        try:
+            new = self._open()
+        except AccessLogError as e:
+            _problems.error("{problem}; still writing to the old file", problem=str(e))
+            return
+        old, self._file = self._file, new
+        if old is not None:
+            old.close()
+
+    def close(self) -> None:
+        old, self._file = self._file, None
+        if old is not None:
+            old.close()
+
+
+class AccessLog:
+    """
+    Where connections' ends are written, per ``[log]``.
+
+    ``form`` is ``text``, ``json`` or ``off``; ``path`` (``[log]
+    access_file``) sends the lines to an ``AccessLogFile`` instead of
+    twistd's log.  ``enabled`` is checked by the connection path before it
+    gathers anything, so ``off`` costs one attribute read per connection.
+    """
+
+    def __init__(self, form: str = "text", path: Optional[str] = None, *, observer=None) -> None:
+        self.form = form
+        self.enabled = form != "off"
+        self.file: Optional[AccessLogFile] = None
+        if self.enabled and path is not None and observer is None:
+            self.file = AccessLogFile(path, form)
+            observer = self.file
+        self._log = Logger(
+            namespace="shardtcp.access", observer=observer if observer is not None else globalLogPublisher
+        )
+        self._json = form == "json"
+
+    def write(self, fields: dict) -> None:
+        """One connection ended; ``fields`` has every name in ``ACCESS_FIELDS``."""
+        if not self.enabled:
+            return
+        if self.file is not None:
+            # The file formats the line itself; no format string to render.
+            self._log.info("", access=fields)
+        elif self._json:
+            self._log.info("{line}", line=format_json(fields), access=fields)
+        else:
+            self._log.info("{line}", line=format_text(fields), access=fields)
+
+    def reopen(self) -> None:
+        """Reopen the access file, if there is one (SIGUSR1)."""
+        if self.file is not None:
+            self.file.reopen()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def source_network(ip: Optional[str]) -> str:
+    """The /24 (IPv4) or /64 (IPv6) a client address belongs to, as text."""
+    if not ip:
+        return "-"
+    if ":" not in ip:
+        head, _, _ = ip.rpartition(".")
+        return f"{head}.0/24" if head else ip
+    try:
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    except ValueError:
+        return ip
+
+
+_refusal_log = Logger(namespace="shardtcp.connection")
+
+
+class RefusalLimiter:
+    """
+    Token buckets bounding refusal lines: ``lines`` per ``interval``
+    seconds for each (reason, source network), and ``total_lines`` per
+    interval over all of them.
+
+    ``allow(reason, ip)`` says whether a refusal line may be written now.
+    When an interval in which lines were suppressed ends, the keys with the
+    most suppressed lines get a summary line each (at most
+    ``summary_lines``) and the rest one line together; every count is
+    exact.  So under any attack, refusals write at most ``total_lines +
+    summary_lines + 1`` lines per interval.  At most ``max_keys`` keys are
+    tracked; past that, new sources share one key per reason (``*``), so
+    an attacker spreading over many networks cannot grow the table.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        *,
+        lines: int = 10,
+        interval: float = 10.0,
+        total_lines: int = 100,
+        summary_lines: int = 10,
+        max_keys: int = 4096,
+        log: Optional[Logger] = None,
+    ) -> None:
+        if lines < 1 or total_lines < 1 or interval <= 0:
+            raise ValueError("lines and total_lines must be at least 1 and interval positive")
+        self._clock = clock
+        self._lines = lines
+        self._interval = interval
+        self._rate = lines / interval
+        self._total = total_lines
+        self._total_rate = total_lines / interval
+        self._summary_lines = summary_lines
+        self._max_keys = max_keys
+        self._log = log if log is not None else _refusal_log
+        # key -> [tokens, last refill time, suppressed count]
+        self._buckets: dict = {}
+        self._all = [float(total_lines), clock.seconds()]
+        self._flush_call = None
+        self._pruned_at = float("-inf")
+
+    def allow(self, reason: str, ip: Optional[str]) -> bool:
+        """Whether to write a refusal line for ``reason`` from ``ip`` now."""
+        now = self._clock.seconds()
+        key = (reason, source_network(ip))
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= self._max_keys and now - self._pruned_at >= self._interval:
+                # At most once an interval: under a spread-out attack the
+                # table stays full and a scan per refusal would cost more
+                # than the line it saves.
+                self._prune(now)
+            if len(self._buckets) >= self._max_keys:
+                key = (reason, "*")
+                bucket = self._buckets.get(key)
+            if bucket is None:
+                bucket = [float(self._lines), now, 0]
+                self._buckets[key] = bucket
+        tokens = min(float(self._lines), bucket[0] + (now - bucket[1]) * self._rate)
+        bucket[1] = now
+        every = self._all
+        total = min(float(self._total), every[0] + (now - every[1]) * self._total_rate)
+        every[1] = now
+        if tokens >= 1.0 and total >= 1.0:
+            bucket[0] = tokens - 1.0
+            every[0] = total - 1.0
+            return True
+        bucket[0] = tokens
+        every[0] = total
+        bucket[2] += 1
+        if self._flush_call is None:
+            self._flush_call = self._clock.callLater(self._interval, self._flush)
+        return False
+
+    def suppressed(self) -> int:
+        """Lines suppressed and not yet summarised."""
+        return sum(bucket[2] for bucket in self._buckets.values())
+
+    def _flush(self) -> None:
+        """Say what was suppressed, then forget keys that are quiet again."""
+        self._flush_call = None
+        now = self._clock.seconds()
+        held = sorted(
+            ((bucket[2], key) for key, bucket in self._buckets.items() if bucket[2]),
+            key=lambda item: (-item[0], item[1]),
+        )
+        for count, (reason, network) in held[: self._summary_lines]:
+            self._log.info(
+                "{suppressed} refusal lines ({reason}) from {network} suppressed "
+                "in the last {interval:g}s (over {lines} lines per {interval:g}s)",
+                suppressed=count,
+                reason=reason,
+                network=network,
+                interval=self._interval,
+                lines=self._lines,
+            )
+        rest = held[self._summary_lines :]
+        if rest:
+            self._log.info(
+                "{suppressed} more refusal lines from {networks} other networks suppressed in the last {interval:g}s",
+                suppressed=sum(count for count, _ in rest),
+                networks=len(rest),
+                interval=self._interval,
+            )
+        for _, key in held:
+            self._buckets[key][2] = 0
+        self._prune(now)
+
+    def _prune(self, now: float) -> None:
+        """Forget keys with nothing to say whose bucket is full again."""
+        self._pruned_at = now
+        for key in list(self._buckets):
+            bucket = self._buckets[key]
+            if not bucket[2] and bucket[0] + (now - bucket[1]) * self._rate >= self._lines:
+                del self._buckets[key]
+
+    def stop(self) -> None:
+        """Write the pending summary now (at shutdown)."""
+        call, self._flush_call = self._flush_call, None
+        if call is not None and call.active():
+            call.cancel()
+        self._flush()
