@@ -823,11 +823,8 @@ class ServiceTests(_Helpers, SynchronousTestCase):
         del data["service"]["api"]["shard"]
         self.assertProblem(data, "service.api.shard", "at least one")
         data["registry"] = {"kind": "etcd", "endpoints": ["https://etcd.test:2379"], "prefix": "/x/"}
-        # Only the registry itself is refused (it is not built yet): no shard is asked for.
-        self.assertEqual(
-            self.problems(data),
-            ["registry.kind: the etcd registry is not available in this version"],
-        )
+        # The registry supplies the shards: none is asked for in the file.
+        self.assertEqual(self.problems(data), [])
 
     def test_registry(self) -> None:
         """registry.kind is static or etcd; etcd keys are refused with static."""
