@@ -20,7 +20,7 @@ import json
 from typing import Any, Callable, Optional, Sequence
 
 import attrs
-from twisted.internet.defer import Deferred, inlineCallbacks, returnValue, succeed
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks, returnValue, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -234,6 +234,8 @@ class EtcdClient:
                 done: Deferred = Deferred()
                 response.deliverBody(_Collect(done))
                 body = yield done
+            except CancelledError:
+                raise
             except Exception as e:
                 errors.append(f"{self._endpoints[index]}: {e.__class__.__name__} {e}".strip())
                 continue

@@ -65,6 +65,7 @@ class Registration(Service):
         self.lease: Optional[int] = None
         self.registered = False
         self._sleep = None
+        self._pending = None
 
     def startService(self) -> None:
         super().startService()
@@ -74,6 +75,8 @@ class Registration(Service):
         super().stopService()
         if self._sleep is not None:
             self._sleep.cancel()
+        if self._pending is not None:
+            self._pending.cancel()
         lease, self.lease = self.lease, None
         self.registered = False
         if lease is None:
@@ -82,14 +85,24 @@ class Registration(Service):
         d.addErrback(lambda f: log.warn("registry: revoking the lease failed: {e}", e=f.getErrorMessage()))
         return d
 
+    def _track(self, d):
+        """Remember the call in flight, so that stopping cancels it."""
+        self._pending = d
+
+        def done(result):
+            self._pending = None
+            return result
+
+        return d.addBoth(done)
+
     @inlineCallbacks
     def _keep(self):
         failures = 0
         while self.running:
             try:
                 if self.lease is None:
-                    lease = yield self._client.grant(self._ttl)
-                    yield self._client.put(self._key, self._value, lease=lease)
+                    lease = yield self._track(self._client.grant(self._ttl))
+                    yield self._track(self._client.put(self._key, self._value, lease=lease))
                     if not self.running:
                         yield self._client.revoke(lease)
                         return
@@ -98,7 +111,7 @@ class Registration(Service):
                     log.info("registry: registered {key} (lease {lease}, ttl {ttl}s)",
                              key=self._key.decode(), lease=lease, ttl=self._ttl)
                 else:
-                    remaining = yield self._client.keepalive(self.lease)
+                    remaining = yield self._track(self._client.keepalive(self.lease))
                     if remaining <= 0:
                         log.warn("registry: lease {lease} is gone; registering again", lease=self.lease)
                         self.lease = None

@@ -91,6 +91,7 @@ class EtcdShardSource(Service):
         self.changes = 0
         self._watch = None
         self._sleep = None
+        self._pending = None
         self._failures = 0
 
     # -- IShardSource --------------------------------------------------------
@@ -271,6 +272,8 @@ class EtcdShardSource(Service):
             self._watch.cancel()
         if self._sleep is not None:
             self._sleep.cancel()
+        if self._pending is not None:
+            self._pending.cancel()
         return None
 
     def _delay(self) -> float:
@@ -284,7 +287,9 @@ class EtcdShardSource(Service):
     def _follow(self):
         while self.running:
             try:
-                revision, kvs = yield self._client.range(self._prefix)
+                self._pending = self._client.range(self._prefix)
+                revision, kvs = yield self._pending
+                self._pending = None
                 if not self.running:
                     return
                 self._replace(revision, kvs)
@@ -301,6 +306,7 @@ class EtcdShardSource(Service):
                 return
             except Exception as e:
                 self._watch = None
+                self._pending = None
                 if not self.running:
                     return
                 self._set_stale(True, str(e) or e.__class__.__name__)

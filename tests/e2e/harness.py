@@ -1198,3 +1198,15 @@ class EtcdServer:
         if child is not None and not child.done:
             child.signal("KILL")
             await child.ended
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.02) -> float:
+    """Poll ``predicate()`` until true; the seconds it took.  AssertionError after ``timeout``."""
+    from twisted.internet import reactor
+
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await deferLater(reactor, interval, lambda: None)
+    return time.monotonic() - start

@@ -20,6 +20,7 @@ from shardtcp.registry.etcd import EtcdClient, EtcdError, WatchCompacted
 from shardtcp.registry.register import Registration, shard_key
 from shardtcp.registry.source import EtcdShardSource
 from tests.e2e.harness import EtcdServer, child_environment, spawn
+from tests.e2e.harness import wait_until as eventually
 
 PREFIX = "/shardtcp"
 
@@ -42,16 +43,6 @@ def config(snapshot=None) -> Config:
 
 def shard_ids(source) -> list:
     return [shard.id for service in source.services() for shard in service.shards]
-
-
-async def eventually(predicate, timeout: float = 10.0, interval: float = 0.02) -> float:
-    """Wait until ``predicate()``; the seconds it took.  Fails after ``timeout``."""
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"not true after {timeout}s")
-        await deferLater(reactor, interval, lambda: None)
-    return time.monotonic() - start
 
 
 class ClientTests(TestCase):
