@@ -275,6 +275,44 @@ def _cmd_example_shards(args) -> int:
     return run_example_shards(args.config)
 
 
+def _cmd_register(args) -> int:
+    from shardtcp.config import parse_duration, read_registered_shard
+    from shardtcp.registry.register import run_registration
+
+    record: dict = {"address": args.address}
+    if args.location:
+        parts = args.location.split(",")
+        try:
+            if len(parts) not in (2, 3):
+                raise ValueError
+            record["location"] = {"lat": float(parts[0]), "lon": float(parts[1])}
+        except ValueError:
+            print(f"shardtcp register: --location: expected LAT,LON[,REGION], got {args.location!r}", file=sys.stderr)
+            return 2
+        if len(parts) == 3:
+            record["location"]["region"] = parts[2]
+    for key in ("capacity", "security_score", "weight", "server_name"):
+        value = getattr(args, key)
+        if value is not None:
+            record[key] = value
+    _, problem = read_registered_shard(args.service, args.id, record)
+    if problem is not None:
+        print(f"shardtcp register: {problem}", file=sys.stderr)
+        return 1
+    try:
+        ttl = parse_duration(args.ttl)
+    except ValueError as e:
+        print(f"shardtcp register: --ttl: {e}", file=sys.stderr)
+        return 2
+    if not 2 <= ttl <= 3600:
+        print("shardtcp register: --ttl: must be between 2s and 1h", file=sys.stderr)
+        return 2
+    endpoints = [url.strip() for url in args.endpoints.split(",") if url.strip()]
+    return run_registration(
+        endpoints, prefix=args.prefix, service=args.service, shard_id=args.id, record=record, ttl=int(ttl)
+    )
+
+
 def _cmd_demo(args) -> int:
     from shardtcp.example.demo import run_demo
 
@@ -339,6 +377,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", default="etc/shardtcp.toml", help="the example configuration (default: etc/shardtcp.toml)")
     p.set_defaults(func=_cmd_example_shards)
+
+    p = sub.add_parser("register", help="keep one shard registered in etcd while this runs (SPEC 9)")
+    p.add_argument("--endpoints", required=True, help="etcd client URLs, comma-separated")
+    p.add_argument("--prefix", default="/shardtcp", help="the registry's key prefix (default /shardtcp)")
+    p.add_argument("--service", required=True, help="the service the shard belongs to")
+    p.add_argument("--id", required=True, help="the shard's id (unique across services)")
+    p.add_argument("--address", required=True, help="HOST:PORT the proxy connects to")
+    p.add_argument("--location", help="LAT,LON[,REGION]")
+    p.add_argument("--capacity", type=int)
+    p.add_argument("--security-score", dest="security_score", type=float)
+    p.add_argument("--weight", type=float)
+    p.add_argument("--server-name", dest="server_name")
+    p.add_argument("--ttl", default="10s", help="the lease's time to live (default 10s)")
+    p.set_defaults(func=_cmd_register)
 
     p = sub.add_parser("demo", help="start local verifying shards and a proxy in front of them")
     p.add_argument("--port", type=int, default=8443, help="proxy port on 127.0.0.1 (default 8443; 0 = any)")

@@ -235,6 +235,8 @@ class RegistryConfig:
     kind: str = "static"  # static | etcd
     endpoints: tuple = ()
     prefix: str = "/shardtcp/"
+    snapshot: Optional[str] = None  # last good registry, read at start-up when etcd is down
+    lease_ttl: float = 10.0
 
 
 @frozen

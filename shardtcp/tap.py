@@ -122,6 +122,8 @@ class ProxyService(MultiService):
         self.factories: dict = {}
         self.threat_intel = None
         self.health = None
+        #: The etcd shard source, when ``[registry] kind = "etcd"``.
+        self.registry = None
         #: Called with ``ListenFailed`` instead of raising it, when set.
         self.on_listen_failure = None
         #: ``[log] access``: shared by every listener.
@@ -151,13 +153,33 @@ class ProxyService(MultiService):
         return self.getServiceNamed(f"listener:{listener}").port
 
 
+def build_registry(config: Config, reactor):
+    """The etcd shard source of an ``etcd`` registry, else None (the file is the registry)."""
+    if config.registry.kind != "etcd":
+        return None
+    from shardtcp.config import read_registered_shard
+    from shardtcp.registry.etcd import EtcdClient
+    from shardtcp.registry.source import EtcdShardSource
+
+    client = EtcdClient(reactor, config.registry.endpoints)
+    return EtcdShardSource(
+        config, client, read_registered_shard, clock=reactor, snapshot=config.registry.snapshot
+    )
+
+
 def build_service(config: Config, reactor=None, *, connector: ShardConnector | None = None) -> ProxyService:
     """Build the service tree for a validated ``config``."""
     if reactor is None:
         from twisted.internet import reactor
     metrics = ProxyMetrics()
-    resolver = build_resolver(config, clock=reactor)
+    registry = build_registry(config, reactor)
+    resolver = build_resolver(config, clock=reactor, source=registry)
     root = ProxyService(config, resolver, metrics)
+    root.registry = registry
+    if registry is not None:
+        # Started before the resolver, so that its snapshot is the first
+        # registry the resolver reads when etcd is down at start-up.
+        registry.setServiceParent(root)
     resolver.setServiceParent(root)
     intel = build_threat_intel(config, resolver, reactor, registry=metrics.registry)
     if intel is not None:

@@ -43,7 +43,7 @@ from shardtcp.config._reader import (
     read_file,
     FileProblem,
 )
-from shardtcp.config._sections import parse_rate, read_config
+from shardtcp.config._sections import parse_rate, read_config, read_registered_shard
 from shardtcp.model import Config
 
 __all__ = [
@@ -60,6 +60,7 @@ __all__ = [
     "parse_duration",
     "parse_rate",
     "read_file",
+    "read_registered_shard",
 ]
 
 

@@ -36,12 +36,10 @@ NOT_YET_AVAILABLE: dict[tuple[str, str], Any] = {
     ("service", "shard_key"): "none",
     ("service", "bounded_load"): 1.25,
     ("service", "owners"): (),
-    ("registry", "kind"): "static",
 }
 
 # Said instead of the plain line where an operator needs to know more.
 _NOT_AVAILABLE_WHY = {
-    ("registry", "kind"): "the etcd registry is not available in this version",
 }
 
 def _tables(config: Config, table: str) -> Iterator[tuple[str, Any]]:

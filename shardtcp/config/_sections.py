@@ -215,12 +215,12 @@ def _check_signing_key(reader: Reader, path: str, filename: str) -> None:
 
 
 def _read_registry(reader: Reader, top: dict) -> RegistryConfig:
-    table = reader.sub_table(top, "", "registry", ("kind", "endpoints", "prefix"))
+    table = reader.sub_table(top, "", "registry", ("kind", "endpoints", "prefix", "snapshot", "lease_ttl"))
     if table is None:
         return RegistryConfig()
     kind = reader.choice(table, "registry", "kind", ("static", "etcd"), "static")
     if kind != "etcd":
-        for key in ("endpoints", "prefix"):
+        for key in ("endpoints", "prefix", "snapshot", "lease_ttl"):
             if key in table:
                 reader.add(f"registry.{key}", 'only with kind = "etcd"')
         return RegistryConfig(kind=kind)
@@ -234,7 +234,43 @@ def _read_registry(reader: Reader, top: dict) -> RegistryConfig:
             reader.add("registry.endpoints", "must not be empty")
         endpoints = tuple(url for _, url in items) or endpoints
     prefix = reader.string(table, "registry", "prefix", "/shardtcp/")
-    return RegistryConfig(kind=kind, endpoints=endpoints, prefix=prefix)
+    if not prefix.startswith("/") or "\0" in prefix:
+        reader.add("registry.prefix", f"must start with '/', got {show(prefix)}")
+    snapshot = reader.string(table, "registry", "snapshot")
+    if snapshot is not None:
+        if "\0" in snapshot:
+            reader.add("registry.snapshot", "must not contain a NUL byte")
+            snapshot = None
+        else:
+            snapshot = os.path.join(reader.base_dir, snapshot)
+    lease_ttl = reader.duration(table, "registry", "lease_ttl", 10.0)
+    if not 2.0 <= lease_ttl <= 3600.0:
+        reader.add("registry.lease_ttl", f"must be between 2s and 1h, got {lease_ttl:g}s")
+        lease_ttl = 10.0
+    return RegistryConfig(kind=kind, endpoints=endpoints, prefix=prefix, snapshot=snapshot, lease_ttl=lease_ttl)
+
+
+def read_registered_shard(service_id: str, shard_id: str, document: Any) -> tuple:
+    """
+    One shard record registered in etcd (SPEC 9): ``(ShardConfig, None)``,
+    or ``(None, problem)`` with every problem on one line.
+
+    The record holds the keys of a ``[[service.S.shard]]`` table; its ``id``,
+    when present, must be the key's.  Files are not read (a registered
+    record names none).
+    """
+    reader = Reader(base_dir="", check_files=False)
+    path = f"shards/{service_id}/{shard_id}"
+    table = reader.table(path, document, _SHARD_KEYS)
+    if table is None:
+        return None, "; ".join(reader.problems)
+    table = dict(table)
+    if table.setdefault("id", shard_id) != shard_id:
+        return None, f"{path}.id: {show(table['id'])} is not the key's shard id"
+    shard = _read_shard(reader, path, table)
+    if reader.problems:
+        return None, "; ".join(reader.problems)
+    return shard, None
 
 
 # -- services -----------------------------------------------------------------

@@ -943,7 +943,9 @@ class ShardResolver(Service):
         return render_status(self.snapshot())
 
 
-def build_resolver(config: Config, *, clock: IReactorTime) -> ShardResolver:
+def build_resolver(
+    config: Config, *, clock: IReactorTime, source: Optional[IShardSource] = None
+) -> ShardResolver:
     """
     The ``ShardResolver`` of a configuration, tuned by its ``[resolver]``
     table: the one the proxy runs and the one ``shardtcp explain`` asks.
@@ -952,6 +954,7 @@ def build_resolver(config: Config, *, clock: IReactorTime) -> ShardResolver:
     return ShardResolver(
         config,
         clock=clock,
+        source=source,
         rtt_decay=tuning.latency_decay,
         outlier=OutlierPolicy(
             consecutive_failures=tuning.eject_after,

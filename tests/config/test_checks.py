@@ -62,7 +62,6 @@ class NotYetAvailableTests(_Helpers, SynchronousTestCase):
         ("service", "shard_key"): "client-ip",
         ("service", "bounded_load"): 2.0,
         ("service", "owners"): {"tenant-*": ["api-1"]},
-        ("registry", "kind"): "etcd",
     }
     DEFAULT = {
         ("proxy", "drain_timeout"): "30s",
@@ -90,12 +89,7 @@ class NotYetAvailableTests(_Helpers, SynchronousTestCase):
             _set(data, where, key, value)
             problems = self.problems(data)
             path = f"{self.PATH.get(where, where)}.{key}"
-            if (where, key) == ("registry", "kind"):
-                self.assertEqual(
-                    problems, [f"{path}: the etcd registry is not available in this version"]
-                )
-            else:
-                self.assertEqual(problems, [f"{path}: {_NOT_AVAILABLE}"])
+            self.assertEqual(problems, [f"{path}: {_NOT_AVAILABLE}"])
 
     def test_model(self) -> None:
         """Absent keys give the model's defaults."""

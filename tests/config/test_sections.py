@@ -823,11 +823,31 @@ class ServiceTests(_Helpers, SynchronousTestCase):
         del data["service"]["api"]["shard"]
         self.assertProblem(data, "service.api.shard", "at least one")
         data["registry"] = {"kind": "etcd", "endpoints": ["https://etcd.test:2379"], "prefix": "/x/"}
-        # Only the registry itself is refused (it is not built yet): no shard is asked for.
+        # The registry supplies the shards: none is asked for in the file.
+        config = self.valid(data)
+        self.assertEqual(config.services[0].shards, ())
         self.assertEqual(
-            self.problems(data),
-            ["registry.kind: the etcd registry is not available in this version"],
+            config.registry,
+            RegistryConfig(kind="etcd", endpoints=("https://etcd.test:2379",), prefix="/x/"),
         )
+
+    def test_registry_snapshot_and_lease(self) -> None:
+        """registry.snapshot is relative to the file's folder; lease_ttl is 2s..1h, both edges."""
+        data = minimal()
+        data["registry"] = {"kind": "etcd", "snapshot": "state/registry.json", "lease_ttl": "2s"}
+        config = self.valid(data, base_dir="/etc/shardtcp")
+        self.assertEqual(config.registry.snapshot, "/etc/shardtcp/state/registry.json")
+        self.assertEqual(config.registry.lease_ttl, 2.0)
+        data["registry"]["lease_ttl"] = "1h"
+        self.assertEqual(self.valid(data).registry.lease_ttl, 3600.0)
+        data["registry"]["lease_ttl"] = "1999ms"
+        self.assertProblem(data, "registry.lease_ttl", "between 2s and 1h")
+        data["registry"]["lease_ttl"] = "3601s"
+        self.assertProblem(data, "registry.lease_ttl", "between 2s and 1h")
+        data["registry"] = {"kind": "etcd", "prefix": "shardtcp"}
+        self.assertProblem(data, "registry.prefix", "must start with '/'")
+        data["registry"] = {"kind": "static", "snapshot": "x.json"}
+        self.assertProblem(data, "registry.snapshot", 'only with kind = "etcd"')
 
     def test_registry(self) -> None:
         """registry.kind is static or etcd; etcd keys are refused with static."""

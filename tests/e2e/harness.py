@@ -1132,3 +1132,81 @@ async def wait_until_accepting(port: int, timeout: float, alive: Callable[[], bo
         await deferLater(reactor, 0.01, lambda: None)
         return True
     return False
+
+
+class EtcdServer:
+    """
+    A real single-member etcd on loopback ports, its data in ``case.mktemp()``.
+
+    ``start()`` waits until it answers; ``stop()`` ends it (SIGTERM) and
+    ``start()`` again brings the same data back; ``kill()`` is SIGKILL.  It
+    is stopped in cleanup.  ``etcd`` missing from PATH fails the test: CI
+    installs Debian's ``etcd-server``.
+    """
+
+    def __init__(self, case) -> None:
+        self._case = case
+        self.binary = shutil.which("etcd") or "/usr/bin/etcd"
+        if not os.path.exists(self.binary):
+            case.fail("etcd is not installed (Debian package etcd-server)")
+        self.data_dir = os.path.abspath(case.mktemp())
+        self.client_port = free_port()
+        self.peer_port = free_port()
+        self.url = f"http://127.0.0.1:{self.client_port}"
+        self.child: Optional[ChildProcess] = None
+        case.addCleanup(lambda: defer.ensureDeferred(self.stop()))
+
+    async def start(self, timeout: float = 15.0) -> None:
+        """Start etcd and wait until ``/health`` answers."""
+        from twisted.internet import reactor
+
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        argv = [
+            self.binary,
+            "--name", "shardtcp-test",
+            "--data-dir", self.data_dir,
+            "--listen-client-urls", self.url,
+            "--advertise-client-urls", self.url,
+            "--listen-peer-urls", peer,
+            "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", f"shardtcp-test={peer}",
+        ]
+        self.child = spawn(self._case, argv, timeout=600.0)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.child.done:
+                raise AssertionError(f"etcd exited: {self.child.err[-2000:]!r}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.client_port), timeout=0.5) as s:
+                    s.sendall(b"GET /health HTTP/1.0\r\n\r\n")
+                    if b'"health":"true"' in s.recv(4096):
+                        return
+            except OSError:
+                pass
+            await deferLater(reactor, 0.1, lambda: None)
+        raise AssertionError("etcd did not become healthy in time")
+
+    async def stop(self) -> None:
+        """SIGTERM etcd and wait for it to end."""
+        child, self.child = self.child, None
+        if child is not None and not child.done:
+            await child.stop()
+
+    async def kill(self) -> None:
+        """SIGKILL etcd and wait for it to end."""
+        child, self.child = self.child, None
+        if child is not None and not child.done:
+            child.signal("KILL")
+            await child.ended
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.02) -> float:
+    """Poll ``predicate()`` until true; the seconds it took.  AssertionError after ``timeout``."""
+    from twisted.internet import reactor
+
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await deferLater(reactor, interval, lambda: None)
+    return time.monotonic() - start

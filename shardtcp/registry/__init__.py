@@ -1,0 +1,1 @@
+"""Shard registries beyond the configuration file: etcd (SPEC section 9)."""

@@ -1,0 +1,86 @@
+"""
+A proxy whose shards come from etcd: a real etcd, a shard registered by the
+``shardtcp register`` command, and real TLS clients through the proxy.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from tests.e2e import harness as e2e
+
+
+def _registry_toml(url: str, snapshot: str) -> str:
+    return (
+        e2e.listener_toml("passthrough")
+        + f'[registry]\nkind = "etcd"\nendpoints = ["{url}"]\nprefix = "/shardtcp"\n'
+        f'snapshot = "{snapshot}"\n'
+        + e2e.service_toml(())
+    )
+
+
+class RegistryRoutingTests(TestCase):
+    """Connections follow the registry: shards that register are used, shards that die are not."""
+
+    timeout = 120
+
+    async def _connect(self, port: int) -> dict:
+        return await deferToThread(e2e.plain_tls_exchange, port, self.deployment.ca_path, payload=b"ping\n")
+
+    async def test_registered_shard_routed_within_a_second(self):
+        """A shard registered with ``shardtcp register`` gets verified connections within a second;
+        killed, it is gone within its TTL and new connections go to the survivor."""
+        etcd = e2e.EtcdServer(self)
+        await etcd.start()
+        self.deployment = d = e2e.Deployment(self)
+        first = d.add_shard("api-reg-1", e2e.FRANKFURT)
+        second = d.add_shard("api-reg-2", e2e.FRANKFURT)
+        port = d.start_proxy_text(_registry_toml(etcd.url, os.path.join(d.directory, "state", "registry.json")))
+
+        # Nothing registered: the service has no shard, the client is refused.
+        with self.assertRaises(Exception):
+            await self._connect(port)
+
+        def register(shard, ttl):
+            return e2e.spawn(self, [sys.executable, "-m", "shardtcp", "register", "--endpoints", etcd.url,
+                                    "--service", "api", "--id", shard.shard_id,
+                                    "--address", f"127.0.0.1:{shard.port}", "--ttl", ttl],
+                             env=e2e.child_environment(), timeout=110)
+
+        started = time.monotonic()
+        first_registrar = register(first, "2s")
+        while True:
+            try:
+                result = await self._connect(port)
+                break
+            except Exception:
+                if time.monotonic() - started > 10:
+                    raise
+                await deferLater(reactor, 0.05, lambda: None)
+        fields = e2e.parse_hello(result["hello"])
+        self.assertEqual(fields["shard"], "api-reg-1")
+        self.assertEqual(result["echo"], b"ping\n")
+        # from the command's start (a Python process) to a routed, verified connection
+        self.assertLess(time.monotonic() - started, 5.0)
+
+        register(second, "2s")
+        await e2e.wait_until(lambda: len(d.proxy.resolver.get_shard_info("api")) == 2, timeout=10)
+
+        # The first shard's registrar dies: its lease runs out, and every new
+        # connection goes to the shard still registered.
+        first_registrar.signal("KILL")
+        await first_registrar.ended
+        gone = await e2e.wait_until(
+            lambda: [s.shard_id for s in d.proxy.resolver.get_shard_info("api")] == ["api-reg-2"], timeout=10
+        )
+        self.assertLess(gone, 2.0 + 1.5)
+        for _ in range(10):
+            self.assertEqual(e2e.parse_hello((await self._connect(port))["hello"])["shard"], "api-reg-2")
+        self.assertTrue(os.path.exists(os.path.join(d.directory, "state", "registry.json")))
