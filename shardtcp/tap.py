@@ -30,6 +30,7 @@ from shardtcp.model import Config
 from shardtcp.policy import PolicySigner
 from shardtcp.proxy.connector import ShardConnector
 from shardtcp.proxy.context import ListenerContext
+from shardtcp.proxy.limits import AdmissionLimits
 from shardtcp.proxy.listener import ProxyFactory
 from shardtcp.proxy.tls import ServerTLS
 from shardtcp.upstream import UpstreamTLS
@@ -182,14 +183,33 @@ def build_service(config: Config, reactor=None, *, connector: ShardConnector | N
             upstream_tls=upstream_tls,
             admission=intel.denies if intel is not None else None,
         )
+        limits = AdmissionLimits(listener.max_connections, listener.per_source, reactor)
+        if limits.enabled:
+            context.limits = limits
         factory = ProxyFactory(context)
         root.factories[listener.name] = factory
         port_service = ListeningService(
-            listener.listen, factory, reactor, label=f"listener {listener.name!r}"
+            with_backlog(listener.listen, listener.backlog), factory, reactor, label=f"listener {listener.name!r}"
         )
         port_service.setName(f"listener:{listener.name}")
         port_service.setServiceParent(root)
     return root
+
+
+#: Server endpoint types whose parsers take a ``backlog=`` option.
+_BACKLOG_ENDPOINTS = frozenset({"tcp", "tcp6", "ssl", "unix"})
+
+
+def with_backlog(description: str, backlog: int) -> str:
+    """
+    ``description`` with the listener's ``backlog`` as the endpoint's
+    ``backlog=`` option, for the endpoint types that take one; a
+    ``backlog=`` written in the endpoint string itself is kept as written.
+    """
+    kind = description.split(":", 1)[0].strip().lower()
+    if kind not in _BACKLOG_ENDPOINTS or "backlog=" in description:
+        return description
+    return f"{description}:backlog={backlog}"
 
 
 def makeService(options: Options, reactor=None) -> ProxyService:

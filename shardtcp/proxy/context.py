@@ -23,6 +23,7 @@ from shardtcp.model import ListenerConfig
 from shardtcp.net import format_address
 from shardtcp.policy import PolicySigner, new_connection_id
 from shardtcp.proxy.connector import IShardConnector
+from shardtcp.proxy.limits import AdmissionLimits
 from shardtcp.proxy.tls import ServerTLS
 from shardtcp.resolver.interfaces import IResolver
 from shardtcp.upstream import UpstreamTLS
@@ -51,6 +52,8 @@ class ListenerContext:
     new_id: Callable[[], str] = new_connection_id
     server_tls: Optional[ServerTLS] = None  # terminate listeners
     upstream_tls: UpstreamTLS = attrs.field(factory=UpstreamTLS)
+    # max_connections and per_source, checked by the factory at accept
+    limits: Optional[AdmissionLimits] = None
 
     @property
     def terminates(self) -> bool:
@@ -75,12 +78,16 @@ class ListenerContext:
         """The connection counted as ``before`` goes on as ``after``."""
         self.connections.discard(before)
         self.connections.add(after)
+        if self.limits is not None:
+            self.limits.moved(before, after)
 
     def closed(self, protocol: object) -> None:
         """``protocol``'s client connection is gone (counted once)."""
         if protocol in self.connections:
             self.connections.discard(protocol)
             self.metrics.active.labels(self.config.name).dec()
+        if self.limits is not None:
+            self.limits.release(protocol)
 
     def refused(self, connection_id: str, client: Optional[tuple], reason: str, message: str) -> None:
         """Count and log a refusal."""

@@ -28,16 +28,23 @@ from zope.interface import implementer
 
 from shardtcp.net import address_pair, format_address
 from shardtcp.policy import PolicyTooLarge, TLSFacts
-from shardtcp.proxy.connector import InOrder, ShardConnectFailed
+from shardtcp.proxy.connector import InOrder, ProxyConnectFailed, ShardConnectFailed
 from shardtcp.proxy.context import ListenerContext, log
 from shardtcp.proxy.header import build_header
 from shardtcp.proxy.inbound import ProxyHeaderFactory
+from shardtcp.proxy.limits import LISTENER_FULL, SOURCE_CONNECTIONS, SOURCE_RATE
 from shardtcp.proxy.machine import ConnectionMachine, IConnectionEffects, State
 from shardtcp.proxy.splice import DOWNSTREAM, UPSTREAM, Splice, SpliceSideMixin, SpliceStats
 from shardtcp.proxy.tls import handshake_facts
 from shardtcp.tlslayer import HalfCloseTLSFactory
 
-__all__ = ["ListenerContext", "ProxyConnection", "ProxyFactory", "UpstreamProtocol"]
+#: A connect timeout that fires later than this share of connect_timeout
+#: (and at least ``LATE_TIMEOUT_MIN`` seconds) after it was due is the
+#: busy proxy's fault, not the shard's.
+LATE_TIMEOUT = 0.25
+LATE_TIMEOUT_MIN = 0.25
+
+__all__ = ["LATE_TIMEOUT", "LATE_TIMEOUT_MIN", "ListenerContext", "ProxyConnection", "ProxyFactory", "UpstreamProtocol"]
 
 
 @implementer(IHandshakeListener)
@@ -416,6 +423,23 @@ class ProxyConnection(SpliceSideMixin, Protocol):
             return False
         ctx = self._ctx
         shard = candidate.shard
+        fault = self._proxy_fault(failure)
+        if fault is not None:
+            kind, why = fault
+            # Not the shard's failure: no record_connect_result, no ejection.
+            ctx.metrics.proxy_errors.labels(kind).inc()
+            log.error(
+                "connection {id}: the proxy itself failed to reach shard {shard} ({address}): {why}; "
+                "not counted against the shard",
+                id=self.connection_id,
+                shard=shard.shard_id,
+                address=str(shard.address),
+                why=why,
+                proxy_fault=kind,
+            )
+            self._attempts = None
+            self.machine.overloaded(f"the proxy is overloaded ({kind}): {why}")
+            return False
         ctx.resolver.record_connect_result(shard.shard_id, False)
         reason = getattr(failure.value, "reason", "error")
         ctx.metrics.upstream_failures.labels(self.machine.service, shard.shard_id, reason).inc()
@@ -427,6 +451,26 @@ class ProxyConnection(SpliceSideMixin, Protocol):
             why=failure.getErrorMessage(),
         )
         return True
+
+    def _proxy_fault(self, failure: Failure) -> Optional[tuple]:
+        """
+        ``(kind, why)`` when a failed attempt is the proxy's own fault: an
+        errno of the proxy's own socket (``ProxyConnectFailed``), or a
+        connect timeout that fired late (``timeout_late``): more than
+        ``LATE_TIMEOUT`` (a share of connect_timeout, at least
+        ``LATE_TIMEOUT_MIN``) after it was due.  A timer runs late only when
+        the reactor was too busy to run it, and then it was too busy to see
+        the shard's answer too; a timeout on time counts against the shard.
+        """
+        value = failure.value
+        if isinstance(value, ProxyConnectFailed):
+            return value.kind, str(value)
+        if getattr(value, "reason", None) == "timeout":
+            timeout = self._ctx.config.connect_timeout
+            late = self._ctx.clock.seconds() - self._attempt_started - timeout
+            if late > max(LATE_TIMEOUT_MIN, LATE_TIMEOUT * timeout):
+                return "timeout_late", f"connect timeout fired {late:.3f}s late: the proxy was too busy"
+        return None
 
     def _exhausted(self, candidates) -> None:
         self._attempts = None
@@ -499,6 +543,13 @@ def _no_delay(transport) -> None:
             pass
 
 
+_LIMIT_MESSAGES = {
+    LISTENER_FULL: "the listener is at max_connections; closed at accept",
+    SOURCE_CONNECTIONS: "the source is at per_source.max_connections; closed at accept",
+    SOURCE_RATE: "the source is over per_source.rate; closed at accept",
+}
+
+
 class ProxyFactory(Factory):
     """
     Builds a ``ProxyConnection`` per accepted client, sharing ``context``.
@@ -516,9 +567,29 @@ class ProxyFactory(Factory):
         self._front = ProxyHeaderFactory(context, self.behind_header) if context.config.accept_proxy else None
 
     def buildProtocol(self, addr):
+        limits = self.context.limits
+        if limits is not None:
+            return self._admitted(addr, limits)
         if self._front is not None:
             return self._front.buildProtocol(addr)
         return ProxyConnection(self.context)
+
+    def _admitted(self, addr, limits):
+        """
+        The protocol for a client ``limits`` admits, else None: Twisted then
+        closes the accepted socket at once, before reading a byte of it.
+        """
+        host = getattr(addr, "host", "")
+        reason = limits.admit(host)
+        if reason is not None:
+            self.context.refused("-", (host, getattr(addr, "port", 0)), reason, _LIMIT_MESSAGES[reason])
+            return None
+        if self._front is not None:
+            protocol = self._front.buildProtocol(addr)
+        else:
+            protocol = ProxyConnection(self.context)
+        limits.bind(protocol, host)
+        return protocol
 
     def behind_header(self, connection_id: str, accepted_at: float) -> ProxyConnection:
         """The connection that goes on once a PROXY header has been read."""

@@ -51,6 +51,10 @@ __all__ = ["State", "IConnectionEffects", "MachineRules", "ConnectionMachine", "
 EARLY_DATA_ALLOWANCE = 262144
 
 
+#: What a listener with ``identify = []`` knows of every connection: nothing.
+UNIDENTIFIED = Identified(method="none", protocol="none")
+
+
 class State(enum.Enum):
     """Where a connection is in its life."""
 
@@ -200,6 +204,13 @@ class ConnectionMachine:
         config = rules.config
         self._detector = Detector(config.identify, max_client_hello=config.max_client_hello)
         self._go(State.PEEKING)
+        if not config.identify:
+            # Nothing to identify (identify = [] needs a default_service):
+            # connect at once; server-speaks-first protocols need it.
+            self._fx.cancel_timer()
+            self._fx.pause_client()
+            self.identified = UNIDENTIFIED
+            self._route(UNIDENTIFIED)
 
     def data(self, data: bytes) -> None:
         """Bytes from the client (plaintext, when its TLS is terminated)."""
@@ -283,6 +294,10 @@ class ConnectionMachine:
             f"no shard of {self.service!r} could be reached (tried {', '.join(tried)})",
             self.answer_protocol,
         )
+
+    def overloaded(self, message: str) -> None:
+        """The proxy itself could not reach a shard (out of descriptors, ...)."""
+        self._refuse("proxy_overloaded", message, self.answer_protocol)
 
     def ready(self) -> None:
         """A shard is connected (and verified) and has its header: splice."""

@@ -57,9 +57,6 @@ class NotYetAvailableTests(_Helpers, SynchronousTestCase):
         ("proxy", "workers"): 2,
         ("proxy", "drain_timeout"): "10s",
         ("signing", "jwks"): "keys/jwks.json",
-        ("listener", "max_connections"): 100,
-        ("listener", "backlog"): 128,
-        ("listener", "per_source"): {"max_connections": 10},
         ("log", "access"): "json",
         ("service", "shard_key"): "client-ip",
         ("service", "bounded_load"): 2.0,
@@ -68,7 +65,6 @@ class NotYetAvailableTests(_Helpers, SynchronousTestCase):
     }
     DEFAULT = {
         ("proxy", "drain_timeout"): "30s",
-        ("listener", "per_source"): {"max_connections": 0, "rate": "0/s"},
     }
     PATH = {"listener": "listener[0]", "service": "service.api"}
 
