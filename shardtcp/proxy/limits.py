@@ -36,6 +36,10 @@ SOURCE_CONNECTIONS = "source_connections"
 SOURCE_RATE = "source_rate"
 
 
+# A token refilled in float steps may fall short of 1.0 by rounding alone.
+_WHOLE_TOKEN = 1.0 - 1e-6
+
+
 def source_key(ip: str) -> str:
     """
     The source a client address counts against: the IPv4 address itself
@@ -122,9 +126,9 @@ class AdmissionLimits:
         if self.source_max and source.open >= self.source_max:
             return SOURCE_CONNECTIONS
         if self.rate > 0:
-            if source.tokens < 1.0:
+            if source.tokens < _WHOLE_TOKEN:
                 return SOURCE_RATE
-            source.tokens -= 1.0
+            source.tokens = max(0.0, source.tokens - 1.0)
         source.open += 1
         self.open += 1
         return None
