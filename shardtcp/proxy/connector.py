@@ -172,6 +172,17 @@ class InOrder:
         if pending is not None:
             pending.cancel()
 
+    def advance(self) -> None:
+        """
+        Give up on the candidate that succeeded (its shard closed without
+        answering) and try the next, or report ``exhausted``.
+        """
+        self._index += 1
+        if self._index < len(self._candidates):
+            self._next()
+        else:
+            self._exhausted(self._candidates)
+
     def _next(self) -> None:
         candidate = self._candidates[self._index]
         d = self._attempt(candidate)

@@ -60,6 +60,9 @@ class UpstreamProtocol(SpliceSideMixin, Protocol):
 
     _side = UPSTREAM
     _handshake: Optional[Deferred] = None
+    # The ProxyConnection to tell when the shard speaks first or closes
+    # without a byte (``empty_response``); None once it has spoken.
+    _watcher = None
 
     def connectionMade(self) -> None:
         _no_delay(self.transport)
@@ -79,14 +82,28 @@ class UpstreamProtocol(SpliceSideMixin, Protocol):
             d.callback(self)
 
     def dataReceived(self, data: bytes) -> None:
+        watcher = self._watcher
+        if watcher is not None:
+            self._watcher = None
+            watcher.machine.shard_spoke()
         if self._splice is not None:
             self._splice.data(UPSTREAM, data)
+
+    def readConnectionLost(self) -> None:
+        watcher = self._watcher
+        if watcher is not None and watcher._shard_silent(self):
+            return
+        SpliceSideMixin.readConnectionLost(self)
 
     def connectionLost(self, reason) -> None:
         d, self._handshake = self._handshake, None
         if d is not None:
             d.errback(reason)
-        elif self._splice is not None:
+            return
+        watcher = self._watcher
+        if watcher is not None and watcher._shard_silent(self):
+            return
+        if self._splice is not None:
             self._splice.lost(UPSTREAM, reason)
 
 
@@ -171,6 +188,8 @@ class ProxyConnection(SpliceSideMixin, Protocol):
         self._shard: Optional[str] = None
         self._client = None
         self._tls = None
+        self._client_closed = False
+        self._candidate = None
 
     @property
     def state(self) -> str:
@@ -235,6 +254,7 @@ class ProxyConnection(SpliceSideMixin, Protocol):
 
     def _client_eof(self) -> None:
         if self._splice is not None:
+            self._client_closed = True
             self._splice.read_closed(DOWNSTREAM)
         else:
             self.machine.eof()
@@ -343,7 +363,11 @@ class ProxyConnection(SpliceSideMixin, Protocol):
         )
         self._splice = splice
         upstream.attach(splice)
-        self._attempts = None
+        if self.machine.holds_bytes and not client_eof:
+            # Until the shard's first byte, an empty close may be retried.
+            upstream._watcher = self
+        else:
+            self._attempts = None
         ctx.metrics.spliced.labels(ctx.config.name, self.machine.service, self._shard).inc()
         splice.start()
         if client_eof:
@@ -472,6 +496,44 @@ class ProxyConnection(SpliceSideMixin, Protocol):
                 return "timeout_late", f"connect timeout fired {late:.3f}s late: the proxy was too busy"
         return None
 
+    def _shard_silent(self, upstream: UpstreamProtocol) -> bool:
+        """
+        The shard closed before sending a byte: when nothing of the client's
+        went after the held bytes (and it has not closed), undo the splice
+        and try the next candidate (as HAProxy's ``retry-on
+        empty-response``); the close counts as the shard's failure either
+        way.  False: the close goes on to the client as usual.
+        """
+        upstream._watcher = None
+        splice, attempts, candidate = self._splice, self._attempts, self._candidate
+        self._attempts = None
+        if splice is None or splice.stats.ended_by or splice.stats.bytes_up or self._client_closed:
+            # The proxy or the client ended it, or the client said more:
+            # an ordinary close, not the shard's failure.
+            return False
+        ctx = self._ctx
+        shard = candidate.shard
+        ctx.resolver.record_connect_result(shard.shard_id, False)
+        ctx.metrics.upstream_failures.labels(self.machine.service, shard.shard_id, "empty_response").inc()
+        if attempts is None or not self.machine.empty_response():
+            return False
+        log.warn(
+            "connection {id}: shard {shard} ({address}) closed before answering; trying the next shard",
+            id=self.connection_id,
+            shard=shard.shard_id,
+            address=str(shard.address),
+        )
+        splice.detach()
+        self._splice = None
+        self._upstream = None
+        upstream._splice = None
+        if upstream.transport is not None:
+            upstream.transport.abortConnection()
+        self._release_lease()
+        self._attempts = attempts
+        attempts.advance()
+        return True
+
     def _exhausted(self, candidates) -> None:
         self._attempts = None
         self.machine.unreachable([c.shard.shard_id for c in candidates])
@@ -492,6 +554,7 @@ class ProxyConnection(SpliceSideMixin, Protocol):
         ctx.metrics.connect_seconds.labels(machine.service).observe(elapsed)
         self._shard = shard_id
         self._upstream = upstream
+        self._candidate = candidate
         machine.ready()
 
     def _abandon(self, upstream: UpstreamProtocol) -> None:

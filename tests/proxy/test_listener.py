@@ -327,11 +327,12 @@ class SpliceTests(SynchronousTestCase):
         self.assertTrue(up.disconnecting)
 
     def test_shard_dies(self) -> None:
-        """A shard that dies closes the client promptly and frees the lease."""
+        """A shard that dies (after answering) closes the client promptly and frees the lease."""
         h, protocol, transport, upstream, up = self.spliced()
         from twisted.internet.error import ConnectionLost
         from twisted.python.failure import Failure
 
+        upstream.dataReceived(b"answer")
         upstream.connectionLost(Failure(ConnectionLost()))
         self.assertTrue(transport.disconnecting)
         protocol.connectionLost(None)
