@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Optional
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener
+from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -85,7 +85,7 @@ class UpstreamProtocol(SpliceSideMixin, Protocol):
         watcher = self._watcher
         if watcher is not None:
             self._watcher = None
-            watcher.machine.shard_spoke()
+            watcher._shard_spoke(self)
         if self._splice is not None:
             self._splice.data(UPSTREAM, data)
 
@@ -363,13 +363,19 @@ class ProxyConnection(SpliceSideMixin, Protocol):
         )
         self._splice = splice
         upstream.attach(splice)
-        if self.machine.holds_bytes and not client_eof:
-            # Until the shard's first byte, an empty close may be retried.
-            upstream._watcher = self
-        else:
-            self._attempts = None
         ctx.metrics.spliced.labels(ctx.config.name, self.machine.service, self._shard).inc()
         splice.start()
+        if self.machine.holds_bytes and not client_eof:
+            # Until the shard's first byte, an empty close may be retried:
+            # the shard's transport must not stop the client when it is
+            # lost (Twisted stops a lost transport's producer before its
+            # protocol hears of it), so it gets the client through a shim.
+            upstream._watcher = self
+            up = upstream.transport
+            up.unregisterProducer()
+            up.registerProducer(_WatchedClient(self._client, upstream), True)
+        else:
+            self._attempts = None
         if client_eof:
             splice.read_closed(DOWNSTREAM)
         self._client.resumeProducing()
@@ -496,6 +502,14 @@ class ProxyConnection(SpliceSideMixin, Protocol):
                 return "timeout_late", f"connect timeout fired {late:.3f}s late: the proxy was too busy"
         return None
 
+    def _shard_spoke(self, upstream: UpstreamProtocol) -> None:
+        """The shard's first byte: no retry from now on; couple it to the client directly."""
+        self._attempts = None
+        self.machine.shard_spoke()
+        up = upstream.transport
+        up.unregisterProducer()
+        up.registerProducer(self._client, True)
+
     def _shard_silent(self, upstream: UpstreamProtocol) -> bool:
         """
         The shard closed before sending a byte: when nothing of the client's
@@ -591,6 +605,31 @@ class ProxyConnection(SpliceSideMixin, Protocol):
         )
         machine.finished()
         ctx.closed(self)
+
+
+@implementer(IPushProducer)
+class _WatchedClient:
+    """
+    The client transport as the producer of a shard that has not spoken
+    yet: pausing and resuming pass through; stopping waits until the shard's
+    protocol has decided whether its empty close is retried.
+    """
+
+    __slots__ = ("_client", "_upstream")
+
+    def __init__(self, client, upstream: UpstreamProtocol) -> None:
+        self._client = client
+        self._upstream = upstream
+
+    def pauseProducing(self) -> None:
+        self._client.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._client.resumeProducing()
+
+    def stopProducing(self) -> None:
+        if self._upstream._watcher is None:
+            self._client.stopProducing()
 
 
 def _no_delay(transport) -> None:

@@ -113,6 +113,21 @@ class AdapterTests(SynchronousTestCase):
         infos = {i.shard_id: i.open_connections for i in h.resolver.get_shard_info("api")}
         self.assertEqual(infos, {first: 0, second: 1})
 
+    def test_reset_does_not_stop_the_client(self) -> None:
+        """
+        A shard that resets: Twisted stops the lost transport's producer
+        before its protocol hears of it; that must not close the client
+        while the retry is still possible.
+        """
+        h = Harness()
+        protocol, transport = h.connect_client()
+        protocol.dataReceived(client_hello())
+        upstream, up = h.connector.succeed(0)
+        up.producer.stopProducing()
+        upstream.connectionLost(Failure(ConnectionLost()))
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(len(h.connector.attempts), 2)
+
     def test_bounded_by_retries(self) -> None:
         """
         retries = 1: two shards closing empty are tried (2 attempts, not 3);
