@@ -82,8 +82,10 @@ class ListeningService(Service):
     when the configuration asked for port 0.
     """
 
-    def __init__(self, description: str, factory, reactor, label: str = "") -> None:
+    def __init__(self, description: str, factory, reactor, label: str = "", backlog: int | None = None) -> None:
         self.description = description
+        # The listen queue, given to the endpoint (messages show ``description`` as written).
+        self.backlog = backlog
         self.factory = factory
         self._reactor = reactor
         self.label = label or description
@@ -92,7 +94,10 @@ class ListeningService(Service):
     def startService(self) -> None:
         super().startService()
         outcome: list = []
-        serverFromString(self._reactor, self.description).listen(self.factory).addBoth(outcome.append)
+        description = self.description
+        if self.backlog is not None:
+            description = with_backlog(description, self.backlog)
+        serverFromString(self._reactor, description).listen(self.factory).addBoth(outcome.append)
         if not outcome:
             raise RuntimeError(f"listening on {self.description!r} did not complete at start-up")
         if isinstance(outcome[0], Failure):
@@ -189,7 +194,7 @@ def build_service(config: Config, reactor=None, *, connector: ShardConnector | N
         factory = ProxyFactory(context)
         root.factories[listener.name] = factory
         port_service = ListeningService(
-            with_backlog(listener.listen, listener.backlog), factory, reactor, label=f"listener {listener.name!r}"
+            listener.listen, factory, reactor, label=f"listener {listener.name!r}", backlog=listener.backlog
         )
         port_service.setName(f"listener:{listener.name}")
         port_service.setServiceParent(root)

@@ -284,6 +284,7 @@ class OutOfDescriptorsTests(TestCase):
         finally:
             _close_all(held)
         alert = tls_alert(AlertDescription.internal_error)
+        self.assertNotIn("ejected", child.out.decode(errors="replace"))
         self.assertEqual(answers, [alert] * 30, (baseline, limit))
         await e2e.wait_for(lambda: d.shard_connections() == 0, 5.0)
         served = set()
