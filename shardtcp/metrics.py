@@ -61,6 +61,13 @@ class ProxyMetrics:
             registry=r,
         )
 
+        self.proxy_errors = Counter(
+            "shardtcp_proxy_errors",
+            "Connection attempts to shards that failed because of the proxy itself, by kind",
+            ["kind"],
+            registry=r,
+        )
+
     def render(self) -> bytes:
         """The registry in the Prometheus text format."""
         return generate_latest(self.registry)

@@ -31,6 +31,7 @@ from shardtcp.policy import PolicySigner
 from shardtcp.proxy.connector import ShardConnector
 from shardtcp.proxy.accesslog import AccessLog, AccessLogError, RefusalLimiter
 from shardtcp.proxy.context import ListenerContext
+from shardtcp.proxy.limits import AdmissionLimits
 from shardtcp.proxy.listener import ProxyFactory
 from shardtcp.proxy.tls import ServerTLS
 from shardtcp.upstream import UpstreamTLS
@@ -82,8 +83,10 @@ class ListeningService(Service):
     when the configuration asked for port 0.
     """
 
-    def __init__(self, description: str, factory, reactor, label: str = "") -> None:
+    def __init__(self, description: str, factory, reactor, label: str = "", backlog: int | None = None) -> None:
         self.description = description
+        # The listen queue, given to the endpoint (messages show ``description`` as written).
+        self.backlog = backlog
         self.factory = factory
         self._reactor = reactor
         self.label = label or description
@@ -92,7 +95,10 @@ class ListeningService(Service):
     def startService(self) -> None:
         super().startService()
         outcome: list = []
-        serverFromString(self._reactor, self.description).listen(self.factory).addBoth(outcome.append)
+        description = self.description
+        if self.backlog is not None:
+            description = with_backlog(description, self.backlog)
+        serverFromString(self._reactor, description).listen(self.factory).addBoth(outcome.append)
         if not outcome:
             raise RuntimeError(f"listening on {self.description!r} did not complete at start-up")
         if isinstance(outcome[0], Failure):
@@ -222,14 +228,33 @@ def build_service(config: Config, reactor=None, *, connector: ShardConnector | N
             access=root.access_log,
             refusal_lines=root.refusal_lines,
         )
+        limits = AdmissionLimits(listener.max_connections, listener.per_source, reactor)
+        if limits.enabled:
+            context.limits = limits
         factory = ProxyFactory(context)
         root.factories[listener.name] = factory
         port_service = ListeningService(
-            listener.listen, factory, reactor, label=f"listener {listener.name!r}"
+            listener.listen, factory, reactor, label=f"listener {listener.name!r}", backlog=listener.backlog
         )
         port_service.setName(f"listener:{listener.name}")
         port_service.setServiceParent(root)
     return root
+
+
+#: Server endpoint types whose parsers take a ``backlog=`` option.
+_BACKLOG_ENDPOINTS = frozenset({"tcp", "tcp6", "ssl", "unix"})
+
+
+def with_backlog(description: str, backlog: int) -> str:
+    """
+    ``description`` with the listener's ``backlog`` as the endpoint's
+    ``backlog=`` option, for the endpoint types that take one; a
+    ``backlog=`` written in the endpoint string itself is kept as written.
+    """
+    kind = description.split(":", 1)[0].strip().lower()
+    if kind not in _BACKLOG_ENDPOINTS or "backlog=" in description:
+        return description
+    return f"{description}:backlog={backlog}"
 
 
 def makeService(options: Options, reactor=None) -> ProxyService:

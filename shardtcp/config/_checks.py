@@ -30,9 +30,6 @@ TokenSizer = Callable[..., int]
 NOT_YET_AVAILABLE: dict[tuple[str, str], Any] = {
     ("proxy", "workers"): 1,
     ("proxy", "drain_timeout"): 30.0,
-    ("listener", "max_connections"): 0,
-    ("listener", "backlog"): 1024,
-    ("listener", "per_source"): PerSourceConfig(),
     ("service", "shard_key"): "none",
     ("service", "bounded_load"): 1.25,
     ("service", "owners"): (),
@@ -120,9 +117,25 @@ def health_trust_notes(config: Config) -> list[str]:
     return notes
 
 
+def check_per_source(reader: Reader, config: Config) -> None:
+    """
+    ``per_source`` is counted at accept, before a byte is read: on an
+    ``accept_proxy`` listener that is the load balancer's address, which
+    would put every client under one limit.  Refuse the combination.
+    """
+    for index, listener in enumerate(config.listeners):
+        if listener.accept_proxy and listener.per_source != PerSourceConfig():
+            reader.add(
+                f"listener[{index}].per_source",
+                "not available with accept_proxy = true (it would count the load balancer's address, "
+                "not the clients'); use max_connections, or limit per source at the load balancer",
+            )
+
+
 def run_checks(reader: Reader, config: Config, token_size: Optional[TokenSizer]) -> None:
     """Every cross-table check, in a fixed order."""
     check_listener_routes(reader, config)
+    check_per_source(reader, config)
     check_not_yet_available(reader, config)
     check_signing_jwks(reader, config.signing)
     check_token_sizes(

@@ -83,6 +83,10 @@ _TOKENS = [(b"CONNECT ", "connect"), (b"SHARD ", "line")] + [
 ]
 
 
+#: The methods that read an HTTP request.
+_HTTP_IDENTIFY = frozenset({"connect", "http-host"})
+
+
 def _classify(prefix: bytes, allowed: Sequence[str]) -> Optional[str]:
     """
     Which of the ``allowed`` methods the first bytes belong to: a method
@@ -115,6 +119,10 @@ class Detector:
         self._max_preamble = max_preamble
         self._buffer = b""
         self._method = None
+        # A port that speaks only HTTP answers anything else as HTTP does
+        # (400), like HAProxy and Squid; elsewhere unknown bytes get a close.
+        http_only = bool(self._allowed) and set(self._allowed) <= _HTTP_IDENTIFY
+        self._undecided = AnswerProtocol.HTTP if http_only else AnswerProtocol.NONE
 
     @property
     def protocol(self) -> AnswerProtocol:
@@ -122,7 +130,9 @@ class Detector:
         How to answer a refusal at this point (a peek timeout, an early
         close): the chosen method's protocol, ``NONE`` while undecided.
         """
-        return self._method.protocol if self._method is not None else AnswerProtocol.NONE
+        if self._method is not None:
+            return self._method.protocol
+        return self._undecided
 
     def feed(self, data: bytes) -> Optional[Identified]:
         """Feed bytes; return the identification once known, else None."""
@@ -135,7 +145,7 @@ class Detector:
                 raise IdentifyError(
                     "not_tls" if self._allowed == ("sni",) else "unrecognized",
                     _describe_unexpected(self._buffer, self._allowed),
-                    AnswerProtocol.NONE,
+                    self._undecided,
                 )
             factory = METHODS[kind]
             limit = self._max_client_hello if kind == "sni" else self._max_preamble

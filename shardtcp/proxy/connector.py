@@ -13,6 +13,8 @@ tries a connection's candidates one after the other until one answers.
 
 from __future__ import annotations
 
+import errno
+import os
 from typing import Callable, Optional, Sequence
 
 from twisted.internet import defer
@@ -31,6 +33,36 @@ class ShardConnectFailed(Exception):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class ProxyConnectFailed(ShardConnectFailed):
+    """
+    A connection attempt failed because of the proxy itself (out of file
+    descriptors, buffers, memory or local ports), not because of the shard:
+    it must not count against the shard.  ``kind`` is a metrics label.
+    """
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__("proxy_" + kind, message)
+        self.kind = kind
+
+
+#: errno of a local failure -> the ``ProxyConnectFailed`` kind.
+PROXY_ERRNOS = {
+    errno.EMFILE: "fds",
+    errno.ENFILE: "fds",
+    errno.ENOBUFS: "memory",
+    errno.ENOMEM: "memory",
+    errno.EADDRNOTAVAIL: "ports",
+}
+
+
+def proxy_errno(value: BaseException) -> Optional[int]:
+    """The errno of ``value`` when it is one of the proxy's own failures."""
+    number = getattr(value, "osError", None)  # Twisted's ConnectError
+    if number is None and isinstance(value, OSError):
+        number = value.errno
+    return number if number in PROXY_ERRNOS else None
 
 
 class IShardConnector(Interface):
@@ -83,6 +115,9 @@ class ShardConnector:
 def _classify(failure):
     if failure.check(ShardConnectFailed):
         return failure
+    number = proxy_errno(failure.value)
+    if number is not None:
+        raise ProxyConnectFailed(PROXY_ERRNOS[number], f"the proxy's own socket failed: {os.strerror(number)}")
     if failure.check(ConnectionRefusedError):
         raise ShardConnectFailed("refused", "connection refused")
     if failure.check(defer.TimeoutError, TxTimeoutError, defer.CancelledError):
@@ -136,6 +171,17 @@ class InOrder:
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.cancel()
+
+    def advance(self) -> None:
+        """
+        Give up on the candidate that succeeded (its shard closed without
+        answering) and try the next, or report ``exhausted``.
+        """
+        self._index += 1
+        if self._index < len(self._candidates):
+            self._next()
+        else:
+            self._exhausted(self._candidates)
 
     def _next(self) -> None:
         candidate = self._candidates[self._index]

@@ -26,6 +26,7 @@ from shardtcp.net import format_address
 from shardtcp.policy import PolicySigner, new_connection_id
 from shardtcp.proxy.accesslog import AccessLog, RefusalLimiter
 from shardtcp.proxy.connector import IShardConnector
+from shardtcp.proxy.limits import AdmissionLimits
 from shardtcp.proxy.tls import ServerTLS
 from shardtcp.resolver.interfaces import IResolver
 from shardtcp.upstream import UpstreamTLS
@@ -62,6 +63,8 @@ class ListenerContext:
     def __attrs_post_init__(self) -> None:
         if self.refusal_lines is None:
             self.refusal_lines = RefusalLimiter(self.clock)
+    # max_connections and per_source, checked by the factory at accept
+    limits: Optional[AdmissionLimits] = None
 
     @property
     def terminates(self) -> bool:
@@ -86,12 +89,16 @@ class ListenerContext:
         """The connection counted as ``before`` goes on as ``after``."""
         self.connections.discard(before)
         self.connections.add(after)
+        if self.limits is not None:
+            self.limits.moved(before, after)
 
     def closed(self, protocol: object) -> None:
         """``protocol``'s client connection is gone (counted once)."""
         if protocol in self.connections:
             self.connections.discard(protocol)
             self.metrics.active.labels(self.config.name).dec()
+        if self.limits is not None:
+            self.limits.release(protocol)
 
     def refused(self, connection_id: str, client: Optional[tuple], reason: str, message: str) -> bool:
         """

@@ -21,23 +21,30 @@ from __future__ import annotations
 from typing import Optional
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener
+from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from shardtcp.net import address_pair, format_address
 from shardtcp.policy import PolicyTooLarge, TLSFacts
-from shardtcp.proxy.connector import InOrder, ShardConnectFailed
+from shardtcp.proxy.connector import InOrder, ProxyConnectFailed, ShardConnectFailed
 from shardtcp.proxy.context import ListenerContext, log
 from shardtcp.proxy.header import build_header
 from shardtcp.proxy.inbound import ProxyHeaderFactory
+from shardtcp.proxy.limits import LISTENER_FULL, SOURCE_CONNECTIONS, SOURCE_RATE
 from shardtcp.proxy.machine import ConnectionMachine, IConnectionEffects, State
 from shardtcp.proxy.splice import DOWNSTREAM, UPSTREAM, Splice, SpliceSideMixin, SpliceStats
 from shardtcp.proxy.tls import handshake_facts
 from shardtcp.tlslayer import HalfCloseTLSFactory
 
-__all__ = ["ListenerContext", "ProxyConnection", "ProxyFactory", "UpstreamProtocol"]
+#: A connect timeout that fires later than this share of connect_timeout
+#: (and at least ``LATE_TIMEOUT_MIN`` seconds) after it was due is the
+#: busy proxy's fault, not the shard's.
+LATE_TIMEOUT = 0.25
+LATE_TIMEOUT_MIN = 0.25
+
+__all__ = ["LATE_TIMEOUT", "LATE_TIMEOUT_MIN", "ListenerContext", "ProxyConnection", "ProxyFactory", "UpstreamProtocol"]
 
 
 @implementer(IHandshakeListener)
@@ -53,6 +60,9 @@ class UpstreamProtocol(SpliceSideMixin, Protocol):
 
     _side = UPSTREAM
     _handshake: Optional[Deferred] = None
+    # The ProxyConnection to tell when the shard speaks first or closes
+    # without a byte (``empty_response``); None once it has spoken.
+    _watcher = None
 
     def connectionMade(self) -> None:
         _no_delay(self.transport)
@@ -72,14 +82,28 @@ class UpstreamProtocol(SpliceSideMixin, Protocol):
             d.callback(self)
 
     def dataReceived(self, data: bytes) -> None:
+        watcher = self._watcher
+        if watcher is not None:
+            self._watcher = None
+            watcher._shard_spoke(self)
         if self._splice is not None:
             self._splice.data(UPSTREAM, data)
+
+    def readConnectionLost(self) -> None:
+        watcher = self._watcher
+        if watcher is not None and watcher._shard_silent(self):
+            return
+        SpliceSideMixin.readConnectionLost(self)
 
     def connectionLost(self, reason) -> None:
         d, self._handshake = self._handshake, None
         if d is not None:
             d.errback(reason)
-        elif self._splice is not None:
+            return
+        watcher = self._watcher
+        if watcher is not None and watcher._shard_silent(self):
+            return
+        if self._splice is not None:
             self._splice.lost(UPSTREAM, reason)
 
 
@@ -171,6 +195,10 @@ class ProxyConnection(SpliceSideMixin, Protocol):
         #: purpose (``drain``, ``shutdown``): set before closing it, the
         #: access line says it instead of the side that closed.
         self.end_reason: Optional[str] = None
+        self._client_closed = False
+        self._candidate = None
+        # bytes written to the shard with the header (held while peeking)
+        self._held_up = 0
 
     @property
     def state(self) -> str:
@@ -235,6 +263,7 @@ class ProxyConnection(SpliceSideMixin, Protocol):
 
     def _client_eof(self) -> None:
         if self._splice is not None:
+            self._client_closed = True
             self._splice.read_closed(DOWNSTREAM)
         else:
             self.machine.eof()
@@ -348,12 +377,22 @@ class ProxyConnection(SpliceSideMixin, Protocol):
         )
         # Bytes the client sent with its preamble (after a SHARD line, a
         # CONNECT request) went to the shard above: they are bytes up.
-        splice.stats.bytes_up = len(payload)
+        splice.stats.bytes_up = self._held_up = len(payload)
         self._splice = splice
         upstream.attach(splice)
-        self._attempts = None
         ctx.metrics.spliced.labels(ctx.config.name, self.machine.service, self._shard).inc()
         splice.start()
+        if self.machine.holds_bytes and not client_eof:
+            # Until the shard's first byte, an empty close may be retried:
+            # the shard's transport must not stop the client when it is
+            # lost (Twisted stops a lost transport's producer before its
+            # protocol hears of it), so it gets the client through a shim.
+            upstream._watcher = self
+            up = upstream.transport
+            up.unregisterProducer()
+            up.registerProducer(_WatchedClient(self._client, upstream), True)
+        else:
+            self._attempts = None
         if client_eof:
             splice.read_closed(DOWNSTREAM)
         self._client.resumeProducing()
@@ -431,6 +470,23 @@ class ProxyConnection(SpliceSideMixin, Protocol):
             return False
         ctx = self._ctx
         shard = candidate.shard
+        fault = self._proxy_fault(failure)
+        if fault is not None:
+            kind, why = fault
+            # Not the shard's failure: no record_connect_result, no ejection.
+            ctx.metrics.proxy_errors.labels(kind).inc()
+            log.error(
+                "connection {id}: the proxy itself failed to reach shard {shard} ({address}): {why}; "
+                "not counted against the shard",
+                id=self.connection_id,
+                shard=shard.shard_id,
+                address=str(shard.address),
+                why=why,
+                proxy_fault=kind,
+            )
+            self._attempts = None
+            self.machine.overloaded(f"the proxy is overloaded ({kind}): {why}")
+            return False
         ctx.resolver.record_connect_result(shard.shard_id, False)
         reason = getattr(failure.value, "reason", "error")
         ctx.metrics.upstream_failures.labels(self.machine.service, shard.shard_id, reason).inc()
@@ -441,6 +497,72 @@ class ProxyConnection(SpliceSideMixin, Protocol):
             address=str(shard.address),
             why=failure.getErrorMessage(),
         )
+        return True
+
+    def _proxy_fault(self, failure: Failure) -> Optional[tuple]:
+        """
+        ``(kind, why)`` when a failed attempt is the proxy's own fault: an
+        errno of the proxy's own socket (``ProxyConnectFailed``), or a
+        connect timeout that fired late (``timeout_late``): more than
+        ``LATE_TIMEOUT`` (a share of connect_timeout, at least
+        ``LATE_TIMEOUT_MIN``) after it was due.  A timer runs late only when
+        the reactor was too busy to run it, and then it was too busy to see
+        the shard's answer too; a timeout on time counts against the shard.
+        """
+        value = failure.value
+        if isinstance(value, ProxyConnectFailed):
+            return value.kind, str(value)
+        if getattr(value, "reason", None) == "timeout":
+            timeout = self._ctx.config.connect_timeout
+            late = self._ctx.clock.seconds() - self._attempt_started - timeout
+            if late > max(LATE_TIMEOUT_MIN, LATE_TIMEOUT * timeout):
+                return "timeout_late", f"connect timeout fired {late:.3f}s late: the proxy was too busy"
+        return None
+
+    def _shard_spoke(self, upstream: UpstreamProtocol) -> None:
+        """The shard's first byte: no retry from now on; couple it to the client directly."""
+        self._attempts = None
+        self.machine.shard_spoke()
+        up = upstream.transport
+        up.unregisterProducer()
+        up.registerProducer(self._client, True)
+
+    def _shard_silent(self, upstream: UpstreamProtocol) -> bool:
+        """
+        The shard closed before sending a byte: when nothing of the client's
+        went after the held bytes (and it has not closed), undo the splice
+        and try the next candidate (as HAProxy's ``retry-on
+        empty-response``); the close counts as the shard's failure either
+        way.  False: the close goes on to the client as usual.
+        """
+        upstream._watcher = None
+        splice, attempts, candidate = self._splice, self._attempts, self._candidate
+        self._attempts = None
+        if splice is None or splice.stats.ended_by or splice.stats.bytes_up > self._held_up or self._client_closed:
+            # The proxy or the client ended it, or the client said more:
+            # an ordinary close, not the shard's failure.
+            return False
+        ctx = self._ctx
+        shard = candidate.shard
+        ctx.resolver.record_connect_result(shard.shard_id, False)
+        ctx.metrics.upstream_failures.labels(self.machine.service, shard.shard_id, "empty_response").inc()
+        if attempts is None or not self.machine.empty_response():
+            return False
+        log.warn(
+            "connection {id}: shard {shard} ({address}) closed before answering; trying the next shard",
+            id=self.connection_id,
+            shard=shard.shard_id,
+            address=str(shard.address),
+        )
+        splice.detach()
+        self._splice = None
+        self._upstream = None
+        upstream._splice = None
+        if upstream.transport is not None:
+            upstream.transport.abortConnection()
+        self._release_lease()
+        self._attempts = attempts
+        attempts.advance()
         return True
 
     def _exhausted(self, candidates) -> None:
@@ -464,6 +586,7 @@ class ProxyConnection(SpliceSideMixin, Protocol):
         self._connected_at = ctx.clock.seconds()
         self._shard = shard_id
         self._upstream = upstream
+        self._candidate = candidate
         machine.ready()
 
     def _abandon(self, upstream: UpstreamProtocol) -> None:
@@ -515,6 +638,31 @@ class ProxyConnection(SpliceSideMixin, Protocol):
         )
 
 
+@implementer(IPushProducer)
+class _WatchedClient:
+    """
+    The client transport as the producer of a shard that has not spoken
+    yet: pausing and resuming pass through; stopping waits until the shard's
+    protocol has decided whether its empty close is retried.
+    """
+
+    __slots__ = ("_client", "_upstream")
+
+    def __init__(self, client, upstream: UpstreamProtocol) -> None:
+        self._client = client
+        self._upstream = upstream
+
+    def pauseProducing(self) -> None:
+        self._client.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._client.resumeProducing()
+
+    def stopProducing(self) -> None:
+        if self._upstream._watcher is None:
+            self._client.stopProducing()
+
+
 def _no_delay(transport) -> None:
     """
     Turn Nagle's algorithm off: a relay must not hold a small segment back
@@ -526,6 +674,13 @@ def _no_delay(transport) -> None:
             set_no_delay(True)
         except OSError:
             pass
+
+
+_LIMIT_MESSAGES = {
+    LISTENER_FULL: "the listener is at max_connections; closed at accept",
+    SOURCE_CONNECTIONS: "the source is at per_source.max_connections; closed at accept",
+    SOURCE_RATE: "the source is over per_source.rate; closed at accept",
+}
 
 
 class ProxyFactory(Factory):
@@ -545,9 +700,29 @@ class ProxyFactory(Factory):
         self._front = ProxyHeaderFactory(context, self.behind_header) if context.config.accept_proxy else None
 
     def buildProtocol(self, addr):
+        limits = self.context.limits
+        if limits is not None:
+            return self._admitted(addr, limits)
         if self._front is not None:
             return self._front.buildProtocol(addr)
         return ProxyConnection(self.context)
+
+    def _admitted(self, addr, limits):
+        """
+        The protocol for a client ``limits`` admits, else None: Twisted then
+        closes the accepted socket at once, before reading a byte of it.
+        """
+        host = getattr(addr, "host", "")
+        reason = limits.admit(host)
+        if reason is not None:
+            self.context.refused("-", (host, getattr(addr, "port", 0)), reason, _LIMIT_MESSAGES[reason])
+            return None
+        if self._front is not None:
+            protocol = self._front.buildProtocol(addr)
+        else:
+            protocol = ProxyConnection(self.context)
+        limits.bind(protocol, host)
+        return protocol
 
     def behind_header(self, connection_id: str, accepted_at: float) -> ProxyConnection:
         """The connection that goes on once a PROXY header has been read."""

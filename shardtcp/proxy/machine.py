@@ -18,6 +18,8 @@ States (``State``)::
                          +-sni, terminate-> handshaking -handshake_done-+
 
     any state before spliced -refusal, timeout, eof while peeking, lost-> closed
+    spliced -empty_response (the shard closed before its first byte, the
+             client's bytes still held)-> connecting (the next candidate)
 
 The states and their transitions are written out by hand rather than with
 ``automat``: the machine hears five to eight events per connection, and an
@@ -51,6 +53,10 @@ __all__ = ["State", "IConnectionEffects", "MachineRules", "ConnectionMachine", "
 EARLY_DATA_ALLOWANCE = 262144
 
 
+#: What a listener with ``identify = []`` knows of every connection: nothing.
+UNIDENTIFIED = Identified(method="none", protocol="none")
+
+
 class State(enum.Enum):
     """Where a connection is in its life."""
 
@@ -67,7 +73,7 @@ _TRANSITIONS = {
     State.PEEKING: frozenset({State.HANDSHAKING, State.CONNECTING, State.CLOSED}),
     State.HANDSHAKING: frozenset({State.CONNECTING, State.CLOSED}),
     State.CONNECTING: frozenset({State.SPLICED, State.CLOSED}),
-    State.SPLICED: frozenset({State.CLOSED}),
+    State.SPLICED: frozenset({State.CONNECTING, State.CLOSED}),
     State.CLOSED: frozenset(),
 }
 
@@ -153,6 +159,7 @@ class ConnectionMachine:
         "_detector",
         "_client_eof",
         "_tls",
+        "_held",
     )
 
     def __init__(self, rules: MachineRules, effects: IConnectionEffects, client: tuple, destination: tuple) -> None:
@@ -170,6 +177,7 @@ class ConnectionMachine:
         self._detector: Optional[Detector] = None
         self._client_eof = False
         self._tls = False
+        self._held: Optional[bytes] = None
 
     def _go(self, state: State) -> None:
         if state not in _TRANSITIONS[self.state]:
@@ -200,6 +208,13 @@ class ConnectionMachine:
         config = rules.config
         self._detector = Detector(config.identify, max_client_hello=config.max_client_hello)
         self._go(State.PEEKING)
+        if not config.identify:
+            # Nothing to identify (identify = [] needs a default_service):
+            # connect at once; server-speaks-first protocols need it.
+            self._fx.cancel_timer()
+            self._fx.pause_client()
+            self.identified = UNIDENTIFIED
+            self._route(UNIDENTIFIED)
 
     def data(self, data: bytes) -> None:
         """Bytes from the client (plaintext, when its TLS is terminated)."""
@@ -284,6 +299,10 @@ class ConnectionMachine:
             self.answer_protocol,
         )
 
+    def overloaded(self, message: str) -> None:
+        """The proxy itself could not reach a shard (out of descriptors, ...)."""
+        self._refuse("proxy_overloaded", message, self.answer_protocol)
+
     def ready(self) -> None:
         """A shard is connected (and verified) and has its header: splice."""
         if self.state is not State.CONNECTING:
@@ -293,16 +312,50 @@ class ConnectionMachine:
             payload = payload[self.identified.consume :]
         reply = self.identified.reply_when_connected
         self._go(State.SPLICED)
+        # Until the shard sends its first byte, a shard that closes at once
+        # can be replaced (``empty_response``) as long as nothing has
+        # reached the client: keep what it sent (bounded by the peek).
+        self._held = b"".join(self._buffer) if not reply else None
         # What only the choice needed: keep idle connections small.
         self._buffer = []
         self._buffered = 0
         self._detector = None
         self._fx.splice(payload, reply, self._client_eof)
 
+    def shard_spoke(self) -> None:
+        """The shard sent its first byte: the connection is its for good."""
+        self._held = None
+
+    def empty_response(self) -> bool:
+        """
+        The shard closed before sending a byte, and the client has sent
+        nothing since the splice.  True when the held bytes allow another
+        candidate (the client is paused again and the machine is back in
+        ``connecting``: the adapter tries the next candidate, whose
+        ``ready`` splices the same bytes again); False when the close must
+        reach the client (nothing held: a reply already went out, or the
+        shard had spoken).
+        """
+        held = self._held
+        if self.state is not State.SPLICED or held is None:
+            return False
+        self._held = None
+        self._go(State.CONNECTING)
+        self._buffer = [held]
+        self._buffered = len(held)
+        self._fx.pause_client()
+        return True
+
     def finished(self) -> None:
         """The splice is done: both sides are closed."""
         if self.state is State.SPLICED:
+            self._held = None
             self._go(State.CLOSED)
+
+    @property
+    def holds_bytes(self) -> bool:
+        """Whether the bytes of an empty-response retry are held."""
+        return self._held is not None
 
     @property
     def connecting(self) -> bool:
@@ -422,6 +475,7 @@ class ConnectionMachine:
         fx.refuse(reason, message, answer)
 
     def _drop(self) -> None:
+        self._held = None
         self._buffer = []
         self._buffered = 0
 

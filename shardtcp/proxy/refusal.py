@@ -35,6 +35,8 @@ REASONS = {
     "shard_unreachable": (AlertDescription.internal_error, 503, "Service Unavailable"),
     "token_too_large": (AlertDescription.internal_error, 503, "Service Unavailable"),
     "internal": (AlertDescription.internal_error, 503, "Service Unavailable"),
+    # The proxy itself is out of file descriptors, memory or time.
+    "proxy_overloaded": (AlertDescription.internal_error, 503, "Service Unavailable"),
     "no_certificate": (AlertDescription.unrecognized_name, 404, "Not Found"),
     "untrusted_proxy": (None, 403, "Forbidden"),
     "bad_proxy_header": (None, 400, "Bad Request"),

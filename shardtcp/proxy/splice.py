@@ -163,6 +163,19 @@ class Splice:
                 _unregister(transport)
                 transport.abortConnection()
 
+    def detach(self) -> None:
+        """
+        Forget both sides without closing either (the owner takes them
+        back): undo the producer coupling, stop the idle timer, and never
+        call ``on_done``.
+        """
+        self._done = True
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
+        for transport in self._transports:
+            _unregister(transport)
+
     # -- internals --------------------------------------------------------
 
     def _close_both(self) -> None:

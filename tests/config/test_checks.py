@@ -56,16 +56,12 @@ class NotYetAvailableTests(_Helpers, SynchronousTestCase):
     OTHER = {
         ("proxy", "workers"): 2,
         ("proxy", "drain_timeout"): "10s",
-        ("listener", "max_connections"): 100,
-        ("listener", "backlog"): 128,
-        ("listener", "per_source"): {"max_connections": 10},
         ("service", "shard_key"): "client-ip",
         ("service", "bounded_load"): 2.0,
         ("service", "owners"): {"tenant-*": ["api-1"]},
     }
     DEFAULT = {
         ("proxy", "drain_timeout"): "30s",
-        ("listener", "per_source"): {"max_connections": 0, "rate": "0/s"},
     }
     PATH = {"listener": "listener[0]", "service": "service.api"}
 

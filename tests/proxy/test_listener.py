@@ -302,12 +302,15 @@ class SpliceTests(SynchronousTestCase):
         return h, protocol, transport, upstream, up
 
     def test_bytes_both_ways_and_producers(self) -> None:
-        """Each transport is the other's producer; bytes pass unchanged."""
+        """
+        Each transport is the other's producer (the client is the shard's
+        directly once the shard has spoken); bytes pass unchanged.
+        """
         h, protocol, transport, upstream, up = self.spliced()
         self.assertIs(transport.producer, up)
-        self.assertIs(up.producer, transport)
         protocol.dataReceived(b"ping")
         upstream.dataReceived(b"pong")
+        self.assertIs(up.producer, transport)
         self.assertEqual(up.value(), b"ping")
         self.assertEqual(transport.value(), b"pong")
 
@@ -327,11 +330,12 @@ class SpliceTests(SynchronousTestCase):
         self.assertTrue(up.disconnecting)
 
     def test_shard_dies(self) -> None:
-        """A shard that dies closes the client promptly and frees the lease."""
+        """A shard that dies (after answering) closes the client promptly and frees the lease."""
         h, protocol, transport, upstream, up = self.spliced()
         from twisted.internet.error import ConnectionLost
         from twisted.python.failure import Failure
 
+        upstream.dataReceived(b"answer")
         upstream.connectionLost(Failure(ConnectionLost()))
         self.assertTrue(transport.disconnecting)
         protocol.connectionLost(None)
