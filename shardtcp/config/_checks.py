@@ -29,7 +29,6 @@ TokenSizer = Callable[..., int]
 NOT_YET_AVAILABLE: dict[tuple[str, str], Any] = {
     ("proxy", "workers"): 1,
     ("proxy", "drain_timeout"): 30.0,
-    ("signing", "jwks"): None,
     ("listener", "max_connections"): 0,
     ("listener", "backlog"): 1024,
     ("listener", "per_source"): PerSourceConfig(),
@@ -123,9 +122,38 @@ def health_trust_notes(config: Config) -> list[str]:
     return notes
 
 
+def _on_loopback(description: str) -> bool:
+    """Whether a server endpoint description listens on loopback (or a UNIX socket) only."""
+    from shardtcp.config._endpoints import split_endpoint
+    from shardtcp.net import parse_ip
+
+    try:
+        parts = split_endpoint(description)
+    except ValueError:
+        return True  # reported as a bad endpoint already
+    if parts.kind == "unix":
+        return True
+    address = parse_ip(parts.interface())
+    return address is not None and address.is_loopback
+
+
+def check_admin_exposure(reader: Reader, config: Config) -> None:
+    """An admin endpoint beyond loopback needs a token (SPEC section 6)."""
+    admin = config.admin
+    if admin is None or admin.token_file or not admin.listen:
+        return
+    if not _on_loopback(admin.listen):
+        reader.add(
+            "admin.token_file",
+            f"required when admin.listen ({admin.listen}) is not on loopback: "
+            "anyone who reaches it could drain shards and reload",
+        )
+
+
 def run_checks(reader: Reader, config: Config, token_size: Optional[TokenSizer]) -> None:
     """Every cross-table check, in a fixed order."""
     check_listener_routes(reader, config)
+    check_admin_exposure(reader, config)
     check_not_yet_available(reader, config)
     check_token_sizes(
         reader, config.proxy, config.signing, config.services, config.listeners, token_size

@@ -51,6 +51,14 @@ class ListenerContext:
     new_id: Callable[[], str] = new_connection_id
     server_tls: Optional[ServerTLS] = None  # terminate listeners
     upstream_tls: UpstreamTLS = attrs.field(factory=UpstreamTLS)
+    # this listener's accepted/active series, bound once (not per connection)
+    _accepted: object = attrs.field(init=False, default=None, repr=False)
+    _active: object = attrs.field(init=False, default=None, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        name = self.config.name
+        self._accepted = self.metrics.accepted.labels(name)
+        self._active = self.metrics.active.labels(name)
 
     @property
     def terminates(self) -> bool:
@@ -67,9 +75,8 @@ class ListenerContext:
     def opened(self, protocol: object) -> None:
         """A client connection was accepted; ``protocol`` holds it."""
         self.connections.add(protocol)
-        name = self.config.name
-        self.metrics.accepted.labels(name).inc()
-        self.metrics.active.labels(name).inc()
+        self._accepted.inc()
+        self._active.inc()
 
     def handed_over(self, before: object, after: object) -> None:
         """The connection counted as ``before`` goes on as ``after``."""
@@ -80,7 +87,7 @@ class ListenerContext:
         """``protocol``'s client connection is gone (counted once)."""
         if protocol in self.connections:
             self.connections.discard(protocol)
-            self.metrics.active.labels(self.config.name).dec()
+            self._active.dec()
 
     def refused(self, connection_id: str, client: Optional[tuple], reason: str, message: str) -> None:
         """Count and log a refusal."""

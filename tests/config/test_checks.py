@@ -56,7 +56,6 @@ class NotYetAvailableTests(_Helpers, SynchronousTestCase):
     OTHER = {
         ("proxy", "workers"): 2,
         ("proxy", "drain_timeout"): "10s",
-        ("signing", "jwks"): "keys/jwks.json",
         ("listener", "max_connections"): 100,
         ("listener", "backlog"): 128,
         ("listener", "per_source"): {"max_connections": 10},
