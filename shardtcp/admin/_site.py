@@ -29,6 +29,9 @@ from shardtcp.admin._reading import (
 )
 from shardtcp.model import ConnectionRequest
 
+#: Seconds an idle admin connection is kept (Twisted's default is 12 hours).
+ADMIN_IDLE_TIMEOUT = 30
+
 #: The client address the page scores shards for: in no ``[geo]`` network,
 #: so the proxy's own place stands for the client.
 PAGE_VIEWPOINT = "0.0.0.0"
@@ -132,7 +135,7 @@ def build_admin_site(
     root.putChild(b".well-known", _WellKnown(jwks))
     root.putChild(b"shards", ShardsResource(resolver, guard, metrics))
     root.putChild(b"reload", ReloadResource(reloader, guard, metrics))
-    site = AdminSite(root, reactor=reactor)
+    site = AdminSite(root, reactor=reactor, timeout=ADMIN_IDLE_TIMEOUT)
     site.displayTracebacks = False
     return site
 

@@ -162,3 +162,58 @@ class ServiceTests(SynchronousTestCase):
         config = self.config({"listen": "tcp:9901:interface=127.0.0.1", "token_file": "missing.token"})
         with self.assertRaises(AdminError):
             build_admin_service(config, MemoryReactorClock(), resolver=None, metrics=None)
+
+
+class IdleTimeoutTests(SynchronousTestCase):
+    """The admin site drops idle connections."""
+
+    def test_idle_connection_closed(self) -> None:
+        """A connection that sends nothing is closed after ADMIN_IDLE_TIMEOUT seconds, not before."""
+        from twisted.internet.testing import StringTransport
+
+        from shardtcp.admin._site import ADMIN_IDLE_TIMEOUT
+        from tests.admin.support import AdminFixture
+
+        admin = AdminFixture()
+        transport = StringTransport()
+        channel = admin.site.buildProtocol(None)
+        channel.makeConnection(transport)
+        admin.clock.advance(ADMIN_IDLE_TIMEOUT - 0.1)
+        self.assertFalse(transport.disconnecting)
+        admin.clock.advance(0.2)
+        self.assertTrue(transport.disconnecting)
+
+
+class MakeServiceTests(SynchronousTestCase):
+    """twistd's entry point with an unusable admin token."""
+
+    def test_empty_token_file(self) -> None:
+        """An empty token file stops start-up with one line on stderr and exit status 1, no traceback."""
+        import io
+        from contextlib import redirect_stderr
+
+        from shardtcp.tap import Options, makeService
+
+        folder = os.path.abspath(self.mktemp())
+        keys = generate_keypair(os.path.join(folder, "keys"), kid="policy-1")
+        with open(os.path.join(folder, "admin.token"), "w") as f:
+            f.write("\n")
+        path = os.path.join(folder, "shardtcp.toml")
+        with open(path, "w") as f:
+            f.write(
+                f'[proxy]\nid = "edge-1"\n[signing]\nprivate_key = "{keys.private_key}"\nkid = "policy-1"\n'
+                '[[listener]]\nname = "edge"\nlisten = "tcp:0:interface=127.0.0.1"\n'
+                '[service.api]\nnames = ["api.example.test"]\n'
+                '[[service.api.shard]]\nid = "api-1"\naddress = "127.0.0.1:9001"\n'
+                '[admin]\nlisten = "tcp:0:interface=127.0.0.1"\ntoken_file = "admin.token"\n'
+            )
+        options = Options()
+        options.parseOptions(["--config", path])
+        err = io.StringIO()
+        with redirect_stderr(err), self.assertRaises(SystemExit) as caught:
+            makeService(options, MemoryReactorClock())
+        self.assertEqual(caught.exception.code, 1)
+        self.assertEqual(
+            err.getvalue(),
+            f"shardtcp: admin.token_file: {os.path.join(folder, 'admin.token')} is empty\nshardtcp: not starting\n",
+        )

@@ -16,13 +16,13 @@ import sys
 import time
 import urllib.request
 
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import protocol, reactor
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from shardtcp.keys import load_jwks
 from tests.e2e import harness as e2e
-from tests.e2e.harness import FRANKFURT, NEW_YORK, SERVICE_NAME, Deployment, listener_toml, service_toml
+from tests.e2e.harness import FRANKFURT, NEW_YORK, Deployment, listener_toml, service_toml
 
 TOKEN = "e2e-admin-token-0123456789"
 _STARTING = re.compile(rb"(ProxyFactory|shardtcp-admin) starting on (\d+)")
