@@ -192,7 +192,10 @@ def build_service(config: Config, reactor=None, *, connector: ShardConnector | N
         )
         port_service.setName(f"listener:{listener.name}")
         port_service.setServiceParent(root)
-    admin = build_admin_service(config, reactor, resolver=resolver, metrics=metrics)
+    admin = build_admin_service(
+        config, reactor, resolver=resolver, metrics=metrics,
+        feeds=intel.status if intel is not None else None,
+    )
     if admin is not None:
         admin.setServiceParent(root)
     return root
@@ -206,12 +209,14 @@ def build_admin_service(
     metrics: ProxyMetrics,
     serving=None,
     reloader=None,
+    feeds=None,
 ) -> ListeningService | None:
     """
     The admin site listening on ``[admin].listen`` (None without
     ``[admin]``).  ``serving()`` says whether the proxy takes new
     connections (``/ready``; always True when not given); ``reloader`` is
-    the ``shardtcp.admin.IReloader`` behind ``POST /reload``.  Raises
+    the ``shardtcp.admin.IReloader`` behind ``POST /reload``; ``feeds()``
+    the threat feeds' status shown in ``/status``.  Raises
     ``shardtcp.admin.AdminError`` when the token or JWKS file is unusable.
     """
     if config.admin is None:
@@ -224,6 +229,7 @@ def build_admin_service(
         metrics=metrics,
         serving=serving if serving is not None else (lambda: True),
         reloader=reloader,
+        feeds=feeds,
     )
     service = ListeningService(config.admin.listen, site, reactor, label="admin")
     service.setName("admin")

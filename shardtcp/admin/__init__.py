@@ -88,8 +88,12 @@ def admin_site_for(
     metrics,
     serving: Callable[[], bool],
     reloader: Optional[IReloader] = None,
+    feeds: Optional[Callable[[], dict]] = None,
 ) -> AdminSite:
-    """The admin site of a configuration that has an ``[admin]`` table."""
+    """
+    The admin site of a configuration that has an ``[admin]`` table;
+    ``feeds`` is the threat feeds' ``status`` when feeds are configured.
+    """
     admin = config.admin
     token = read_token(admin.token_file) if admin.token_file else None
     listeners: Sequence[ListenerView] = tuple(
@@ -103,4 +107,5 @@ def admin_site_for(
         jwks=jwks_for(config.signing),
         token=token,
         listeners=listeners,
+        feeds=feeds,
     )

@@ -6,7 +6,7 @@ The read-only admin resources: ``/metrics``, ``/status``, ``/ready``,
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -56,11 +56,14 @@ class StatusResource(Leaf):
         return as_json(request, self._document())
 
 
-def status_document(resolver, metrics, listeners, serving: Callable[[], bool]) -> dict:
+def status_document(
+    resolver, metrics, listeners, serving: Callable[[], bool], feeds: Optional[Callable[[], dict]] = None
+) -> dict:
     """
     ``/status``: ``render_status`` of the resolver's snapshot, plus the
     listeners with their counters, refusals by reason, drain state,
-    workers and registry freshness.
+    workers, registry freshness and, when given, the threat feeds'
+    status (``feeds()``, under ``"threat_intel"``).
     """
     document = render_status(resolver.snapshot())
     refusals = metrics.refusals()
@@ -80,6 +83,8 @@ def status_document(resolver, metrics, listeners, serving: Callable[[], bool]) -
     document["draining"] = not serving
     document["workers"] = 1
     document["registry"] = {"kind": "static", "stale": False}
+    if feeds is not None:
+        document["threat_intel"] = feeds()
     return document
 
 

@@ -110,6 +110,7 @@ def build_admin_site(
     jwks: bytes,
     token: Optional[bytes],
     listeners: Sequence[ListenerView] = (),
+    feeds: Optional[Callable[[], dict]] = None,
     reactor=None,
 ) -> AdminSite:
     """
@@ -117,14 +118,15 @@ def build_admin_site(
     ``serving()`` is True while the proxy takes new connections;
     ``reloader`` (an ``IReloader``) may be None, then ``/reload`` says it
     is not available.  ``token`` None makes the interface read-only.
-    ``reactor`` is the HTTP layer's (timeouts, dates); the global one when
+    ``feeds()``, when given, is the threat feeds' status shown in
+    ``/status``.  ``reactor`` is the HTTP layer's (timeouts, dates); the global one when
     not given.
     """
     guard = Guard(token)
     listeners = tuple(listeners)
 
     def document() -> dict:
-        return status_document(resolver, metrics, listeners, serving)
+        return status_document(resolver, metrics, listeners, serving, feeds)
 
     page = PageResource(document, lambda: page_scores(resolver))
     root = AdminRoot(page)

@@ -61,7 +61,7 @@ class FakeReloader:
 class AdminFixture:
     """A resolver with shards api-fra-1 and api-nyc-1, metrics, and the admin site over them."""
 
-    def __init__(self, *, token: Optional[bytes] = TOKEN, reloader=None) -> None:
+    def __init__(self, *, token: Optional[bytes] = TOKEN, reloader=None, feeds=None) -> None:
         self.clock = MemoryReactorClock()
         self.clock.advance(1_800_000_000)
         self.config = make_config(
@@ -83,6 +83,7 @@ class AdminFixture:
             jwks=JWKS,
             token=token,
             listeners=(ListenerView(name="edge", listen="tcp:8443:interface=127.0.0.1", mode="passthrough"),),
+            feeds=feeds,
             reactor=self.clock,
         )
 

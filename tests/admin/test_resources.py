@@ -84,6 +84,13 @@ class ReadingTests(SynchronousTestCase):
         document = self.admin.request("GET", "/status").json()
         self.assertEqual((document["ready"], document["draining"]), (False, True))
 
+    def test_status_feeds(self) -> None:
+        """With a feeds status source, /status carries it under threat_intel; without, the key is absent."""
+        self.assertNotIn("threat_intel", self.admin.request("GET", "/status").json())
+        admin = AdminFixture(feeds=lambda: {"on_expiry": "baseline", "sources": []})
+        self.assertEqual(admin.request("GET", "/status").json()["threat_intel"],
+                         {"on_expiry": "baseline", "sources": []})
+
     def test_ready(self) -> None:
         """/ready is 200 while serving and 503 while draining."""
         self.assertEqual(self.admin.request("GET", "/ready").code, 200)
