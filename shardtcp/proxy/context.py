@@ -54,6 +54,7 @@ class ListenerContext:
     # this listener's accepted/active series, bound once (not per connection)
     _accepted: object = attrs.field(init=False, default=None, repr=False)
     _active: object = attrs.field(init=False, default=None, repr=False)
+    _refused: dict = attrs.field(init=False, factory=dict, repr=False)  # reason -> bound child
 
     def __attrs_post_init__(self) -> None:
         name = self.config.name
@@ -78,6 +79,13 @@ class ListenerContext:
         self._accepted.inc()
         self._active.inc()
 
+    def _count_refusal(self, reason: str) -> None:
+        # Reasons are a fixed vocabulary, so the cache stays small.
+        child = self._refused.get(reason)
+        if child is None:
+            child = self._refused[reason] = self.metrics.rejected.labels(self.config.name, reason)
+        child.inc()
+
     def handed_over(self, before: object, after: object) -> None:
         """The connection counted as ``before`` goes on as ``after``."""
         self.connections.discard(before)
@@ -91,7 +99,7 @@ class ListenerContext:
 
     def refused(self, connection_id: str, client: Optional[tuple], reason: str, message: str) -> None:
         """Count and log a refusal."""
-        self.metrics.rejected.labels(self.config.name, reason).inc()
+        self._count_refusal(reason)
         log.info(
             "connection {id} from {client} refused ({reason}): {message}",
             id=connection_id,
@@ -102,7 +110,7 @@ class ListenerContext:
 
     def gone_early(self, connection_id: str, client: Optional[tuple], state: str) -> None:
         """Count and log a client that left before being spliced."""
-        self.metrics.rejected.labels(self.config.name, "client_gone").inc()
+        self._count_refusal("client_gone")
         log.info(
             "connection {id} from {client} closed by the client while {state}",
             id=connection_id,
