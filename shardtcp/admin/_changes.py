@@ -50,7 +50,7 @@ class ShardsResource(Leaf):
 
 
 def _known(resolver, shard_id: str) -> bool:
-    return any(s.shard_id == shard_id for service in resolver.snapshot().services for s in service.shards)
+    return any(shard.id == shard_id for service in resolver.services() for shard in service.shards)
 
 
 class ShardResource(Leaf):

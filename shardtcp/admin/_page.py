@@ -17,6 +17,9 @@ from typing import Mapping
 #: Seconds between the page's own refreshes.
 REFRESH_SECONDS = 3
 
+#: Circles drawn per region (the busiest shards); the rest are counted.
+SVG_SHARDS_PER_REGION = 12
+
 _STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222;background:#fafafa}
 h1{font-size:1.4em;margin:0 0 .2em}h2{font-size:1.1em;margin:1.4em 0 .4em}
@@ -131,14 +134,22 @@ def _refusals(document: Mapping) -> list[str]:
 def traffic_svg(document: Mapping) -> str:
     """
     Where traffic goes: one column per region, one circle per shard whose
-    area grows with its open connections, coloured by health.
+    area grows with its open connections, coloured by health.  At most
+    ``SVG_SHARDS_PER_REGION`` circles per region, the busiest first.
     """
     regions: dict[str, list] = {}
     for service in document.get("services", {}).values():
         for shard_id, shard in service["shards"].items():
             regions.setdefault(shard.get("region") or "(no region)", []).append((shard_id, shard))
+    totals = {region: sum(int(s["open_connections"]) for _, s in shards) for region, shards in regions.items()}
+    hidden: dict[str, int] = {}
+    for region, shards in regions.items():
+        if len(shards) > SVG_SHARDS_PER_REGION:
+            shards.sort(key=lambda item: -int(item[1]["open_connections"]))
+            hidden[region] = len(shards) - SVG_SHARDS_PER_REGION
+            del shards[SVG_SHARDS_PER_REGION:]
     column, row, top = 170, 70, 40
-    tallest = max((len(v) for v in regions.values()), default=0)
+    tallest = max((len(v) for v in regions.values()), default=0) + (1 if hidden else 0)
     width = max(column * len(regions), column)
     height = top + row * max(tallest, 1) + 10
     most = max((s["open_connections"] for v in regions.values() for _, s in v), default=0) or 1
@@ -148,7 +159,7 @@ def traffic_svg(document: Mapping) -> str:
     ]
     for index, (region, shards) in enumerate(sorted(regions.items())):
         x = index * column + column // 2
-        total = sum(int(s["open_connections"]) for _, s in shards)
+        total = totals[region]
         parts.append(
             f'<text x="{x}" y="16" text-anchor="middle" font-weight="600">{_e(region)}</text>'
             f'<text x="{x}" y="32" text-anchor="middle" font-size="11">{total} open</text>'
@@ -164,6 +175,9 @@ def traffic_svg(document: Mapping) -> str:
                 f"{open_now} open</title></circle>"
                 f'<text x="{x}" y="{y + 4}" font-size="11">{_e(shard_id)} ({open_now})</text>'
             )
+        if region in hidden:
+            y = top + row * len(shards) + row // 2
+            parts.append(f'<text x="{x}" y="{y}" text-anchor="middle" font-size="11">and {hidden[region]} more</text>')
     parts.append("</svg>")
     return "".join(parts)
 

@@ -86,3 +86,23 @@ class PageTests(SynchronousTestCase):
         self.assertIn('data-shard="a" data-open="9" cx="55" cy="75" r="26.0" fill="#2e8b57"', svg)
         self.assertIn('data-shard="c" data-open="1" cx="55" cy="145" r="11.3"', svg)
         self.assertIn('data-shard="b" data-open="0" cx="225" cy="75" r="4.0" fill="#b00020"', svg)
+
+
+class SVGBoundTests(SynchronousTestCase):
+    """The traffic picture stays bounded with many shards."""
+
+    def test_busiest_drawn(self) -> None:
+        """With one shard more than SVG_SHARDS_PER_REGION, the idlest is left out and counted."""
+        from shardtcp.admin._page import SVG_SHARDS_PER_REGION
+
+        shards = {f"s{i:02d}": _shard(open_connections=i + 1) for i in range(SVG_SHARDS_PER_REGION + 1)}
+        svg = traffic_svg(_document(shards))
+        self.assertEqual(svg.count("<circle"), SVG_SHARDS_PER_REGION)
+        self.assertNotIn('data-shard="s00"', svg)
+        self.assertIn('data-shard="s01"', svg)
+        self.assertIn(">and 1 more</text>", svg)
+        self.assertIn(f">{sum(range(1, SVG_SHARDS_PER_REGION + 2))} open</text>", svg)
+        exact = {k: v for k, v in list(shards.items())[:SVG_SHARDS_PER_REGION]}
+        svg = traffic_svg(_document(exact))
+        self.assertEqual(svg.count("<circle"), SVG_SHARDS_PER_REGION)
+        self.assertNotIn("more</text>", svg)
