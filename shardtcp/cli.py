@@ -3,7 +3,7 @@ The ``shardtcp`` command: everything an operator does besides running the
 proxy (``twistd shardtcp``).
 
 Subcommands: ``check-config``, ``keygen``, ``explain``, ``decode-header``,
-``sign-feed``, ``init-example``, ``example-shards`` and ``demo``.  Each
+``sign-feed``, ``init-example``, ``example-shards``, ``demo`` and ``ctl``.  Each
 returns an exit status; none prints a traceback for bad input.
 """
 
@@ -319,6 +319,77 @@ def _cmd_demo(args) -> int:
     return run_demo(port=args.port, workdir=args.workdir, check=args.check)
 
 
+#: ``shardtcp ctl`` actions and the arguments each takes.
+CTL_ACTIONS = {"status": (), "reload": (), "drain": ("ID",), "ready": ("ID",), "weight": ("ID", "W")}
+
+
+def _cmd_ctl(args) -> int:
+    """
+    The admin API from the command line.  The URL and token come from
+    ``--admin``/``--token-file``, else from the ``[admin]`` table of
+    ``--config``.  Exit 0 when the call succeeded, 1 otherwise, with one
+    line on stderr.
+    """
+    from shardtcp.admin import AdminError, read_token
+    from shardtcp.admin.client import AdminClient, AdminClientError, admin_url, format_status
+
+    def fail(line: str) -> int:
+        print(f"shardtcp ctl: {line}", file=sys.stderr)
+        return 1
+
+    wanted = CTL_ACTIONS[args.action]
+    if len(args.args) != len(wanted):
+        usage = " ".join((args.action,) + wanted)
+        return fail(f"usage: shardtcp ctl [--admin URL] [--token-file F] [--config PATH] {usage}")
+    url, token_file = args.admin, args.token_file
+    if args.config is not None and (url is None or token_file is None):
+        from shardtcp.config import ConfigError, load_config
+
+        try:
+            config = load_config(args.config, check_files=False)
+        except ConfigError as e:
+            return fail(f"{args.config}: {e.problems[0] if e.problems else 'not valid'}")
+        if config.admin is None:
+            if url is None:
+                return fail(f"{args.config} has no [admin] table; give --admin URL")
+        else:
+            try:
+                url = url or admin_url(config.admin.listen)
+            except AdminClientError as e:
+                return fail(str(e))
+            token_file = token_file or config.admin.token_file
+    if url is None:
+        return fail("give --admin URL or --config PATH")
+    if not url.startswith(("http://", "https://")):
+        return fail(f"--admin {url!r} is not an http:// or https:// URL")
+    token = None
+    if token_file is not None:
+        try:
+            token = read_token(token_file).decode("ascii")
+        except AdminError as e:
+            return fail(str(e))
+    client = AdminClient(url, token)
+    try:
+        if args.action == "status":
+            document = client.status()
+            print(json.dumps(document, indent=2) if args.json else format_status(document))
+            return 0
+        if args.action == "reload":
+            result = client.reload()
+        elif args.action == "weight":
+            try:
+                weight = float(args.args[1])
+            except ValueError:
+                return fail(f"weight {args.args[1]!r} is not a number")
+            result = client.weight(args.args[0], weight)
+        else:
+            result = getattr(client, args.action)(args.args[0])
+    except AdminClientError as e:
+        return fail(str(e))
+    print(json.dumps(result, sort_keys=True))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shardtcp",
@@ -397,6 +468,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default=None, help="where to write keys, certificates and config")
     p.add_argument("--check", action="store_true", help="exit after the self-check (status 0 = all verified)")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser(
+        "ctl",
+        help="call the admin API: status | reload | drain ID | ready ID | weight ID W",
+        description="Call a running proxy's admin API. Defaults come from the [admin] table of --config.",
+    )
+    p.add_argument("--admin", default=None, metavar="URL", help="the admin API, e.g. http://127.0.0.1:9901")
+    p.add_argument("--token-file", default=None, metavar="F", help="the bearer token for changes")
+    p.add_argument("--config", default=None, metavar="PATH", help="read --admin and --token-file from its [admin]")
+    p.add_argument("--json", action="store_true", help="status: print the JSON document")
+    p.add_argument("action", choices=sorted(CTL_ACTIONS))
+    p.add_argument("args", nargs="*", metavar="ARG")
+    p.set_defaults(func=_cmd_ctl)
     return parser
 
 

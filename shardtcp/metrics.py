@@ -5,13 +5,26 @@ One ``ProxyMetrics`` per process, holding its own ``CollectorRegistry`` (no
 global registry: tests build as many as they like and read them back).
 Label values are bounded by configuration (listener, service and shard ids)
 and by the fixed vocabulary of rejection reasons, never by client input.
+
+Counters are named without ``_total``: ``prometheus_client`` adds it in the
+text format.  The per-shard series (open connections, health, score) are
+read from the resolver's snapshot when scraped (``ShardCollector``), so the
+connection path does not update them; ``TimedResolver`` times ``resolve``.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from zope.interface import implementer
+
+from shardtcp.resolver.interfaces import IResolver
+
+#: Buckets of the resolve-time histogram: a ranking takes microseconds to
+#: a few milliseconds (10,000 shards).
+RESOLVE_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
 
 
 class ProxyMetrics:
@@ -68,6 +81,44 @@ class ProxyMetrics:
             registry=r,
         )
 
+        self.resolve_seconds = Histogram(
+            "shardtcp_resolve_seconds",
+            "Time the resolver took to rank a service's shards for a connection",
+            ["service"],
+            buckets=RESOLVE_BUCKETS,
+            registry=r,
+        )
+        self.reloads = Counter(
+            "shardtcp_reloads",
+            "Configuration reloads, by what asked for them and how they ended",
+            ["trigger", "result"],
+            registry=r,
+        )
+        self.admin_changes = Counter(
+            "shardtcp_admin_requests",
+            "Admin API changes asked for, by action and outcome",
+            ["action", "outcome"],
+            registry=r,
+        )
+
+    def record_reload(self, trigger: str, ok: bool) -> None:
+        """Count one reload (``trigger``: ``api`` or ``signal``)."""
+        self.reloads.labels(trigger, "ok" if ok else "failed").inc()
+
+    def watch_shards(self, snapshot: Callable[[], object]) -> None:
+        """Publish the per-shard series from ``snapshot()`` (a ``ResolverSnapshot``) at each scrape."""
+        self.registry.register(ShardCollector(snapshot))
+
+    def refusals(self) -> dict[str, dict[str, float]]:
+        """Refused connections so far: listener -> reason -> count."""
+        table: dict[str, dict[str, float]] = {}
+        for family in self.rejected.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    listener = sample.labels["listener"]
+                    table.setdefault(listener, {})[sample.labels["reason"]] = sample.value
+        return table
+
     def render(self) -> bytes:
         """The registry in the Prometheus text format."""
         return generate_latest(self.registry)
@@ -76,3 +127,99 @@ class ProxyMetrics:
         """One sample's value (0.0 when absent); for tests and status."""
         result = self.registry.get_sample_value(name, labels)
         return 0.0 if result is None else result
+
+
+class ShardCollector:
+    """
+    The per-shard gauges, built from one resolver snapshot per scrape:
+    open connections, capacity, load, health (1 healthy, 0 not, with the
+    state as a label), in rotation, operator drain, security score and
+    effective weight.
+    """
+
+    def __init__(self, snapshot: Callable[[], object]) -> None:
+        self._snapshot = snapshot
+
+    def describe(self) -> list:
+        # No description: the registry must not call collect() (and so the
+        # resolver) at registration time.
+        return []
+
+    def collect(self):
+        labels = ["service", "shard"]
+        families = {
+            "open": GaugeMetricFamily(
+                "shardtcp_shard_open_connections", "Connections this proxy holds to the shard", labels=labels
+            ),
+            "capacity": GaugeMetricFamily(
+                "shardtcp_shard_capacity_connections", "Configured capacity of the shard", labels=labels
+            ),
+            "load": GaugeMetricFamily(
+                "shardtcp_shard_load_ratio", "Load against capacity (1.0 = full)", labels=labels
+            ),
+            "healthy": GaugeMetricFamily(
+                "shardtcp_shard_healthy", "1 when the shard is healthy, else 0", labels=labels + ["health"]
+            ),
+            "eligible": GaugeMetricFamily(
+                "shardtcp_shard_in_rotation", "1 when the shard may take new connections", labels=labels
+            ),
+            "drain": GaugeMetricFamily(
+                "shardtcp_shard_draining", "1 while the shard drains (operator or agent)", labels=labels
+            ),
+            "score": GaugeMetricFamily(
+                "shardtcp_shard_security_score", "Security score in force (0..100)", labels=labels
+            ),
+            "weight": GaugeMetricFamily(
+                "shardtcp_shard_weight", "Effective weight (weight x agent % x slow start)", labels=labels
+            ),
+        }
+        snapshot = self._snapshot()
+        for service in snapshot.services:
+            for shard in service.shards:
+                key = [service.service_id, shard.shard_id]
+                draining = shard.admin_state == "drain" or (
+                    shard.admin_state != "ready" and shard.agent_state in ("drain", "maint")
+                )
+                families["open"].add_metric(key, shard.open_connections)
+                families["capacity"].add_metric(key, shard.capacity)
+                families["load"].add_metric(key, shard.load)
+                families["healthy"].add_metric(key + [shard.health], 1.0 if shard.health == "healthy" else 0.0)
+                families["eligible"].add_metric(key, 1.0 if shard.eligible else 0.0)
+                families["drain"].add_metric(key, 1.0 if draining else 0.0)
+                families["score"].add_metric(key, shard.security_score)
+                families["weight"].add_metric(key, shard.effective_weight)
+        return list(families.values())
+
+
+@implementer(IResolver)
+class TimedResolver:
+    """
+    An ``IResolver`` that times each ``resolve`` of the one it wraps into
+    ``shardtcp_resolve_seconds``; everything else passes straight through.
+    The histogram's child is bound once per service.
+    """
+
+    def __init__(self, resolver, metrics: ProxyMetrics, clock) -> None:
+        self._resolver = resolver
+        self._histogram = metrics.resolve_seconds
+        self._children: dict = {}
+        self._clock = clock
+
+    def service_config(self, service_id):
+        return self._resolver.service_config(service_id)
+
+    def resolve(self, request):
+        started = self._clock.seconds()
+        try:
+            return self._resolver.resolve(request)
+        finally:
+            child = self._children.get(request.service_id)
+            if child is None:
+                child = self._children[request.service_id] = self._histogram.labels(request.service_id)
+            child.observe(max(0.0, self._clock.seconds() - started))
+
+    def lease(self, shard_id):
+        return self._resolver.lease(shard_id)
+
+    def record_connect_result(self, shard_id, ok, seconds=None):
+        return self._resolver.record_connect_result(shard_id, ok, seconds)

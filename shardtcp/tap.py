@@ -9,7 +9,8 @@ one line per problem and no traceback, when it is not valid.  The tree is:
 * one ``ListeningService`` per ``[[listener]]`` (a port that cannot be
   bound fails start-up: under ``twistd -n`` with one line naming the
   listener, the endpoint and the OS error, and exit status 1);
-* later: the admin site.
+* the admin site on ``[admin].listen``, when configured
+  (``build_admin_service``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from twisted.python import usage
 from shardtcp.config import ConfigError, load_config
 from shardtcp.identify.names import NameTable
 from shardtcp.keys import load_private_key
-from shardtcp.metrics import ProxyMetrics
+from shardtcp.metrics import ProxyMetrics, TimedResolver
 from shardtcp.model import Config
 from shardtcp.policy import PolicySigner
 from shardtcp.proxy.connector import ShardConnector
@@ -187,6 +188,8 @@ def build_service(config: Config, reactor=None, *, connector: ShardConnector | N
         # registry the resolver reads when etcd is down at start-up.
         registry.setServiceParent(root)
     resolver.setServiceParent(root)
+    metrics.watch_shards(resolver.snapshot)
+    timed = TimedResolver(resolver, metrics, reactor)
     intel = build_threat_intel(config, resolver, reactor, registry=metrics.registry)
     if intel is not None:
         intel.setServiceParent(root)
@@ -216,7 +219,7 @@ def build_service(config: Config, reactor=None, *, connector: ShardConnector | N
         context = ListenerContext(
             config=listener,
             names=names,
-            resolver=resolver,
+            resolver=timed,
             signer=signer,
             connector=connector,
             metrics=metrics,
@@ -238,6 +241,12 @@ def build_service(config: Config, reactor=None, *, connector: ShardConnector | N
         )
         port_service.setName(f"listener:{listener.name}")
         port_service.setServiceParent(root)
+    admin = build_admin_service(
+        config, reactor, resolver=resolver, metrics=metrics,
+        feeds=intel.status if intel is not None else None,
+    )
+    if admin is not None:
+        admin.setServiceParent(root)
     return root
 
 
@@ -257,6 +266,41 @@ def with_backlog(description: str, backlog: int) -> str:
     return f"{description}:backlog={backlog}"
 
 
+def build_admin_service(
+    config: Config,
+    reactor,
+    *,
+    resolver: ShardResolver,
+    metrics: ProxyMetrics,
+    serving=None,
+    reloader=None,
+    feeds=None,
+) -> ListeningService | None:
+    """
+    The admin site listening on ``[admin].listen`` (None without
+    ``[admin]``).  ``serving()`` says whether the proxy takes new
+    connections (``/ready``; always True when not given); ``reloader`` is
+    the ``shardtcp.admin.IReloader`` behind ``POST /reload``; ``feeds()``
+    the threat feeds' status shown in ``/status``.  Raises
+    ``shardtcp.admin.AdminError`` when the token or JWKS file is unusable.
+    """
+    if config.admin is None:
+        return None
+    from shardtcp.admin import admin_site_for
+
+    site = admin_site_for(
+        config,
+        resolver=resolver,
+        metrics=metrics,
+        serving=serving if serving is not None else (lambda: True),
+        reloader=reloader,
+        feeds=feeds,
+    )
+    service = ListeningService(config.admin.listen, site, reactor, label="admin")
+    service.setName("admin")
+    return service
+
+
 def makeService(options: Options, reactor=None) -> ProxyService:
     """twistd's entry point: load the configuration, build the tree."""
     try:
@@ -266,9 +310,11 @@ def makeService(options: Options, reactor=None) -> ProxyService:
             sys.stderr.write(f"shardtcp: {line}\n")
         sys.stderr.write("shardtcp: configuration is not valid; not starting\n")
         raise SystemExit(1)
+    from shardtcp.admin import AdminError
+
     try:
         root = build_service(config, reactor)
-    except (ThreatIntelError, AccessLogError) as e:
+    except (ThreatIntelError, AccessLogError, AdminError) as e:
         sys.stderr.write(f"shardtcp: {e}\nshardtcp: not starting\n")
         raise SystemExit(1)
     parent = getattr(options, "parent", None)

@@ -132,10 +132,39 @@ def check_per_source(reader: Reader, config: Config) -> None:
             )
 
 
+def _on_loopback(description: str) -> bool:
+    """Whether a server endpoint description listens on loopback (or a UNIX socket) only."""
+    from shardtcp.config._endpoints import split_endpoint
+    from shardtcp.net import parse_ip
+
+    try:
+        parts = split_endpoint(description)
+    except ValueError:
+        return True  # reported as a bad endpoint already
+    if parts.kind == "unix":
+        return True
+    address = parse_ip(parts.interface())
+    return address is not None and address.is_loopback
+
+
+def check_admin_exposure(reader: Reader, config: Config) -> None:
+    """An admin endpoint beyond loopback needs a token (SPEC section 6)."""
+    admin = config.admin
+    if admin is None or admin.token_file or not admin.listen:
+        return
+    if not _on_loopback(admin.listen):
+        reader.add(
+            "admin.token_file",
+            f"required when admin.listen ({admin.listen}) is not on loopback: "
+            "anyone who reaches it could drain shards and reload",
+        )
+
+
 def run_checks(reader: Reader, config: Config, token_size: Optional[TokenSizer]) -> None:
     """Every cross-table check, in a fixed order."""
     check_listener_routes(reader, config)
     check_per_source(reader, config)
+    check_admin_exposure(reader, config)
     check_not_yet_available(reader, config)
     check_signing_jwks(reader, config.signing)
     check_token_sizes(

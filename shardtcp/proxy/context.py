@@ -59,12 +59,19 @@ class ListenerContext:
     access: AccessLog = attrs.field(factory=AccessLog)
     # bounds refusal lines; shared by every listener when given by tap
     refusal_lines: Optional[RefusalLimiter] = None
+    # max_connections and per_source, checked by the factory at accept
+    limits: Optional[AdmissionLimits] = None
+    # this listener's accepted/active series, bound once (not per connection)
+    _accepted: object = attrs.field(init=False, default=None, repr=False)
+    _active: object = attrs.field(init=False, default=None, repr=False)
+    _refused: dict = attrs.field(init=False, factory=dict, repr=False)  # reason -> bound child
 
     def __attrs_post_init__(self) -> None:
         if self.refusal_lines is None:
             self.refusal_lines = RefusalLimiter(self.clock)
-    # max_connections and per_source, checked by the factory at accept
-    limits: Optional[AdmissionLimits] = None
+        name = self.config.name
+        self._accepted = self.metrics.accepted.labels(name)
+        self._active = self.metrics.active.labels(name)
 
     @property
     def terminates(self) -> bool:
@@ -81,9 +88,15 @@ class ListenerContext:
     def opened(self, protocol: object) -> None:
         """A client connection was accepted; ``protocol`` holds it."""
         self.connections.add(protocol)
-        name = self.config.name
-        self.metrics.accepted.labels(name).inc()
-        self.metrics.active.labels(name).inc()
+        self._accepted.inc()
+        self._active.inc()
+
+    def _count_refusal(self, reason: str) -> None:
+        # Reasons are a fixed vocabulary, so the cache stays small.
+        child = self._refused.get(reason)
+        if child is None:
+            child = self._refused[reason] = self.metrics.rejected.labels(self.config.name, reason)
+        child.inc()
 
     def handed_over(self, before: object, after: object) -> None:
         """The connection counted as ``before`` goes on as ``after``."""
@@ -96,7 +109,7 @@ class ListenerContext:
         """``protocol``'s client connection is gone (counted once)."""
         if protocol in self.connections:
             self.connections.discard(protocol)
-            self.metrics.active.labels(self.config.name).dec()
+            self._active.dec()
         if self.limits is not None:
             self.limits.release(protocol)
 
@@ -105,7 +118,7 @@ class ListenerContext:
         Count a refusal and log it unless its lines are over their bound;
         whether it was logged (the access line follows the same answer).
         """
-        self.metrics.rejected.labels(self.config.name, reason).inc()
+        self._count_refusal(reason)
         if not self.may_log(reason, client):
             return False
         log.info(
@@ -148,7 +161,7 @@ class ListenerContext:
 
     def gone_early(self, connection_id: str, client: Optional[tuple], state: str) -> bool:
         """Count a client that left before being spliced; whether it was logged."""
-        self.metrics.rejected.labels(self.config.name, "client_gone").inc()
+        self._count_refusal("client_gone")
         if not self.may_log("client_gone", client):
             return False
         log.info(

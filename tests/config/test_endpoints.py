@@ -99,7 +99,10 @@ class SSLTests(_Config, SynchronousTestCase):
     def config(self, listen: str):
         data = minimal()
         data["signing"]["private_key"] = "/dev/null"  # not what is tested here
-        data["admin"] = {"listen": listen}
+        # An admin endpoint beyond loopback needs its token file.
+        with open(os.path.join(self.dir, "admin.token"), "w") as f:
+            f.write("t0ken\n")
+        data["admin"] = {"listen": listen, "token_file": "admin.token"}
         return data
 
     def admin_problems(self, listen: str) -> list[str]:

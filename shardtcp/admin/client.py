@@ -1,0 +1,121 @@
+# -*- test-case-name: tests.admin.test_client -*-
+"""
+The client side of the admin API, for ``shardtcp ctl``: plain ``urllib``,
+one request per call, every failure turned into ``AdminClientError`` with
+one line to print.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Optional
+from urllib.parse import quote
+
+#: The most of an answer read (a /status of 10,000 shards fits).
+MAX_ANSWER = 64 * 1024 * 1024
+
+
+class AdminClientError(Exception):
+    """A call failed; the message is one line for the operator."""
+
+
+def admin_url(listen: str) -> str:
+    """
+    The URL of an ``[admin].listen`` endpoint description: ``tcp:PORT``
+    with its interface (an unset or wildcard interface is reached on
+    loopback); ``ssl:`` gives ``https``.
+    """
+    from shardtcp.config._endpoints import split_endpoint
+
+    try:
+        parts = split_endpoint(listen)
+    except ValueError as e:
+        raise AdminClientError(f"admin.listen {listen!r}: {e}") from None
+    if parts.kind not in ("tcp", "tcp6", "ssl"):
+        raise AdminClientError(f"admin.listen {listen!r}: give --admin URL for a {parts.kind or 'bare'} endpoint")
+    port = parts.port_text()
+    host = parts.interface() or "127.0.0.1"
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host:
+        host = f"[{host}]"
+    scheme = "https" if parts.kind == "ssl" else "http"
+    return f"{scheme}://{host}:{port}"
+
+
+class AdminClient:
+    """Calls the admin API at ``base`` (``http://host:port``) with an optional bearer ``token``."""
+
+    def __init__(self, base: str, token: Optional[str] = None, timeout: float = 10.0) -> None:
+        self._base = base.rstrip("/")
+        self._token = token
+        self._timeout = timeout
+
+    def _call(self, method: str, path: str, body: Optional[bytes] = None) -> bytes:
+        request = urllib.request.Request(self._base + path, data=body, method=method)
+        if self._token:
+            request.add_header("Authorization", f"Bearer {self._token}")
+        if body is not None:
+            request.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=self._timeout) as answer:
+                return answer.read(MAX_ANSWER)
+        except urllib.error.HTTPError as e:
+            text = e.read(4096).decode("utf-8", "replace").strip()
+            first = " / ".join(line for line in text.splitlines() if line.strip())[:500]
+            raise AdminClientError(f"{method} {path}: {e.code} {first or e.reason}") from None
+        except (urllib.error.URLError, OSError) as e:
+            why = getattr(e, "reason", e)
+            raise AdminClientError(f"cannot reach the admin API at {self._base}: {why}") from None
+
+    def _json(self, method: str, path: str, body: Optional[bytes] = None) -> dict:
+        data = self._call(method, path, body)
+        try:
+            return json.loads(data)
+        except ValueError:
+            raise AdminClientError(f"{method} {path}: the answer is not JSON") from None
+
+    def status(self) -> dict:
+        return self._json("GET", "/status")
+
+    def reload(self) -> dict:
+        return self._json("POST", "/reload", b"")
+
+    def drain(self, shard_id: str) -> dict:
+        return self._json("POST", f"/shards/{quote(shard_id, safe='')}/drain", b"")
+
+    def ready(self, shard_id: str) -> dict:
+        return self._json("POST", f"/shards/{quote(shard_id, safe='')}/ready", b"")
+
+    def weight(self, shard_id: str, weight: float) -> dict:
+        body = json.dumps({"weight": weight}).encode("ascii")
+        return self._json("PUT", f"/shards/{quote(shard_id, safe='')}/weight", body)
+
+
+def format_status(document: dict) -> str:
+    """``/status`` as a few lines an operator reads in a terminal."""
+    state = "serving" if document.get("ready", True) else "draining"
+    registry = document.get("registry", {})
+    lines = [f"{state}; workers {document.get('workers', 1)}; registry {registry.get('kind', '?')}"
+             f"{' (stale)' if registry.get('stale') else ''}"]
+    for listener in document.get("listeners", []):
+        refused = sum(listener.get("refused", {}).values())
+        lines.append(
+            f"listener {listener['name']} {listener['listen']} ({listener['mode']}): "
+            f"{listener['active']} open, {listener['accepted']} accepted, {refused} refused"
+        )
+    for service_id, service in document.get("services", {}).items():
+        lines.append(f"service {service_id}: {service['in_rotation']} of {len(service['shards'])} in rotation"
+                     f"{' PANIC' if service.get('panic') else ''}")
+        for shard_id, shard in service["shards"].items():
+            state = shard.get("admin_state") or shard.get("agent_state") or "-"
+            lines.append(
+                f"  {shard_id:<20} {shard['health']:<10} {state:<6} "
+                f"{shard['open_connections']}/{shard['capacity']} open, weight {shard['weight']:g}, "
+                f"security {shard['security_score']:g}, {shard.get('region') or '-'}"
+            )
+    return "\n".join(lines)
