@@ -61,9 +61,6 @@ class NotYetAvailableTests(_Helpers, SynchronousTestCase):
         ("listener", "backlog"): 128,
         ("listener", "per_source"): {"max_connections": 10},
         ("log", "access"): "json",
-        ("service", "shard_key"): "client-ip",
-        ("service", "bounded_load"): 2.0,
-        ("service", "owners"): {"tenant-*": ["api-1"]},
         ("registry", "kind"): "etcd",
     }
     DEFAULT = {
@@ -217,7 +214,7 @@ class BoundsTests(_Helpers, SynchronousTestCase):
 
     def test_owners(self) -> None:
         """owners: key glob -> a non-empty list of distinct shard ids."""
-        self.assertInBounds("service", "owners", {"a": ["api-1"], "tenant-*": ["api-1", "api-2"]})
+        # Good tables need a shard_key: OwnersTests.test_good.
         for bad, fragment in (
             ({"a": []}, 'service.api.owners.a: list at least one shard id'),
             ({"a": ["api 1"]}, "service.api.owners.a[0]: shard id"),
@@ -227,6 +224,54 @@ class BoundsTests(_Helpers, SynchronousTestCase):
             (["a"], "service.api.owners: expected a table"),
         ):
             self.assertOutOfBounds("service", "owners", bad, fragment)
+
+
+class OwnersTests(_Helpers, SynchronousTestCase):
+    """[service.S.owners] names the service's own shards with well-formed globs, under a shard_key."""
+
+    def owners(self, owners: Any, shard_key: str = "sni-label") -> list:
+        data = minimal()
+        service = data["service"]["api"]
+        service["shard"].append({"id": "api-2", "address": "127.0.0.1:9002"})
+        service["shard_key"] = shard_key
+        service["owners"] = owners
+        return self.outcome_of(data)
+
+    def outcome_of(self, data: dict) -> list:
+        try:
+            self.parse(data)
+        except ConfigError as e:
+            return list(e.problems)
+        return []
+
+    def test_good(self) -> None:
+        """Exact keys, globs and classes naming the service's shards pass."""
+        self.assertEqual(
+            self.owners({"t1": ["api-2"], "tenant-*": ["api-1", "api-2"], "[a-c]?x": ["api-1"], "[]]": ["api-1"]}),
+            [],
+        )
+
+    def test_unknown_shard(self) -> None:
+        """An id that is no shard of the service is named with its place."""
+        self.assertEqual(
+            self.owners({"t*": ["api-1", "api-9"]}),
+            ["service.api.owners.\"t*\"[1]: no shard 'api-9' in service 'api'"],
+        )
+
+    def test_bad_globs(self) -> None:
+        """An unclosed or empty class is refused (fnmatch would read it literally)."""
+        self.assertEqual(
+            self.owners({"t[a": ["api-1"]}),
+            ["service.api.owners.\"t[a\": key glob 't[a': '[' at 1 is never closed"],
+        )
+        self.assertEqual(self.owners({"t[!": ["api-1"]})[0].split(": ", 1)[1], "key glob 't[!': '[' at 1 is never closed")
+
+    def test_needs_a_shard_key(self) -> None:
+        """owners without a shard_key mean nothing and are refused."""
+        self.assertEqual(
+            self.owners({"t": ["api-1"]}, shard_key="none"),
+            ['service.api.owners: owners need a shard_key other than "none"'],
+        )
 
 
 class RouteTests(_Helpers, SynchronousTestCase):
