@@ -1,13 +1,15 @@
 """
 Choosing by shard key: what routing by key costs at 100 and 10,000 shards.
 
-Two figures per size, in CPU microseconds per call (``time.process_time``,
-batches doubled until one takes 0.2 s, best of a few): the whole
-``ShardResolver.resolve`` of a service with ``shard_key = "sni-label"``
-(ranking, then the ownership step, no draw), over 1,000 distinct keys in
-turn, on a resolver built from a generated configuration with the public
-``load_config`` and ``ShardResolver``; and the ownership step alone,
-``shardtcp.resolver.ownership.chain`` over the same shards.  The run also
+Three figures per size, in CPU microseconds per call
+(``time.process_time``, batches doubled until one takes 0.2 s, best of a
+few): the whole ``ShardResolver.resolve`` of a service with ``shard_key =
+"sni-label"`` (ranking, then the ownership step, no draw), over 1,000
+distinct keys in turn, on a resolver built from a generated configuration
+with the public ``load_config`` and ``ShardResolver``; the same service
+without a shard key (ranking and the draw), for comparison in the same
+run; and the ownership step alone, ``shardtcp.resolver.ownership.chain``
+over the same shards.  The run also
 checks what it measures: every key resolved lands on the owner
 ``ownership.owner_order`` names, or the bench fails.
 """
@@ -25,7 +27,7 @@ KEYS = 1000
 CLIENT = "198.51.100.7"
 
 
-def _config_text(lab: Lab, shards: int) -> str:
+def _config_text(lab: Lab, shards: int, keyed: bool = True) -> str:
     """
     The resolver run's generated configuration, keyed by ``sni-label``, its
     shards without location, capacity and score (equal shards: ownership
@@ -35,7 +37,8 @@ def _config_text(lab: Lab, shards: int) -> str:
     text = targets.shardtcp_config(lab, [targets.listener("edge", 1, "passthrough")], targets.many_shards(shards))
     if "[service.api]\n" not in text:
         raise BenchError("the generated configuration has no [service.api] table to key")
-    text = text.replace("[service.api]\n", '[service.api]\nshard_key = "sni-label"\n', 1)
+    if keyed:
+        text = text.replace("[service.api]\n", '[service.api]\nshard_key = "sni-label"\n', 1)
     shard_tables = text.split("[[service.api.shard]]")
     for i in range(1, len(shard_tables)):
         shard_tables[i] = "\n".join(
@@ -91,9 +94,17 @@ def key_cost(lab: Lab, shards: int, quick: bool) -> dict:
         if chosen != expected:
             raise BenchError(f"key {request.shard_key!r} went to {chosen}, its owner is {expected}")
     resolve, resolve_batch = _time(lambda i: resolver.resolve(requests[i % KEYS]), quick)
+    plain_path = lab.path(f"shardkey-{shards}-none.toml")
+    with open(plain_path, "w") as f:
+        f.write(_config_text(lab, shards, keyed=False))
+    plain = ShardResolver(load_config(plain_path), clock=clock)
+    if plain.service_config("api").shard_key != "none" or not plain.resolve(requests[0]):
+        raise BenchError("the comparison service without a shard key did not resolve")
+    unkeyed, _ = _time(lambda i: plain.resolve(requests[i % KEYS]), quick)
     own, own_batch = _time(lambda i: chain(f"tenant{i % KEYS}", members), quick)
     return {
         "resolve_us_per_call": resolve * 1e6, "resolve_batch": resolve_batch,
+        "unkeyed_us_per_call": unkeyed * 1e6,
         "ownership_us_per_call": own * 1e6, "ownership_batch": own_batch,
     }
 
@@ -103,16 +114,18 @@ def run(lab: Lab, settings: dict) -> dict:
     for shards in SIZES:
         figures = key_cost(lab, shards, settings["quick"])
         results["by_key"][shards] = figures
-        say(f"by key at {shards} shards: resolve {figures['resolve_us_per_call']:.1f} µs, "
+        say(f"by key at {shards} shards: resolve {figures['resolve_us_per_call']:.1f} µs "
+            f"(without a key {figures['unkeyed_us_per_call']:.1f} µs), "
             f"ownership step {figures['ownership_us_per_call']:.1f} µs")
     return results
 
 
 def report(r: dict) -> str:
     rows = [
-        [f"{n:,} shards", fmt(v["resolve_us_per_call"], ".1f"), fmt(v["ownership_us_per_call"], ".1f"),
+        [f"{n:,} shards", fmt(v["resolve_us_per_call"], ".1f"), fmt(v["unkeyed_us_per_call"], ".1f"),
+         fmt(v["ownership_us_per_call"], ".1f"),
          fmt(v["ownership_us_per_call"] / n, ".2f")]
         for n, v in r["by_key"].items()
     ]
     return table("Shard key: ShardResolver.resolve by key and the ownership step alone, CPU per call",
-                 ["", "resolve µs", "ownership µs", "ownership µs per shard"], rows)
+                 ["", "resolve by key µs", "resolve, no key µs", "ownership µs", "ownership µs per shard"], rows)
