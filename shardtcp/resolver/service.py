@@ -1018,17 +1018,13 @@ def _own(
     """
     if config.shard_key == "none" or key is None or result.denied is not None:
         return result
-    shards = [
-        ownership.Shard(
-            r.info.shard_id,
-            r.state.weight if r.state is not None else r.info.weight,
-            r.info.open_connections,
-            reasons,
-        )
-        for group, filtered in ((result.eligible, False), (result.rejected, True))
-        for r in group
-        for reasons in [(r.reasons or ("not eligible",)) if filtered else ()]
-    ]
+    def member(r: ranking.Ranked, reasons: tuple[str, ...]) -> ownership.Shard:
+        # The operator's weight: the slow-start ramp must not move keys.
+        weight = r.state.weight if r.state is not None else r.info.weight
+        return ownership.Shard(r.info.shard_id, weight, r.info.open_connections, reasons)
+
+    shards = [member(r, ()) for r in result.eligible]
+    shards += [member(r, r.reasons or ("not eligible",)) for r in result.rejected]
     chain = ownership.chain(
         key, shards, owners=config.owners, bounded_load=config.bounded_load
     )

@@ -357,3 +357,35 @@ class HealthTrustTests(_Helpers, SynchronousTestCase):
             "No such file or directory",
             caught.exception.problems,
         )
+
+
+class ShardKeyTokenSizeTests(_Helpers, SynchronousTestCase):
+    """check-config counts the longest shk a service's key source can give in the PolicyContext bound."""
+
+    def test_key_length_per_source(self) -> None:
+        """No shard key: no shk; client-ip 39, sni-label 63, authority and line-arg 253; a policy the key pushes over 1024 bytes is refused."""
+        from shardtcp.config import parse_config
+        from shardtcp.policy import worst_case_token_size
+
+        seen: list = []
+
+        def sizer(**kw):
+            seen.append(kw.get("key_length"))
+            return 0
+
+        for source, expected in (("none", None), ("client-ip", 39), ("sni-label", 63),
+                                 ("authority", 253), ("line-arg", 253)):
+            data = minimal()
+            data["service"]["api"]["shard_key"] = source
+            seen.clear()
+            parse_config(data, self.mktemp(), check_files=False, token_size=sizer)
+            self.assertEqual(seen, [expected], source)
+        data = minimal()
+        data["service"]["api"]["shard_key"] = "line-arg"
+        data["service"]["api"]["policy"] = {"acl": ["a" * 50, "b" * 50]}  # 675 bytes; 1025 with a 253-character shk
+        e = self.assertRaises(
+            ConfigError, parse_config, data, self.mktemp(), check_files=False, token_size=worst_case_token_size
+        )
+        self.assertTrue(any("over the 1024-byte limit" in p for p in e.problems), e.problems)
+        data["service"]["api"]["shard_key"] = "none"
+        parse_config(data, self.mktemp(), check_files=False, token_size=worst_case_token_size)
