@@ -7,7 +7,7 @@ connection, HAProxy and Twisted's ``portforward``, in one run, on loopback.
 The runs (``bench/runs/``): ``tls`` (TLS bulk, short TLS connections, memory
 held), ``connrate`` (wrk, ``Connection: close``), ``bulk_plain`` (plain TCP,
 HAProxy with and without splice), ``resolver`` (3 to 10,000 shards),
-``micro`` (per-connection pieces) and ``workers`` (not available yet).
+``shardkey`` (choosing by shard key at 100 and 10,000 shards), ``micro`` (per-connection pieces) and ``workers`` (not available yet).
 A run that cannot measure what it promises stops the bench with its reason
 and exit status 1; every process started is stopped on the way out, also
 on Ctrl-C and SIGTERM.  How to read the output: ``bench/README.rst``.
@@ -33,13 +33,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import goals  # noqa: E402
 from bench.lab import REPO_ROOT, BenchError, Lab, optional_version, say  # noqa: E402
-from bench.runs import bulk_plain, connrate, micro, resolver, tls, workers  # noqa: E402
+from bench.runs import bulk_plain, connrate, micro, resolver, shardkey, tls, workers  # noqa: E402
 
 RUNS = {
     "tls": tls,
     "connrate": connrate,
     "bulk_plain": bulk_plain,
     "resolver": resolver,
+    "shardkey": shardkey,
     "micro": micro,
     "workers": workers,
 }

@@ -84,6 +84,7 @@ __all__ = [
     "DEFAULT_TLV_TYPE",
     "IKeySource",
     "RemoteKeySet",
+    "KeyOwnership",
     "ReplayCache",
     "StaticKeySource",
     "ShardVerifier",
@@ -154,6 +155,11 @@ class VerifiedConnection:
     header: ProxyHeader = attrs.field(eq=False, repr=False)
     alpn: Optional[bytes] = None
     ssl: Optional[SSLInfo] = None
+
+    @property
+    def shard_key(self) -> Optional[str]:
+        """The shard key the connection was routed by (``shk``), or None."""
+        return self.policy.shard_key
 
 
 class ReplayCache:
@@ -592,6 +598,30 @@ class RemoteKeySet(Service):
         return False
 
 
+#: What a shard owns: a predicate on a shard key, or a set of keys.
+KeyOwnership = Union[Callable[[str], bool], "set[str]", "frozenset[str]"]
+
+
+def _key_predicate(owns: Optional[KeyOwnership]) -> Optional[Callable[[str], bool]]:
+    if owns is None:
+        return None
+    if isinstance(owns, (set, frozenset)):
+        keys = frozenset(owns)
+        return keys.__contains__
+    if not callable(owns):
+        raise TypeError(f"owns_key must be a callable or a set, not {type(owns).__name__}")
+    return owns
+
+
+def _check_key(key: Any, owns: Callable[[str], bool]) -> None:
+    """Refuse a connection without a shard key, or with one not owned."""
+    if key is None:
+        raise VerificationError("no_shard_key", "the token carries no shard key (shk)")
+    if not owns(key):
+        shown = key if len(key) <= 64 else key[:64] + "..."
+        raise VerificationError("foreign_key", f"shard key {shown!r} is not owned by this shard")
+
+
 class ShardVerifier:
     """
     Decides whether a PROXY header from shardtcp admits a connection to the
@@ -605,6 +635,11 @@ class ShardVerifier:
     proxy's ``signing.tlv_type``); ``leeway`` the clock skew allowed, at
     most 5 s; ``now`` the clock (default ``time.time``).  Without a
     ``replay_cache``, one is made on the same clock.
+
+    ``owns_key`` (a predicate on a key, or a set of keys) makes the shard
+    refuse a connection whose token carries a shard key (``shk``, SPEC
+    section 10) it does not own (``foreign_key``), or none at all
+    (``no_shard_key``).
     """
 
     def __init__(
@@ -616,6 +651,7 @@ class ShardVerifier:
         leeway: float = MAX_LEEWAY,
         now: Optional[Callable[[], float]] = None,
         replay_cache: Optional[ReplayCache] = None,
+        owns_key: Optional[KeyOwnership] = None,
     ) -> None:
         if not isinstance(shard_id, str) or not shard_id:
             raise ValueError("shard_id must be a non-empty string")
@@ -633,6 +669,7 @@ class ShardVerifier:
         self._replay = (
             replay_cache if replay_cache is not None else ReplayCache(now=self._now)
         )
+        self._owns_key = _key_predicate(owns_key)
 
     def set_keys(self, keys: Mapping[str, Ed25519PublicKey]) -> None:
         """
@@ -735,6 +772,8 @@ class ShardVerifier:
             ssl = header.ssl
         except InvalidProxyHeader as e:
             raise VerificationError(e.reason, str(e)) from None
+        if self._owns_key is not None:
+            _check_key(claims.get("shk"), self._owns_key)
         self._replay.check_and_remember(connection_id, claims["exp"] + self._leeway)
         return VerifiedConnection(
             client=header.source,

@@ -88,7 +88,7 @@ def _cmd_explain(args) -> int:
         service_id=args.service, client=(args.client, 0), sni=args.sni, listener="explain"
     )
     try:
-        explanation = resolver.explain(request)
+        explanation = resolver.explain(request, key=args.key)
     finally:
         if intel is not None:
             intel.stopService()
@@ -168,7 +168,47 @@ def explanation_json(explanation) -> dict:
             }
             for s in explanation.shards
         ],
+        **_owners_json(explanation),
     }
+
+
+def _owners_json(explanation) -> dict:
+    """``key`` and ``owners`` (the owner chain) of a keyed explanation, else nothing."""
+    chain = getattr(explanation, "owners", None)
+    if chain is None:
+        return {}
+    return {
+        "key": chain.key,
+        "owners": [
+            {
+                "shard": o.shard_id,
+                "pinned": o.pinned,
+                "takes": i == chain.taker,
+                "skipped": list(o.skipped),
+                "open_connections": o.open_connections,
+                "bound": o.bound,
+            }
+            for i, o in enumerate(chain.owners)
+        ],
+    }
+
+
+def format_owners(chain) -> list[str]:
+    """The owner chain of a key, one line per owner, as ``explain --key`` prints it."""
+    lines = [f"owners of key {chain.key!r}:"]
+    for i, o in enumerate(chain.owners):
+        if i == chain.taker:
+            state = "takes it"
+        elif o.skipped:
+            state = "skipped: " + "; ".join(o.skipped)
+        else:
+            state = "next"
+        pinned = " (pinned)" if o.pinned else ""
+        bound = f" {o.open_connections}/{o.bound} open" if o.bound is not None else ""
+        lines.append(f"  {i + 1:<3}{o.shard_id:<20}{state}{pinned}{bound}")
+    if chain.taker is None:
+        lines.append("  no owner is eligible")
+    return lines
 
 
 def _jsonable(value):
@@ -222,6 +262,8 @@ def format_explanation(explanation) -> str:
             f"{label:<5}{s.shard.shard_id:<20}{s.shard.region or '-':<14}"
             f"{e.total:>7.3f}{e.latency:>9.3f}{e.security:>9.3f}{e.load:>7.3f}  {notes}"
         )
+    if getattr(explanation, "owners", None) is not None:
+        lines.extend(format_owners(explanation.owners))
     return "\n".join(lines)
 
 
@@ -416,6 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--service", required=True)
     p.add_argument("--client", required=True, help="client IP address")
     p.add_argument("--sni", default=None)
+    p.add_argument("--key", default=None, help="shard key: show its owner chain (services with shard_key)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_explain)
 

@@ -327,6 +327,8 @@ class ConnectionRequest:
 
     ``client`` and ``destination`` are ``(ip, port)``: the client as the
     outgoing PROXY header will name it, and the proxy address it reached.
+    ``shard_key`` is the connection's key for a service routing by key
+    (``shardtcp.resolver.ownership.key_for``), else None.
     """
 
     service_id: str
@@ -335,6 +337,7 @@ class ConnectionRequest:
     sni: Optional[str] = None
     alpn: tuple = ()
     listener: str = ""
+    shard_key: Optional[str] = None
 
 
 @frozen

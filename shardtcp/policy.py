@@ -116,6 +116,8 @@ class PolicyContext:
     ``tls`` or ``mtls``), ``authentication_method`` how the client
     authenticated (``("none",)`` or ``("mtls",)``), ``access_control_list``
     what the service's policy grants.  Lists given are stored as tuples.
+    ``shard_key`` is the key the connection was routed by (the ``shk``
+    claim, SPEC section 10), for a service routing by key; else None.
     """
 
     encryption_level: str = attrs.field(validator=_check_level)
@@ -125,6 +127,7 @@ class PolicyContext:
     access_control_list: tuple = attrs.field(
         converter=tuple, validator=_check_strings
     )
+    shard_key: Optional[str] = None
 
     @classmethod
     def from_claims(cls, claims: Mapping[str, Any]) -> "PolicyContext":
@@ -133,6 +136,7 @@ class PolicyContext:
             encryption_level=claims["enc"],
             authentication_method=claims["amr"],
             access_control_list=claims["acl"],
+            shard_key=claims.get("shk"),
         )
 
 
@@ -321,6 +325,8 @@ class PolicySigner:
             claims["sub"] = subject
         if sni is not None:
             claims["sni"] = sni
+        if policy.shard_key is not None:
+            claims["shk"] = policy.shard_key
         token = jws.sign(claims, self._key, kid=self._kid)
         if len(token) > MAX_TOKEN_SIZE:
             raise PolicyTooLarge(
@@ -339,6 +345,7 @@ def worst_case_token_size(
     acl: Sequence[str],
     sni_length: Optional[int] = 253,
     subject_length: Optional[int] = 256,
+    key_length: Optional[int] = None,
 ) -> int:
     """
     The largest token a signer with these settings can produce, in bytes.
@@ -350,7 +357,8 @@ def worst_case_token_size(
     name) and a ``sub`` of ``subject_length`` characters (by default 256);
     ``None`` leaves the claim out, for listeners that can never set it (no
     ``sub`` without client certificates).  ``sni`` and ``sub`` are counted
-    as characters JSON writes as themselves; a name full of characters JSON
+    as characters JSON writes as themselves, as is an ``shk`` of
+    ``key_length`` characters (None, the default: no shard key); a name full of characters JSON
     must escape can still be longer, which ``PolicySigner.sign`` catches per
     connection.
 
@@ -376,6 +384,8 @@ def worst_case_token_size(
         claims["sub"] = "s" * subject_length
     if sni_length is not None:
         claims["sni"] = "n" * sni_length
+    if key_length is not None:
+        claims["shk"] = "k" * key_length
     return _token_length(_header_json(kid), _compact_json(claims))
 
 
@@ -404,7 +414,7 @@ def _check_claim_types(claims: dict) -> None:
     acl = claims["acl"]
     if not isinstance(acl, list) or any(not isinstance(a, str) for a in acl):
         raise _claim_error("acl", "a list of strings")
-    for name in ("sub", "sni"):
+    for name in ("sub", "sni", "shk"):
         if name in claims and not isinstance(claims[name], str):
             raise _claim_error(name, "a string when present")
 

@@ -11,6 +11,7 @@ import hmac
 import json
 from typing import Optional
 
+import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -902,3 +903,56 @@ class KeySourceTests(HeaderMixin, SynchronousTestCase):
         self.verifier.set_keys({"policy-2": new.public_key()})
         e = self.assertRaises(VerificationError, self.verifier.verify, self.parsed())
         self.assertEqual(e.reason, "unknown_kid")
+
+
+class OwnedKeyTests(HeaderMixin, SynchronousTestCase):
+    """ShardVerifier(owns_key=...) refuses shard keys (shk) the shard does not own."""
+
+    def verifier_owning(self, owns) -> ShardVerifier:
+        return ShardVerifier(SHARD, {"policy-1": self.key.public_key()}, now=self.clock.seconds, owns_key=owns)
+
+    def keyed(self, key, jti: str = CONN_ID):
+        policy = attrs.evolve(POLICY, shard_key=key)
+        return self.wire(policy=policy, connection_id=jti, unique_id=jti.encode())
+
+    def test_shk_round_trip(self) -> None:
+        """The signed key reaches the shard as VerifiedConnection.shard_key; an unkeyed token has None."""
+        verified, _ = self.verifier.verify_bytes(self.keyed("tenant42"))
+        self.assertEqual(verified.shard_key, "tenant42")
+        self.assertEqual(verified.claims["shk"], "tenant42")
+        verified, _ = self.verifier_owning(None).verify_bytes(self.wire(connection_id="c" * 16, unique_id=b"c" * 16))
+        self.assertIsNone(verified.shard_key)
+
+    def test_set_and_predicate(self) -> None:
+        """An owned key passes; another is refused foreign_key, with a set or a predicate; no key is no_shard_key."""
+        for owns in ({"tenant42"}, frozenset({"tenant42"}), lambda k: k.startswith("tenant4")):
+            verifier = self.verifier_owning(owns)
+            verified, _ = verifier.verify_bytes(self.keyed("tenant42", "a" * 16))
+            self.assertEqual(verified.shard_key, "tenant42")
+            e = self.assertRaises(VerificationError, verifier.verify_bytes, self.keyed("tenant7", "b" * 16))
+            self.assertEqual(e.reason, "foreign_key")
+            self.assertIn("'tenant7'", str(e))
+            e = self.assertRaises(VerificationError, verifier.verify_bytes, self.wire(connection_id="d" * 16, unique_id=b"d" * 16))
+            self.assertEqual(e.reason, "no_shard_key")
+
+    def test_refused_key_not_remembered(self) -> None:
+        """A connection refused for its key does not burn its id in the replay cache: only accepted ids are."""
+        verifier = self.verifier_owning({"mine"})
+        self.assertRaises(VerificationError, verifier.verify_bytes, self.keyed("theirs", "e" * 16))
+        verifier.verify_bytes(self.keyed("mine", "e" * 16))
+
+    def test_bad_ownership(self) -> None:
+        """owns_key must be a callable or a set."""
+        self.assertRaises(TypeError, self.verifier_owning, "tenant42")
+
+    def test_counted_and_logged(self) -> None:
+        """The factory counts a foreign key under its reason and closes the connection."""
+        app = RecordingFactory()
+        factory = VerifyingFactory(app, self.verifier_owning({"mine"}), timeout=5, reactor=self.clock)
+        protocol = factory.buildProtocol(PROXY_PEER)
+        transport = StringTransport(peerAddress=PROXY_PEER)
+        protocol.makeConnection(transport)
+        protocol.dataReceived(self.keyed("theirs"))
+        self.assertEqual(factory.stats["foreign_key"], 1)
+        self.assertEqual(app.built, [])
+        self.assertTrue(transport.disconnecting)

@@ -119,6 +119,38 @@ class CommandTests(SynchronousTestCase):
         self.assertEqual(status, 1)
         self.assertIn("refusing to overwrite an existing private key", err)
 
+    def test_explain_key(self):
+        """
+        explain --key K prints the key's owner chain: the rendezvous owner
+        takes it; with owners pinning the key, the pinned shard leads, marked
+        pinned; --json carries the same chain; no --key, no chain.
+        """
+        from shardtcp.resolver.ownership import Shard, owner_order
+
+        keyed = GOOD.replace('names = ["api.example.test"]', 'names = ["api.example.test"]\nshard_key = "sni-label"')
+        path = self.write("keyed.toml", keyed)
+        expected = [s.shard_id for s in owner_order("tenant42", [Shard("api-fra-1"), Shard("api-nyc-1")])]
+        status, out, _ = run_cli("explain", "--config", path, "--service", "api", "--client", "10.1.1.1", "--key", "tenant42")
+        self.assertEqual(status, 0)
+        tail = out.splitlines()[-3:]
+        self.assertEqual(tail[0], "owners of key 'tenant42':")
+        self.assertEqual(tail[1].split(), ["1", expected[0], "takes", "it", "0/1", "open"])
+        self.assertEqual(tail[2].split(), ["2", expected[1], "next", "0/1", "open"])
+        pinned = keyed + f'[service.api.owners]\n"tenant4*" = ["{expected[1]}"]\n'
+        status, out, _ = run_cli(
+            "explain", "--config", self.write("pinned.toml", pinned), "--service", "api",
+            "--client", "10.1.1.1", "--key", "tenant42", "--json",
+        )
+        self.assertEqual(status, 0)
+        document = json.loads(out)
+        self.assertEqual(document["key"], "tenant42")
+        self.assertEqual(
+            [(o["shard"], o["pinned"], o["takes"]) for o in document["owners"]],
+            [(expected[1], True, True), (expected[0], False, False)],
+        )
+        status, out, _ = run_cli("explain", "--config", path, "--service", "api", "--client", "10.1.1.1", "--json")
+        self.assertNotIn("owners", json.loads(out))
+
     def test_explain(self):
         """explain ranks the US shard first for a US client, factor by factor."""
         status, out, _ = run_cli(

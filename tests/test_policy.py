@@ -255,6 +255,39 @@ class WorstCaseTests(TokenTestsMixin, SynchronousTestCase):
             PolicyTooLarge, self._worst_signer_token, sni_length=253, subject_length=256, acl=()
         )
 
+    def test_shard_key_counted_exactly(self) -> None:
+        """
+        key_length adds an shk claim of that many characters: the prediction
+        equals a token signed with such a key, and None (the default) leaves
+        it out; the claim decodes back into PolicyContext.shard_key.
+        """
+        acl = ("orders:read",)
+        for key_length in (1, 63, 253):
+            predicted = worst_case_token_size(
+                issuer="edge-fra-1", kid="policy-1", service_id="api", shard_id="api-fra-1",
+                acl=acl, sni_length=63, subject_length=None, key_length=key_length,
+            )
+            self.clock.now = 9_999_999_999.0 - 30
+            token = self.sign(
+                policy=PolicyContext("mtls", ("mtls",), acl, shard_key="k" * key_length),
+                connection_id="j" * 32, source=(MAX_V6, 65535), destination=(MAX_V6, 65535),
+                sni="n" * 63, audience="api-fra-1", service="api",
+            )
+            self.assertEqual(predicted, len(token))
+            claims = self.decode(token)
+            self.assertEqual(PolicyContext.from_claims(claims).shard_key, "k" * key_length)
+        without = dict(issuer="i", kid="k", service_id="s", shard_id="h", acl=(), sni_length=None, subject_length=None)
+        self.assertEqual(worst_case_token_size(**without), worst_case_token_size(key_length=None, **without))
+        self.assertGreater(worst_case_token_size(key_length=1, **without), worst_case_token_size(**without))
+
+    def test_shk_must_be_a_string(self) -> None:
+        """A token whose shk is not a string is refused as invalid_claims."""
+        claims = {"iss": "i", "aud": "api-fra-1", "iat": 1, "exp": 10**9, "jti": CONN_ID, "svc": "api",
+                  "src": "a", "dst": "b", "enc": "tls", "amr": ["none"], "acl": [], "shk": 5}
+        e = self.assertRaises(policy.PolicyError, policy.check_claims, claims, audience="api-fra-1", now=lambda: 2)
+        self.assertEqual(e.reason, "invalid_claims")
+        self.assertIn("'shk'", str(e))
+
     def test_grows_with_acl(self) -> None:
         """A longer ACL gives a larger worst case, escaped as JSON escapes it."""
         base = dict(issuer="i", kid="k", service_id="s", shard_id="h", sni_length=None, subject_length=None)

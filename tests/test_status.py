@@ -45,7 +45,9 @@ class RenderStatusTests(SynchronousTestCase):
         self.assertEqual(shard["rejected_by"], ["agent: drain"])
         self.assertEqual(shard["security_source"], "feed")
         self.assertNotIn("shard_id", shard)
-        self.assertEqual(len(shard), 29)
+        self.assertEqual(len(shard), 30)
+        # Not a service routing by key: no key count.
+        self.assertIsNone(shard["recent_keys"])
         self.assertEqual(render_status(snapshot), document)
 
     def test_resolver_status_is_rendered_snapshot(self) -> None:

@@ -23,6 +23,10 @@ from shardtcp.model import Config, PerSourceConfig, ProxyConfig, SigningConfig
 #: The largest PolicyContext TLV value a shard will accept (HAProxy's limit).
 POLICY_TLV_LIMIT = 1024
 
+#: The longest ``shk`` claim each key source can produce (SPEC section 10):
+#: an IPv6 address, a DNS label, a DNS name, a bounded line word.
+KEY_LENGTHS = {"client-ip": 39, "sni-label": 63, "authority": 253, "line-arg": 253}
+
 #: Signature of ``shardtcp.policy.worst_case_token_size``.
 TokenSizer = Callable[..., int]
 
@@ -30,9 +34,6 @@ TokenSizer = Callable[..., int]
 NOT_YET_AVAILABLE: dict[tuple[str, str], Any] = {
     ("proxy", "workers"): 1,
     ("proxy", "drain_timeout"): 30.0,
-    ("service", "shard_key"): "none",
-    ("service", "bounded_load"): 1.25,
-    ("service", "owners"): (),
 }
 
 # Said instead of the plain line where an operator needs to know more.
@@ -58,6 +59,58 @@ def check_not_yet_available(reader: Reader, config: Config) -> None:
             if getattr(value, key) != default:
                 message = _NOT_AVAILABLE_WHY.get((table, key), "not available in this version")
                 reader.add(join(path, key), message)
+
+
+def glob_problem(pattern: str) -> Optional[str]:
+    """
+    Why a ``[service.S.owners]`` key glob is not well formed, or None: it
+    must not be empty, and every ``[`` opens a class that ``]`` closes with
+    at least one character in it (``fnmatch`` would silently take a lone
+    ``[`` literally).
+    """
+    if not pattern:
+        return "a key glob must not be empty"
+    i = 0
+    while i < len(pattern):
+        if pattern[i] == "[":
+            j = i + 1
+            if j < len(pattern) and pattern[j] == "!":
+                j += 1
+            if j < len(pattern) and pattern[j] == "]":
+                j += 1
+            end = pattern.find("]", j)
+            if end < 0:
+                return f"key glob {pattern!r}: '[' at {i} is never closed"
+            if end == i + 1:
+                return f"key glob {pattern!r}: empty class at {i}"
+            i = end
+        i += 1
+    return None
+
+
+def check_owners(reader: Reader, config: Config) -> None:
+    """
+    ``[service.S.owners]``: every glob well formed, only with a
+    ``shard_key``, and (with the static registry, where every shard is in
+    the file) naming shards of the service itself.
+    """
+    for service in config.services:
+        path = join(join("service", service.id), "owners")
+        if service.owners and service.shard_key == "none":
+            reader.add(path, 'owners need a shard_key other than "none"')
+        ids = {shard.id for shard in service.shards}
+        for pattern, owners in service.owners:
+            problem = glob_problem(pattern)
+            if problem is not None:
+                reader.add(join(path, pattern), problem)
+            if config.registry.kind != "static":
+                continue
+            for index, shard_id in enumerate(owners):
+                if shard_id not in ids:
+                    reader.add(
+                        f"{join(path, pattern)}[{index}]",
+                        f"no shard {shard_id!r} in service {service.id!r}",
+                    )
 
 
 def routable_services(config: Config, listener) -> list:
@@ -167,6 +220,7 @@ def run_checks(reader: Reader, config: Config, token_size: Optional[TokenSizer])
     check_admin_exposure(reader, config)
     check_not_yet_available(reader, config)
     check_signing_jwks(reader, config.signing)
+    check_owners(reader, config)
     check_token_sizes(
         reader, config.proxy, config.signing, config.services, config.listeners, token_size
     )
@@ -227,6 +281,7 @@ def check_token_sizes(
         bounds: dict[str, Any] = {}
         lengths = [n for n in map(sni_length, service.names) if n is not None]
         bounds["sni_length"] = max(lengths) if by_sni and lengths else None
+        bounds["key_length"] = KEY_LENGTHS.get(service.shard_key)
         if not client_certificates:
             bounds["subject_length"] = None
         # Otherwise the subject bound is the policy module's own default.

@@ -39,12 +39,13 @@ Run one as a process with ``python -m shardtcp.example.shard --help``.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import hashlib
 import os
 import sys
 import tempfile
 from collections import Counter
-from typing import Any, NoReturn, Optional, Sequence
+from typing import Any, Callable, NoReturn, Optional, Sequence
 
 import attrs
 from OpenSSL import SSL
@@ -155,7 +156,8 @@ def hello_line(shard_id: str, verified: VerifiedConnection) -> bytes:
 
     ``client`` is ``ip:port`` (``[ip]:port`` for IPv6); ``sni`` and ``sub``
     are ``-`` when absent; ``amr`` and ``acl`` are comma-joined (an empty
-    ``acl`` leaves ``acl=`` empty).
+    ``acl`` leaves ``acl=`` empty).  A connection routed by shard key ends
+    the line with ``shk=<key>``.
     """
     policy = verified.policy
     fields = [
@@ -168,6 +170,8 @@ def hello_line(shard_id: str, verified: VerifiedConnection) -> bytes:
         f"acl={','.join(policy.access_control_list)}",
         f"sub={verified.subject if verified.subject is not None else '-'}",
     ]
+    if verified.shard_key is not None:
+        fields.append(f"shk={verified.shard_key}")
     return (" ".join(fields) + "\n").encode("utf-8")
 
 
@@ -589,6 +593,17 @@ def _write_port_file(path: str, port: int) -> None:
         raise
 
 
+def owned_keys(globs: Optional[Sequence[str]]) -> Optional[Callable[[str], bool]]:
+    """
+    The ``owns_key`` predicate of ``--owns-key`` globs (``fnmatch``, case
+    sensitive): a key is owned when any glob matches it.  None without globs.
+    """
+    if not globs:
+        return None
+    patterns = tuple(globs)
+    return lambda key: any(fnmatch.fnmatchcase(key, p) for p in patterns)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m shardtcp.example.shard",
@@ -622,6 +637,13 @@ def _parser() -> argparse.ArgumentParser:
         help="type of the PolicyContext TLV, 0xE0..0xEF (default: %(default)s)",
     )
     parser.add_argument("--port-file", help="write the bound port number here once listening")
+    parser.add_argument(
+        "--owns-key",
+        action="append",
+        metavar="GLOB",
+        help="own only shard keys matching this glob (repeatable); others are refused "
+        "as foreign_key, connections without a key as no_shard_key",
+    )
     return parser
 
 
@@ -636,14 +658,17 @@ def _build(parser: argparse.ArgumentParser, options: argparse.Namespace) -> tupl
     try:
         parse_behaviour(options.behaviour)
         tlv_type = int(options.tlv_type, 0)
+        owns_key = owned_keys(options.owns_key)
         if options.jwks_url is not None:
             # The factory starts fetching when it starts listening.
             key_set = RemoteKeySet(options.jwks_url, reactor=reactor, ca=options.jwks_ca)
-            verifier = ShardVerifier(options.id, key_set, tlv_type=tlv_type)
+            verifier = ShardVerifier(options.id, key_set, tlv_type=tlv_type, owns_key=owns_key)
         else:
             if options.jwks_ca is not None:
                 parser.error("--jwks-ca goes with --jwks-url")
-            verifier = ShardVerifier.from_jwks(options.id, options.jwks, tlv_type=tlv_type)
+            verifier = ShardVerifier.from_jwks(
+                options.id, options.jwks, tlv_type=tlv_type, owns_key=owns_key
+            )
         tls = (
             _tls_options(options.cert, options.key, options.client_ca)
             if options.cert is not None

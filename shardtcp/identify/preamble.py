@@ -13,9 +13,11 @@ bytes (no I/O, no clock) and bounded by the byte limit it is built with
     waiting for the 200) are not consumed: they are the tunnel's first
     bytes and go to the shard.
 ``line`` (``LineMethod``)
-    One line, ``SHARD <service>`` ended by CRLF or a bare LF; consumed.
-    The name may be a configured service name or a service id
-    (``Identified.by_service_id``).
+    One line, ``SHARD <service>`` or ``SHARD <service> <key>`` ended by
+    CRLF or a bare LF; consumed. The name may be a configured service name
+    or a service id (``Identified.by_service_id``); the key, 1 to 253
+    printable ASCII characters without spaces, is ``Identified.key`` (the
+    ``line-arg`` shard key).
 ``http-host`` (``HttpHostMethod``)
     A plain HTTP/1.x request, peeked up to the end of its header fields and
     not consumed: the request reaches the shard byte for byte. The
@@ -63,7 +65,8 @@ Refusals raise ``IdentifyError`` with protocol ``AnswerProtocol.HTTP``
 (``connect``, ``http-host``) or ``LINE``: reasons ``malformed`` (400, ``ERR malformed``),
 ``uri_too_long`` (414: the limit was reached inside the request line),
 ``header_too_large`` (431: inside the header fields) and, for ``line``,
-``too_large`` when the service name is longer than 253 characters.
+``too_large`` when the service name or the key is longer than 253
+characters.
 """
 
 from __future__ import annotations
@@ -98,6 +101,9 @@ _LINE_PREFIX = b"SHARD "
 _MAX_SERVICE = 253
 _SERVICE = re.compile(rb"[A-Za-z0-9_.:-]+")
 _SERVICE_BAD = re.compile(rb"[^A-Za-z0-9_.:-]")
+_MAX_KEY = 253
+_KEY = re.compile(rb"[\x21-\x7e]+")
+_KEY_BAD = re.compile(rb"[^\x21-\x7e]")
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # Control characters other than HTAB have no place in a field value
@@ -444,8 +450,9 @@ class HttpHostMethod(_Method):
 @implementer(IIdentifyMethod)
 class LineMethod(_Method):
     """
-    ``SHARD <service>`` and a line end (CRLF or LF): consumed; the name is
-    the service as written, a service name or a service id.
+    ``SHARD <service>``, optionally `` <key>``, and a line end (CRLF or
+    LF): consumed; the name is the service as written, a service name or a
+    service id, and the key the ``line-arg`` shard key.
     """
 
     name = "line"
@@ -454,8 +461,9 @@ class LineMethod(_Method):
     def __init__(self, max_size: int) -> None:
         super().__init__(max_size)
         self._buffer = bytearray()
-        # The longest valid line: the prefix, the longest name, CRLF.
-        self._cap = min(max_size, len(_LINE_PREFIX) + _MAX_SERVICE + 2)
+        # The longest valid line: the prefix, the longest name, a space,
+        # the longest key, CRLF.
+        self._cap = min(max_size, len(_LINE_PREFIX) + _MAX_SERVICE + 1 + _MAX_KEY + 2)
 
     @property
     def buffered(self) -> int:
@@ -474,6 +482,12 @@ class LineMethod(_Method):
             service = bytes(buffer[prefix:end])
             if service.endswith(b"\r"):
                 service = service[:-1]
+            service, key = _split_line(service)
+            if key is not None:
+                if len(key) > _MAX_KEY:
+                    raise _line_error("too_large", f"key longer than {_MAX_KEY} characters")
+                if not _KEY.fullmatch(key):
+                    raise _line_error("malformed", f"key {_show(key)} is not 1 to {_MAX_KEY} printable characters")
             if len(service) > _MAX_SERVICE:
                 raise _line_error("too_large", f"service name longer than {_MAX_SERVICE} characters")
             if not _SERVICE.fullmatch(service):
@@ -484,11 +498,18 @@ class LineMethod(_Method):
                 name=service.decode("ascii"),
                 consume=end + 1,
                 by_service_id=True,
+                key=key.decode("ascii") if key is not None else None,
             )
         # Refuse as soon as the line cannot become valid: a character
         # outside the name (a CR is allowed only as the last byte so far).
         pending = bytes(buffer[prefix:])
         body = pending[:-1] if pending.endswith(b"\r") else pending
+        body, key = _split_line(body)
+        if key is not None:
+            if _KEY_BAD.search(key):
+                raise _line_error("malformed", f"key {_show(key)} is not 1 to {_MAX_KEY} printable characters")
+            if len(key) > _MAX_KEY:
+                raise _line_error("too_large", f"key longer than {_MAX_KEY} characters")
         if _SERVICE_BAD.search(body):
             raise _line_error("malformed", f"service {_show(body)} is not [A-Za-z0-9_.:-]{{1,253}}")
         if len(body) > _MAX_SERVICE:
@@ -496,6 +517,12 @@ class LineMethod(_Method):
         if len(buffer) >= self._cap:
             raise _line_error("too_large", f"no line end within {self._cap} bytes")
         return None
+
+
+def _split_line(body: bytes) -> tuple[bytes, Optional[bytes]]:
+    """``<service>`` or ``<service> <key>``: the service and the key, if any."""
+    service, space, key = body.partition(b" ")
+    return service, (key if space else None)
 
 
 def _line_error(reason: str, message: str) -> IdentifyError:

@@ -45,7 +45,8 @@ class Identified:
     connected (CONNECT's 200); ``by_service_id`` says that ``name`` may also
     be a service id as it stands (the ``line`` preamble names a service,
     not a host): the router tries it as one when the name table selects
-    nothing.
+    nothing.  ``key`` is the shard key the ``line`` preamble's second word
+    gave (``SHARD <service> <key>``), else None.
     """
 
     method: str
@@ -56,6 +57,7 @@ class Identified:
     consume: int = 0
     reply_when_connected: bytes = b""
     by_service_id: bool = False
+    key: Optional[str] = None
 
 
 class IdentifyError(Exception):

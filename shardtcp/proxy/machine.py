@@ -36,6 +36,7 @@ from __future__ import annotations
 import enum
 from typing import Callable, Optional, Protocol
 
+import attrs
 from zope.interface import Interface
 
 from shardtcp.identify.detect import Detector, Identified, IdentifyError
@@ -44,6 +45,8 @@ from shardtcp.model import ConnectionRequest, ListenerConfig
 from shardtcp.policy import PASSTHROUGH_TLS, NO_TLS, PolicyContext, PolicyRefused, TLSFacts, admit
 from shardtcp.proxy.refusal import refusal_bytes
 from shardtcp.resolver import AccessDenied, NoShardAvailable, ResolverError, UnknownService
+from shardtcp.resolver.ownership import key_for
+from shardtcp.resolver.service import NoShardKey
 from shardtcp.resolver.interfaces import IResolver
 
 __all__ = ["State", "IConnectionEffects", "MachineRules", "ConnectionMachine", "EARLY_DATA_ALLOWANCE"]
@@ -431,19 +434,26 @@ class ConnectionMachine:
         config = rules.config
         identified = self.identified
         protocol = self.answer_protocol
-        request = ConnectionRequest(
-            service_id=self.service,
-            client=self.client,
-            destination=self.destination,
-            sni=identified.name if identified.method == "sni" else None,
-            alpn=identified.alpn,
-            listener=config.name,
-        )
         try:
+            key = _shard_key(rules.resolver.service_config(self.service), self.client, identified)
+            request = ConnectionRequest(
+                service_id=self.service,
+                client=self.client,
+                destination=self.destination,
+                sni=identified.name if identified.method == "sni" else None,
+                alpn=identified.alpn,
+                listener=config.name,
+                shard_key=key,
+            )
             candidates = rules.resolver.resolve(request)
             self.policy = admit(rules.resolver.service_config(self.service), self.facts)
+            if key is not None:
+                self.policy = attrs.evolve(self.policy, shard_key=key)
         except AccessDenied as e:
             self._refuse("denied", str(e), protocol)
+            return
+        except NoShardKey as e:
+            self._refuse("no_shard_key", str(e), protocol)
             return
         except UnknownService as e:
             self._refuse("unknown_service", str(e), protocol)
@@ -478,6 +488,15 @@ class ConnectionMachine:
         self._held = None
         self._buffer = []
         self._buffered = 0
+
+
+def _shard_key(service, client: tuple, identified: Identified) -> Optional[str]:
+    """The connection's shard key for ``service`` (SPEC section 10), or None."""
+    if service.shard_key == "none":
+        return None
+    return key_for(
+        service.shard_key, client_ip=client[0], name=identified.name, line_arg=identified.key
+    )
 
 
 def _has_service(resolver: IResolver, service_id: str) -> bool:

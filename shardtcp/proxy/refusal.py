@@ -31,6 +31,8 @@ REASONS = {
     "threat_denied": (AlertDescription.access_denied, 403, "Forbidden"),
     "policy_encryption": (AlertDescription.access_denied, 403, "Forbidden"),
     "policy_authentication": (AlertDescription.access_denied, 403, "Forbidden"),
+    # A service routing by shard key, a connection that names no key.
+    "no_shard_key": (AlertDescription.unrecognized_name, 400, "Bad Request"),
     "no_shard": (AlertDescription.internal_error, 503, "Service Unavailable"),
     "shard_unreachable": (AlertDescription.internal_error, 503, "Service Unavailable"),
     "token_too_large": (AlertDescription.internal_error, 503, "Service Unavailable"),

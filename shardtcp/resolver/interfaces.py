@@ -25,7 +25,8 @@ class IResolver(Interface):
         """
         The candidates for a ``ConnectionRequest``, the one to try first
         first, then the retry order.  Raises ``UnknownService``,
-        ``AccessDenied`` or ``NoShardAvailable``.
+        ``AccessDenied``, ``NoShardKey`` (a service routing by shard key, a
+        request without one) or ``NoShardAvailable``.
         """
 
     def lease(shard_id):
@@ -86,11 +87,13 @@ class IResolverControl(Interface):
     def record_rtt(shard_id, seconds):
         """Feed one round-trip sample into a shard's measured latency."""
 
-    def explain(request):
+    def explain(request, key=None):
         """
         The ranking ``resolve`` would make for a ``ConnectionRequest``,
         every shard with its factors and its reasons for rejection, without
-        side effects; a refused client is shown ``denied``.
+        side effects; a refused client is shown ``denied``.  For a service
+        routing by shard key, ``key`` (else the request's) gives the owner
+        chain.
         """
 
     def snapshot():

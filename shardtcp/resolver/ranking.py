@@ -30,7 +30,7 @@ from shardtcp.model import (
     Weights,
 )
 from shardtcp.net import PrefixTable, normalise_network, parse_ip
-from shardtcp.resolver import scoring
+from shardtcp.resolver import ownership, scoring
 from shardtcp.resolver.state import ShardState
 
 #: What a threat feed says of a client address: why it is denied, or None.
@@ -332,7 +332,9 @@ class Ranking:
     ``rejections`` maps every shard id to its filter reasons when no shard
     is eligible (for ``NoShardAvailable``) or every shard is scored.
     ``in_rotation`` counts the healthy shards passing the hard filters,
-    ``passing`` those passing the hard filters.
+    ``passing`` those passing the hard filters.  ``owners``, for a service
+    routing by shard key, is the key's owner chain
+    (``shardtcp.resolver.ownership``), set by the resolver's ownership step.
     """
 
     client: Client
@@ -343,6 +345,7 @@ class Ranking:
     rejections: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict)
     in_rotation: int = 0
     passing: int = 0
+    owners: Optional[ownership.OwnerChain] = None
 
 
 def rank(

@@ -70,6 +70,14 @@ How a shard is chosen, for one request:
    rank order. Only the service, the client's address and the shards' live
    state shape the draw: SNI, ALPN, preamble, listener and ports do not.
 
+Shard keys (SPEC section 10): for a service with a ``shard_key``, step 5
+is replaced by ownership (``shardtcp.resolver.ownership``): the eligible
+shards are ordered for the request's key by weighted rendezvous hashing,
+after the owners ``[service.S.owners]`` pins, and the first owner under
+its bounded load comes first, the other eligible owners after it in
+chain order.  No draw: only the key chooses.  A request without a key to
+such a service is refused with ``NoShardKey``.
+
 Anti-herding: ``open_connections`` counts leases, and the connection path
 takes its lease as soon as it picks a shard, before the connect completes.
 The very next ``resolve`` therefore already sees that connection in the load
@@ -97,6 +105,7 @@ ids must be unique across services.
 from __future__ import annotations
 
 import secrets
+from collections import Counter, OrderedDict
 from typing import Callable, Iterable, Optional
 
 import attrs
@@ -115,7 +124,7 @@ from shardtcp.model import (
     ShardInfo,
 )
 from shardtcp.net import PrefixTable, normalise_network
-from shardtcp.resolver import choice, ranking, scoring
+from shardtcp.resolver import choice, ownership, ranking, scoring
 from shardtcp.resolver.agent import AgentReport
 from shardtcp.resolver.interfaces import IResolver, IResolverControl
 from shardtcp.resolver.outlier import OutlierPolicy
@@ -131,6 +140,7 @@ __all__ = [
     "Explanation",
     "Lease",
     "NoShardAvailable",
+    "NoShardKey",
     "ResolverError",
     "ShardExplanation",
     "ShardResolver",
@@ -146,6 +156,9 @@ log = Logger()
 # connection, so it must stay bounded whatever the number of shards.
 _IDS_SHOWN = 3
 _GROUPS_SHOWN = 5
+# How many distinct recent keys per keyed service the status counts: a
+# bounded picture, whatever the number of keys clients send.
+_RECENT_KEYS = 4096
 
 
 # ---------------------------------------------------------------------------
@@ -216,6 +229,20 @@ class NoShardAvailable(ResolverError):
         super().__init__(_summarise_rejections(service_id, rejections))
         self.service_id = service_id
         self.rejections = dict(rejections)
+
+
+class NoShardKey(ResolverError):
+    """The service routes by shard key and the request carries none."""
+
+    reason = "no-shard-key"
+
+    def __init__(self, service_id: str, source: str) -> None:
+        super().__init__(
+            f"service {service_id!r} routes by shard key ({source}) and the "
+            "connection has none"
+        )
+        self.service_id = service_id
+        self.source = source
 
 
 def _summarise_rejections(
@@ -314,7 +341,9 @@ class Explanation:
     is eligible and every shard's ``rejected_by`` starts with it. ``shards``
     holds the eligible shards in rank order (the pool the first candidate is
     drawn from is marked ``in_draw``), then the rejected ones. ``panic``
-    says whether panic mode is in force for the service.
+    says whether panic mode is in force for the service.  For a service
+    routing by shard key, ``key`` is the key explained and ``owners`` its
+    owner chain: who takes it, and why each owner before it was skipped.
     """
 
     request: ConnectionRequest
@@ -323,6 +352,8 @@ class Explanation:
     denied: Optional[str]
     shards: tuple[ShardExplanation, ...]
     panic: bool = False
+    key: Optional[str] = None
+    owners: Optional[ownership.OwnerChain] = None
 
 
 # ---------------------------------------------------------------------------
@@ -387,6 +418,8 @@ class ShardResolver(Service):
         self._states: dict[str, ShardState] = {}
         self._tables: dict[str, ranking.ServiceTable] = {}
         self._panic: dict[str, bool] = {}
+        # service id -> recent key -> the shard that took it (bounded)
+        self._recent_keys: dict[str, OrderedDict[str, str]] = {}
         self._watchers: dict[object, Callable[[], None]] = {}
         self._unsubscribe: Optional[Callable[[], None]] = None
         self._loaded = False
@@ -727,7 +760,7 @@ class ShardResolver(Service):
                 )
 
     def _rank(
-        self, request: ConnectionRequest, *, score_all: bool
+        self, request: ConnectionRequest, *, score_all: bool, key: Optional[str] = None
     ) -> tuple[ranking.Ranking, float]:
         """
         The one pipeline behind ``resolve`` and ``explain``; only
@@ -743,6 +776,7 @@ class ShardResolver(Service):
         )
         if result.denied is None and not score_all:
             self._note_panic(request.service_id, result)
+        result = _own(table.config, result, key if key is not None else request.shard_key)
         return result, now
 
     def _note_panic(self, service_id: str, result: ranking.Ranking) -> None:
@@ -816,9 +850,15 @@ class ShardResolver(Service):
         result, now = self._rank(request, score_all=False)
         if result.denied is not None:
             raise AccessDenied(request.service_id, request.client[0], result.denied)
+        source = self._table(request.service_id).config.shard_key
+        if source != "none" and result.owners is None:
+            raise NoShardKey(request.service_id, source)
         eligible = result.eligible
         if not eligible:
             raise NoShardAvailable(request.service_id, dict(result.rejections))
+        owners = result.owners
+        if owners is not None:
+            return self._by_key(request.service_id, result, owners, now)
         members = choice.pool(self._entries(eligible), self._band)
         index, ledger = choice.draw(members, self._random)
         first = members[index].item
@@ -831,15 +871,34 @@ class ShardResolver(Service):
         )
         return ordered
 
-    def explain(self, request: ConnectionRequest) -> Explanation:
+    def _by_key(
+        self,
+        service_id: str,
+        result: ranking.Ranking,
+        owners: ownership.OwnerChain,
+        now: float,
+    ) -> list[Candidate]:
+        """The eligible shards in the key's owner order; no draw."""
+        by_id = {r.info.shard_id: r for r in result.eligible}
+        client = result.client
+        ordered = [Candidate(by_id[i].info, by_id[i], client, now) for i in owners.order]
+        recent = self._recent_keys.setdefault(service_id, OrderedDict())
+        recent[owners.key] = owners.order[0]
+        recent.move_to_end(owners.key)
+        while len(recent) > _RECENT_KEYS:
+            recent.popitem(last=False)
+        return ordered
+
+    def explain(self, request: ConnectionRequest, key: Optional[str] = None) -> Explanation:
         """
         Return the ranking ``resolve`` would make, with every shard's score
         and reasons for rejection, without raising for denied clients or
         empty rankings, and without drawing. A client ``resolve`` would
-        refuse is shown ``denied``, with no shard eligible. Raises
-        ``UnknownService`` only.
+        refuse is shown ``denied``, with no shard eligible. For a service
+        routing by shard key, ``key`` (else the request's ``shard_key``)
+        gives the owner chain. Raises ``UnknownService`` only.
         """
-        result, now = self._rank(request, score_all=True)
+        result, now = self._rank(request, score_all=True, key=key)
         client = result.client
         members = choice.pool(self._entries(result.eligible), self._band)
         share = {id(m.item): s for m, s in zip(members, choice.shares(members))}
@@ -863,6 +922,8 @@ class ShardResolver(Service):
             denied=result.denied,
             shards=tuple(shards),
             panic=result.panic,
+            key=result.owners.key if result.owners is not None else None,
+            owners=result.owners,
         )
 
     # -- status -------------------------------------------------------------
@@ -881,6 +942,8 @@ class ShardResolver(Service):
                 considered, self._settings.panic_threshold
             )
             eligible_ids = {c.info.shard_id for c in eligible}
+            keyed = table.config.shard_key != "none"
+            taken = Counter(self._recent_keys.get(service_id, {}).values())
             shards = []
             for c in considered:
                 state, info = c.state, c.info
@@ -920,6 +983,7 @@ class ShardResolver(Service):
                         rtt_samples=state.rtt_samples,
                         connects_ok=state.stats.ok,
                         connects_failed=state.stats.failed,
+                        recent_keys=taken.get(info.shard_id, 0) if keyed else None,
                     )
                 )
             services.append(
@@ -941,6 +1005,30 @@ class ShardResolver(Service):
         from shardtcp.status import render_status
 
         return render_status(self.snapshot())
+
+
+def _own(
+    config: ServiceConfig, result: ranking.Ranking, key: Optional[str]
+) -> ranking.Ranking:
+    """
+    The ownership step: for a service routing by shard key, a request with
+    a key and a client admitted, the ranking with the key's owner chain
+    over its eligible shards (the rejected ones, scored for explain only,
+    skipped with their reasons).  Otherwise the ranking unchanged.
+    """
+    if config.shard_key == "none" or key is None or result.denied is not None:
+        return result
+    def member(r: ranking.Ranked, reasons: tuple[str, ...]) -> ownership.Shard:
+        # The operator's weight: the slow-start ramp must not move keys.
+        weight = r.state.weight if r.state is not None else r.info.weight
+        return ownership.Shard(r.info.shard_id, weight, r.info.open_connections, reasons)
+
+    shards = [member(r, ()) for r in result.eligible]
+    shards += [member(r, r.reasons or ("not eligible",)) for r in result.rejected]
+    chain = ownership.chain(
+        key, shards, owners=config.owners, bounded_load=config.bounded_load
+    )
+    return attrs.evolve(result, owners=chain)
 
 
 def build_resolver(

@@ -21,7 +21,9 @@ class ShardSnapshot:
     operator (``admin_state``) and agent state, whether it is eligible and
     why not, ejection, load, connections, security score with its baseline
     and source (``"feed"`` or ``"baseline"``), weights, slow-start ramp,
-    measured latency and connect counters.
+    measured latency and connect counters.  ``recent_keys``, for a service
+    routing by shard key, counts the distinct recent keys this shard took
+    (None otherwise).
     """
 
     shard_id: str
@@ -54,6 +56,7 @@ class ShardSnapshot:
     rtt_samples: int
     connects_ok: int
     connects_failed: int
+    recent_keys: Optional[int] = None
 
 
 @attrs.frozen

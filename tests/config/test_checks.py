@@ -56,9 +56,6 @@ class NotYetAvailableTests(_Helpers, SynchronousTestCase):
     OTHER = {
         ("proxy", "workers"): 2,
         ("proxy", "drain_timeout"): "10s",
-        ("service", "shard_key"): "client-ip",
-        ("service", "bounded_load"): 2.0,
-        ("service", "owners"): {"tenant-*": ["api-1"]},
     }
     DEFAULT = {
         ("proxy", "drain_timeout"): "30s",
@@ -205,7 +202,7 @@ class BoundsTests(_Helpers, SynchronousTestCase):
 
     def test_owners(self) -> None:
         """owners: key glob -> a non-empty list of distinct shard ids."""
-        self.assertInBounds("service", "owners", {"a": ["api-1"], "tenant-*": ["api-1", "api-2"]})
+        # Good tables need a shard_key: OwnersTests.test_good.
         for bad, fragment in (
             ({"a": []}, 'service.api.owners.a: list at least one shard id'),
             ({"a": ["api 1"]}, "service.api.owners.a[0]: shard id"),
@@ -215,6 +212,54 @@ class BoundsTests(_Helpers, SynchronousTestCase):
             (["a"], "service.api.owners: expected a table"),
         ):
             self.assertOutOfBounds("service", "owners", bad, fragment)
+
+
+class OwnersTests(_Helpers, SynchronousTestCase):
+    """[service.S.owners] names the service's own shards with well-formed globs, under a shard_key."""
+
+    def owners(self, owners: Any, shard_key: str = "sni-label") -> list:
+        data = minimal()
+        service = data["service"]["api"]
+        service["shard"].append({"id": "api-2", "address": "127.0.0.1:9002"})
+        service["shard_key"] = shard_key
+        service["owners"] = owners
+        return self.outcome_of(data)
+
+    def outcome_of(self, data: dict) -> list:
+        try:
+            self.parse(data)
+        except ConfigError as e:
+            return list(e.problems)
+        return []
+
+    def test_good(self) -> None:
+        """Exact keys, globs and classes naming the service's shards pass."""
+        self.assertEqual(
+            self.owners({"t1": ["api-2"], "tenant-*": ["api-1", "api-2"], "[a-c]?x": ["api-1"], "[]]": ["api-1"]}),
+            [],
+        )
+
+    def test_unknown_shard(self) -> None:
+        """An id that is no shard of the service is named with its place."""
+        self.assertEqual(
+            self.owners({"t*": ["api-1", "api-9"]}),
+            ["service.api.owners.\"t*\"[1]: no shard 'api-9' in service 'api'"],
+        )
+
+    def test_bad_globs(self) -> None:
+        """An unclosed or empty class is refused (fnmatch would read it literally)."""
+        self.assertEqual(
+            self.owners({"t[a": ["api-1"]}),
+            ["service.api.owners.\"t[a\": key glob 't[a': '[' at 1 is never closed"],
+        )
+        self.assertEqual(self.owners({"t[!": ["api-1"]})[0].split(": ", 1)[1], "key glob 't[!': '[' at 1 is never closed")
+
+    def test_needs_a_shard_key(self) -> None:
+        """owners without a shard_key mean nothing and are refused."""
+        self.assertEqual(
+            self.owners({"t": ["api-1"]}, shard_key="none"),
+            ['service.api.owners: owners need a shard_key other than "none"'],
+        )
 
 
 class RouteTests(_Helpers, SynchronousTestCase):
@@ -300,3 +345,35 @@ class HealthTrustTests(_Helpers, SynchronousTestCase):
             "No such file or directory",
             caught.exception.problems,
         )
+
+
+class ShardKeyTokenSizeTests(_Helpers, SynchronousTestCase):
+    """check-config counts the longest shk a service's key source can give in the PolicyContext bound."""
+
+    def test_key_length_per_source(self) -> None:
+        """No shard key: no shk; client-ip 39, sni-label 63, authority and line-arg 253; a policy the key pushes over 1024 bytes is refused."""
+        from shardtcp.config import parse_config
+        from shardtcp.policy import worst_case_token_size
+
+        seen: list = []
+
+        def sizer(**kw):
+            seen.append(kw.get("key_length"))
+            return 0
+
+        for source, expected in (("none", None), ("client-ip", 39), ("sni-label", 63),
+                                 ("authority", 253), ("line-arg", 253)):
+            data = minimal()
+            data["service"]["api"]["shard_key"] = source
+            seen.clear()
+            parse_config(data, self.mktemp(), check_files=False, token_size=sizer)
+            self.assertEqual(seen, [expected], source)
+        data = minimal()
+        data["service"]["api"]["shard_key"] = "line-arg"
+        data["service"]["api"]["policy"] = {"acl": ["a" * 50, "b" * 50]}  # 675 bytes; 1025 with a 253-character shk
+        e = self.assertRaises(
+            ConfigError, parse_config, data, self.mktemp(), check_files=False, token_size=worst_case_token_size
+        )
+        self.assertTrue(any("over the 1024-byte limit" in p for p in e.problems), e.problems)
+        data["service"]["api"]["shard_key"] = "none"
+        parse_config(data, self.mktemp(), check_files=False, token_size=worst_case_token_size)

@@ -185,16 +185,18 @@ class Deployment:
     # -- shards -----------------------------------------------------------
 
     def add_shard(
-        self, shard_id: str, place: Place, behaviour: str = "hello", *, alpn: Optional[list] = None
+        self, shard_id: str, place: Place, behaviour: str = "hello", *, alpn: Optional[list] = None,
+        names: Sequence[str] = (),
     ) -> Shard:
         """
         Start a verifying TLS reference shard on 127.0.0.1:0, with the TLS
         options ``shardtcp.example.shard.tls_options`` gives (as the demo).
         With ``alpn`` (a list), the shard instead negotiates ``http/1.1``
         when offered and appends every offered ALPN list to ``alpn``.
+        ``names`` are further names its certificate holds.
         """
         issued = self.ca.issue_server(
-            [SERVICE_NAME, f"*.{SERVICE_NAME}", f"{shard_id}.shards.test"], common_name=shard_id
+            [SERVICE_NAME, f"*.{SERVICE_NAME}", f"{shard_id}.shards.test", *names], common_name=shard_id
         )
         cert_path, key_path = issued.write(self.cert_dir, shard_id)
         if alpn is None:
@@ -250,20 +252,25 @@ class Deployment:
             cert_pem = issued.cert_pem
         return self._listen_shard(shard_id, place, behaviour, options, cert_pem)
 
-    async def add_shard_process(self, shard_id: str, place: Place = FRANKFURT, timeout: float = 20.0) -> tuple:
+    async def add_shard_process(
+        self, shard_id: str, place: Place = FRANKFURT, timeout: float = 20.0, *, extra: Sequence[str] = ()
+    ) -> tuple:
         """
         Start a TLS reference shard as a child process (``python -m
         shardtcp.example.shard``), so that a test can kill it; returns
         (its ``ChildProcess``, its port) once it listens.  Stopped in cleanup.
+        ``extra`` arguments are appended (``--listen``, ``--behaviour``...).
         """
         cert, key = self.ca.issue_server(
-            [SERVICE_NAME, f"{shard_id}.shards.test"], common_name=shard_id
+            [SERVICE_NAME, f"*.{SERVICE_NAME}", f"{shard_id}.shards.test"], common_name=shard_id
         ).write(self.cert_dir, shard_id)
         port_file = os.path.join(self.directory, f"{shard_id}.port")
+        if os.path.exists(port_file):
+            os.remove(port_file)  # a restarted shard writes it again
         child = spawn(
             self._case,
             [sys.executable, "-m", "shardtcp.example.shard", "--id", shard_id, "--jwks", self.jwks,
-             "--cert", cert, "--key", key, "--port-file", port_file],
+             "--cert", cert, "--key", key, "--port-file", port_file, *extra],
             timeout=600.0,
         )
         if not await wait_for(lambda: child.done or os.path.exists(port_file), timeout):

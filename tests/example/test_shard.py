@@ -210,6 +210,31 @@ class HelloLineTests(SynchronousTestCase):
         )
         self.assertEqual(hello_line(SHARD, factory.connections[0]), transport.value())
 
+    def test_shard_key_and_owned_keys(self) -> None:
+        """
+        A keyed connection's line ends with shk=<key>; with --owns-key globs
+        a key matching one is served and another is refused (foreign_key,
+        counted), as is a connection without a key (no_shard_key).
+        """
+        import attrs
+
+        from shardtcp.example.shard import owned_keys
+
+        keys = Keys()
+        owns = owned_keys(["tenant4*", "vip"])
+        self.assertIsNone(owned_keys(None))
+        self.assertEqual([owns(k) for k in ("tenant42", "vip", "vip2", "tenant5")], [True, True, False, False])
+        verifier = ShardVerifier(SHARD, {keys.kid: keys.private.public_key()}, now=fixed_now, owns_key=owns)
+        factory = shard_factory(SHARD, verifier, reactor=Clock())
+        protocol, transport = connect(factory)
+        protocol.dataReceived(keys.header(policy=attrs.evolve(POLICY, shard_key="tenant42")))
+        self.assertTrue(transport.value().endswith(b" sub=- shk=tenant42\n"), transport.value())
+        for policy, reason in ((attrs.evolve(POLICY, shard_key="tenant5"), "foreign_key"), (POLICY, "no_shard_key")):
+            protocol, transport = connect(factory)
+            protocol.dataReceived(keys.header(policy=policy))
+            self.assertEqual(transport.value(), b"")
+            self.assertEqual(factory.stats[reason], 1)
+
     def test_ipv6_mtls_subject(self) -> None:
         """An IPv6 client is bracketed; mtls and the subject are shown; no SNI is '-'."""
         keys = Keys()

@@ -329,7 +329,8 @@ class LineTests(RefusalAssertions, SynchronousTestCase):
         self.assertRefused(LineMethod, data, "too_large", b"ERR too_large\r\n", "line")
         method = LineMethod(LIMIT)
         self.assertRaises(IdentifyError, method.feed, data + b"a" * (1 << 20))
-        self.assertEqual(method.buffered, 6 + 253 + 2)
+        # The longest valid line: prefix, service, space, key, CRLF.
+        self.assertEqual(method.buffered, 6 + 253 + 1 + 253 + 2)
 
     def test_malformed(self) -> None:
         """Every malformed line is refused as malformed with ``ERR malformed``."""
@@ -354,7 +355,28 @@ class LineTests(RefusalAssertions, SynchronousTestCase):
         """A character outside the name is refused at once, without waiting for the line end."""
         method = LineMethod(LIMIT)
         self.assertIsNone(method.feed(b"SHARD ap"))
-        self.assertRaises(IdentifyError, method.feed, b" ")
+        self.assertRaises(IdentifyError, method.feed, b"/")
+        method = LineMethod(LIMIT)
+        self.assertIsNone(method.feed(b"SHARD api k"))
+        self.assertEqual(self.assertRaises(IdentifyError, method.feed, b"\t").reason, "malformed")
+        method = LineMethod(LIMIT)
+        self.assertIsNone(method.feed(b"SHARD api k"))
+        self.assertEqual(self.assertRaises(IdentifyError, method.feed, b" x").reason, "malformed")
+
+    def test_line_arg_key(self) -> None:
+        """
+        ``SHARD <service> <key>``: the second word is ``Identified.key``
+        (1 to 253 printable characters, both edges pinned); without it the
+        key is None; an empty, spaced, too long or unprintable key is refused.
+        """
+        found = LineMethod(LIMIT).feed(b"SHARD api tenant-42\r\nrest")
+        self.assertEqual((found.name, found.key, found.consume), ("api", "tenant-42", 21))
+        self.assertIsNone(LineMethod(LIMIT).feed(b"SHARD api\n").key)
+        self.assertEqual(LineMethod(LIMIT).feed(b"SHARD api k\n").key, "k")
+        self.assertEqual(LineMethod(LIMIT).feed(b"SHARD api " + b"k" * 253 + b"\n").key, "k" * 253)
+        self.assertRefused(LineMethod, b"SHARD api " + b"k" * 254 + b"\n", "too_large", b"ERR too_large\r\n", "line")
+        for bad in (b"SHARD api \n", b"SHARD api a b\n", b"SHARD api k\x01\n", b"SHARD api k\xc3\xa9\n"):
+            self.assertRefused(LineMethod, bad, "malformed", b"ERR malformed\r\n", "line")
 
     def test_cr_pending(self) -> None:
         """A CR as the last byte so far waits for its LF."""

@@ -16,7 +16,7 @@ from zope.interface.verify import verifyClass, verifyObject
 
 from shardtcp.identify.clienthello import AlertDescription, tls_alert
 from shardtcp.identify.names import NameTable
-from shardtcp.model import ListenerConfig, PolicyConfig
+from shardtcp.model import ConnectionRequest, ListenerConfig, PolicyConfig
 from shardtcp.policy import TLSFacts
 from shardtcp.proxy.listener import ProxyConnection
 from shardtcp.proxy.machine import EARLY_DATA_ALLOWANCE, ConnectionMachine, IConnectionEffects, State
@@ -457,3 +457,52 @@ class TerminateTests(SynchronousTestCase):
         fx.calls.clear()
         m.handshake_done(TLSFacts(encryption="tls"))
         self.assertEqual(fx.calls, [])
+
+
+class ShardKeyTests(SynchronousTestCase):
+    """A service routing by shard key: the key reaches the resolver and the token, or the connection is refused."""
+
+    def keyed(self, shard_key: str, identify=("sni",)) -> tuple[ConnectionMachine, Recorder]:
+        listener = ListenerConfig(name="edge", listen="tcp:0", identify=identify)
+        config = make_config(listener=listener, names=("*.api.example.test", "api.example.test"))
+        service = attrs.evolve(config.services[0], shard_key=shard_key)
+        config = attrs.evolve(config, services=(service,))
+        rules = Rules(
+            config=listener,
+            names=NameTable((s.id, s.names) for s in config.services),
+            resolver=ShardResolver(config, clock=MemoryReactorClock()),
+        )
+        effects = Recorder()
+        m = ConnectionMachine(rules, effects, CLIENT, PROXY)
+        m.start(5.0)
+        effects.calls.clear()
+        return m, effects
+
+    def test_sni_label_signed(self) -> None:
+        """The SNI's first label is the key: the owner is connected first and the policy carries shk."""
+        m, fx = self.keyed("sni-label")
+        m.data(client_hello("tenant42.api.example.test"))
+        self.assertEqual(m.state, State.CONNECTING)
+        self.assertEqual(m.policy.shard_key, "tenant42")
+        owner = m._rules.resolver.explain(
+            ConnectionRequest(service_id="api", client=CLIENT), key="tenant42"
+        ).owners.order[0]
+        self.assertEqual(fx.last("connect")[1][0], owner)
+
+    def test_no_key_refused(self) -> None:
+        """A SHARD line without a key to a line-arg service: no_shard_key, answered ERR; with one, shk is its key."""
+        m, fx = self.keyed("line-arg", identify=("line",))
+        m.data(b"SHARD api\r\n")
+        reason, message, answer = fx.last("refuse")[1:]
+        self.assertEqual(reason, "no_shard_key")
+        self.assertIn("line-arg", message)
+        self.assertEqual(answer, b"ERR no_shard_key\r\n")
+        m, fx = self.keyed("line-arg", identify=("line",))
+        m.data(b"SHARD api tenant9\r\n")
+        self.assertEqual(m.policy.shard_key, "tenant9")
+
+    def test_unkeyed_policy(self) -> None:
+        """A service without shard_key signs no shk."""
+        m, fx = self.keyed("none")
+        m.data(client_hello("tenant42.api.example.test"))
+        self.assertIsNone(m.policy.shard_key)
