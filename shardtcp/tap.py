@@ -10,6 +10,12 @@ one line per problem and no traceback, when it is not valid.  The tree is:
   bound fails start-up: under ``twistd -n`` with one line naming the
   listener, the endpoint and the OS error, and exit status 1);
 * later: the admin site.
+
+Under twistd the root also handles the signals (``shardtcp.lifecycle``):
+``SIGHUP`` reloads in place (``ProxyService.reload``, ``shardtcp.reload``),
+``SIGTERM``/``SIGINT`` stop gracefully (``stopService`` stops accepting,
+``ready`` turns false, connections get ``[proxy] drain_timeout`` to
+finish), ``SIGUSR1`` reopens the log file.
 """
 
 from __future__ import annotations
@@ -17,22 +23,19 @@ from __future__ import annotations
 import sys
 
 from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python import usage
 
 from shardtcp.config import ConfigError, load_config
-from shardtcp.identify.names import NameTable
-from shardtcp.keys import load_private_key
+from shardtcp.lifecycle import Drain, SignalHandlers
 from shardtcp.metrics import ProxyMetrics
 from shardtcp.model import Config
-from shardtcp.policy import PolicySigner
 from shardtcp.proxy.connector import ShardConnector
-from shardtcp.proxy.context import ListenerContext
 from shardtcp.proxy.listener import ProxyFactory
-from shardtcp.proxy.tls import ServerTLS
-from shardtcp.upstream import UpstreamTLS
+from shardtcp.reload import LifecycleMetrics, Reloader, build_parts, listener_context
 from shardtcp.resolver import ShardResolver, build_health_service
 from shardtcp.resolver.health import health_tls_options
 from shardtcp.resolver.service import build_resolver
@@ -90,12 +93,20 @@ class ListeningService(Service):
 
     def startService(self) -> None:
         super().startService()
+        if self.port is None:
+            try:
+                self.listen()
+            except ListenFailed:
+                self.running = False
+                raise
+
+    def listen(self) -> None:
+        """Listen now (a reload opens new ports before it commits)."""
         outcome: list = []
         serverFromString(self._reactor, self.description).listen(self.factory).addBoth(outcome.append)
         if not outcome:
             raise RuntimeError(f"listening on {self.description!r} did not complete at start-up")
         if isinstance(outcome[0], Failure):
-            self.running = False
             failure = outcome[0]
             raise ListenFailed(
                 f"{self.label}: cannot listen on {self.description}: {_listen_reason(failure)}"
@@ -104,6 +115,10 @@ class ListeningService(Service):
 
     def stopService(self):
         super().stopService()
+        return self.stop_listening()
+
+    def stop_listening(self):
+        """Close the listening socket (open connections are not touched)."""
         port, self.port = self.port, None
         if port is not None:
             return port.stopListening()
@@ -111,9 +126,16 @@ class ListeningService(Service):
 
 
 class ProxyService(MultiService):
-    """The root of the tree; keeps the shared parts reachable for tests."""
+    """
+    The root of the tree; keeps the shared parts reachable for tests, the
+    admin site and reloads.
 
-    def __init__(self, config: Config, resolver: ShardResolver, metrics: ProxyMetrics) -> None:
+    ``reload()`` re-reads the configuration file and applies it in place;
+    ``ready`` is False once a graceful stop has begun (``/ready`` answers
+    503); ``stopService`` drains (see the module docstring).
+    """
+
+    def __init__(self, config: Config, resolver: ShardResolver, metrics: ProxyMetrics, reactor=None) -> None:
         super().__init__()
         self.config = config
         self.resolver = resolver
@@ -123,6 +145,29 @@ class ProxyService(MultiService):
         self.health = None
         #: Called with ``ListenFailed`` instead of raising it, when set.
         self.on_listen_failure = None
+        #: Set by ``makeService``: handle SIGHUP/SIGTERM/SIGINT/SIGUSR1 once running.
+        self.handle_signals = False
+        self.lifecycle = LifecycleMetrics(metrics.registry)
+        #: Connection sets of listeners removed by a reload, still draining.
+        self.retired_connections: list = []
+        self.connector = None
+        self.parts = None
+        self.health_tls = None
+        self._reactor = reactor
+        self._reloader: Reloader | None = None
+        self._drain: Drain | None = None
+        self._stopping: Deferred | None = None
+        self.signals: SignalHandlers | None = None
+
+    @property
+    def ready(self) -> bool:
+        """Whether the proxy takes new connections (running, not stopping)."""
+        return self.running and self._stopping is None
+
+    @property
+    def draining(self) -> bool:
+        """Whether a graceful stop is under way."""
+        return self._stopping is not None
 
     def startService(self) -> None:
         try:
@@ -131,6 +176,93 @@ class ProxyService(MultiService):
             if self.on_listen_failure is None:
                 raise
             self.on_listen_failure(e)
+            return
+        if self.handle_signals and self._reactor is not None:
+            self.signals = SignalHandlers(
+                self._reactor, reload=self.reload, stop=self._stop_reactor, close_now=self._close_now
+            )
+            self.signals.install()
+
+    def _stop_reactor(self) -> None:
+        from twisted.internet.error import ReactorNotRunning
+
+        try:
+            self._reactor.stop()
+        except ReactorNotRunning:
+            pass
+
+    def _close_now(self) -> None:
+        if self._drain is not None:
+            self._drain.close_now()
+
+    def current_health_tls(self, service, shard):
+        """Health checks' TLS options, from the parts of the running configuration."""
+        return self.health_tls(service, shard)
+
+    def listening_service(self, listener, factory) -> "ListeningService":
+        """A (not yet started) listening service for ``listener``."""
+        return ListeningService(listener.listen, factory, self._reactor, label=f"listener {listener.name!r}")
+
+    def open_connections(self) -> list:
+        """Every client connection open now, over all listeners (removed ones too)."""
+        sets = [f.context.connections for f in self.factories.values()] + self.retired_connections
+        return [c for connections in sets for c in connections]
+
+    def reload(self, path: str | None = None) -> Deferred:
+        """
+        Re-read the configuration (``path``, by default the running one's
+        file) and apply it in place (``shardtcp.reload``).  The Deferred
+        fires with a summary of what changed (``ReloadSummary.as_dict``), or
+        fails with ``ConfigError`` (one line per problem; nothing changed)
+        after logging the problems.
+        """
+        if self._stopping is not None:
+            return self._refused(["the proxy is stopping"])
+        if self._reloader is None:
+            self._reloader = Reloader(self, self._reactor)
+        try:
+            summary = self._reloader.reload(path)
+        except ConfigError as e:
+            return self._refused(list(e.problems))
+        self.lifecycle.reloads.labels("ok").inc()
+        _log.info(
+            "configuration reloaded from {path}: {changes}",
+            path=summary.path,
+            changes=summary.describe(),
+            summary=summary.as_dict(),
+        )
+        return succeed(summary.as_dict())
+
+    def _refused(self, problems: list) -> Deferred:
+        self.lifecycle.reloads.labels("refused").inc()
+        for line in problems:
+            _log.error("reload refused: {problem}", problem=line)
+        _log.error(
+            "configuration not reloaded ({count} problems); still running on the previous one",
+            count=len(problems),
+        )
+        return fail(ConfigError(problems))
+
+    def stopService(self):
+        """
+        Stop gracefully: stop listening everywhere, then let the open
+        connections finish for ``[proxy] drain_timeout`` before closing the
+        rest; then stop the other services.  Fires once all of that is done.
+        """
+        if self._stopping is not None:
+            return self._stopping
+        if not self.running:
+            return succeed(None)
+        self._stopping = Deferred()
+        stopping = self._stopping
+        for service in list(self):
+            if isinstance(service, ListeningService):
+                service.stop_listening()
+        self._drain = Drain(self.open_connections, self._reactor, self.lifecycle)
+        d = self._drain.run(self.config.proxy.drain_timeout)
+        d.addCallback(lambda _: MultiService.stopService(self))
+        d.addBoth(lambda result: (stopping.callback(None), result)[1])
+        return stopping
 
     def listening_port(self, listener: str):
         """The bound port of a listener (``getHost()`` tells its address)."""
@@ -142,8 +274,11 @@ def build_service(config: Config, reactor=None, *, connector: ShardConnector | N
     if reactor is None:
         from twisted.internet import reactor
     metrics = ProxyMetrics()
+    parts = build_parts(config, reactor)
     resolver = build_resolver(config, clock=reactor)
-    root = ProxyService(config, resolver, metrics)
+    root = ProxyService(config, resolver, metrics, reactor)
+    root.parts = parts
+    root.health_tls = health_tls_options(parts.upstream_tls)
     resolver.setServiceParent(root)
     intel = build_threat_intel(config, resolver, reactor, registry=metrics.registry)
     if intel is not None:
@@ -151,42 +286,21 @@ def build_service(config: Config, reactor=None, *, connector: ShardConnector | N
         # explain (and resolve) admit clients as the connection path does.
         resolver.set_admission(intel.denies)
     root.threat_intel = intel
-    upstream_tls = UpstreamTLS()
-    health = build_health_service(
-        config, resolver, reactor, tls_options_for=health_tls_options(upstream_tls)
-    )
+    health = build_health_service(config, resolver, reactor, tls_options_for=root.current_health_tls)
     if health is not None:
         health.setServiceParent(root)
     root.health = health
-    signer = PolicySigner(
-        load_private_key(config.signing.private_key),
-        kid=config.signing.kid,
-        issuer=config.proxy.id,
-        ttl=config.signing.ttl,
-        now=reactor.seconds,
-    )
-    names = NameTable((s.id, s.names) for s in config.services)
     if connector is None:
         connector = ShardConnector(reactor)
+    root.connector = connector
     for listener in config.listeners:
-        context = ListenerContext(
-            config=listener,
-            names=names,
-            resolver=resolver,
-            signer=signer,
-            connector=connector,
-            metrics=metrics,
-            clock=reactor,
-            tlv_type=config.signing.tlv_type,
-            server_tls=ServerTLS(listener) if listener.mode == "terminate" else None,
-            upstream_tls=upstream_tls,
-            admission=intel.denies if intel is not None else None,
+        context = listener_context(
+            config, listener, parts, resolver=resolver, connector=connector, metrics=metrics,
+            clock=reactor, admission=intel.denies if intel is not None else None,
         )
         factory = ProxyFactory(context)
         root.factories[listener.name] = factory
-        port_service = ListeningService(
-            listener.listen, factory, reactor, label=f"listener {listener.name!r}"
-        )
+        port_service = root.listening_service(listener, factory)
         port_service.setName(f"listener:{listener.name}")
         port_service.setServiceParent(root)
     return root
@@ -206,6 +320,12 @@ def makeService(options: Options, reactor=None) -> ProxyService:
     except ThreatIntelError as e:
         sys.stderr.write(f"shardtcp: {e}\nshardtcp: not starting\n")
         raise SystemExit(1)
+    except ConfigError as e:
+        for line in e.problems:
+            sys.stderr.write(f"shardtcp: {line}\n")
+        sys.stderr.write("shardtcp: not starting\n")
+        raise SystemExit(1)
+    root.handle_signals = True
     parent = getattr(options, "parent", None)
     if parent is None or parent.get("nodaemon"):
         root.on_listen_failure = _exit_not_listening

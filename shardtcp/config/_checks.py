@@ -28,7 +28,6 @@ TokenSizer = Callable[..., int]
 #: (table, key) -> the default value; any other value is refused for now.
 NOT_YET_AVAILABLE: dict[tuple[str, str], Any] = {
     ("proxy", "workers"): 1,
-    ("proxy", "drain_timeout"): 30.0,
     ("signing", "jwks"): None,
     ("listener", "max_connections"): 0,
     ("listener", "backlog"): 1024,

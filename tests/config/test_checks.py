@@ -55,7 +55,6 @@ class NotYetAvailableTests(_Helpers, SynchronousTestCase):
     # A valid non-default value for each key, as TOML decodes it.
     OTHER = {
         ("proxy", "workers"): 2,
-        ("proxy", "drain_timeout"): "10s",
         ("signing", "jwks"): "keys/jwks.json",
         ("listener", "max_connections"): 100,
         ("listener", "backlog"): 128,
@@ -67,7 +66,6 @@ class NotYetAvailableTests(_Helpers, SynchronousTestCase):
         ("registry", "kind"): "etcd",
     }
     DEFAULT = {
-        ("proxy", "drain_timeout"): "30s",
         ("listener", "per_source"): {"max_connections": 0, "rate": "0/s"},
     }
     PATH = {"listener": "listener[0]", "service": "service.api"}
