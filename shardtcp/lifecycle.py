@@ -154,8 +154,8 @@ class SignalHandlers:
     """
     The signal handlers of a proxy run by twistd.  ``reload``, ``stop``
     and ``close_now`` are called in the reactor thread; ``install`` is
-    called once the reactor runs (it replaces the reactor's own
-    ``SIGTERM``/``SIGINT`` handlers).
+    called again once the reactor runs (it replaces the reactor's own
+    ``SIGTERM``/``SIGINT`` handlers, installed as the reactor starts).
     """
 
     def __init__(self, reactor, *, reload: Callable[[], object], stop: Callable[[], None],
@@ -170,7 +170,8 @@ class SignalHandlers:
 
     def install(self) -> None:
         s = self._signal
-        self.log_file = twistd_log_file(s.getsignal(s.SIGUSR1))
+        if self.log_file is None:
+            self.log_file = twistd_log_file(s.getsignal(s.SIGUSR1))
         s.signal(s.SIGHUP, self._on_hup)
         s.signal(s.SIGTERM, self._on_stop)
         s.signal(s.SIGINT, self._on_stop)

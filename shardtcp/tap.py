@@ -181,7 +181,10 @@ class ProxyService(MultiService):
             self.signals = SignalHandlers(
                 self._reactor, reload=self.reload, stop=self._stop_reactor, close_now=self._close_now
             )
+            # Now for SIGHUP and SIGUSR1; again once the reactor runs, since
+            # it installs its own SIGTERM/SIGINT handlers as it starts.
             self.signals.install()
+            self._reactor.callWhenRunning(self.signals.install)
 
     def _stop_reactor(self) -> None:
         from twisted.internet.error import ReactorNotRunning
