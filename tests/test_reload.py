@@ -253,6 +253,44 @@ class ReloadTests(SynchronousTestCase):
         self.assertEqual(result.value.problems, ["the proxy is stopping"])
 
 
+class ThreatIntelReloadTests(SynchronousTestCase):
+    """The feed poller across reloads: started, kept, restarted, stopped."""
+
+    def test_started_restarted_stopped(self) -> None:
+        """
+        Adding ``[threat_intel]`` starts a poller (and its admission check);
+        reloading the same file keeps that very poller; changing it builds a
+        new one (its series registered again without a clash); removing it
+        stops the poller and the admission check.
+        """
+        proxy = _Proxy(self)
+        shards = [("api-1", 9001, 1.0)]
+        intel = '[threat_intel]\ntrusted_keys = "keys/jwks.json"\non_expiry = "{}"\n'
+        proxy.write(_listener("edge", 7000), shards)
+        root = proxy.start()
+        self.assertIsNone(root.threat_intel)
+        proxy.write(_listener("edge", 7000) + intel.format("baseline"), shards)
+        self.assertEqual(proxy.reload()["threat_intel"], "started")
+        first = root.threat_intel
+        self.assertTrue(first.running)
+        self.assertEqual(proxy.reload()["threat_intel"], "unchanged")
+        self.assertIs(root.threat_intel, first)
+        proxy.write(_listener("edge", 7000) + intel.format("distrust"), shards)
+        self.assertEqual(proxy.reload()["threat_intel"], "restarted")
+        second = root.threat_intel
+        self.assertIsNot(second, first)
+        self.assertFalse(first.running)
+        self.assertTrue(second.running)
+        self.assertIn(b"shardtcp_feed_accepted_total", root.metrics.render())
+        self.assertIs(root.factories["edge"].context.admission.__self__, second)
+        proxy.write(_listener("edge", 7000), shards)
+        self.assertEqual(proxy.reload()["threat_intel"], "stopped")
+        self.assertIsNone(root.threat_intel)
+        self.assertFalse(second.running)
+        self.assertIsNone(root.factories["edge"].context.admission)
+        self.assertNotIn(b"shardtcp_feed_accepted_total", root.metrics.render())
+
+
 class SummariseTests(SynchronousTestCase):
     """``summarise`` alone."""
 
