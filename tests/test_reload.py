@@ -253,6 +253,41 @@ class ReloadTests(SynchronousTestCase):
         self.assertEqual(result.value.problems, ["the proxy is stopping"])
 
 
+class CertificateReloadTests(SynchronousTestCase):
+    """A terminating listener's certificates across reloads."""
+
+    def test_certificates_reloaded_or_refused(self) -> None:
+        """
+        A reload rebuilds the kept terminating listener's certificates (a
+        new ``ServerTLS``, read from the files again, in the context of new
+        connections); a certificate file that no longer holds a certificate
+        refuses the reload naming the listener, and the running one stays.
+        """
+        from shardtcp.example.pki import CertificateAuthority
+
+        proxy = _Proxy(self)
+        ca = CertificateAuthority("reload test CA")
+        ca.issue_server(["api.example.test"]).write(proxy.directory, "api")
+        listener = (
+            _listener("edge", 7000, mode="terminate").replace('identify = ["line"]\n', "")
+            + 'certificates = [ { names = ["api.example.test"], cert = "api.pem", key = "api.key" } ]\n'
+        )
+        proxy.write(listener, [("api-1", 9001, 1.0)])
+        root = proxy.start()
+        first = root.factories["edge"].context.server_tls
+        ca.issue_server(["api.example.test"]).write(proxy.directory, "api")
+        summary = proxy.reload()
+        self.assertEqual(summary["listeners"]["kept"], ["edge"])
+        second = root.factories["edge"].context.server_tls
+        self.assertIsNot(second, first)
+        with open(os.path.join(proxy.directory, "api.pem"), "w") as f:
+            f.write("not a certificate\n")
+        result = proxy.reload()
+        self.assertIsInstance(result.value, ConfigError)
+        self.assertTrue(result.value.problems[0].startswith("listener[0].certificates: "), result.value.problems)
+        self.assertIs(root.factories["edge"].context.server_tls, second)
+
+
 class ThreatIntelReloadTests(SynchronousTestCase):
     """The feed poller across reloads: started, kept, restarted, stopped."""
 
