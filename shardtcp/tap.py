@@ -153,6 +153,8 @@ class ProxyService(MultiService):
         self.connector = None
         self.parts = None
         self.health_tls = None
+        if reactor is None:
+            from twisted.internet import reactor
         self._reactor = reactor
         self._reloader: Reloader | None = None
         self._drain: Drain | None = None
@@ -177,7 +179,7 @@ class ProxyService(MultiService):
                 raise
             self.on_listen_failure(e)
             return
-        if self.handle_signals and self._reactor is not None:
+        if self.handle_signals:
             self.signals = SignalHandlers(
                 self._reactor, reload=self.reload, stop=self._stop_reactor, close_now=self._close_now
             )

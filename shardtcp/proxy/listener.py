@@ -166,6 +166,8 @@ class ProxyConnection(SpliceSideMixin, Protocol):
         self._tls = None
         #: Why the proxy itself ended this connection (``close``), or None.
         self.close_reason: Optional[str] = None
+        #: Set when a graceful stop began while this connection was open.
+        self.draining = False
 
     @property
     def state(self) -> str:
