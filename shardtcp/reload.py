@@ -335,7 +335,10 @@ class Reloader:
         """
         root = self._root
         old = root.config
-        new = load_config(path or old.path)
+        path = path or old.path
+        if not path:
+            raise ConfigError(["the running configuration was not read from a file"])
+        new = load_config(path)
         parts = build_parts(new, self._reactor)
         intel_keys = _file_bytes(new.threat_intel.trusted_keys if new.threat_intel else None)
         intel_action = self._intel_action(old, new, intel_keys)
@@ -465,7 +468,12 @@ class Reloader:
             root.threat_intel = None
             root.resolver.set_admission(None)
         if action in ("started", "restarted"):
-            intel = build_threat_intel(new, root.resolver, self._reactor, registry=root.metrics.registry)
+            try:
+                intel = build_threat_intel(new, root.resolver, self._reactor, registry=root.metrics.registry)
+            except ThreatIntelError as e:
+                # Validated a moment ago: only a file changed meanwhile gets here.
+                log.critical("threat feeds not restarted: {error}", error=str(e))
+                return
             root.threat_intel = intel
             root.resolver.set_admission(intel.denies)
             intel.setServiceParent(root)
