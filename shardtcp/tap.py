@@ -11,6 +11,12 @@ one line per problem and no traceback, when it is not valid.  The tree is:
   listener, the endpoint and the OS error, and exit status 1);
 * the admin site on ``[admin].listen``, when configured
   (``build_admin_service``).
+
+Under twistd the root also handles the signals (``shardtcp.lifecycle``):
+``SIGHUP`` reloads in place (``ProxyService.reload``, ``shardtcp.reload``),
+``SIGTERM``/``SIGINT`` stop gracefully (``stopService`` stops accepting,
+``ready`` turns false, connections get ``[proxy] drain_timeout`` to
+finish), ``SIGUSR1`` reopens the log file.
 """
 
 from __future__ import annotations
@@ -18,24 +24,25 @@ from __future__ import annotations
 import sys
 
 from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python import usage
+from zope.interface import implementer
 
+from shardtcp.admin.interfaces import IReloader
 from shardtcp.config import ConfigError, load_config
 from shardtcp.identify.names import NameTable
 from shardtcp.keys import load_private_key
+from shardtcp.lifecycle import Drain, SignalHandlers
 from shardtcp.metrics import ProxyMetrics, TimedResolver
 from shardtcp.model import Config
-from shardtcp.policy import PolicySigner
 from shardtcp.proxy.connector import ShardConnector
 from shardtcp.proxy.accesslog import AccessLog, AccessLogError, RefusalLimiter
 from shardtcp.proxy.context import ListenerContext
-from shardtcp.proxy.limits import AdmissionLimits
 from shardtcp.proxy.listener import ProxyFactory
-from shardtcp.proxy.tls import ServerTLS
-from shardtcp.upstream import UpstreamTLS
+from shardtcp.reload import LifecycleMetrics, Reloader, build_parts, listener_context
 from shardtcp.resolver import ShardResolver, build_health_service
 from shardtcp.resolver.health import health_tls_options
 from shardtcp.resolver.service import build_resolver
@@ -95,6 +102,15 @@ class ListeningService(Service):
 
     def startService(self) -> None:
         super().startService()
+        if self.port is None:
+            try:
+                self.listen()
+            except ListenFailed:
+                self.running = False
+                raise
+
+    def listen(self) -> None:
+        """Listen now (a reload opens new ports before it commits)."""
         outcome: list = []
         description = self.description
         if self.backlog is not None:
@@ -103,7 +119,6 @@ class ListeningService(Service):
         if not outcome:
             raise RuntimeError(f"listening on {self.description!r} did not complete at start-up")
         if isinstance(outcome[0], Failure):
-            self.running = False
             failure = outcome[0]
             raise ListenFailed(
                 f"{self.label}: cannot listen on {self.description}: {_listen_reason(failure)}"
@@ -112,16 +127,28 @@ class ListeningService(Service):
 
     def stopService(self):
         super().stopService()
+        return self.stop_listening()
+
+    def stop_listening(self):
+        """Close the listening socket (open connections are not touched)."""
         port, self.port = self.port, None
         if port is not None:
             return port.stopListening()
         return None
 
 
+@implementer(IReloader)
 class ProxyService(MultiService):
-    """The root of the tree; keeps the shared parts reachable for tests."""
+    """
+    The root of the tree; keeps the shared parts reachable for tests, the
+    admin site and reloads.
 
-    def __init__(self, config: Config, resolver: ShardResolver, metrics: ProxyMetrics) -> None:
+    ``reload()`` re-reads the configuration file and applies it in place;
+    ``ready`` is False once a graceful stop has begun (``/ready`` answers
+    503); ``stopService`` drains (see the module docstring).
+    """
+
+    def __init__(self, config: Config, resolver: ShardResolver, metrics: ProxyMetrics, reactor=None) -> None:
         super().__init__()
         self.config = config
         self.resolver = resolver
@@ -136,6 +163,33 @@ class ProxyService(MultiService):
         #: ``[log] access``: shared by every listener.
         self.access_log: AccessLog = AccessLog("off")
         self.refusal_lines: RefusalLimiter | None = None
+        #: What the listeners' connections ask: the resolver, timed for the metrics.
+        self.context_resolver = resolver
+        #: Set by ``makeService``: handle SIGHUP/SIGTERM/SIGINT/SIGUSR1 once running.
+        self.handle_signals = False
+        self.lifecycle = LifecycleMetrics(metrics.registry)
+        #: Connection sets of listeners removed by a reload, still draining.
+        self.retired_connections: list = []
+        self.connector = None
+        self.parts = None
+        self.health_tls = None
+        if reactor is None:
+            from twisted.internet import reactor
+        self._reactor = reactor
+        self._reloader: Reloader | None = None
+        self._drain: Drain | None = None
+        self._stopping: Deferred | None = None
+        self.signals: SignalHandlers | None = None
+
+    @property
+    def ready(self) -> bool:
+        """Whether the proxy takes new connections (running, not stopping)."""
+        return self.running and self._stopping is None
+
+    @property
+    def draining(self) -> bool:
+        """Whether a graceful stop is under way."""
+        return self._stopping is not None
 
     def startService(self) -> None:
         try:
@@ -144,6 +198,102 @@ class ProxyService(MultiService):
             if self.on_listen_failure is None:
                 raise
             self.on_listen_failure(e)
+            return
+        if self.handle_signals:
+            self.signals = SignalHandlers(
+                self._reactor, reload=lambda: self.reload(trigger="signal"), stop=self._stop_reactor, close_now=self._close_now
+            )
+            # Now for SIGHUP and SIGUSR1; again once the reactor runs, since
+            # it installs its own SIGTERM/SIGINT handlers as it starts.
+            self.signals.install()
+            self._reactor.callWhenRunning(self.signals.install)
+
+    def _stop_reactor(self) -> None:
+        from twisted.internet.error import ReactorNotRunning
+
+        try:
+            self._reactor.stop()
+        except ReactorNotRunning:
+            pass
+
+    def _close_now(self) -> None:
+        if self._drain is not None:
+            self._drain.close_now()
+
+    def current_health_tls(self, service, shard):
+        """Health checks' TLS options, from the parts of the running configuration."""
+        return self.health_tls(service, shard)
+
+    def listening_service(self, listener, factory) -> "ListeningService":
+        """A (not yet started) listening service for ``listener``."""
+        return ListeningService(
+            listener.listen, factory, self._reactor, label=f"listener {listener.name!r}", backlog=listener.backlog
+        )
+
+    def open_connections(self) -> list:
+        """Every client connection open now, over all listeners (removed ones too)."""
+        sets = [f.context.connections for f in self.factories.values()] + self.retired_connections
+        return [c for connections in sets for c in connections]
+
+    def reload(self, path: str | None = None, *, trigger: str | None = None) -> Deferred:
+        """
+        Re-read the configuration (``path``, by default the running one's
+        file) and apply it in place (``shardtcp.reload``).  The Deferred
+        fires with a summary of what changed (``ReloadSummary.as_dict``), or
+        fails with ``ConfigError`` (one line per problem; nothing changed)
+        after logging the problems.  With ``trigger`` (``signal``) the
+        outcome is counted in ``shardtcp_reloads_total``; the admin API
+        counts its own (``api``).
+        """
+        if self._stopping is not None:
+            return self._refused(["the proxy is stopping"], trigger)
+        if self._reloader is None:
+            self._reloader = Reloader(self, self._reactor)
+        try:
+            summary = self._reloader.reload(path)
+        except ConfigError as e:
+            return self._refused(list(e.problems), trigger)
+        if trigger is not None:
+            self.metrics.record_reload(trigger, True)
+        _log.info(
+            "configuration reloaded from {path}: {changes}",
+            path=summary.path,
+            changes=summary.describe(),
+            summary=summary.as_dict(),
+        )
+        return succeed(summary.as_dict())
+
+    def _refused(self, problems: list, trigger: str | None) -> Deferred:
+        if trigger is not None:
+            self.metrics.record_reload(trigger, False)
+        for line in problems:
+            _log.error("reload refused: {problem}", problem=line)
+        _log.error(
+            "configuration not reloaded ({count} problems); still running on the previous one",
+            count=len(problems),
+        )
+        return fail(ConfigError(problems))
+
+    def stopService(self):
+        """
+        Stop gracefully: stop listening everywhere, then let the open
+        connections finish for ``[proxy] drain_timeout`` before closing the
+        rest; then stop the other services.  Fires once all of that is done.
+        """
+        if self._stopping is not None:
+            return self._stopping
+        if not self.running:
+            return succeed(None)
+        self._stopping = Deferred()
+        stopping = self._stopping
+        for service in list(self):
+            if isinstance(service, ListeningService):
+                service.stop_listening()
+        self._drain = Drain(self.open_connections, self._reactor, self.lifecycle)
+        d = self._drain.run(self.config.proxy.drain_timeout)
+        d.addCallback(lambda _: MultiService.stopService(self))
+        d.addBoth(lambda result: (stopping.callback(None), result)[1])
+        return stopping
 
     def reopen_logs(self) -> None:
         """Reopen the log files shardtcp owns (``[log] access_file``): SIGUSR1."""
@@ -180,8 +330,11 @@ def build_service(config: Config, reactor=None, *, connector: ShardConnector | N
         from twisted.internet import reactor
     metrics = ProxyMetrics()
     registry = build_registry(config, reactor)
+    parts = build_parts(config, reactor)
     resolver = build_resolver(config, clock=reactor, source=registry)
-    root = ProxyService(config, resolver, metrics)
+    root = ProxyService(config, resolver, metrics, reactor)
+    root.parts = parts
+    root.health_tls = health_tls_options(parts.upstream_tls)
     root.registry = registry
     if registry is not None:
         # Started before the resolver, so that its snapshot is the first
@@ -189,60 +342,37 @@ def build_service(config: Config, reactor=None, *, connector: ShardConnector | N
         registry.setServiceParent(root)
     resolver.setServiceParent(root)
     metrics.watch_shards(resolver.snapshot)
-    timed = TimedResolver(resolver, metrics, reactor)
+    root.context_resolver = TimedResolver(resolver, metrics, reactor)
     intel = build_threat_intel(config, resolver, reactor, registry=metrics.registry)
     if intel is not None:
         intel.setServiceParent(root)
         # explain (and resolve) admit clients as the connection path does.
         resolver.set_admission(intel.denies)
     root.threat_intel = intel
-    upstream_tls = UpstreamTLS()
-    health = build_health_service(
-        config, resolver, reactor, tls_options_for=health_tls_options(upstream_tls)
-    )
+    health = build_health_service(config, resolver, reactor, tls_options_for=root.current_health_tls)
     if health is not None:
         health.setServiceParent(root)
     root.health = health
-    signer = PolicySigner(
-        load_private_key(config.signing.private_key),
-        kid=config.signing.kid,
-        issuer=config.proxy.id,
-        ttl=config.signing.ttl,
-        now=reactor.seconds,
-    )
-    names = NameTable((s.id, s.names) for s in config.services)
     if connector is None:
         connector = ShardConnector(reactor)
+    root.connector = connector
     root.access_log = AccessLog(config.log.access, config.log.access_file)
     root.refusal_lines = RefusalLimiter(reactor)
     for listener in config.listeners:
-        context = ListenerContext(
-            config=listener,
-            names=names,
-            resolver=timed,
-            signer=signer,
-            connector=connector,
-            metrics=metrics,
-            clock=reactor,
-            tlv_type=config.signing.tlv_type,
-            server_tls=ServerTLS(listener) if listener.mode == "terminate" else None,
-            upstream_tls=upstream_tls,
-            admission=intel.denies if intel is not None else None,
-            access=root.access_log,
-            refusal_lines=root.refusal_lines,
+        context = listener_context(
+            config, listener, parts, resolver=root.context_resolver, connector=connector, metrics=metrics,
+            clock=reactor, admission=intel.denies if intel is not None else None,
+            access=root.access_log, refusal_lines=root.refusal_lines,
         )
-        limits = AdmissionLimits(listener.max_connections, listener.per_source, reactor)
-        if limits.enabled:
-            context.limits = limits
         factory = ProxyFactory(context)
         root.factories[listener.name] = factory
-        port_service = ListeningService(
-            listener.listen, factory, reactor, label=f"listener {listener.name!r}", backlog=listener.backlog
-        )
+        port_service = root.listening_service(listener, factory)
         port_service.setName(f"listener:{listener.name}")
         port_service.setServiceParent(root)
     admin = build_admin_service(
         config, reactor, resolver=resolver, metrics=metrics,
+        serving=lambda: root.ready,
+        reloader=root,
         feeds=intel.status if intel is not None else None,
     )
     if admin is not None:
@@ -317,6 +447,12 @@ def makeService(options: Options, reactor=None) -> ProxyService:
     except (ThreatIntelError, AccessLogError, AdminError) as e:
         sys.stderr.write(f"shardtcp: {e}\nshardtcp: not starting\n")
         raise SystemExit(1)
+    except ConfigError as e:
+        for line in e.problems:
+            sys.stderr.write(f"shardtcp: {line}\n")
+        sys.stderr.write("shardtcp: not starting\n")
+        raise SystemExit(1)
+    root.handle_signals = True
     parent = getattr(options, "parent", None)
     if parent is None or parent.get("nodaemon"):
         root.on_listen_failure = _exit_not_listening

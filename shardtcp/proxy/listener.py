@@ -191,14 +191,23 @@ class ProxyConnection(SpliceSideMixin, Protocol):
         # when the shard connection was asked for, and when it was ready
         self._connect_at: Optional[float] = None
         self._connected_at: Optional[float] = None
-        #: Why the connection is being closed, when the proxy closes it on
-        #: purpose (``drain``, ``shutdown``): set before closing it, the
-        #: access line says it instead of the side that closed.
-        self.end_reason: Optional[str] = None
         self._client_closed = False
         self._candidate = None
         # bytes written to the shard with the header (held while peeking)
         self._held_up = 0
+        #: Why the proxy itself ended this connection (``close``), or None.
+        self.close_reason: Optional[str] = None
+        #: Set when a graceful stop began while this connection was open.
+        self.draining = False
+
+    @property
+    def end_reason(self) -> Optional[str]:
+        """The close reason the access line gives instead of the side that closed."""
+        return self.close_reason
+
+    @end_reason.setter
+    def end_reason(self, reason: Optional[str]) -> None:
+        self.close_reason = reason
 
     @property
     def state(self) -> str:
@@ -345,7 +354,16 @@ class ProxyConnection(SpliceSideMixin, Protocol):
 
     def gone(self, previous: State, reason) -> None:
         ctx = self._ctx
-        if previous is State.HANDSHAKING:
+        if self.close_reason is not None:
+            ctx.metrics.rejected.labels(ctx.config.name, self.close_reason).inc()
+            log.info(
+                "connection {id} from {client} closed by {reason} while {state}",
+                id=self.connection_id,
+                client=format_address(self.machine.client),
+                reason=self.close_reason,
+                state=previous.value,
+            )
+        elif previous is State.HANDSHAKING:
             why = reason.getErrorMessage() if reason is not None else "closed"
             ctx.metrics.rejected.labels(ctx.config.name, "tls_handshake").inc()
             if ctx.may_log("tls_handshake", self.machine.client):
@@ -601,6 +619,23 @@ class ProxyConnection(SpliceSideMixin, Protocol):
 
     # -- the end --------------------------------------------------------------
 
+    def close(self, reason: str) -> None:
+        """
+        End this connection now, on the proxy's own behalf (a drain's
+        deadline: ``reason`` ``"shutdown"``).  A spliced connection is
+        aborted on both sides and logged as ``closed by <reason>``; one not
+        spliced yet is aborted and logged with ``reason`` and its state.
+        """
+        if self.close_reason is not None:
+            return
+        self.close_reason = reason
+        if self._splice is not None:
+            self._splice.abort(reason)
+            return
+        client = self._client if self._client is not None else self.transport
+        if client is not None:
+            client.abortConnection()
+
     def _spliced_done(self, stats: SpliceStats) -> None:
         ctx = self._ctx
         name = ctx.config.name
@@ -696,6 +731,14 @@ class ProxyFactory(Factory):
     noisy = False
 
     def __init__(self, context: ListenerContext) -> None:
+        self.set_context(context)
+
+    def set_context(self, context: ListenerContext) -> None:
+        """
+        Build the connections accepted from now on with ``context`` (a
+        reload); connections already open keep the context they were built
+        with.
+        """
         self.context = context
         self._front = ProxyHeaderFactory(context, self.behind_header) if context.config.accept_proxy else None
 

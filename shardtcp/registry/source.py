@@ -110,6 +110,14 @@ class EtcdShardSource(Service):
 
         return unsubscribe
 
+    def replace_config(self, config: Config) -> None:
+        """Take a reloaded file's services; the registered shards stay."""
+        self._file_services = tuple(config.services)
+        self._file_ids = {shard.id for s in self._file_services for shard in s.shards}
+        self._service_ids = {s.id for s in self._file_services}
+        self._refused.clear()
+        self._rebuild()
+
     # -- the registry --------------------------------------------------------
 
     def status(self) -> dict:

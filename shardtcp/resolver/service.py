@@ -480,8 +480,42 @@ class ShardResolver(Service):
         self._watchers[token] = callback
         return lambda: self._watchers.pop(token, None)
 
+    def replace_config(self, config: Config) -> None:
+        """
+        Take a reloaded configuration in place (SIGHUP, ``POST /reload``):
+        its ``[geo]`` networks, the proxy's location, the ``[resolver]``
+        tuning and, for a static registry, its records.  Live state stays
+        per shard id, as on any reload of the records.  Raises
+        ``ValueError`` and changes nothing when the records are invalid.
+        """
+        services = tuple(config.services)
+        _check_records(services)
+        tuning = config.resolver
+        self._config = config
+        self._proxy_location = config.proxy.location
+        self._geo = PrefixTable(
+            (normalise_network(g.network), g.location) for g in config.geo
+        )
+        self._rtt_decay = tuning.latency_decay
+        self._outlier = _outlier_policy(tuning)
+        self._settings = ranking.Settings(
+            rtt_max_age=self._rtt_max_age, panic_threshold=self._outlier.panic_threshold
+        )
+        if isinstance(self._source, StaticShardSource):
+            self._source = StaticShardSource(config)
+            if self._unsubscribe is not None:
+                self._unsubscribe()
+                self._unsubscribe = self._source.subscribe(self.reload)
+        elif hasattr(self._source, "replace_config"):
+            # A registry merges the file's services with its own shards.
+            self._source.replace_config(config)
+        self.reload()
+
     def _apply(self, services: Iterable[ServiceConfig]) -> None:
         """Rebuild the per-service tables, reusing each shard's live state."""
+        services = tuple(services)
+        # Checked before any state is touched: a bad update changes nothing.
+        _check_records(services)
         tables: dict[str, ranking.ServiceTable] = {}
         states: dict[str, ShardState] = {}
         for service in services:
@@ -1031,6 +1065,33 @@ def _own(
     return attrs.evolve(result, owners=chain)
 
 
+def _check_records(services: tuple) -> None:
+    """Raise ``ValueError`` for records the resolver cannot take."""
+    service_ids: set = set()
+    shard_ids: set = set()
+    for service in services:
+        if service.id in service_ids:
+            raise ValueError(f"service {service.id!r} appears twice")
+        service_ids.add(service.id)
+        scoring.total_score(service.weights, 0.0, 0.0, 0.0)
+        for shard in service.shards:
+            if shard.id in shard_ids:
+                raise ValueError(f"shard id {shard.id!r} appears twice")
+            shard_ids.add(shard.id)
+            if shard.weight < 0:
+                raise ValueError(f"shard {shard.id!r} has a negative weight")
+
+
+def _outlier_policy(tuning) -> OutlierPolicy:
+    """The ejection and panic numbers of a ``[resolver]`` table."""
+    return OutlierPolicy(
+        consecutive_failures=tuning.eject_after,
+        base_ejection=tuning.eject_base,
+        max_ejection=tuning.eject_max,
+        panic_threshold=tuning.panic_threshold,
+    )
+
+
 def build_resolver(
     config: Config, *, clock: IReactorTime, source: Optional[IShardSource] = None
 ) -> ShardResolver:
@@ -1044,10 +1105,5 @@ def build_resolver(
         clock=clock,
         source=source,
         rtt_decay=tuning.latency_decay,
-        outlier=OutlierPolicy(
-            consecutive_failures=tuning.eject_after,
-            base_ejection=tuning.eject_base,
-            max_ejection=tuning.eject_max,
-            panic_threshold=tuning.panic_threshold,
-        ),
+        outlier=_outlier_policy(tuning),
     )

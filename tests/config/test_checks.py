@@ -55,10 +55,8 @@ class NotYetAvailableTests(_Helpers, SynchronousTestCase):
     # A valid non-default value for each key, as TOML decodes it.
     OTHER = {
         ("proxy", "workers"): 2,
-        ("proxy", "drain_timeout"): "10s",
     }
     DEFAULT = {
-        ("proxy", "drain_timeout"): "30s",
     }
     PATH = {"listener": "listener[0]", "service": "service.api"}
 
