@@ -159,8 +159,10 @@ class SignalHandlers:
     """
 
     def __init__(self, reactor, *, reload: Callable[[], object], stop: Callable[[], None],
-                 close_now: Callable[[], None], signals=signal) -> None:
+                 close_now: Callable[[], None], reopen: Optional[Callable[[], None]] = None,
+                 signals=signal) -> None:
         self._reactor = reactor
+        self._reopen = reopen
         self._reload = reload
         self._stop = stop
         self._close_now = close_now
@@ -204,7 +206,10 @@ class SignalHandlers:
         self._stop()
 
     def reopen_log(self) -> None:
-        """SIGUSR1: reopen the log file at its path (after logrotate moved it)."""
+        """SIGUSR1: reopen the log files at their paths (after logrotate moved them)."""
+        if self._reopen is not None:
+            # shardtcp's own files ([log] access_file)
+            self._reopen()
         if self.log_file is None:
             log.info("SIGUSR1: not logging to a file, nothing to reopen")
             return

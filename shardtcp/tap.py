@@ -201,7 +201,8 @@ class ProxyService(MultiService):
             return
         if self.handle_signals:
             self.signals = SignalHandlers(
-                self._reactor, reload=lambda: self.reload(trigger="signal"), stop=self._stop_reactor, close_now=self._close_now
+                self._reactor, reload=lambda: self.reload(trigger="signal"), stop=self._stop_reactor, close_now=self._close_now,
+                reopen=self.reopen_logs,
             )
             # Now for SIGHUP and SIGUSR1; again once the reactor runs, since
             # it installs its own SIGTERM/SIGINT handlers as it starts.
@@ -292,18 +293,18 @@ class ProxyService(MultiService):
         self._drain = Drain(self.open_connections, self._reactor, self.lifecycle)
         d = self._drain.run(self.config.proxy.drain_timeout)
         d.addCallback(lambda _: MultiService.stopService(self))
+        d.addBoth(self._stopped)
         d.addBoth(lambda result: (stopping.callback(None), result)[1])
         return stopping
+
+    def _stopped(self, result):
+        if self.refusal_lines is not None:
+            self.refusal_lines.stop()
+        return result
 
     def reopen_logs(self) -> None:
         """Reopen the log files shardtcp owns (``[log] access_file``): SIGUSR1."""
         self.access_log.reopen()
-
-    def stopService(self):
-        d = super().stopService()
-        if self.refusal_lines is not None:
-            self.refusal_lines.stop()
-        return d
 
     def listening_port(self, listener: str):
         """The bound port of a listener (``getHost()`` tells its address)."""

@@ -415,7 +415,7 @@ class DrainTests(SynchronousTestCase):
         self.assertEqual(done, [None])
         self.assertEqual(self.proxy.metric("shardtcp_connections_ended_total", listener="edge", ended_by="shutdown"), 1.0)
         lines = _texts(self.events)
-        self.assertTrue(any("closed by shutdown" in l and "api/api-1" in l for l in lines), lines)
+        self.assertTrue(any("close=shutdown" in l and "api/api-1" in l for l in lines), lines)
 
     def test_second_signal_closes_now(self) -> None:
         """``close_now`` (a second SIGTERM) closes what is open before the deadline."""

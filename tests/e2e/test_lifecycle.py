@@ -320,7 +320,7 @@ class DrainTests(_Twistd):
             self.assertLess(count, size)
         self.assertGreaterEqual(elapsed, 0.9)
         self.assertLess(elapsed, 8.0)
-        self.assertEqual(output.count("closed by shutdown"), 10, output[-3000:])
+        self.assertEqual(output.count("close=shutdown"), 10, output[-3000:])
         self.assertRegex(output, r"drained: \d+ connections finished, 10 closed")
         self.assertEqual(child.status, 0, output)
 
