@@ -30,6 +30,7 @@ from shardtcp.model import Config
 from shardtcp.policy import PolicySigner
 from shardtcp.proxy.connector import ShardConnector
 from shardtcp.proxy.context import ListenerContext
+from shardtcp.proxy.ksplice import KernelSplicer, PipePool
 from shardtcp.proxy.listener import ProxyFactory
 from shardtcp.proxy.tls import ServerTLS
 from shardtcp.upstream import UpstreamTLS
@@ -121,6 +122,8 @@ class ProxyService(MultiService):
         self.factories: dict = {}
         self.threat_intel = None
         self.health = None
+        #: The process's kernel splicer (``None``: userspace splice only).
+        self.splicer: KernelSplicer | None = None
         #: Called with ``ListenFailed`` instead of raising it, when set.
         self.on_listen_failure = None
 
@@ -168,6 +171,10 @@ def build_service(config: Config, reactor=None, *, connector: ShardConnector | N
     names = NameTable((s.id, s.names) for s in config.services)
     if connector is None:
         connector = ShardConnector(reactor)
+    splicer = build_splicer(config, reactor)
+    if splicer is not None:
+        PipePoolService(splicer.pool).setServiceParent(root)
+    root.splicer = splicer
     for listener in config.listeners:
         context = ListenerContext(
             config=listener,
@@ -181,6 +188,7 @@ def build_service(config: Config, reactor=None, *, connector: ShardConnector | N
             server_tls=ServerTLS(listener) if listener.mode == "terminate" else None,
             upstream_tls=upstream_tls,
             admission=intel.denies if intel is not None else None,
+            splicer=splicer if listener.mode != "terminate" else None,
         )
         factory = ProxyFactory(context)
         root.factories[listener.name] = factory
@@ -190,6 +198,34 @@ def build_service(config: Config, reactor=None, *, connector: ShardConnector | N
         port_service.setName(f"listener:{listener.name}")
         port_service.setServiceParent(root)
     return root
+
+
+def build_splicer(config: Config, reactor) -> KernelSplicer | None:
+    """
+    The one kernel splicer (and pipe pool) of this process, or ``None``
+    when ``[proxy] splice = "userspace"`` or no listener could use it.
+    Where ``splice(2)`` does not work the splicer exists but is disabled,
+    so every connection takes the userspace path.
+    """
+    if config.proxy.splice == "userspace":
+        return None
+    if all(listener.mode == "terminate" for listener in config.listeners):
+        return None
+    splicer = KernelSplicer(PipePool(config.proxy.max_pipes), reactor=reactor)
+    if not splicer.enabled:
+        _log.info("kernel splice unavailable here: connections use the userspace splice")
+    return splicer
+
+
+class PipePoolService(Service):
+    """Closes the pipes kept for reuse when the proxy stops."""
+
+    def __init__(self, pool: PipePool) -> None:
+        self.pool = pool
+
+    def stopService(self):
+        super().stopService()
+        self.pool.close()
 
 
 def makeService(options: Options, reactor=None) -> ProxyService:

@@ -23,6 +23,7 @@ from shardtcp.model import ListenerConfig
 from shardtcp.net import format_address
 from shardtcp.policy import PolicySigner, new_connection_id
 from shardtcp.proxy.connector import IShardConnector
+from shardtcp.proxy.ksplice import KernelSplicer
 from shardtcp.proxy.tls import ServerTLS
 from shardtcp.resolver.interfaces import IResolver
 from shardtcp.upstream import UpstreamTLS
@@ -51,6 +52,8 @@ class ListenerContext:
     new_id: Callable[[], str] = new_connection_id
     server_tls: Optional[ServerTLS] = None  # terminate listeners
     upstream_tls: UpstreamTLS = attrs.field(factory=UpstreamTLS)
+    # kernel splice for passthrough and plain connections (None: userspace)
+    splicer: Optional[KernelSplicer] = None
 
     @property
     def terminates(self) -> bool:

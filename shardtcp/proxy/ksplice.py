@@ -152,6 +152,7 @@ class PipePool:
         self._pipe_size = pipe_size
         self._keep_free = keep_free
         self._free: list[Pipe] = []
+        self._closed = False
         self.in_use = 0
 
     @property
@@ -176,13 +177,17 @@ class PipePool:
     def release(self, pipe: Pipe, *, empty: bool) -> None:
         """Give ``pipe`` back; a pipe that may hold bytes is closed."""
         self.in_use -= 1
-        if empty and len(self._free) < self._keep_free:
+        if empty and not self._closed and len(self._free) < self._keep_free:
             self._free.append(pipe)
         else:
             _close_pipe(pipe)
 
     def close(self) -> None:
-        """Close the pipes kept for reuse (pipes in use close on release)."""
+        """
+        Close the pipes kept for reuse; pipes in use close on release from
+        now on.
+        """
+        self._closed = True
         free, self._free = self._free, []
         for pipe in free:
             _close_pipe(pipe)

@@ -164,6 +164,9 @@ class ProxyConnection(SpliceSideMixin, Protocol):
         self._shard: Optional[str] = None
         self._client = None
         self._tls = None
+        # The shard's PROXY header, held back to go out with the first
+        # payload bytes in one send (shards without upstream TLS only).
+        self._header = b""
 
     @property
     def state(self) -> str:
@@ -323,8 +326,30 @@ class ProxyConnection(SpliceSideMixin, Protocol):
     def splice(self, payload: bytes, reply: bytes, client_eof: bool) -> None:
         ctx = self._ctx
         upstream, self._upstream = self._upstream, None
-        if payload:
-            upstream.transport.write(payload)
+        header, self._header = self._header, b""
+        first = header + payload if payload else header
+        self._attempts = None
+        ctx.metrics.spliced.labels(ctx.config.name, self.machine.service, self._shard).inc()
+        # A held-back header means a plain shard connection; the client's is
+        # plain unless this listener terminates TLS (then ``_tls`` is set).
+        if header and self._tls is None and ctx.splicer is not None:
+            kernel = ctx.splicer.take_transports(
+                self._client,
+                upstream.transport,
+                on_done=self._spliced_done,
+                prefix_up=first,
+                prefix_down=reply,
+                idle_timeout=ctx.config.idle_timeout,
+            )
+            if kernel is not None:
+                ctx.metrics.kernel_spliced.labels(ctx.config.name).inc()
+                # The transports are inert now: let them go.
+                self._splice = kernel
+                self._client = None
+                self.transport = None
+                return
+        if first:
+            upstream.transport.write(first)
         if reply:
             self._client.write(reply)
         splice = Splice(
@@ -336,8 +361,6 @@ class ProxyConnection(SpliceSideMixin, Protocol):
         )
         self._splice = splice
         upstream.attach(splice)
-        self._attempts = None
-        ctx.metrics.spliced.labels(ctx.config.name, self.machine.service, self._shard).inc()
         splice.start()
         if client_eof:
             splice.read_closed(DOWNSTREAM)
@@ -381,13 +404,14 @@ class ProxyConnection(SpliceSideMixin, Protocol):
             self._abandon(upstream)
             machine.header_refused(str(e))
             return None
-        upstream.transport.write(header)
         # The TCP connect time is the latency sample; a TLS handshake on top
         # would add the shard's CPU time to its distance.
         self._connect_seconds = ctx.clock.seconds() - self._attempt_started
         service = ctx.resolver.service_config(machine.service)
         if not service.upstream_tls:
+            self._header = header
             return upstream
+        upstream.transport.write(header)
         d = upstream.start_tls(ctx.upstream_tls.options_for(service, shard))
         d.addTimeout(ctx.config.connect_timeout, ctx.clock)
         d.addErrback(self._upstream_tls_failed, upstream, candidate)
