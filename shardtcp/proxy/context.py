@@ -54,6 +54,9 @@ class ListenerContext:
     upstream_tls: UpstreamTLS = attrs.field(factory=UpstreamTLS)
     # kernel splice for passthrough and plain connections (None: userspace)
     splicer: Optional[KernelSplicer] = None
+    # Metric children by (metric, label values): ``labels()`` takes a lock
+    # and builds its key on every call, once per connection and event.
+    _children: dict = attrs.field(factory=dict, init=False, repr=False)
 
     @property
     def terminates(self) -> bool:
@@ -65,14 +68,22 @@ class ListenerContext:
         """Whether this listener can ask clients for a certificate."""
         return self.server_tls is not None and self.server_tls.asks_client_cert
 
+    def child(self, metric, *values: str):
+        """``metric.labels(*values)``, bound on first use and kept."""
+        key = (metric, values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
+
     # -- counting -------------------------------------------------------------
 
     def opened(self, protocol: object) -> None:
         """A client connection was accepted; ``protocol`` holds it."""
         self.connections.add(protocol)
         name = self.config.name
-        self.metrics.accepted.labels(name).inc()
-        self.metrics.active.labels(name).inc()
+        self.child(self.metrics.accepted, name).inc()
+        self.child(self.metrics.active, name).inc()
 
     def handed_over(self, before: object, after: object) -> None:
         """The connection counted as ``before`` goes on as ``after``."""
@@ -83,7 +94,7 @@ class ListenerContext:
         """``protocol``'s client connection is gone (counted once)."""
         if protocol in self.connections:
             self.connections.discard(protocol)
-            self.metrics.active.labels(self.config.name).dec()
+            self.child(self.metrics.active, self.config.name).dec()
 
     def refused(self, connection_id: str, client: Optional[tuple], reason: str, message: str) -> None:
         """Count and log a refusal."""

@@ -71,6 +71,8 @@ PIPE_SIZE = 1 << 20
 DEFAULT_MAX_PIPES = 4096
 # Empty pipes kept for reuse: saves pipe2 + fcntl + two closes per pipe.
 DEFAULT_KEEP_FREE = 64
+# Splices into a pipe per wake-up of its source, at most.
+_ROUNDS = 4
 # Read size of a direction that fell back to copying through userspace.
 _COPY_CHUNK = 128 * 1024
 
@@ -526,12 +528,25 @@ class KernelSplice:
         src = self._sides[index]
         if d.copy:
             self._copy_in(d, src)
+            if not self._done:
+                self._flush(d)
         else:
-            room = d.pipe.capacity - d.in_pipe
-            if room > 0:
-                self._splice_in(d, src, room)
+            # While the destination takes each pipeful at once, read again
+            # before going back to the reactor: a wake-up costs an epoll
+            # wait and Twisted's dispatch, more than one splice that finds
+            # nothing.  Bounded so that one busy connection cannot starve
+            # the others.
+            for _ in range(_ROUNDS):
+                room = d.pipe.capacity - d.in_pipe
+                if room <= 0:
+                    break
+                moved = self._splice_in(d, src, room)
+                if self._done:
+                    return
+                self._flush(d)
+                if self._done or not moved or d.eof or d.in_pipe:
+                    break
         if not self._done:
-            self._flush(d)
             self._update()
 
     def _writable(self, index: int) -> None:
@@ -554,7 +569,8 @@ class KernelSplice:
 
     # -- moving bytes -----------------------------------------------------
 
-    def _splice_in(self, d: _Direction, src: _Side, room: int) -> None:
+    def _splice_in(self, d: _Direction, src: _Side, room: int) -> int:
+        """Splice from ``src`` into ``d``'s pipe; the bytes moved (0: none)."""
         try:
             n = self._splicer._splice(src.fd, d.pipe.write_fd, room, flags=_SPLICE_FLAGS)
         except BlockingIOError:
@@ -562,24 +578,25 @@ class KernelSplice:
             # the pipe, the pipe is full by slot count before byte count.
             if d.in_pipe:
                 d.stalled = True
-            return
+            return 0
         except InterruptedError:
-            return
+            return 0
         except OSError as e:
             if e.errno in _UNSUPPORTED and not d.tried:
                 self._fall_back(d, e)
                 self._copy_in(d, src)
-                return
+                return 0
             self._side_failed(src.index, e)
-            return
+            return 0
         if not d.tried:
             d.tried = True
             self._splicer._splice_worked()
         if n == 0:
             self._eof(d)
-            return
+            return 0
         d.in_pipe += n
         self._count(d.src, n)
+        return n
 
     def _copy_in(self, d: _Direction, src: _Side) -> None:
         if d.pending is not None or d.in_pipe:

@@ -329,7 +329,7 @@ class ProxyConnection(SpliceSideMixin, Protocol):
         header, self._header = self._header, b""
         first = header + payload if payload else header
         self._attempts = None
-        ctx.metrics.spliced.labels(ctx.config.name, self.machine.service, self._shard).inc()
+        ctx.child(ctx.metrics.spliced, ctx.config.name, self.machine.service, self._shard).inc()
         # A held-back header means a plain shard connection; the client's is
         # plain unless this listener terminates TLS (then ``_tls`` is set).
         if header and self._tls is None and ctx.splicer is not None:
@@ -342,7 +342,7 @@ class ProxyConnection(SpliceSideMixin, Protocol):
                 idle_timeout=ctx.config.idle_timeout,
             )
             if kernel is not None:
-                ctx.metrics.kernel_spliced.labels(ctx.config.name).inc()
+                ctx.child(ctx.metrics.kernel_spliced, ctx.config.name).inc()
                 # The transports are inert now: let them go.
                 self._splice = kernel
                 self._client = None
@@ -469,7 +469,7 @@ class ProxyConnection(SpliceSideMixin, Protocol):
         shard_id = candidate.shard.shard_id
         elapsed = ctx.clock.seconds() - self._attempt_started
         ctx.resolver.record_connect_result(shard_id, True, self._connect_seconds)
-        ctx.metrics.connect_seconds.labels(machine.service).observe(elapsed)
+        ctx.child(ctx.metrics.connect_seconds, machine.service).observe(elapsed)
         self._shard = shard_id
         self._upstream = upstream
         machine.ready()
@@ -489,9 +489,9 @@ class ProxyConnection(SpliceSideMixin, Protocol):
     def _spliced_done(self, stats: SpliceStats) -> None:
         ctx = self._ctx
         name = ctx.config.name
-        ctx.metrics.bytes.labels(name, "up").inc(stats.bytes_up)
-        ctx.metrics.bytes.labels(name, "down").inc(stats.bytes_down)
-        ctx.metrics.ended.labels(name, stats.ended_by or "closed").inc()
+        ctx.child(ctx.metrics.bytes, name, "up").inc(stats.bytes_up)
+        ctx.child(ctx.metrics.bytes, name, "down").inc(stats.bytes_down)
+        ctx.child(ctx.metrics.ended, name, stats.ended_by or "closed").inc()
         self._release_lease()
         machine = self.machine
         log.info(
