@@ -249,6 +249,12 @@ def detach_transport(transport) -> tuple[socket.socket, bytes]:
     """
     if not can_detach(transport):
         raise ValueError("not a plain, open Twisted TCP transport")
+    return _detach(transport)
+
+
+def _detach(transport) -> tuple[socket.socket, bytes]:
+    """``detach_transport`` for a transport ``can_detach`` accepted."""
+    family, kind, proto = transport.socket.family, transport.socket.type, transport.socket.proto
     transport.stopReading()
     transport.stopWriting()
     pending = bytes(transport.dataBuffer[transport.offset :]) + b"".join(transport._tempDataBuffer)
@@ -261,7 +267,8 @@ def detach_transport(transport) -> tuple[socket.socket, bytes]:
     fd = transport.socket.detach()
     transport.connected = False
     transport.disconnected = True
-    sock = socket.socket(fileno=fd)
+    # Family, type and protocol given: otherwise three getsockopt calls.
+    sock = socket.socket(family, kind, proto, fileno=fd)
     sock.setblocking(False)
     return sock, pending
 
@@ -322,8 +329,8 @@ class KernelSplicer:
         pipes = self._pipes()
         if pipes is None:
             return None
-        down_sock, down_pending = detach_transport(downstream)
-        up_sock, up_pending = detach_transport(upstream)
+        down_sock, down_pending = _detach(downstream)
+        up_sock, up_pending = _detach(upstream)
         return self._start(
             down_sock,
             up_sock,
