@@ -71,8 +71,6 @@ PIPE_SIZE = 1 << 20
 DEFAULT_MAX_PIPES = 4096
 # Empty pipes kept for reuse: saves pipe2 + fcntl + two closes per pipe.
 DEFAULT_KEEP_FREE = 64
-# Splices into a pipe per wake-up of its source, at most.
-_ROUNDS = 4
 # Read size of a direction that fell back to copying through userspace.
 _COPY_CHUNK = 128 * 1024
 
@@ -535,25 +533,12 @@ class KernelSplice:
         src = self._sides[index]
         if d.copy:
             self._copy_in(d, src)
-            if not self._done:
-                self._flush(d)
         else:
-            # While the destination takes each pipeful at once, read again
-            # before going back to the reactor: a wake-up costs an epoll
-            # wait and Twisted's dispatch, more than one splice that finds
-            # nothing.  Bounded so that one busy connection cannot starve
-            # the others.
-            for _ in range(_ROUNDS):
-                room = d.pipe.capacity - d.in_pipe
-                if room <= 0:
-                    break
-                moved = self._splice_in(d, src, room)
-                if self._done:
-                    return
-                self._flush(d)
-                if self._done or not moved or d.eof or d.in_pipe:
-                    break
+            room = d.pipe.capacity - d.in_pipe
+            if room > 0:
+                self._splice_in(d, src, room)
         if not self._done:
+            self._flush(d)
             self._update()
 
     def _writable(self, index: int) -> None:
@@ -576,8 +561,7 @@ class KernelSplice:
 
     # -- moving bytes -----------------------------------------------------
 
-    def _splice_in(self, d: _Direction, src: _Side, room: int) -> int:
-        """Splice from ``src`` into ``d``'s pipe; the bytes moved (0: none)."""
+    def _splice_in(self, d: _Direction, src: _Side, room: int) -> None:
         try:
             n = self._splicer._splice(src.fd, d.pipe.write_fd, room, flags=_SPLICE_FLAGS)
         except BlockingIOError:
@@ -585,25 +569,24 @@ class KernelSplice:
             # the pipe, the pipe is full by slot count before byte count.
             if d.in_pipe:
                 d.stalled = True
-            return 0
+            return
         except InterruptedError:
-            return 0
+            return
         except OSError as e:
             if e.errno in _UNSUPPORTED and not d.tried:
                 self._fall_back(d, e)
                 self._copy_in(d, src)
-                return 0
+                return
             self._side_failed(src.index, e)
-            return 0
+            return
         if not d.tried:
             d.tried = True
             self._splicer._splice_worked()
         if n == 0:
             self._eof(d)
-            return 0
+            return
         d.in_pipe += n
         self._count(d.src, n)
-        return n
 
     def _copy_in(self, d: _Direction, src: _Side) -> None:
         if d.pending is not None or d.in_pipe:

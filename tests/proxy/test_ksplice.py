@@ -368,42 +368,6 @@ class KernelSpliceTests(TestCase):
         a.close(), d.close()
         yield second
 
-    @defer.inlineCallbacks
-    def test_reads_again_while_the_pipe_empties(self):
-        """
-        One read wake-up splices into the pipe again while the destination
-        takes each pipeful whole and the source has more: exactly
-        ``_ROUNDS`` (4) splices in with 100 kB waiting behind one-page
-        pipes, two (the second finding nothing) with 1 kB waiting; the
-        bytes moved reach the shard in order.
-        """
-        self.pool = PipePool(max_pipes=2, pipe_size=4096)
-        self.addCleanup(self.pool.close)
-        calls = []
-
-        def counting(src, dst, count, **kw):
-            calls.append(src)
-            return os.splice(src, dst, count, **kw)
-
-        splicer = KernelSplicer(self.pool, reactor=global_reactor, splice=counting)
-        client_sock, shard_sock, splice, done = self.connect(splicer)
-        client_fd = splice._sides[0].fd
-        self.assertEqual(ksplice._ROUNDS, 4)
-        for size, expected in ((1000, 2), (100_000, 4)):
-            data = os.urandom(size)
-            client_sock.sendall(data)
-            calls.clear()
-            before = splice.stats.bytes_up
-            splice._readable(0)
-            self.assertEqual(calls.count(client_fd), expected, f"{size} bytes waiting")
-            moved = splice.stats.bytes_up - before
-            received = b""
-            while len(received) < moved:
-                received += shard_sock.recv(moved - len(received))
-            self.assertEqual(received, data[:moved])
-        splice.abort("test")
-        yield done
-
     def test_refused_when_unavailable_or_not_tcp(self):
         """No kernel splice, or a transport that is not plain TCP: ``None``, nothing touched."""
         off = KernelSplicer(self.pool, reactor=global_reactor, enabled=False)
