@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import goals  # noqa: E402
 from bench.lab import REPO_ROOT, BenchError, Lab, optional_version, say  # noqa: E402
-from bench.runs import bulk_plain, connrate, micro, resolver, shardkey, tls, workers  # noqa: E402
+from bench.runs import bulk_plain, connrate, memory, micro, resolver, shardkey, tls, workers  # noqa: E402
 
 RUNS = {
     "tls": tls,
@@ -43,6 +43,7 @@ RUNS = {
     "shardkey": shardkey,
     "micro": micro,
     "workers": workers,
+    "memory": memory,
 }
 
 

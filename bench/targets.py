@@ -192,11 +192,21 @@ def many_shards(count: int) -> list[Shard]:
     return [Shard(f"api-{i}", f"127.3.{i // 250}.{i % 250 + 1}:9", 40 + i % 20, -10 + i % 40) for i in range(count)]
 
 
-def start_shardtcp(lab: Lab, name: str, config_text: str, port: int, timeout: float = 30.0) -> tuple[Target, float]:
-    """``twistd -n shardtcp --config FILE``; returns the target and the seconds until ``port`` listened."""
+def start_shardtcp(lab: Lab, name: str, config_text: str, port: int, timeout: float = 30.0,
+                   nofile: int = 0) -> tuple[Target, float]:
+    """
+    ``twistd -n shardtcp --config FILE``; returns the target and the seconds
+    until ``port`` listened.  With ``nofile``, under ``prlimit`` with that
+    many descriptors allowed (soft and hard).
+    """
     config = _write(lab, f"{name}.toml", config_text)
     argv = [bin_path("twistd"), "-n", "--pidfile=", "--logfile", lab.path(f"{name}.log"),
             "shardtcp", "--config", config]
+    if nofile:
+        prlimit = shutil.which("prlimit")
+        if prlimit is None:
+            raise BenchError("prlimit (util-linux) is needed to raise the proxy's descriptor limit")
+        argv = [prlimit, f"--nofile={nofile}:{nofile}", *argv]
     process = lab.spawn(name, argv)
     seconds = lab.wait_listening(name, process, port, timeout)
     return Target("shardtcp", port, process.pid, process), seconds

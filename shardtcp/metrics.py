@@ -51,6 +51,12 @@ class ProxyMetrics:
             ["listener", "service", "shard"],
             registry=r,
         )
+        self.kernel_spliced = Counter(
+            "shardtcp_connections_kernel_spliced",
+            "Spliced client connections whose bytes the kernel moves (splice(2))",
+            ["listener"],
+            registry=r,
+        )
         self.upstream_failures = Counter(
             "shardtcp_upstream_connect_failures",
             "Failed connection attempts to shards, by reason",

@@ -181,6 +181,8 @@ class ProxyConfig:
     location: Optional[Location] = None
     workers: Union[int, str] = 1  # a count, or "auto" (one per core)
     drain_timeout: float = 30.0
+    splice: str = "auto"  # auto (kernel splice where it works) | userspace
+    max_pipes: int = 4096  # kernel splice pipes per process, two per connection
 
 
 @frozen

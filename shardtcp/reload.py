@@ -266,6 +266,7 @@ def listener_context(
     connections: Optional[set] = None,
     access=None,
     refusal_lines=None,
+    splicer=None,
 ) -> ListenerContext:
     """
     The context of ``listener``'s connections; ``connections`` (the set of
@@ -277,6 +278,9 @@ def listener_context(
         extra["access"] = access
     if refusal_lines is not None:
         extra["refusal_lines"] = refusal_lines
+    if splicer is not None and listener.mode != "terminate":
+        # kernel splice for passthrough and plain listeners only
+        extra["splicer"] = splicer
     limits = AdmissionLimits(listener.max_connections, listener.per_source, clock)
     if limits.enabled:
         extra["limits"] = limits
@@ -393,7 +397,7 @@ class Reloader:
             factory = ProxyFactory(
                 listener_context(new, listener, parts, resolver=root.context_resolver, connector=root.connector,
                                  metrics=root.metrics, clock=self._reactor,
-                                 access=root.access_log, refusal_lines=root.refusal_lines)
+                                 access=root.access_log, refusal_lines=root.refusal_lines, splicer=root.splicer)
             )
             service = root.listening_service(listener, factory)
             try:
@@ -440,7 +444,7 @@ class Reloader:
                 factory.set_context(
                     listener_context(new, listener, parts, resolver=root.context_resolver, connector=root.connector,
                                      metrics=root.metrics, clock=reactor, admission=admission,
-                                     access=root.access_log, refusal_lines=root.refusal_lines)
+                                     access=root.access_log, refusal_lines=root.refusal_lines, splicer=root.splicer)
                 )
                 root.factories[listener.name] = factory
                 service.setName(f"listener:{listener.name}")
@@ -450,7 +454,7 @@ class Reloader:
                 factory.set_context(
                     listener_context(new, listener, parts, resolver=root.context_resolver, connector=root.connector,
                                      metrics=root.metrics, clock=reactor, admission=admission,
-                                     access=root.access_log, refusal_lines=root.refusal_lines,
+                                     access=root.access_log, refusal_lines=root.refusal_lines, splicer=root.splicer,
                                      connections=factory.context.connections)
                 )
         root.retired_connections[:] = [c for c in root.retired_connections if c]

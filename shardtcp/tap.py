@@ -41,6 +41,7 @@ from shardtcp.model import Config
 from shardtcp.proxy.connector import ShardConnector
 from shardtcp.proxy.accesslog import AccessLog, AccessLogError, RefusalLimiter
 from shardtcp.proxy.context import ListenerContext
+from shardtcp.proxy.ksplice import KernelSplicer, PipePool
 from shardtcp.proxy.listener import ProxyFactory
 from shardtcp.reload import LifecycleMetrics, Reloader, build_parts, listener_context
 from shardtcp.resolver import ShardResolver, build_health_service
@@ -158,6 +159,8 @@ class ProxyService(MultiService):
         self.health = None
         #: The etcd shard source, when ``[registry] kind = "etcd"``.
         self.registry = None
+        #: The process's kernel splicer (``None``: userspace splice only).
+        self.splicer: KernelSplicer | None = None
         #: Called with ``ListenFailed`` instead of raising it, when set.
         self.on_listen_failure = None
         #: ``[log] access``: shared by every listener.
@@ -359,11 +362,15 @@ def build_service(config: Config, reactor=None, *, connector: ShardConnector | N
     root.connector = connector
     root.access_log = AccessLog(config.log.access, config.log.access_file)
     root.refusal_lines = RefusalLimiter(reactor)
+    splicer = build_splicer(config, reactor)
+    if splicer is not None:
+        PipePoolService(splicer.pool).setServiceParent(root)
+    root.splicer = splicer
     for listener in config.listeners:
         context = listener_context(
             config, listener, parts, resolver=root.context_resolver, connector=connector, metrics=metrics,
             clock=reactor, admission=intel.denies if intel is not None else None,
-            access=root.access_log, refusal_lines=root.refusal_lines,
+            access=root.access_log, refusal_lines=root.refusal_lines, splicer=splicer,
         )
         factory = ProxyFactory(context)
         root.factories[listener.name] = factory
@@ -430,6 +437,34 @@ def build_admin_service(
     service = ListeningService(config.admin.listen, site, reactor, label="admin")
     service.setName("admin")
     return service
+
+
+def build_splicer(config: Config, reactor) -> KernelSplicer | None:
+    """
+    The one kernel splicer (and pipe pool) of this process, or ``None``
+    when ``[proxy] splice = "userspace"`` or no listener could use it.
+    Where ``splice(2)`` does not work the splicer exists but is disabled,
+    so every connection takes the userspace path.
+    """
+    if config.proxy.splice == "userspace":
+        return None
+    if all(listener.mode == "terminate" for listener in config.listeners):
+        return None
+    splicer = KernelSplicer(PipePool(config.proxy.max_pipes), reactor=reactor)
+    if not splicer.enabled:
+        _log.info("kernel splice unavailable here: connections use the userspace splice")
+    return splicer
+
+
+class PipePoolService(Service):
+    """Closes the pipes kept for reuse when the proxy stops."""
+
+    def __init__(self, pool: PipePool) -> None:
+        self.pool = pool
+
+    def stopService(self):
+        super().stopService()
+        self.pool.close()
 
 
 def makeService(options: Options, reactor=None) -> ProxyService:

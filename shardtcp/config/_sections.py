@@ -141,7 +141,7 @@ def _read_proxy(reader: Reader, top: dict) -> ProxyConfig:
     if "proxy" not in top:
         reader.add("proxy", "required ([proxy] with an id)")
         return ProxyConfig(id="")
-    table = reader.table("proxy", top["proxy"], ("id", "location", "workers", "drain_timeout"))
+    table = reader.table("proxy", top["proxy"], ("id", "location", "workers", "drain_timeout", "splice", "max_pipes"))
     if table is None:
         return ProxyConfig(id="")
     proxy_id = reader.string(table, "proxy", "id", "", required=True)
@@ -150,7 +150,15 @@ def _read_proxy(reader: Reader, top: dict) -> ProxyConfig:
         location=reader.location(table, "proxy", "location"),
         workers=_read_workers(reader, table),
         drain_timeout=reader.duration(table, "proxy", "drain_timeout", 30.0, maximum=_DAY),
+        splice=reader.choice(table, "proxy", "splice", _SPLICE_MODES, "auto"),
+        max_pipes=reader.integer(table, "proxy", "max_pipes", 4096, minimum=2, maximum=_MAX_PIPES),
     )
+
+
+# How a connection's bytes move once its header is written (issue 10).
+_SPLICE_MODES = ("auto", "userspace")
+# Two pipes (four descriptors) per kernel-spliced connection.
+_MAX_PIPES = 1_000_000
 
 
 def _read_workers(reader: Reader, table: dict) -> int | str:

@@ -27,6 +27,7 @@ from shardtcp.policy import PolicySigner, new_connection_id
 from shardtcp.proxy.accesslog import AccessLog, RefusalLimiter
 from shardtcp.proxy.connector import IShardConnector
 from shardtcp.proxy.limits import AdmissionLimits
+from shardtcp.proxy.ksplice import KernelSplicer
 from shardtcp.proxy.tls import ServerTLS
 from shardtcp.resolver.interfaces import IResolver
 from shardtcp.upstream import UpstreamTLS
@@ -66,6 +67,12 @@ class ListenerContext:
     _active: object = attrs.field(init=False, default=None, repr=False)
     _refused: dict = attrs.field(init=False, factory=dict, repr=False)  # reason -> bound child
 
+    # kernel splice for passthrough and plain connections (None: userspace)
+    splicer: Optional[KernelSplicer] = None
+    # Metric children by (metric, label values): ``labels()`` takes a lock
+    # and builds its key on every call, once per connection and event.
+    _children: dict = attrs.field(factory=dict, init=False, repr=False)
+
     def __attrs_post_init__(self) -> None:
         if self.refusal_lines is None:
             self.refusal_lines = RefusalLimiter(self.clock)
@@ -82,6 +89,14 @@ class ListenerContext:
     def asks_client_cert(self) -> bool:
         """Whether this listener can ask clients for a certificate."""
         return self.server_tls is not None and self.server_tls.asks_client_cert
+
+    def child(self, metric, *values: str):
+        """``metric.labels(*values)``, bound on first use and kept."""
+        key = (metric, values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
 
     # -- counting -------------------------------------------------------------
 

@@ -152,6 +152,7 @@ class PipePool:
         self._pipe_size = pipe_size
         self._keep_free = keep_free
         self._free: list[Pipe] = []
+        self._closed = False
         self.in_use = 0
 
     @property
@@ -176,13 +177,17 @@ class PipePool:
     def release(self, pipe: Pipe, *, empty: bool) -> None:
         """Give ``pipe`` back; a pipe that may hold bytes is closed."""
         self.in_use -= 1
-        if empty and len(self._free) < self._keep_free:
+        if empty and not self._closed and len(self._free) < self._keep_free:
             self._free.append(pipe)
         else:
             _close_pipe(pipe)
 
     def close(self) -> None:
-        """Close the pipes kept for reuse (pipes in use close on release)."""
+        """
+        Close the pipes kept for reuse; pipes in use close on release from
+        now on.
+        """
+        self._closed = True
         free, self._free = self._free, []
         for pipe in free:
             _close_pipe(pipe)
@@ -242,6 +247,12 @@ def detach_transport(transport) -> tuple[socket.socket, bytes]:
     """
     if not can_detach(transport):
         raise ValueError("not a plain, open Twisted TCP transport")
+    return _detach(transport)
+
+
+def _detach(transport) -> tuple[socket.socket, bytes]:
+    """``detach_transport`` for a transport ``can_detach`` accepted."""
+    family, kind, proto = transport.socket.family, transport.socket.type, transport.socket.proto
     transport.stopReading()
     transport.stopWriting()
     pending = bytes(transport.dataBuffer[transport.offset :]) + b"".join(transport._tempDataBuffer)
@@ -254,7 +265,8 @@ def detach_transport(transport) -> tuple[socket.socket, bytes]:
     fd = transport.socket.detach()
     transport.connected = False
     transport.disconnected = True
-    sock = socket.socket(fileno=fd)
+    # Family, type and protocol given: otherwise three getsockopt calls.
+    sock = socket.socket(family, kind, proto, fileno=fd)
     sock.setblocking(False)
     return sock, pending
 
@@ -315,8 +327,8 @@ class KernelSplicer:
         pipes = self._pipes()
         if pipes is None:
             return None
-        down_sock, down_pending = detach_transport(downstream)
-        up_sock, up_pending = detach_transport(upstream)
+        down_sock, down_pending = _detach(downstream)
+        up_sock, up_pending = _detach(upstream)
         return self._start(
             down_sock,
             up_sock,

@@ -85,7 +85,8 @@ class UpstreamProtocol(SpliceSideMixin, Protocol):
         watcher = self._watcher
         if watcher is not None:
             self._watcher = None
-            watcher._shard_spoke(self)
+            if watcher._shard_spoke(self, data):
+                return
         if self._splice is not None:
             self._splice.data(UPSTREAM, data)
 
@@ -195,6 +196,11 @@ class ProxyConnection(SpliceSideMixin, Protocol):
         self._candidate = None
         # bytes written to the shard with the header (held while peeking)
         self._held_up = 0
+        # The shard's PROXY header, held back to go out with the first
+        # payload bytes in one send (shards without upstream TLS only).
+        self._header = b""
+        # whether this connection may move to the kernel splice
+        self._kernel_ok = False
         #: Why the proxy itself ended this connection (``close``), or None.
         self.close_reason: Optional[str] = None
         #: Set when a graceful stop began while this connection was open.
@@ -382,8 +388,37 @@ class ProxyConnection(SpliceSideMixin, Protocol):
     def splice(self, payload: bytes, reply: bytes, client_eof: bool) -> None:
         ctx = self._ctx
         upstream, self._upstream = self._upstream, None
-        if payload:
-            upstream.transport.write(payload)
+        header, self._header = self._header, b""
+        first = header + payload if payload else header
+        ctx.child(ctx.metrics.spliced, ctx.config.name, self.machine.service, self._shard).inc()
+        # A held-back header means a plain shard connection; the client's is
+        # plain unless this listener terminates TLS (then ``_tls`` is set).
+        retryable = self.machine.holds_bytes and not client_eof and self._attempts is not None
+        # Kernel splice needs plain sockets both ways: a held-back header
+        # means a plain shard connection, and ``_tls`` is set when this
+        # listener terminates the client's TLS.
+        self._kernel_ok = bool(header) and self._tls is None and ctx.splicer is not None
+        if self._kernel_ok and not retryable:
+            kernel = ctx.splicer.take_transports(
+                self._client,
+                upstream.transport,
+                on_done=self._spliced_done,
+                prefix_up=first,
+                prefix_down=reply,
+                idle_timeout=ctx.config.idle_timeout,
+            )
+            if kernel is not None:
+                self._attempts = None
+                ctx.child(ctx.metrics.kernel_spliced, ctx.config.name).inc()
+                # Bytes the client sent with its preamble are bytes up.
+                kernel.stats.bytes_up += len(payload)
+                # The transports are inert now: let them go.
+                self._splice = kernel
+                self._client = None
+                self.transport = None
+                return
+        if first:
+            upstream.transport.write(first)
         if reply:
             self._client.write(reply)
         splice = Splice(
@@ -398,7 +433,6 @@ class ProxyConnection(SpliceSideMixin, Protocol):
         splice.stats.bytes_up = self._held_up = len(payload)
         self._splice = splice
         upstream.attach(splice)
-        ctx.metrics.spliced.labels(ctx.config.name, self.machine.service, self._shard).inc()
         splice.start()
         if self.machine.holds_bytes and not client_eof:
             # Until the shard's first byte, an empty close may be retried:
@@ -453,13 +487,14 @@ class ProxyConnection(SpliceSideMixin, Protocol):
             self._abandon(upstream)
             machine.header_refused(str(e))
             return None
-        upstream.transport.write(header)
         # The TCP connect time is the latency sample; a TLS handshake on top
         # would add the shard's CPU time to its distance.
         self._connect_seconds = ctx.clock.seconds() - self._attempt_started
         service = ctx.resolver.service_config(machine.service)
         if not service.upstream_tls:
+            self._header = header
             return upstream
+        upstream.transport.write(header)
         d = upstream.start_tls(ctx.upstream_tls.options_for(service, shard))
         d.addTimeout(ctx.config.connect_timeout, ctx.clock)
         d.addErrback(self._upstream_tls_failed, upstream, candidate)
@@ -537,13 +572,39 @@ class ProxyConnection(SpliceSideMixin, Protocol):
                 return "timeout_late", f"connect timeout fired {late:.3f}s late: the proxy was too busy"
         return None
 
-    def _shard_spoke(self, upstream: UpstreamProtocol) -> None:
-        """The shard's first byte: no retry from now on; couple it to the client directly."""
+    def _shard_spoke(self, upstream: UpstreamProtocol, data: bytes) -> bool:
+        """
+        The shard's first byte: no retry from now on.  Hand both sockets to
+        the kernel splice when this connection may use it (with ``data``
+        first to the client) and say so (True: ``data`` is taken care of);
+        else couple the shard to the client directly.
+        """
         self._attempts = None
         self.machine.shard_spoke()
+        ctx = self._ctx
+        splice = self._splice
+        if self._kernel_ok and isinstance(splice, Splice):
+            kernel = ctx.splicer.take_transports(
+                self._client,
+                upstream.transport,
+                on_done=self._spliced_done,
+                prefix_down=data,
+                idle_timeout=ctx.config.idle_timeout,
+            )
+            if kernel is not None:
+                splice.detach()
+                kernel.stats.bytes_up += splice.stats.bytes_up
+                kernel.stats.bytes_down += splice.stats.bytes_down + len(data)
+                ctx.child(ctx.metrics.kernel_spliced, ctx.config.name).inc()
+                upstream._splice = None
+                self._splice = kernel
+                self._client = None
+                self.transport = None
+                return True
         up = upstream.transport
         up.unregisterProducer()
         up.registerProducer(self._client, True)
+        return False
 
     def _shard_silent(self, upstream: UpstreamProtocol) -> bool:
         """
@@ -600,7 +661,7 @@ class ProxyConnection(SpliceSideMixin, Protocol):
         shard_id = candidate.shard.shard_id
         elapsed = ctx.clock.seconds() - self._attempt_started
         ctx.resolver.record_connect_result(shard_id, True, self._connect_seconds)
-        ctx.metrics.connect_seconds.labels(machine.service).observe(elapsed)
+        ctx.child(ctx.metrics.connect_seconds, machine.service).observe(elapsed)
         self._connected_at = ctx.clock.seconds()
         self._shard = shard_id
         self._upstream = upstream
@@ -639,9 +700,9 @@ class ProxyConnection(SpliceSideMixin, Protocol):
     def _spliced_done(self, stats: SpliceStats) -> None:
         ctx = self._ctx
         name = ctx.config.name
-        ctx.metrics.bytes.labels(name, "up").inc(stats.bytes_up)
-        ctx.metrics.bytes.labels(name, "down").inc(stats.bytes_down)
-        ctx.metrics.ended.labels(name, stats.ended_by or "closed").inc()
+        ctx.child(ctx.metrics.bytes, name, "up").inc(stats.bytes_up)
+        ctx.child(ctx.metrics.bytes, name, "down").inc(stats.bytes_down)
+        ctx.child(ctx.metrics.ended, name, stats.ended_by or "closed").inc()
         self._release_lease()
         self._access(self.end_reason or stats.ended_by or "closed", stats.bytes_up, stats.bytes_down)
         self.machine.finished()

@@ -134,6 +134,20 @@ class BoundsTests(_Helpers, SynchronousTestCase):
         for bad in ("86401s", "30", 30):
             self.assertOutOfBounds("proxy", "drain_timeout", bad, "proxy.drain_timeout: ")
 
+    def test_splice(self) -> None:
+        """splice: "auto" or "userspace"; anything else refused by name."""
+        for good in ("auto", "userspace"):
+            self.assertInBounds("proxy", "splice", good)
+        for bad in ("kernel", "Auto", "", 1, True):
+            self.assertOutOfBounds("proxy", "splice", bad, "proxy.splice: expected one of")
+
+    def test_max_pipes(self) -> None:
+        """max_pipes: 2..1,000,000 (one connection needs two)."""
+        for good in (2, 1_000_000):
+            self.assertInBounds("proxy", "max_pipes", good)
+        for bad in (1, 1_000_001, 0, "4096", 2.0, True):
+            self.assertOutOfBounds("proxy", "max_pipes", bad, "proxy.max_pipes: ")
+
     def test_jwks(self) -> None:
         """jwks: a path; NUL bytes and non-strings refused."""
         self.assertOutOfBounds("signing", "jwks", "a\x00b", "NUL byte")

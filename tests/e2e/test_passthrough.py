@@ -24,13 +24,17 @@ import hashlib
 import os
 import socket
 import ssl
+import threading
 import time
 
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
+from shardtcp.config import load_config
 from shardtcp.identify.clienthello import split_into_records
+from shardtcp.proxy.ksplice import kernel_splice_available
+from shardtcp.tap import build_service
 from shardtcp.example.shard import pattern_sha256
 from tests.e2e import harness as e2e
 from tests.e2e.harness import (
@@ -622,3 +626,136 @@ class TwistdTests(_EndToEnd):
         self.assertIn(child.status, (0, -15), log)
         self.assertIn("Server Shut Down.", log)
         self.assertNotIn("Traceback", log)
+
+
+class KernelSpliceTests(_EndToEnd):
+    """
+    Which pump moves a passthrough connection's bytes: the kernel's
+    ``splice(2)`` where it works, the userspace splice when the pipes run
+    out or the configuration says so; the bytes are the same either way.
+    """
+
+    def start(self, deployment: Deployment, proxy_keys: str = "") -> None:
+        """Start the in-process proxy with ``proxy_keys`` added to ``[proxy]``."""
+        path = deployment.write_config()
+        with open(path) as f:
+            text = f.read()
+        with open(path, "w") as f:
+            f.write(text.replace("[proxy]\n", "[proxy]\n" + proxy_keys, 1))
+        deployment.proxy = build_service(load_config(path), reactor)
+        deployment.proxy.startService()
+
+    def deployment(self, size: int, proxy_keys: str = "") -> Deployment:
+        deployment = Deployment(self, reactor)
+        deployment.add_shard("api-fra-1", FRANKFURT, f"source:{size}")
+        self.start(deployment, proxy_keys)
+        return deployment
+
+    def held_download(self, deployment: Deployment, arrived: threading.Event, release: threading.Event):
+        """
+        In a thread: a client reads the shard's hello line, says so through
+        ``arrived``, waits for ``release``, then reads to the end.
+        """
+
+        def run():
+            digest = hashlib.sha256()
+            count = 0
+            with TLSClient(deployment.port(), SERVICE_NAME, deployment.ca_path) as client:
+                client.handshake()
+                line = client.read_line()
+                arrived.set()
+                release.wait(30)
+                try:
+                    while True:
+                        chunk = client.recv_some()
+                        digest.update(chunk)
+                        count += len(chunk)
+                except ClosedByPeer as end:
+                    digest.update(end.data)
+                    count += len(end.data)
+                    clean = end.clean
+                return line, count, digest.hexdigest(), clean, client.cert_der, client.local
+
+        return deferToThread(run)
+
+    def kernel_spliced(self, deployment: Deployment) -> float:
+        return deployment.metric("shardtcp_connections_kernel_spliced_total", listener="edge")
+
+    async def test_download_moved_by_the_kernel(self):
+        """
+        A 32 MiB download held open after the shard's hello line: while it
+        is held the process's pipe pool has exactly two pipes in use and the
+        kernel-spliced counter is 1; then every byte arrives with the
+        pattern's SHA-256 and the close_notify, the pipes are back (0 in
+        use), and the end is counted as the shard's with at least the
+        payload's bytes down.
+        """
+        if not kernel_splice_available():
+            raise SkipTest("splice(2) does not work on this kernel")
+        size = 32 * MIB
+        deployment = self.deployment(size)
+        pool = deployment.proxy.splicer.pool
+        arrived, release = threading.Event(), threading.Event()
+        self.addCleanup(release.set)
+        d = self.held_download(deployment, arrived, release)
+        self.assertTrue(await e2e.wait_for(arrived.is_set, 20), "no hello line")
+        self.assertTrue(await e2e.wait_for(lambda: pool.in_use == 2, 5), f"{pool.in_use} pipes in use")
+        self.assertEqual(self.kernel_spliced(deployment), 1.0)
+        release.set()
+        line, count, received_hash, clean, der, local = await d
+        self.assert_served(deployment, "api-fra-1", cert_der=der, local=local, hello=line)
+        self.assertEqual(count, size)
+        self.assertEqual(received_hash, pattern_sha256(size))
+        self.assertTrue(clean, "the download ended without the shard's close_notify")
+        self.assertTrue(await e2e.wait_for(lambda: deployment.proxy_connections() == 0, 10))
+        self.assertEqual(pool.in_use, 0)
+        self.assertEqual(deployment.metric("shardtcp_connections_ended_total", listener="edge", ended_by="shard"), 1.0)
+        self.assertGreaterEqual(deployment.metric("shardtcp_bytes_total", listener="edge", direction="down"), size)
+
+    async def test_pipes_run_out_falls_back(self):
+        """
+        With ``max_pipes = 2`` a second connection held beside the first
+        finds no pipes: it is spliced in userspace (the kernel-spliced
+        counter stays 1 of 2 spliced, still two pipes in use) and both
+        downloads arrive whole and unchanged.
+        """
+        if not kernel_splice_available():
+            raise SkipTest("splice(2) does not work on this kernel")
+        size = 8 * MIB
+        deployment = self.deployment(size, "max_pipes = 2\n")
+        pool = deployment.proxy.splicer.pool
+        release = threading.Event()
+        self.addCleanup(release.set)
+        first_arrived, second_arrived = threading.Event(), threading.Event()
+        first = self.held_download(deployment, first_arrived, release)
+        self.assertTrue(await e2e.wait_for(first_arrived.is_set, 20), "no hello line")
+        second = self.held_download(deployment, second_arrived, release)
+        self.assertTrue(await e2e.wait_for(second_arrived.is_set, 20), "no hello line")
+        self.assertEqual(deployment.metric("shardtcp_connections_spliced_total", listener="edge",
+                                           service="api", shard="api-fra-1"), 2.0)
+        self.assertEqual(self.kernel_spliced(deployment), 1.0)
+        self.assertEqual(pool.in_use, 2)
+        release.set()
+        for d in (first, second):
+            _, count, received_hash, clean, _, _ = await d
+            self.assertEqual((count, received_hash, clean), (size, pattern_sha256(size), True))
+        self.assertTrue(await e2e.wait_for(lambda: deployment.proxy_connections() == 0, 10))
+        self.assertEqual(pool.in_use, 0)
+
+    async def test_userspace_switch(self):
+        """
+        ``[proxy] splice = "userspace"``: the proxy builds no kernel
+        splicer, the half-close echo exchange still arrives whole, and no
+        connection is counted as kernel-spliced.
+        """
+        deployment = Deployment(self, reactor)
+        deployment.add_shard("api-fra-1", FRANKFURT, "hello")
+        self.start(deployment, 'splice = "userspace"\n')
+        self.assertIsNone(deployment.proxy.splicer)
+        payload = os.urandom(64 * 1024)
+        got = await deferToThread(e2e.half_close_exchange, deployment.port(), deployment.ca_path, payload)
+        bye = f"BYE {len(payload)} {e2e.sha256_hex(payload)}\n".encode()
+        self.assertEqual(got["data"], payload + bye)
+        self.assertEqual(self.kernel_spliced(deployment), 0.0)
+        self.assertEqual(deployment.metric("shardtcp_connections_spliced_total", listener="edge",
+                                           service="api", shard="api-fra-1"), 1.0)

@@ -436,3 +436,35 @@ class AdmissionTests(SynchronousTestCase):
         protocol.dataReceived(b"\x16\x03\x01\x02\x00")
         self.assertTrue(transport.disconnecting)
         self.assertEqual(h.rejected("bad_proxy_header"), 1.0)
+
+
+class KernelSpliceFallbackTests(SynchronousTestCase):
+    """
+    A listener with a kernel splicer whose transports it cannot take (not
+    plain Twisted TCP) splices in userspace, with the header and the
+    ClientHello first on the shard connection.
+    """
+
+    def test_untakeable_transports_use_the_userspace_splice(self) -> None:
+        """
+        The splicer says no without touching anything: no pipe taken, the
+        kernel-spliced counter stays 0, the shard gets header + hello, and
+        bytes flow through the userspace splice both ways.
+        """
+        from shardtcp.proxy.ksplice import KernelSplicer, PipePool
+
+        h = Harness()
+        pool = PipePool(4)
+        h.context.splicer = KernelSplicer(pool, reactor=h.clock, enabled=True)
+        protocol, transport = h.connect_client()
+        hello = client_hello()
+        protocol.dataReceived(hello)
+        upstream, up = h.connector.succeed()
+        _, rest = proxyv2.parse(up.value())
+        self.assertEqual(rest, hello)
+        self.assertEqual((pool.in_use, pool.free), (0, 0))
+        self.assertEqual(h.metrics.value("shardtcp_connections_kernel_spliced_total", listener="edge"), 0.0)
+        up.clear()
+        protocol.dataReceived(b"ping")
+        upstream.dataReceived(b"pong")
+        self.assertEqual((up.value(), transport.value()), (b"ping", b"pong"))
