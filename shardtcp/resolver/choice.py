@@ -146,6 +146,34 @@ def _weighted_index(weights: Sequence[float], rng: RandomSource) -> int:
     return len(weights) - 1
 
 
+def ledger_key(entry: Entry, top: float, spread: float, uniform: bool) -> float:
+    """
+    Where ``entry``'s ledger would stand after a pick, in a pool whose
+    highest ledger is ``top`` and longest stride ``spread``.
+    """
+    stride = _stride(entry, uniform)
+    return max(entry.ledger, top - spread - CREDIT * stride) + stride
+
+
+def duel(
+    a: Entry, b: Entry, top: float, spread: float, uniform: bool, rng: RandomSource
+) -> tuple[bool, float]:
+    """
+    Decide between the two sampled entries: whether ``a`` wins, and the
+    winner's new ledger value (step 3 of the draw).
+    """
+    key_a = ledger_key(a, top, spread, uniform)
+    key_b = ledger_key(b, top, spread, uniform)
+    stride = min(_stride(a, uniform), _stride(b, uniform))
+    if abs(key_a - key_b) < TIE * stride:
+        weight_a = 1.0 if uniform else max(0.0, a.weight)
+        weight_b = 1.0 if uniform else max(0.0, b.weight)
+        a_wins = rng.random() * (weight_a + weight_b) < weight_a
+    else:
+        a_wins = key_a < key_b
+    return a_wins, key_a if a_wins else key_b
+
+
 def draw(members: Sequence[Entry], rng: RandomSource) -> tuple[int, float]:
     """
     Draw one entry of a pool; return its index and its new ledger value.
@@ -162,23 +190,13 @@ def draw(members: Sequence[Entry], rng: RandomSource) -> tuple[int, float]:
     # (a light member that was just picked jumps that far ahead); beyond
     # that, each member may bank CREDIT of its own picks.
     spread = max(_stride(e, uniform) for e in members)
-
-    def key(e: Entry) -> float:
-        stride = _stride(e, uniform)
-        return max(e.ledger, top - spread - CREDIT * stride) + stride
-
     if len(members) == 1:
-        return 0, key(members[0])
+        return 0, ledger_key(members[0], top, spread, uniform)
     a = _weighted_index(weights, rng)
     rest = [i for i in range(len(members)) if i != a]
     b = rest[_weighted_index([weights[i] for i in rest], rng)]
-    key_a, key_b = key(members[a]), key(members[b])
-    stride = min(_stride(members[a], uniform), _stride(members[b], uniform))
-    if abs(key_a - key_b) < TIE * stride:
-        chosen = a if rng.random() * (weights[a] + weights[b]) < weights[a] else b
-    else:
-        chosen = a if key_a < key_b else b
-    return chosen, key(members[chosen])
+    a_wins, ledger = duel(members[a], members[b], top, spread, uniform, rng)
+    return (a if a_wins else b), ledger
 
 
 def shares(members: Sequence[Entry]) -> list[float]:

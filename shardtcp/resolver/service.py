@@ -97,7 +97,7 @@ ids must be unique across services.
 from __future__ import annotations
 
 import secrets
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 import attrs
 from twisted.application.service import Service
@@ -115,7 +115,7 @@ from shardtcp.model import (
     ShardInfo,
 )
 from shardtcp.net import PrefixTable, normalise_network
-from shardtcp.resolver import choice, ranking, scoring
+from shardtcp.resolver import choice, ranking, scoring, shortlist
 from shardtcp.resolver.agent import AgentReport
 from shardtcp.resolver.interfaces import IResolver, IResolverControl
 from shardtcp.resolver.outlier import OutlierPolicy
@@ -128,8 +128,10 @@ __all__ = [
     "AccessDenied",
     "Candidate",
     "ConnectStats",
+    "DEFAULT_RETRIES",
     "Explanation",
     "Lease",
+    "KeyOrdering",
     "NoShardAvailable",
     "ResolverError",
     "ShardExplanation",
@@ -140,6 +142,17 @@ __all__ = [
 ]
 
 log = Logger()
+
+# How many client addresses ``resolve`` remembers the location of.
+_LOCATED_KEPT = 4096
+
+#: How many shards ``resolve`` offers after the first, unless told.
+DEFAULT_RETRIES = 2
+
+#: The key ordering step (see ``ShardResolver.set_key_ordering``).
+KeyOrdering = Callable[
+    [ConnectionRequest, Sequence[ranking.Ranked]], Optional[Sequence[ranking.Ranked]]
+]
 
 # How many shard ids and distinct reasons a NoShardAvailable message lists
 # before it summarises: the message goes into logs once per refused
@@ -386,6 +399,11 @@ class ShardResolver(Service):
         )
         self._states: dict[str, ShardState] = {}
         self._tables: dict[str, ranking.ServiceTable] = {}
+        self._indexes: dict[str, shortlist.ServiceIndex] = {}
+        # Where client addresses are placed ([geo] does not change while
+        # the resolver lives); bounded, emptied when full.
+        self._located: dict[str, ranking.Client] = {}
+        self._key_ordering: Optional[KeyOrdering] = None
         self._panic: dict[str, bool] = {}
         self._watchers: dict[object, Callable[[], None]] = {}
         self._unsubscribe: Optional[Callable[[], None]] = None
@@ -480,6 +498,9 @@ class ShardResolver(Service):
         # held on them release harmlessly into the orphaned object.
         self._tables = tables
         self._states = states
+        self._indexes = {
+            sid: shortlist.ServiceIndex(table, self._settings) for sid, table in tables.items()
+        }
         self._panic = {sid: on for sid, on in self._panic.items() if sid in tables}
 
     def _now(self) -> float:
@@ -716,22 +737,36 @@ class ShardResolver(Service):
         client = ranking.locate(ip, self._geo, self._proxy_location)
         return client.location, client.location_source
 
+    def _locate(self, ip: str) -> ranking.Client:
+        """``ranking.locate``, remembered for the last few thousand addresses."""
+        located = self._located
+        client = located.get(ip)
+        if client is None:
+            if len(located) >= _LOCATED_KEPT:
+                located.clear()
+            client = located[ip] = ranking.locate(ip, self._geo, self._proxy_location)
+        return client
+
     def _note_ejections_ended(self, table: ranking.ServiceTable, now: float) -> None:
         for state in table.shards:
-            if state.ejection_open and not state.outlier.ejected(now):
-                state.ejection_open = False
-                log.info(
-                    "shard {shard} back from ejection (slow start {seconds:g}s)",
-                    shard=state.config.id,
-                    seconds=state.config.slow_start,
-                )
+            self._note_ejection_ended(state, now)
+
+    def _note_ejection_ended(self, state: ShardState, now: float) -> None:
+        if state.ejection_open and not state.outlier.ejected(now):
+            state.ejection_open = False
+            log.info(
+                "shard {shard} back from ejection (slow start {seconds:g}s)",
+                shard=state.config.id,
+                seconds=state.config.slow_start,
+            )
 
     def _rank(
         self, request: ConnectionRequest, *, score_all: bool
     ) -> tuple[ranking.Ranking, float]:
         """
-        The one pipeline behind ``resolve`` and ``explain``; only
-        ``resolve`` (``score_all`` false) logs panic-mode transitions.
+        The reference pipeline, ``ranking.rank`` over every shard:
+        ``explain`` runs it, and ``resolve``'s incremental orderings
+        (``shortlist``) are tested against it.
         """
         table = self._table(request.service_id)
         client = ranking.locate(request.client[0], self._geo, self._proxy_location)
@@ -741,12 +776,9 @@ class ShardResolver(Service):
             table, client, now, self._settings,
             threat=self._admission, score_all=score_all,
         )
-        if result.denied is None and not score_all:
-            self._note_panic(request.service_id, result)
         return result, now
 
-    def _note_panic(self, service_id: str, result: ranking.Ranking) -> None:
-        panic = result.panic
+    def _note_panic(self, service_id: str, panic: bool, healthy: int, total: int) -> None:
         if self._panic.get(service_id, False) == panic:
             return
         self._panic[service_id] = panic
@@ -755,16 +787,16 @@ class ShardResolver(Service):
                 "service {service} in panic mode: only {healthy} of {total} "
                 "shards in rotation, routing among all {total}",
                 service=service_id,
-                healthy=result.in_rotation,
-                total=result.passing,
+                healthy=healthy,
+                total=total,
             )
         else:
             log.info(
                 "service {service} out of panic mode: {healthy} of {total} "
                 "shards in rotation",
                 service=service_id,
-                healthy=result.in_rotation,
-                total=result.passing,
+                healthy=healthy,
+                total=total,
             )
 
     def _entries(self, eligible: tuple[ranking.Ranked, ...]) -> list[choice.Entry]:
@@ -802,34 +834,65 @@ class ShardResolver(Service):
         )
         return _evaluation(ranked, ranking.factors(ranked, client, now))
 
-    def resolve(self, request: ConnectionRequest) -> list[Candidate]:
+    def resolve(
+        self, request: ConnectionRequest, retries: int = DEFAULT_RETRIES
+    ) -> list[Candidate]:
         """
-        Return the eligible shards for a request: first the one to connect
-        to, drawn among the best few, then the others in rank order (the
-        retry order).
+        Return the shards to try for a request: first the one to connect
+        to, drawn among the best few, then at most ``retries`` others in
+        rank order (the retry order; pass the listener's ``retries``).
 
         Raises ``UnknownService``, ``AccessDenied`` (checked before any
         shard: not an IP, a threat feed in force, the policy's access rules)
         or ``NoShardAvailable``. Take a ``lease`` on the candidate actually
-        used. Only the request's service and client address are read.
+        used. Only the request's service and client address are read (and,
+        by a key ordering set with ``set_key_ordering``, what it reads).
+
+        The cost does not grow with the number of shards: the service's
+        orderings are kept up to date incrementally (``shortlist``), and
+        give what ``ranking.rank`` would give for the same state.
         """
-        result, now = self._rank(request, score_all=False)
-        if result.denied is not None:
-            raise AccessDenied(request.service_id, request.client[0], result.denied)
-        eligible = result.eligible
-        if not eligible:
-            raise NoShardAvailable(request.service_id, dict(result.rejections))
-        members = choice.pool(self._entries(eligible), self._band)
-        index, ledger = choice.draw(members, self._random)
-        first = members[index].item
-        assert isinstance(first, ranking.Ranked) and first.state is not None
+        service_id = request.service_id
+        table = self._table(service_id)
+        index = self._indexes[service_id]
+        client = self._locate(request.client[0])
+        now = self._now()
+        for row in index.refresh(now):
+            self._note_ejection_ended(row.state, now)
+        denied = ranking.admit(table, client, self._admission)
+        if denied is not None:
+            raise AccessDenied(service_id, request.client[0], denied)
+        bucket = index.bucket(client.location)
+        self._note_panic(service_id, index.panic, index.healthy, index.passing)
+        retries = max(0, retries)
+        if self._key_ordering is not None:
+            owners = self._key_ordering(request, index.ordered(bucket))
+            if owners is not None:
+                if not owners:
+                    raise NoShardAvailable(service_id, index.rejections())
+                return [Candidate(r.info, r, client, now) for r in owners[: 1 + retries]]
+        drawn = index.draw(bucket, self._band, self._random)
+        if drawn is None:
+            raise NoShardAvailable(service_id, index.rejections())
+        first, ledger = drawn
+        assert first.state is not None
         first.state.ledger = ledger
-        client = result.client
+        index.drawn(first.state)
         ordered = [Candidate(first.info, first, client, now)]
-        ordered.extend(
-            Candidate(r.info, r, client, now) for r in eligible if r is not first
-        )
+        for r in index.ordered(bucket, retries + 1):
+            if r is not first and len(ordered) <= retries:
+                ordered.append(Candidate(r.info, r, client, now))
         return ordered
+
+    def set_key_ordering(self, ordering: Optional[KeyOrdering]) -> None:
+        """
+        Put a key ordering step into ``resolve`` (None takes it out): it is
+        given the request and the eligible shards in rank order, and
+        returns the shards that own the request's key, in the order to try
+        them (the first is connected to, with no draw), or None when the
+        step does not apply to the request and the draw goes ahead.
+        """
+        self._key_ordering = ordering
 
     def explain(self, request: ConnectionRequest) -> Explanation:
         """

@@ -144,8 +144,8 @@ def chosen(resolver: ShardResolver, client: str) -> str:
     return resolver.resolve(request(client))[0].shard.shard_id
 
 
-def order(resolver: ShardResolver, client: str) -> list[str]:
-    return [c.shard.shard_id for c in resolver.resolve(request(client))]
+def order(resolver: ShardResolver, client: str, retries: int = 10) -> list[str]:
+    return [c.shard.shard_id for c in resolver.resolve(request(client), retries=retries)]
 
 
 def resolver_for(config: Config, **kwargs) -> ShardResolver:
