@@ -34,7 +34,7 @@ Power of two choices over the pool, on a fair-share ledger:
 1. Two distinct shards ``a`` and ``b`` are sampled from the pool, each with
    probability proportional to its draw weight ``t`` (its total score times
    its slow-start ramp), using the injected random source (by default
-   ``secrets.SystemRandom``, the operating system's CSPRNG).
+   ``SystemRandom`` here, the operating system's CSPRNG read in chunks).
 2. Each shard keeps a ledger value ``F`` (stride scheduling): the service it
    has been given so far, in units of its own weight. Taking a connection
    adds its stride ``s = 1/t`` to it. The candidate that would stand lower
@@ -73,6 +73,7 @@ next connection will land on among those that are close.
 
 from __future__ import annotations
 
+import os
 from typing import Protocol, Sequence, TypeVar
 
 import attrs
@@ -93,6 +94,29 @@ class RandomSource(Protocol):
     """What the draw needs of a random source: ``random()`` in [0, 1)."""
 
     def random(self) -> float: ...
+
+
+class SystemRandom:
+    """
+    ``random()`` from the operating system's CSPRNG (``os.urandom``), as
+    ``secrets.SystemRandom`` gives it, but reading ``chunk`` bytes at a
+    time rather than 7 bytes per call: one system call per 73 numbers
+    instead of one per number.  Each number takes 53 fresh random bits.
+    """
+
+    def __init__(self, chunk: int = 512) -> None:
+        self._chunk = max(8, chunk - chunk % 7)
+        self._buffer = b""
+        self._at = 0
+
+    def random(self) -> float:
+        """A float in [0, 1) with 53 random bits."""
+        at = self._at
+        if at + 7 > len(self._buffer):
+            self._buffer = os.urandom(self._chunk)
+            at = 0
+        self._at = at + 7
+        return (int.from_bytes(self._buffer[at:at + 7], "big") >> 3) * 2.0 ** -53
 
 
 @attrs.frozen

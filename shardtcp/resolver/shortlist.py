@@ -108,7 +108,7 @@ class Ordered:
     forgotten when its keys move or a ledger in it changes.
     """
 
-    __slots__ = ("items", "sums", "tops", "lows", "stale", "_lo", "_hi", "_delta", "_swing")
+    __slots__ = ("items", "sums", "tops", "lows", "stale", "tail", "_lo", "_hi", "_delta", "_swing")
 
     def __init__(self, items: Optional[list] = None) -> None:
         self.items: list = items if items is not None else []
@@ -117,6 +117,8 @@ class Ordered:
         self.tops: list[float] = [0.0] * blocks
         self.lows: list[float] = [0.0] * blocks
         self.stale: set[int] = set(range(blocks))
+        # The figures of the pool's last, partial block: (end, figures).
+        self.tail: Optional[tuple[int, tuple[float, float, float]]] = None
         self._lo: Optional[int] = None
         self._hi = -1
         self._delta = 0
@@ -140,13 +142,25 @@ class Ordered:
             del items[i]
             self._moved(i, -1)
 
-    def touch(self, key: tuple) -> None:
-        """Forget the figures of the block holding ``key`` (its ledger moved)."""
+    def touch(self, key: tuple, ledger: float) -> None:
+        """
+        Take in that the ledger of the shard at ``key`` is now ``ledger``.
+        Ledgers only grow, so the block's highest ledger is raised in place;
+        a lower value (never written by the draw) forgets the figures.
+        """
         items = self.items
         i = bisect_left(items, key)
         if i < len(items) and items[i] == key:
-            self.stale.add(i // BLOCK)
-            # Keys keep their place: the figures of this block alone moved.
+            block = i // BLOCK
+            if block < len(self.tops) and ledger >= self.tops[block]:
+                self.tops[block] = ledger
+                tail = self.tail
+                if tail is not None and block == tail[0] // BLOCK and i < tail[0]:
+                    total, top, lowest = tail[1]
+                    self.tail = (tail[0], (total, max(top, ledger), lowest))
+            else:
+                self.stale.add(block)
+                self.tail = None
 
     def settle(self) -> None:
         """Forget the figures of every block whose keys moved."""
@@ -166,11 +180,12 @@ class Ordered:
             last = min(blocks - 1, (self._hi + self._swing) // BLOCK)
         self.stale = {b for b in self.stale if b < blocks}
         self.stale.update(range(first, last + 1))
+        self.tail = None
         self._lo, self._hi, self._delta, self._swing = None, -1, 0, 0
 
     def figures(self, blocks: int, ranked: dict, uniform: bool) -> None:
         """Work out the figures of the first ``blocks`` blocks still unknown."""
-        if not self.stale:
+        if not self.stale or min(self.stale) >= blocks:
             return
         items = self.items
         for block in [b for b in self.stale if b < blocks]:
@@ -302,6 +317,10 @@ class ServiceIndex:
             self._last_now = now
             return list(self._ordered_rows)
         self._last_now = now
+        if not self.changed and not self._volatile and (
+            not self._deadlines or self._deadlines[0][0] > now
+        ):
+            return []
         rows = self._rows
         touched = {rows[s] for s in self.changed if s in rows}
         self.changed.clear()
@@ -416,7 +435,7 @@ class ServiceIndex:
                 if r is not None:
                     base = _base_key(r)
                     for lists in bucket.by_base:
-                        lists[_group(r)].touch(base)
+                        lists[_group(r)].touch(base, row.state.ledger)
             bucket.ledgers.clear()
         return bucket
 
@@ -482,7 +501,11 @@ class ServiceIndex:
         tops = ordered.tops[:full]
         lows = ordered.lows[:full]
         if end > full * BLOCK:
-            tail = _figures(items[full * BLOCK:end], ranked, uniform)
+            if ordered.tail is not None and ordered.tail[0] == end:
+                tail = ordered.tail[1]
+            else:
+                tail = _figures(items[full * BLOCK:end], ranked, uniform)
+                ordered.tail = (end, tail)
             sums.append(tail[0])
             tops.append(tail[1])
             lows.append(tail[2])

@@ -354,3 +354,24 @@ class KeyOrderingTests(SynchronousTestCase):
         self.assertRaises(NoShardAvailable, resolver.resolve, request(US_CLIENT))
         resolver.set_key_ordering(None)
         self.assertEqual(len(resolver.resolve(request(US_CLIENT))), 3)
+
+
+class WarmTests(SynchronousTestCase):
+    """Starting the resolver builds the orderings first connections need."""
+
+    def test_start_builds_proxy_and_geo_locations(self) -> None:
+        """
+        Before startService no ordering is built; after it, the service has
+        its shards read and one ordering per distinct [geo] location (three
+        in the test configuration) and one for the proxy's location, and a
+        resolve from a geo network builds no new one.
+        """
+        resolver, _, _, _ = build([(0, 100, 1.0, 90.0)] * 3)
+        index = resolver._indexes["api"]
+        self.assertEqual(list(index._buckets), [])
+        resolver.startService()
+        self.addCleanup(resolver.stopService)
+        index = resolver._indexes["api"]
+        self.assertEqual(list(index._buckets), [None, NEW_YORK, FRANKFURT, SINGAPORE])
+        resolver.resolve(request(EU_CLIENT))
+        self.assertEqual(len(index._buckets), 4)
