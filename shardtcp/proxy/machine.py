@@ -387,7 +387,7 @@ class ConnectionMachine:
             listener=config.name,
         )
         try:
-            candidates = rules.resolver.resolve(request)
+            candidates = rules.resolver.resolve(request, config.retries)
             self.policy = admit(rules.resolver.service_config(self.service), self.facts)
         except AccessDenied as e:
             self._refuse("denied", str(e), protocol)
