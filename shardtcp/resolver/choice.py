@@ -186,12 +186,23 @@ def duel(
     Decide between the two sampled entries: whether ``a`` wins, and the
     winner's new ledger value (step 3 of the draw).
     """
-    key_a = ledger_key(a, top, spread, uniform)
-    key_b = ledger_key(b, top, spread, uniform)
-    stride = min(_stride(a, uniform), _stride(b, uniform))
-    if abs(key_a - key_b) < TIE * stride:
-        weight_a = 1.0 if uniform else max(0.0, a.weight)
-        weight_b = 1.0 if uniform else max(0.0, b.weight)
+    return duel_values(a.ledger, a.weight, b.ledger, b.weight, top, spread, uniform, rng)
+
+
+def duel_values(
+    ledger_a: float, weight_a: float, ledger_b: float, weight_b: float,
+    top: float, spread: float, uniform: bool, rng: RandomSource,
+) -> tuple[bool, float]:
+    """``duel`` on the entries' ledgers and draw weights alone."""
+    if uniform:
+        stride_a = stride_b = 1.0
+        weight_a = weight_b = 1.0
+    else:
+        stride_a, stride_b = 1.0 / weight_a, 1.0 / weight_b
+        weight_a, weight_b = max(0.0, weight_a), max(0.0, weight_b)
+    key_a = max(ledger_a, top - spread - CREDIT * stride_a) + stride_a
+    key_b = max(ledger_b, top - spread - CREDIT * stride_b) + stride_b
+    if abs(key_a - key_b) < TIE * min(stride_a, stride_b):
         a_wins = rng.random() * (weight_a + weight_b) < weight_a
     else:
         a_wins = key_a < key_b

@@ -512,15 +512,18 @@ class ServiceIndex:
         total = sum(sums)
         top = max(tops)
         spread = 1.0 if uniform else 1.0 / min(lows)
-        a = _sample(items, end, sums, total, ranked, uniform, rng, None)
-        entry_a = _entry(ranked[items[a][1]])
-        weight_a = 1.0 if uniform else entry_a.weight
+        a = _sample(items, end, sums, total, uniform, rng, None)
+        weight_a = 1.0 if uniform else items[a][2]
         sums[a // BLOCK] -= weight_a
-        b = _sample(items, end, sums, total - weight_a, ranked, uniform, rng, a)
-        entry_b = _entry(ranked[items[b][1]])
-        a_wins, ledger = choice.duel(entry_a, entry_b, top, spread, uniform, rng)
-        winner = entry_a if a_wins else entry_b
-        return winner.item, ledger  # type: ignore[return-value]
+        b = _sample(items, end, sums, total - weight_a, uniform, rng, a)
+        first, second = ranked[items[a][1]], ranked[items[b][1]]
+        state_a, state_b = first.state, second.state
+        a_wins, ledger = choice.duel_values(
+            state_a.ledger if state_a is not None else 0.0, items[a][2],
+            state_b.ledger if state_b is not None else 0.0, items[b][2],
+            top, spread, uniform, rng,
+        )
+        return (first if a_wins else second), ledger
 
     def ordered(self, bucket: Bucket, count: Optional[int] = None) -> list[ranking.Ranked]:
         """The first ``count`` eligible shards in rank order (all: None)."""
@@ -563,8 +566,7 @@ def _figures(
 
 
 def _sample(
-    items: list, end: int, sums: list, total: float,
-    ranked: dict[str, ranking.Ranked], uniform: bool,
+    items: list, end: int, sums: list, total: float, uniform: bool,
     rng: choice.RandomSource, skip: Optional[int],
 ) -> int:
     """
@@ -578,16 +580,21 @@ def _sample(
     last = None
     while block < len(sums):
         start = block * BLOCK
-        at = running[block] - sums[block]
-        for i in range(start, min(start + BLOCK, end)):
-            if i == skip:
-                continue
-            weight = 1.0 if uniform else items[i][2]
-            if weight > 0:
-                last = i
-            at += weight
-            if target < at:
-                return i
+        stop = min(start + BLOCK, end)
+        if uniform:
+            weights = [1.0] * (stop - start)
+        else:
+            weights = [key[2] for key in items[start:stop]]
+        if skip is not None and start <= skip < stop:
+            weights[skip - start] = 0.0
+        before = running[block - 1] if block else 0.0
+        within = list(accumulate(weights, initial=before))
+        i = bisect_right(within, target, 1)
+        if i < len(within):
+            return start + i - 1
+        positive = [j for j, w in enumerate(weights) if w > 0]
+        if positive:
+            last = start + positive[-1]
         # Rounding within the block: the next one takes it.
         block += 1
     # Rounding can leave the target past the sum: the last positive weight

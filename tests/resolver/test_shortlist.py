@@ -271,7 +271,7 @@ class LargePoolDrawTests(SynchronousTestCase):
                 if i == skip:
                     continue
                 fixed.value = (running + w / 2) / left
-                got = shortlist._sample(ordered.items, end, kept, left, bucket.ranked, False, fixed, skip)
+                got = shortlist._sample(ordered.items, end, kept, left, False, fixed, skip)
                 self.assertEqual(got, i)
                 running += w
 
