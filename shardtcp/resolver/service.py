@@ -67,8 +67,14 @@ How a shard is chosen, for one request:
 5. **Draw.** The first candidate is drawn among the best few with a
    cryptographically secure random source (power of two choices on a
    fair-share ledger, ``shardtcp.resolver.choice``); the others follow in
-   rank order. Only the service, the client's address and the shards' live
-   state shape the draw: SNI, ALPN, preamble, listener and ports do not.
+   rank order, at most ``retries`` of them. Only the service, the client's
+   address and the shards' live state shape the draw: SNI, ALPN, preamble,
+   listener and ports do not.
+
+``resolve`` runs these steps on orderings kept up to date as shards change
+(``shardtcp.resolver.shortlist``), so its cost does not grow with the
+number of shards; ``explain`` runs them over every shard
+(``ranking.rank``), the reference the orderings are tested against.
 
 Anti-herding: ``open_connections`` counts leases, and the connection path
 takes its lease as soon as it picks a shard, before the connect completes.
