@@ -445,7 +445,7 @@ class ConnectionMachine:
                 listener=config.name,
                 shard_key=key,
             )
-            candidates = rules.resolver.resolve(request)
+            candidates = rules.resolver.resolve(request, config.retries)
             self.policy = admit(rules.resolver.service_config(self.service), self.facts)
             if key is not None:
                 self.policy = attrs.evolve(self.policy, shard_key=key)

@@ -21,12 +21,12 @@ class IResolver(Interface):
         ``UnknownService``.
         """
 
-    def resolve(request):
+    def resolve(request, retries=2):
         """
         The candidates for a ``ConnectionRequest``, the one to try first
-        first, then the retry order.  Raises ``UnknownService``,
-        ``AccessDenied``, ``NoShardKey`` (a service routing by shard key, a
-        request without one) or ``NoShardAvailable``.
+        first, then at most ``retries`` more in the retry order.  Raises
+        ``UnknownService``, ``AccessDenied``, ``NoShardKey`` (a service
+        routing by shard key, a request without one) or ``NoShardAvailable``.
         """
 
     def lease(shard_id):

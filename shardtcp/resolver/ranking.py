@@ -447,10 +447,14 @@ class Factors:
 
     def as_dict(self) -> dict:
         """The factors by name, as ``Evaluation.details`` carries them."""
-        details = attrs.asdict(self, recurse=False)
+        details = {name: getattr(self, name) for name in _FACTOR_NAMES}
         if self.in_draw is None:
             del details["in_draw"], details["draw_share"]
         return details
+
+
+#: ``Factors``' fields in order, for ``as_dict`` (as ``attrs.asdict`` gives them).
+_FACTOR_NAMES = tuple(field.name for field in attrs.fields(Factors))
 
 
 def factors(

@@ -67,8 +67,14 @@ How a shard is chosen, for one request:
 5. **Draw.** The first candidate is drawn among the best few with a
    cryptographically secure random source (power of two choices on a
    fair-share ledger, ``shardtcp.resolver.choice``); the others follow in
-   rank order. Only the service, the client's address and the shards' live
-   state shape the draw: SNI, ALPN, preamble, listener and ports do not.
+   rank order, at most ``retries`` of them. Only the service, the client's
+   address and the shards' live state shape the draw: SNI, ALPN, preamble,
+   listener and ports do not.
+
+``resolve`` runs these steps on orderings kept up to date as shards change
+(``shardtcp.resolver.shortlist``), so its cost does not grow with the
+number of shards; ``explain`` runs them over every shard
+(``ranking.rank``), the reference the orderings are tested against.
 
 Shard keys (SPEC section 10): for a service with a ``shard_key``, step 5
 is replaced by ownership (``shardtcp.resolver.ownership``): the eligible
@@ -106,7 +112,7 @@ from __future__ import annotations
 
 import secrets
 from collections import Counter, OrderedDict
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 import attrs
 from twisted.application.service import Service
@@ -124,7 +130,7 @@ from shardtcp.model import (
     ShardInfo,
 )
 from shardtcp.net import PrefixTable, normalise_network
-from shardtcp.resolver import choice, ownership, ranking, scoring
+from shardtcp.resolver import choice, ownership, ranking, scoring, shortlist
 from shardtcp.resolver.agent import AgentReport
 from shardtcp.resolver.interfaces import IResolver, IResolverControl
 from shardtcp.resolver.outlier import OutlierPolicy
@@ -137,8 +143,10 @@ __all__ = [
     "AccessDenied",
     "Candidate",
     "ConnectStats",
+    "DEFAULT_RETRIES",
     "Explanation",
     "Lease",
+    "KeyOrdering",
     "NoShardAvailable",
     "NoShardKey",
     "ResolverError",
@@ -150,6 +158,20 @@ __all__ = [
 ]
 
 log = Logger()
+
+# How many [geo] locations get their orderings built at start and reload.
+_WARM_LOCATIONS = 4
+
+# How many client addresses ``resolve`` remembers the location of.
+_LOCATED_KEPT = 4096
+
+#: How many shards ``resolve`` offers after the first, unless told.
+DEFAULT_RETRIES = 2
+
+#: The key ordering step (see ``ShardResolver.set_key_ordering``).
+KeyOrdering = Callable[
+    [ConnectionRequest, Sequence[ranking.Ranked]], Optional[Sequence[ranking.Ranked]]
+]
 
 # How many shard ids and distinct reasons a NoShardAvailable message lists
 # before it summarises: the message goes into logs once per refused
@@ -373,7 +395,8 @@ class ShardResolver(Service):
     ``clock`` (an ``IReactorTime``) times ejections, slow starts and
     latency samples; it defaults to the global reactor, imported only when
     first needed. ``random`` is the draw's random source (anything with a
-    ``random()`` method; ``secrets.SystemRandom()`` by default; tests inject
+    ``random()`` method; ``choice.SystemRandom()``, the operating system's
+    CSPRNG, by default; tests inject
     a seeded ``random.Random``). ``outlier`` holds the ejection and panic
     numbers, ``rtt_decay`` the peak-EWMA's τ in seconds, ``rtt_max_age`` how
     long a measurement stays in use without a new sample, and ``band`` the
@@ -401,7 +424,7 @@ class ShardResolver(Service):
         )
         self._clock = clock
         self._random: choice.RandomSource = (
-            random if random is not None else secrets.SystemRandom()
+            random if random is not None else choice.SystemRandom()
         )
         self._outlier = outlier if outlier is not None else OutlierPolicy()
         self._rtt_decay = rtt_decay
@@ -417,6 +440,11 @@ class ShardResolver(Service):
         )
         self._states: dict[str, ShardState] = {}
         self._tables: dict[str, ranking.ServiceTable] = {}
+        self._indexes: dict[str, shortlist.ServiceIndex] = {}
+        # Where client addresses are placed ([geo] does not change while
+        # the resolver lives); bounded, emptied when full.
+        self._located: dict[str, ranking.Client] = {}
+        self._key_ordering: Optional[KeyOrdering] = None
         self._panic: dict[str, bool] = {}
         # service id -> recent key -> the shard that took it (bounded)
         self._recent_keys: dict[str, OrderedDict[str, str]] = {}
@@ -463,11 +491,35 @@ class ShardResolver(Service):
             services=len(self._tables),
             shards=len(self._states),
         )
+        if self.running:
+            self._warm()
         for callback in list(self._watchers.values()):
             try:
                 callback()
             except Exception:
                 log.failure("a shard-records watcher failed")
+
+    def _warm(self) -> None:
+        """
+        Build each service's orderings now, for clients placed at the
+        proxy's location (or nowhere) and at the first ``_WARM_LOCATIONS``
+        distinct ``[geo]`` locations, so that the first connections after a
+        start or a reload do not pay for it (about 80 ms per location at
+        10,000 shards) while others wait.  Other locations are built at
+        their first connection.
+        """
+        now = self._now()
+        locations: list[Optional[Location]] = [self._proxy_location]
+        for g in self._config.geo:
+            if len(locations) > _WARM_LOCATIONS:
+                break
+            if g.location not in locations:
+                locations.append(g.location)
+        for index in self._indexes.values():
+            for row in index.refresh(now):
+                self._note_ejection_ended(row.state, now)
+            for location in locations:
+                index.bucket(location)
 
     def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
         """
@@ -547,6 +599,9 @@ class ShardResolver(Service):
         # held on them release harmlessly into the orphaned object.
         self._tables = tables
         self._states = states
+        self._indexes = {
+            sid: shortlist.ServiceIndex(table, self._settings) for sid, table in tables.items()
+        }
         self._panic = {sid: on for sid, on in self._panic.items() if sid in tables}
 
     def _now(self) -> float:
@@ -783,22 +838,36 @@ class ShardResolver(Service):
         client = ranking.locate(ip, self._geo, self._proxy_location)
         return client.location, client.location_source
 
+    def _locate(self, ip: str) -> ranking.Client:
+        """``ranking.locate``, remembered for the last few thousand addresses."""
+        located = self._located
+        client = located.get(ip)
+        if client is None:
+            if len(located) >= _LOCATED_KEPT:
+                located.clear()
+            client = located[ip] = ranking.locate(ip, self._geo, self._proxy_location)
+        return client
+
     def _note_ejections_ended(self, table: ranking.ServiceTable, now: float) -> None:
         for state in table.shards:
-            if state.ejection_open and not state.outlier.ejected(now):
-                state.ejection_open = False
-                log.info(
-                    "shard {shard} back from ejection (slow start {seconds:g}s)",
-                    shard=state.config.id,
-                    seconds=state.config.slow_start,
-                )
+            self._note_ejection_ended(state, now)
+
+    def _note_ejection_ended(self, state: ShardState, now: float) -> None:
+        if state.ejection_open and not state.outlier.ejected(now):
+            state.ejection_open = False
+            log.info(
+                "shard {shard} back from ejection (slow start {seconds:g}s)",
+                shard=state.config.id,
+                seconds=state.config.slow_start,
+            )
 
     def _rank(
         self, request: ConnectionRequest, *, score_all: bool, key: Optional[str] = None
     ) -> tuple[ranking.Ranking, float]:
         """
-        The one pipeline behind ``resolve`` and ``explain``; only
-        ``resolve`` (``score_all`` false) logs panic-mode transitions.
+        The reference pipeline, ``ranking.rank`` over every shard:
+        ``explain`` runs it, and ``resolve``'s incremental orderings
+        (``shortlist``) are tested against it.
         """
         table = self._table(request.service_id)
         client = ranking.locate(request.client[0], self._geo, self._proxy_location)
@@ -808,13 +877,10 @@ class ShardResolver(Service):
             table, client, now, self._settings,
             threat=self._admission, score_all=score_all,
         )
-        if result.denied is None and not score_all:
-            self._note_panic(request.service_id, result)
         result = _own(table.config, result, key if key is not None else request.shard_key)
         return result, now
 
-    def _note_panic(self, service_id: str, result: ranking.Ranking) -> None:
-        panic = result.panic
+    def _note_panic(self, service_id: str, panic: bool, healthy: int, total: int) -> None:
         if self._panic.get(service_id, False) == panic:
             return
         self._panic[service_id] = panic
@@ -823,16 +889,16 @@ class ShardResolver(Service):
                 "service {service} in panic mode: only {healthy} of {total} "
                 "shards in rotation, routing among all {total}",
                 service=service_id,
-                healthy=result.in_rotation,
-                total=result.passing,
+                healthy=healthy,
+                total=total,
             )
         else:
             log.info(
                 "service {service} out of panic mode: {healthy} of {total} "
                 "shards in rotation",
                 service=service_id,
-                healthy=result.in_rotation,
-                total=result.passing,
+                healthy=healthy,
+                total=total,
             )
 
     def _entries(self, eligible: tuple[ranking.Ranked, ...]) -> list[choice.Entry]:
@@ -870,58 +936,101 @@ class ShardResolver(Service):
         )
         return _evaluation(ranked, ranking.factors(ranked, client, now))
 
-    def resolve(self, request: ConnectionRequest) -> list[Candidate]:
+    def resolve(
+        self, request: ConnectionRequest, retries: int = DEFAULT_RETRIES
+    ) -> list[Candidate]:
         """
-        Return the eligible shards for a request: first the one to connect
-        to, drawn among the best few, then the others in rank order (the
-        retry order).
+        Return the shards to try for a request: first the one to connect
+        to, drawn among the best few, then at most ``retries`` others in
+        rank order (the retry order; pass the listener's ``retries``).
 
         Raises ``UnknownService``, ``AccessDenied`` (checked before any
         shard: not an IP, a threat feed in force, the policy's access rules)
         or ``NoShardAvailable``. Take a ``lease`` on the candidate actually
-        used. Only the request's service and client address are read.
+        used. Only the request's service and client address are read (and,
+        by a key ordering set with ``set_key_ordering``, what it reads).
+
+        The cost does not grow with the number of shards: the service's
+        orderings are kept up to date incrementally (``shortlist``), and
+        give what ``ranking.rank`` would give for the same state.
         """
-        result, now = self._rank(request, score_all=False)
-        if result.denied is not None:
-            raise AccessDenied(request.service_id, request.client[0], result.denied)
-        source = self._table(request.service_id).config.shard_key
-        if source != "none" and result.owners is None:
-            raise NoShardKey(request.service_id, source)
-        eligible = result.eligible
-        if not eligible:
-            raise NoShardAvailable(request.service_id, dict(result.rejections))
-        owners = result.owners
-        if owners is not None:
-            return self._by_key(request.service_id, result, owners, now)
-        members = choice.pool(self._entries(eligible), self._band)
-        index, ledger = choice.draw(members, self._random)
-        first = members[index].item
-        assert isinstance(first, ranking.Ranked) and first.state is not None
+        service_id = request.service_id
+        table = self._table(service_id)
+        index = self._indexes[service_id]
+        client = self._locate(request.client[0])
+        now = self._now()
+        for row in index.refresh(now):
+            self._note_ejection_ended(row.state, now)
+        denied = ranking.admit(table, client, self._admission)
+        if denied is not None:
+            raise AccessDenied(service_id, request.client[0], denied)
+        bucket = index.bucket(client.location)
+        self._note_panic(service_id, index.panic, index.healthy, index.passing)
+        retries = max(0, retries)
+        source = table.config.shard_key
+        if source != "none":
+            # Routing by shard key: the key's owners among the eligible
+            # shards, in owner order; no draw.
+            if request.shard_key is None:
+                raise NoShardKey(service_id, source)
+            eligible = index.ordered(bucket)
+            if not eligible:
+                raise NoShardAvailable(service_id, index.rejections())
+            return self._by_key(table.config, request.shard_key, eligible, client, now, retries)
+        if self._key_ordering is not None:
+            owners = self._key_ordering(request, index.ordered(bucket))
+            if owners is not None:
+                if not owners:
+                    raise NoShardAvailable(service_id, index.rejections())
+                return [Candidate(r.info, r, client, now) for r in owners[: 1 + retries]]
+        drawn = index.draw(bucket, self._band, self._random)
+        if drawn is None:
+            raise NoShardAvailable(service_id, index.rejections())
+        first, ledger = drawn
+        assert first.state is not None
         first.state.ledger = ledger
-        client = result.client
+        index.drawn(first.state)
         ordered = [Candidate(first.info, first, client, now)]
-        ordered.extend(
-            Candidate(r.info, r, client, now) for r in eligible if r is not first
-        )
+        for r in index.ordered(bucket, retries + 1):
+            if r is not first and len(ordered) <= retries:
+                ordered.append(Candidate(r.info, r, client, now))
         return ordered
 
     def _by_key(
         self,
-        service_id: str,
-        result: ranking.Ranking,
-        owners: ownership.OwnerChain,
+        config: ServiceConfig,
+        key: str,
+        eligible: Sequence[ranking.Ranked],
+        client,
         now: float,
+        retries: int,
     ) -> list[Candidate]:
-        """The eligible shards in the key's owner order; no draw."""
-        by_id = {r.info.shard_id: r for r in result.eligible}
-        client = result.client
-        ordered = [Candidate(by_id[i].info, by_id[i], client, now) for i in owners.order]
-        recent = self._recent_keys.setdefault(service_id, OrderedDict())
+        """The eligible shards in the key's owner order (at most ``1 + retries``)."""
+        shards = [
+            # The operator's weight (the slow-start ramp must not move keys)
+            # and the live open connections (bounded load).
+            ownership.Shard(r.info.shard_id, r.state.weight, r.state.open_connections, ())
+            for r in eligible
+        ]
+        owners = ownership.chain(key, shards, owners=config.owners, bounded_load=config.bounded_load)
+        by_id = {r.info.shard_id: r for r in eligible}
+        ordered = [Candidate(by_id[i].info, by_id[i], client, now) for i in owners.order[: 1 + retries]]
+        recent = self._recent_keys.setdefault(config.id, OrderedDict())
         recent[owners.key] = owners.order[0]
         recent.move_to_end(owners.key)
         while len(recent) > _RECENT_KEYS:
             recent.popitem(last=False)
         return ordered
+
+    def set_key_ordering(self, ordering: Optional[KeyOrdering]) -> None:
+        """
+        Put a key ordering step into ``resolve`` (None takes it out): it is
+        given the request and the eligible shards in rank order, and
+        returns the shards that own the request's key, in the order to try
+        them (the first is connected to, with no draw), or None when the
+        step does not apply to the request and the draw goes ahead.
+        """
+        self._key_ordering = ordering
 
     def explain(self, request: ConnectionRequest, key: Optional[str] = None) -> Explanation:
         """

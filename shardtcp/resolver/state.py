@@ -48,7 +48,21 @@ def timestamp(seconds: float) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-@attrs.define(eq=False)
+#: Attributes whose writes change nothing a ranking reads.
+_UNRANKED = frozenset({"ledger", "changed", "rtt_samples", "ejection_open"})
+
+
+def _note_change(state: "ShardState", attribute: "attrs.Attribute", value: object) -> object:
+    # Every write that a ranking reads tells the service's index, which
+    # then reads this shard again on the next resolve (and only this one).
+    if attribute.name not in _UNRANKED:
+        changed = state.changed
+        if changed is not None:
+            changed.add(state)
+    return value
+
+
+@attrs.define(eq=False, on_setattr=_note_change)
 class ShardState:
     """
     The live, mutable state of one shard, kept across record reloads.
@@ -61,7 +75,9 @@ class ShardState:
     ``agent_load`` and ``agent_weight_percent`` what the shard's agent last
     said; ``back_since`` when the slow-start ramp began; ``ledger`` the
     draw's fair-share ledger.  Only the resolver writes it; the ranking
-    only reads it.
+    only reads it.  ``changed``, when set (by the service's
+    ``shortlist.ServiceIndex``), receives the state on every write of an
+    attribute a ranking reads.
     """
 
     config: ShardConfig
@@ -82,6 +98,7 @@ class ShardState:
     rtt_samples: int = 0
     back_since: Optional[float] = None
     ledger: float = 0.0
+    changed: Optional[set] = attrs.field(default=None, repr=False)
 
     @property
     def security_score(self) -> float:

@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from shardtcp.resolver import choice
-from shardtcp.resolver.choice import Entry, draw, pool, shares
+from shardtcp.resolver.choice import Entry, SystemRandom, draw, pool, shares
+
+choice_module = choice
 
 # No example database: the tree is shared, and failures print their input.
 _PROPERTY = settings(
@@ -179,3 +181,41 @@ class DrawTests(SynchronousTestCase):
             members = [Entry(i, 0.9, 0.9, False) for i in range(4)]
             firsts.add(draw(members, random.Random(seed))[0])
         self.assertEqual(firsts, {0, 1, 2, 3})
+
+
+class SystemRandomTests(SynchronousTestCase):
+    """choice.SystemRandom: os.urandom read in chunks, 53 bits a number."""
+
+    def test_numbers_from_the_chunks(self) -> None:
+        """
+        Each number is the next 7 bytes of the chunk, top 53 bits, over
+        2**53; a chunk of 14 bytes gives two numbers, then a new chunk is
+        read: all zero bytes give 0.0, all 0xff bytes the largest float
+        below 1.
+        """
+        reads = []
+
+        def urandom(n: int) -> bytes:
+            reads.append(n)
+            return (b"\x00" * 7 + b"\xff" * 7) * (n // 14)
+
+        source = SystemRandom(chunk=14)
+        self.patch(choice_module.os, "urandom", urandom)
+        values = [source.random() for _ in range(4)]
+        self.assertEqual(values, [0.0, 1 - 2.0 ** -53, 0.0, 1 - 2.0 ** -53])
+        self.assertEqual(reads, [14, 14])
+
+    def test_default_chunk(self) -> None:
+        """The default chunk is 511 bytes (73 numbers); the numbers lie in [0, 1)."""
+        reads = []
+        real = choice_module.os.urandom
+
+        def urandom(n: int) -> bytes:
+            reads.append(n)
+            return real(n)
+
+        self.patch(choice_module.os, "urandom", urandom)
+        source = SystemRandom()
+        values = [source.random() for _ in range(74)]
+        self.assertEqual(reads, [511, 511])
+        self.assertTrue(all(0.0 <= v < 1.0 for v in values))

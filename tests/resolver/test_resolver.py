@@ -144,8 +144,8 @@ def chosen(resolver: ShardResolver, client: str) -> str:
     return resolver.resolve(request(client))[0].shard.shard_id
 
 
-def order(resolver: ShardResolver, client: str) -> list[str]:
-    return [c.shard.shard_id for c in resolver.resolve(request(client))]
+def order(resolver: ShardResolver, client: str, retries: int = 10) -> list[str]:
+    return [c.shard.shard_id for c in resolver.resolve(request(client), retries=retries)]
 
 
 def resolver_for(config: Config, **kwargs) -> ShardResolver:
@@ -1457,11 +1457,14 @@ class DrawTests(SynchronousTestCase):
             self.assertEqual(candidates[1:], [s for s in ranking if s != candidates[0]])
 
     def test_default_source_is_system_random(self) -> None:
-        """Without an injected source the draw uses secrets.SystemRandom."""
-        import secrets
+        """
+        Without an injected source the draw uses choice.SystemRandom, the
+        operating system's CSPRNG read in chunks.
+        """
+        from shardtcp.resolver.choice import SystemRandom
 
         resolver = ShardResolver(make_config(), clock=Clock())
-        self.assertIsInstance(resolver._random, secrets.SystemRandom)
+        self.assertIsInstance(resolver._random, SystemRandom)
 
     @_PROPERTY
     @given(

@@ -1,0 +1,377 @@
+"""
+Tests for shardtcp.resolver.shortlist: ``resolve``'s incremental orderings
+give what the reference pipeline (``ranking.rank`` over every shard, then
+``choice.pool`` and ``choice.draw``) gives for the same live state, over
+random states and random sequences of changes; the draw over a large pool
+samples each shard in proportion to its weight; the candidate list is
+bounded by ``retries``; and the key ordering seam replaces the draw.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import attrs
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from shardtcp.model import Health, PolicyConfig
+from shardtcp.resolver import AccessDenied, NoShardAvailable, ShardResolver, choice, ranking
+from shardtcp.resolver import shortlist
+from shardtcp.resolver.outlier import OutlierPolicy
+from shardtcp.resolver.state import _UNRANKED, ShardState
+
+from tests.resolver.test_resolver import (
+    AP_CLIENT,
+    EU_CLIENT,
+    UNPLACED_CLIENT,
+    US_CLIENT,
+    make_config,
+    request,
+    shard,
+)
+from tests.support import FRANKFURT, NEW_YORK, SINGAPORE
+
+_PROPERTY = settings(
+    database=None,
+    deadline=None,
+    max_examples=40,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+LOCATIONS = (NEW_YORK, FRANKFURT, SINGAPORE, None)
+CLIENTS = (US_CLIENT, EU_CLIENT, AP_CLIENT, UNPLACED_CLIENT)
+
+
+def build(specs, policy=None, seed=0):
+    """A resolver over shards built from ``(location, capacity, weight, security)``."""
+    shards = tuple(
+        shard(f"s{i:03d}", LOCATIONS[loc], capacity=cap, weight=w, security=sec, port=9000 + i)
+        for i, (loc, cap, w, sec) in enumerate(specs)
+    )
+    clock = Clock()
+    clock.advance(1_000_000)
+    rng = random.Random(seed)
+    resolver = ShardResolver(
+        make_config(shards, policy=policy),
+        clock=clock,
+        random=rng,
+        outlier=OutlierPolicy(consecutive_failures=2, base_ejection=5.0, max_ejection=20.0),
+    )
+    return resolver, clock, rng, shards
+
+
+shard_spec = st.tuples(
+    st.integers(0, 3),
+    st.sampled_from([1, 2, 3, 100]),
+    st.sampled_from([0.0, 0.5, 1.0, 1.0, 2.0]),
+    st.sampled_from([30.0, 60.0, 90.0, 90.0]),
+)
+
+operation = st.one_of(
+    st.tuples(st.just("lease"), st.integers(0, 10_000)),
+    st.tuples(st.just("release"), st.integers(0, 10_000)),
+    st.tuples(st.just("health"), st.integers(0, 10_000),
+              st.sampled_from([Health.HEALTHY, Health.HEALTHY, Health.UNHEALTHY, Health.DRAINING])),
+    st.tuples(st.just("admin"), st.integers(0, 10_000), st.sampled_from([None, "drain", "ready"])),
+    st.tuples(st.just("weight"), st.integers(0, 10_000), st.sampled_from([0.0, 0.5, 1.0, 3.0])),
+    st.tuples(st.just("security"), st.integers(0, 10_000), st.sampled_from([None, 20.0, 70.0, 100.0])),
+    st.tuples(st.just("rtt"), st.integers(0, 10_000), st.floats(0.0, 0.3)),
+    st.tuples(st.just("connect"), st.integers(0, 10_000), st.booleans()),
+    st.tuples(st.just("advance"), st.sampled_from([0.5, 3.0, 7.0, 31.0, 61.0])),
+    st.tuples(st.just("resolve"), st.integers(0, 3), st.integers(0, 4)),
+)
+
+
+def reference(resolver: ShardResolver, req, band: float = choice.DEFAULT_BAND):
+    """What the straightforward pipeline says now: the ranking and the pool."""
+    result, _ = resolver._rank(req, score_all=False)
+    if result.denied is not None or not result.eligible:
+        return result, []
+    return result, choice.pool(resolver._entries(result.eligible), band)
+
+
+class DifferentialTests(SynchronousTestCase):
+    """resolve against the reference pipeline, over random states."""
+
+    def check(self, resolver: ShardResolver, rng: random.Random, client: str, retries: int) -> None:
+        req = request(client)
+        result, members = reference(resolver, req)
+        if result.denied is not None:
+            self.assertRaises(AccessDenied, resolver.resolve, req, retries)
+            return
+        if not result.eligible:
+            error = self.assertRaises(NoShardAvailable, resolver.resolve, req, retries)
+            self.assertEqual(error.rejections, dict(result.rejections))
+            self.assertEqual(list(error.rejections), list(result.rejections))
+            return
+        index = resolver._indexes["api"]
+        index.refresh(resolver._now())
+        bucket = index.bucket(result.client.location)
+        fast_pool = index.pool(bucket, choice.DEFAULT_BAND)
+        # The same pool, in the same (rank) order, with the same figures.
+        self.assertEqual(fast_pool, members)
+        expected_draw = None
+        if len(members) <= shortlist.SMALL_POOL:
+            clone = random.Random()
+            clone.setstate(rng.getstate())
+            expected_draw = choice.draw(members, clone)
+        candidates = resolver.resolve(req, retries)
+        first = candidates[0]
+        pool_ids = [m.item.info.shard_id for m in members]
+        self.assertIn(first.shard.shard_id, pool_ids)
+        if expected_draw is not None:
+            index_, ledger = expected_draw
+            self.assertEqual(first.shard.shard_id, pool_ids[index_])
+            self.assertEqual(first.ranked.state.ledger, ledger)
+        by_id = {r.info.shard_id: r for r in result.eligible}
+        retry = [r for r in result.eligible if r.info.shard_id != first.shard.shard_id][:retries]
+        self.assertEqual([c.shard.shard_id for c in candidates[1:]], [r.info.shard_id for r in retry])
+        self.assertEqual(len(candidates), 1 + min(retries, len(result.eligible) - 1))
+        for c in candidates:
+            want = by_id[c.shard.shard_id]
+            self.assertEqual(c.shard, want.info)
+            self.assertEqual(
+                (c.ranked.latency, c.ranked.security, c.ranked.spare, c.ranked.base,
+                 c.ranked.total, c.ranked.measured_ms, c.ranked.expected_ms, c.ranked.set_aside),
+                (want.latency, want.security, want.spare, want.base,
+                 want.total, want.measured_ms, want.expected_ms, want.set_aside),
+            )
+
+    def run_operations(self, specs, operations, policy=None) -> None:
+        resolver, clock, rng, shards = build(specs, policy)
+        leases = []
+        for op in operations:
+            kind = op[0]
+            if kind == "advance":
+                clock.advance(op[1])
+                continue
+            if kind == "resolve":
+                self.check(resolver, rng, CLIENTS[op[1]], op[2])
+                continue
+            shard_id = shards[op[1] % len(shards)].id
+            if kind == "lease":
+                leases.append(resolver.lease(shard_id))
+            elif kind == "release":
+                if leases:
+                    leases.pop(op[1] % len(leases)).release()
+            elif kind == "health":
+                resolver.set_health(shard_id, op[2])
+            elif kind == "admin":
+                resolver.set_admin_state(shard_id, op[2])
+            elif kind == "weight":
+                resolver.set_weight(shard_id, op[2])
+            elif kind == "security":
+                resolver.set_security_score(shard_id, op[2])
+            elif kind == "rtt":
+                resolver.record_rtt(shard_id, op[2])
+            elif kind == "connect":
+                resolver.record_connect_result(shard_id, op[2], 0.01 if op[2] else None)
+        for client in range(len(CLIENTS)):
+            self.check(resolver, rng, CLIENTS[client], 3)
+
+    @_PROPERTY
+    @given(
+        specs=st.lists(shard_spec, min_size=1, max_size=12),
+        operations=st.lists(operation, max_size=60),
+        min_security=st.sampled_from([0.0, 0.0, 50.0]),
+    )
+    def test_small_services(self, specs, operations, min_security) -> None:
+        """
+        Over random services of up to 12 shards and random sequences of
+        leases, releases, health, drain, weight, security, latency and
+        connect reports and clock steps (ejections ending, slow starts
+        ramping, measurements ageing out), every resolve gives: the same
+        refusal as the reference, or the same pool in the same order, the
+        very first candidate and ledger ``choice.draw`` gives with the same
+        random numbers, and the reference's retry order, values and all.
+        """
+        self.run_operations(specs, operations, PolicyConfig(min_security_score=min_security))
+
+    @settings(_PROPERTY, max_examples=6)
+    @given(
+        specs=st.lists(shard_spec, min_size=100, max_size=160),
+        operations=st.lists(operation, max_size=40),
+    )
+    def test_large_services(self, specs, operations) -> None:
+        """
+        The same over services of 100 to 160 shards, where the draw's pool
+        is read from the blocks' figures: the same pool and retry order as
+        the reference, and a first candidate from that pool.
+        """
+        self.run_operations(specs, operations)
+
+    def test_every_ranked_attribute_is_noticed(self) -> None:
+        """
+        Writing any attribute of a shard's live state that a ranking reads
+        puts the state in its index's ``changed`` set; the draw's ledger
+        and the other bookkeeping do not.
+        """
+        resolver, _, _, shards = build([(0, 100, 1.0, 90.0)])
+        state = resolver._states[shards[0].id]
+        index = resolver._indexes["api"]
+        self.assertIs(state.changed, index.changed)
+        for field in attrs.fields(ShardState):
+            index.changed.clear()
+            setattr(state, field.name, getattr(state, field.name))
+            if field.name == "changed":
+                self.assertIs(state.changed, index.changed)
+                continue
+            self.assertEqual(bool(index.changed), field.name not in _UNRANKED, field.name)
+        self.assertEqual(_UNRANKED, {"ledger", "changed", "rtt_samples", "ejection_open"})
+
+
+class LargePoolDrawTests(SynchronousTestCase):
+    """The block-based draw samples as the reference does."""
+
+    def pool_resolver(self, count: int = 300):
+        weights = [0.5, 1.0, 2.0, 3.0]
+        specs = [(0, 100, weights[i % 4], 90.0) for i in range(count)]
+        return build(specs, seed=3)
+
+    def test_each_shard_owns_its_share_of_the_random_numbers(self) -> None:
+        """
+        In a pool of 300 shards over 19 blocks, a random number landing in
+        the middle of a shard's interval of the running weights picks that
+        shard, for every shard, first draw and second (with the first left
+        out): each is sampled with probability weight / total.
+        """
+        resolver, _, _, _ = self.pool_resolver()
+        resolver.resolve(request(US_CLIENT))
+        index = resolver._indexes["api"]
+        bucket = index.bucket(NEW_YORK)
+        ordered, group = index._group_of_pool(bucket)
+        self.assertEqual(group, 0)
+        end = shortlist._pool_end(ordered.items, choice.DEFAULT_BAND)
+        self.assertEqual(end, 300)
+        weights = [k[2] for k in ordered.items[:end]]
+        full = end // shortlist.BLOCK
+        ordered.figures(full, bucket.ranked, False)
+        sums = ordered.sums[:full] + [sum(weights[full * shortlist.BLOCK:])]
+        total = sum(weights)
+
+        class Fixed:
+            value = 0.0
+
+            def random(self) -> float:
+                return self.value
+
+        fixed = Fixed()
+        for skip in (None, 0, 17, 299):
+            kept = list(sums)
+            left = total
+            if skip is not None:
+                kept[skip // shortlist.BLOCK] -= weights[skip]
+                left -= weights[skip]
+            running = 0.0
+            for i, w in enumerate(weights):
+                if i == skip:
+                    continue
+                fixed.value = (running + w / 2) / left
+                got = shortlist._sample(ordered.items, end, kept, left, False, fixed, skip)
+                self.assertEqual(got, i)
+                running += w
+
+    def test_first_choice_distribution_matches_reference(self) -> None:
+        """
+        2,000 draws over a 300-shard pool of four weights (0.5 to 3), the
+        ledgers moving, against 2,000 draws of the reference ``choice.draw``
+        on an identical resolver: each weight class gets the same share of
+        the picks within 1.5 points on both, and no shard strays further
+        from its long-run share with the fast draw than the worst shard
+        does with the reference, give or take 3 picks.
+        """
+        fast, _, _, _ = self.pool_resolver()
+        slow, _, slow_rng, _ = self.pool_resolver()
+        counts = (Counter(), Counter())
+        for _ in range(2000):
+            counts[0][fast.resolve(request(US_CLIENT))[0].shard.shard_id] += 1
+            result, members = reference(slow, request(US_CLIENT))
+            index, ledger = choice.draw(members, slow_rng)
+            members[index].item.state.ledger = ledger
+            counts[1][members[index].item.info.shard_id] += 1
+        weights = [0.5, 1.0, 2.0, 3.0]
+        total_weight = 75 * sum(weights)
+        strays = []
+        shares = []
+        for count in counts:
+            self.assertEqual(sum(count.values()), 2000)
+            by_weight: Counter = Counter()
+            stray = 0.0
+            for i in range(300):
+                weight = weights[i % 4]
+                got = count[f"s{i:03d}"]
+                by_weight[weight] += got
+                stray = max(stray, abs(got - 2000 * weight / total_weight))
+            shares.append([by_weight[w] / 2000 for w in weights])
+            strays.append(stray)
+        for fast_share, slow_share in zip(*shares):
+            self.assertLessEqual(abs(fast_share - slow_share), 0.015)
+        self.assertLessEqual(strays[0], strays[1] + 3)
+
+
+class BoundTests(SynchronousTestCase):
+    """resolve offers the first candidate and at most ``retries`` more."""
+
+    def test_retries_bound_the_candidates(self) -> None:
+        """
+        Five eligible shards: retries 0 gives 1 candidate, the default 2
+        gives 3, 4 gives all 5 and 10 still 5.
+        """
+        resolver, _, _, _ = build([(0, 100, 1.0, 90.0)] * 5)
+        self.assertEqual(len(resolver.resolve(request(US_CLIENT), 0)), 1)
+        self.assertEqual(len(resolver.resolve(request(US_CLIENT))), 3)
+        self.assertEqual(len(resolver.resolve(request(US_CLIENT), 4)), 5)
+        self.assertEqual(len(resolver.resolve(request(US_CLIENT), 10)), 5)
+
+
+class KeyOrderingTests(SynchronousTestCase):
+    """The key ordering seam: owners in order replace the draw."""
+
+    def test_owners_replace_the_draw(self) -> None:
+        """
+        A key ordering returning the eligible shards reversed makes them
+        the candidates (bounded by retries); one returning None leaves the
+        draw; one returning no owner refuses with NoShardAvailable.
+        """
+        resolver, _, _, _ = build([(0, 100, 1.0, 90.0)] * 4)
+        seen = []
+
+        def reverse(req, eligible):
+            seen.append([r.info.shard_id for r in eligible])
+            return list(reversed(eligible))
+
+        resolver.set_key_ordering(reverse)
+        ids = [c.shard.shard_id for c in resolver.resolve(request(US_CLIENT), 1)]
+        self.assertEqual(sorted(seen[0]), ["s000", "s001", "s002", "s003"])
+        self.assertEqual(ids, list(reversed(seen[0]))[:2])
+        resolver.set_key_ordering(lambda req, eligible: None)
+        self.assertEqual(len(resolver.resolve(request(US_CLIENT))), 3)
+        resolver.set_key_ordering(lambda req, eligible: [])
+        self.assertRaises(NoShardAvailable, resolver.resolve, request(US_CLIENT))
+        resolver.set_key_ordering(None)
+        self.assertEqual(len(resolver.resolve(request(US_CLIENT))), 3)
+
+
+class WarmTests(SynchronousTestCase):
+    """Starting the resolver builds the orderings first connections need."""
+
+    def test_start_builds_proxy_and_geo_locations(self) -> None:
+        """
+        Before startService no ordering is built; after it, the service has
+        its shards read and one ordering per distinct [geo] location (three
+        in the test configuration) and one for the proxy's location, and a
+        resolve from a geo network builds no new one.
+        """
+        resolver, _, _, _ = build([(0, 100, 1.0, 90.0)] * 3)
+        index = resolver._indexes["api"]
+        self.assertEqual(list(index._buckets), [])
+        resolver.startService()
+        self.addCleanup(resolver.stopService)
+        index = resolver._indexes["api"]
+        self.assertEqual(list(index._buckets), [None, NEW_YORK, FRANKFURT, SINGAPORE])
+        resolver.resolve(request(EU_CLIENT))
+        self.assertEqual(len(index._buckets), 4)
