@@ -214,10 +214,10 @@ class TimedResolver:
     def service_config(self, service_id):
         return self._resolver.service_config(service_id)
 
-    def resolve(self, request):
+    def resolve(self, request, retries=2):
         started = self._clock.seconds()
         try:
-            return self._resolver.resolve(request)
+            return self._resolver.resolve(request, retries)
         finally:
             child = self._children.get(request.service_id)
             if child is None:

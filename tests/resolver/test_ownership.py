@@ -284,9 +284,11 @@ class ResolverStepTests(SynchronousTestCase):
         for i in range(50):
             key = f"tenant{i}"
             for _ in range(3):
-                candidates = self.resolver.resolve(self.request(key))
+                candidates = self.resolver.resolve(self.request(key), retries=4)
                 self.assertEqual(candidates[0].shard.shard_id, self.expected(key))
                 self.assertEqual(len(candidates), 5)
+                # by default the owner and two more (retries = 2)
+                self.assertEqual(len(self.resolver.resolve(self.request(key))), 3)
 
     @settings(max_examples=100, deadline=None)
     @given(
@@ -368,6 +370,6 @@ class ResolverStepTests(SynchronousTestCase):
     def test_unkeyed_service_unchanged(self) -> None:
         """A service without shard_key ignores a key and has no recent_keys."""
         resolver = ShardResolver(keyed_config(shard_key="none"), clock=self.clock, random=random.Random(1))
-        self.assertEqual(len(resolver.resolve(self.request("tenant1"))), 5)
+        self.assertEqual(len(resolver.resolve(self.request("tenant1"), retries=4)), 5)
         self.assertIsNone(resolver.explain(self.request("tenant1")).owners)
         self.assertIsNone(resolver.snapshot().services[0].shards[0].recent_keys)
