@@ -79,9 +79,13 @@ from shardtcp.proxyv2 import (
     ProxyHeader,
     SSLInfo,
 )
+# A Twisted shard adds a Registration to its service tree to be found by
+# proxies through etcd (SPEC 9); re-exported so a shard needs this module only.
+from shardtcp.registry.register import Registration
 
 __all__ = [
     "DEFAULT_TLV_TYPE",
+    "Registration",
     "IKeySource",
     "RemoteKeySet",
     "KeyOwnership",

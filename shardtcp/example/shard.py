@@ -65,6 +65,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from shardtcp import backend
+from shardtcp.registry.etcd import EtcdClient
 from shardtcp.backend import RemoteKeySet, ShardVerifier, VerifiedConnection, VerifyingFactory
 from shardtcp.policy import format_address
 from shardtcp.tlslayer import HalfCloseTLSFactory, HalfCloseTLSProtocol  # noqa: F401 (re-exported)
@@ -644,6 +645,18 @@ def _parser() -> argparse.ArgumentParser:
         help="own only shard keys matching this glob (repeatable); others are refused "
         "as foreign_key, connections without a key as no_shard_key",
     )
+    parser.add_argument(
+        "--register",
+        metavar="URL[,URL]",
+        help="register this shard in etcd (these client URLs) while it runs, "
+        "under <prefix>/shards/<service>/<id>; needs --service",
+    )
+    parser.add_argument("--service", help="with --register: the service this shard belongs to")
+    parser.add_argument("--prefix", default="/shardtcp", help="with --register: the registry prefix")
+    parser.add_argument(
+        "--advertise", help="with --register: HOST:PORT the proxies connect to (default 127.0.0.1:<bound port>)"
+    )
+    parser.add_argument("--ttl", type=int, default=10, help="with --register: the lease TTL in seconds")
     return parser
 
 
@@ -655,6 +668,10 @@ def _build(parser: argparse.ArgumentParser, options: argparse.Namespace) -> tupl
         parser.error("--cert and --key go together")
     if options.client_ca is not None and options.cert is None:
         parser.error("--client-ca needs --cert and --key")
+    if options.register and not options.service:
+        parser.error("--register needs --service")
+    if options.register and not 2 <= options.ttl <= 3600:
+        parser.error("--ttl must be 2..3600 seconds")
     try:
         parse_behaviour(options.behaviour)
         tlv_type = int(options.tlv_type, 0)
@@ -698,6 +715,19 @@ async def _serve(reactor: Any, factory: ShardFactory, options: argparse.Namespac
     )
     if options.port_file:
         _write_port_file(options.port_file, address.port)
+    if options.register:
+        registration = backend.Registration(
+            EtcdClient(reactor, [u.strip() for u in options.register.split(",") if u.strip()]),
+            prefix=options.prefix,
+            service=options.service,
+            shard_id=options.id,
+            record={"address": options.advertise or f"127.0.0.1:{address.port}"},
+            ttl=options.ttl,
+            clock=reactor,
+        )
+        registration.startService()
+        # Revoked on the way out: the proxies drop this shard at once.
+        reactor.addSystemEventTrigger("before", "shutdown", registration.stopService)
     # Run until SIGTERM/SIGINT stops the reactor; react then exits with 0.
     await defer.Deferred()
 

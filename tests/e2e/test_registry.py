@@ -84,3 +84,41 @@ class RegistryRoutingTests(TestCase):
         for _ in range(10):
             self.assertEqual(e2e.parse_hello((await self._connect(port))["hello"])["shard"], "api-reg-2")
         self.assertTrue(os.path.exists(os.path.join(d.directory, "state", "registry.json")))
+
+
+class ReferenceShardRegistrationTests(TestCase):
+    """The reference shard registers itself with ``--register`` and leaves when stopped."""
+
+    timeout = 60
+
+    async def test_reference_shard_registers_and_revokes(self):
+        """Started with --register it appears under its service; SIGTERM revokes its lease at once."""
+        etcd = e2e.EtcdServer(self)
+        await etcd.start()
+        d = e2e.Deployment(self)
+        port_file = os.path.join(d.directory, "port")
+        shard = e2e.spawn(self, [sys.executable, "-m", "shardtcp.example.shard", "--id", "api-ref",
+                                 "--jwks", d.jwks, "--listen", "tcp:0:interface=127.0.0.1",
+                                 "--port-file", port_file, "--register", etcd.url, "--service", "api",
+                                 "--ttl", "30"], env=e2e.child_environment(), timeout=55)
+        from shardtcp.registry.etcd import EtcdClient
+
+        client = EtcdClient(reactor, [etcd.url])
+        found: list = []
+
+        async def registered() -> list:
+            _, kvs = await client.range(b"/shardtcp/shards/")
+            return kvs
+
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not found:
+            found = await registered()
+            if not found:
+                await deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual([kv.key for kv in found], [b"/shardtcp/shards/api/api-ref"])
+        with open(port_file) as f:
+            port = int(f.read().strip())
+        self.assertIn(f'"address": "127.0.0.1:{port}"'.encode(), found[0].value)
+        shard.signal("TERM")
+        await shard.ended
+        self.assertEqual(await registered(), [])
