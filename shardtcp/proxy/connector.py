@@ -172,6 +172,11 @@ class InOrder:
         if pending is not None:
             pending.cancel()
 
+    @property
+    def remaining(self) -> int:
+        """How many candidates are left after the one being tried."""
+        return len(self._candidates) - self._index - 1
+
     def advance(self) -> None:
         """
         Give up on the candidate that succeeded (its shard closed without

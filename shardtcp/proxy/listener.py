@@ -201,6 +201,8 @@ class ProxyConnection(SpliceSideMixin, Protocol):
         self._header = b""
         # whether this connection may move to the kernel splice
         self._kernel_ok = False
+        # the shard connection whose empty close could still be retried
+        self._watched: Optional[UpstreamProtocol] = None
         #: Why the proxy itself ended this connection (``close``), or None.
         self.close_reason: Optional[str] = None
         #: Set when a graceful stop began while this connection was open.
@@ -252,6 +254,8 @@ class ProxyConnection(SpliceSideMixin, Protocol):
         if self._tls is not None:
             self._tls.dataReceived(data)
         elif self._splice is not None:
+            if self._watched is not None and self._client_spoke(data):
+                return
             self._splice.data(DOWNSTREAM, data)
         else:
             self.machine.data(data)
@@ -393,7 +397,12 @@ class ProxyConnection(SpliceSideMixin, Protocol):
         ctx.child(ctx.metrics.spliced, ctx.config.name, self.machine.service, self._shard).inc()
         # A held-back header means a plain shard connection; the client's is
         # plain unless this listener terminates TLS (then ``_tls`` is set).
-        retryable = self.machine.holds_bytes and not client_eof and self._attempts is not None
+        retryable = (
+            self.machine.holds_bytes
+            and not client_eof
+            and self._attempts is not None
+            and self._attempts.remaining > 0
+        )
         # Kernel splice needs plain sockets both ways: a held-back header
         # means a plain shard connection, and ``_tls`` is set when this
         # listener terminates the client's TLS.
@@ -440,6 +449,7 @@ class ProxyConnection(SpliceSideMixin, Protocol):
             # lost (Twisted stops a lost transport's producer before its
             # protocol hears of it), so it gets the client through a shim.
             upstream._watcher = self
+            self._watched = upstream
             up = upstream.transport
             up.unregisterProducer()
             up.registerProducer(_WatchedClient(self._client, upstream), True)
@@ -574,11 +584,29 @@ class ProxyConnection(SpliceSideMixin, Protocol):
 
     def _shard_spoke(self, upstream: UpstreamProtocol, data: bytes) -> bool:
         """
-        The shard's first byte: no retry from now on.  Hand both sockets to
-        the kernel splice when this connection may use it (with ``data``
-        first to the client) and say so (True: ``data`` is taken care of);
-        else couple the shard to the client directly.
+        The shard's first byte: no retry from now on.  True when ``data``
+        went to the kernel splice with both sockets (see ``_settle``).
         """
+        return self._settle(upstream, down=data)
+
+    def _client_spoke(self, data: bytes) -> bool:
+        """
+        The client sent more before the shard's first byte: a retry could no
+        longer replay everything, so none will happen.  True when ``data``
+        went to the kernel splice with both sockets (see ``_settle``).
+        """
+        upstream, self._watched = self._watched, None
+        upstream._watcher = None
+        return self._settle(upstream, up=data)
+
+    def _settle(self, upstream: UpstreamProtocol, up: bytes = b"", down: bytes = b"") -> bool:
+        """
+        No retry from now on: hand both sockets to the kernel splice when
+        this connection may use it (``up`` and ``down`` first, each way) and
+        say so; else couple the shard to the client directly (the caller
+        passes the bytes on).
+        """
+        self._watched = None
         self._attempts = None
         self.machine.shard_spoke()
         ctx = self._ctx
@@ -588,22 +616,23 @@ class ProxyConnection(SpliceSideMixin, Protocol):
                 self._client,
                 upstream.transport,
                 on_done=self._spliced_done,
-                prefix_down=data,
+                prefix_up=up,
+                prefix_down=down,
                 idle_timeout=ctx.config.idle_timeout,
             )
             if kernel is not None:
                 splice.detach()
-                kernel.stats.bytes_up += splice.stats.bytes_up
-                kernel.stats.bytes_down += splice.stats.bytes_down + len(data)
+                kernel.stats.bytes_up += splice.stats.bytes_up + len(up)
+                kernel.stats.bytes_down += splice.stats.bytes_down + len(down)
                 ctx.child(ctx.metrics.kernel_spliced, ctx.config.name).inc()
                 upstream._splice = None
                 self._splice = kernel
                 self._client = None
                 self.transport = None
                 return True
-        up = upstream.transport
-        up.unregisterProducer()
-        up.registerProducer(self._client, True)
+        transport = upstream.transport
+        transport.unregisterProducer()
+        transport.registerProducer(self._client, True)
         return False
 
     def _shard_silent(self, upstream: UpstreamProtocol) -> bool:
@@ -614,6 +643,7 @@ class ProxyConnection(SpliceSideMixin, Protocol):
         empty-response``); the close counts as the shard's failure either
         way.  False: the close goes on to the client as usual.
         """
+        self._watched = None
         upstream._watcher = None
         splice, attempts, candidate = self._splice, self._attempts, self._candidate
         self._attempts = None
