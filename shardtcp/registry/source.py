@@ -93,6 +93,8 @@ class EtcdShardSource(Service):
         self._sleep = None
         self._pending = None
         self._failures = 0
+        #: ``LoadSharing.status`` when the proxy shares its load: the peers in ``status()``.
+        self.peers: Optional[Callable[[], dict]] = None
 
     # -- IShardSource --------------------------------------------------------
 
@@ -128,6 +130,8 @@ class EtcdShardSource(Service):
             "reason": self.stale_reason if self.stale else None,
             "revision": self.revision,
             "registered_shards": len(self._records),
+            "changes": self.changes,
+            "peers": self.peers() if self.peers is not None else {},
         }
 
     def _record(self, key: bytes, value: bytes) -> Optional[tuple[tuple[str, str], ShardConfig]]:

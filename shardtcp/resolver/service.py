@@ -746,6 +746,26 @@ class ShardResolver(Service):
             raise ValueError(f"weight must not be negative, not {weight!r}")
         self._state(shard_id).weight_override = weight
 
+    def clear_weight(self, shard_id: str) -> None:
+        """Drop a shard's weight override: its record's weight again."""
+        self._state(shard_id).weight_override = None
+
+    def open_connections(self) -> dict[str, int]:
+        """This proxy's own open connections by shard id (shards with any)."""
+        return {sid: s.open_connections for sid, s in self._states.items() if s.open_connections > 0}
+
+    def set_remote_load(self, counts: dict[str, int]) -> None:
+        """
+        Take the other proxies' open connections by shard id (the fleet's
+        shared load, ``shardtcp.registry.fleet``); a shard not named has
+        none.  Each shard's load, and so its load factor and capacity
+        check in ``resolve`` and ``explain``, counts them with its own.
+        """
+        for shard_id, state in self._states.items():
+            remote = max(0, int(counts.get(shard_id, 0)))
+            if state.remote_connections != remote:
+                state.remote_connections = remote
+
     def lease(self, shard_id: str) -> Lease:
         """
         Count one connection against a shard until the lease is released.
