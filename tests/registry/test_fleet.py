@@ -309,3 +309,72 @@ class FleetAdminTests(SynchronousTestCase):
                                     KeyValue(b"/shardtcp/admin/big", b'{"state": "drain"}')])]
         self.admin.startService()
         self.assertRaises(NoShardAvailable, self.resolver.resolve, REQUEST)
+
+
+class FakeSource:
+    """What the metrics and /status read of an ``EtcdShardSource``."""
+
+    stale = True
+    changes = 7
+
+    def status(self) -> dict:
+        return {"kind": "etcd", "stale": True, "reason": "etcd down", "revision": 4, "registered_shards": 2,
+                "changes": 7, "peers": {}}
+
+
+class RegistryReportTests(SynchronousTestCase):
+    """The registry's freshness in /status and in the metrics."""
+
+    def test_metrics(self):
+        """``shardtcp_registry_stale`` is 1 while stale, 0 after; ``shardtcp_registry_changes`` counts changes."""
+        from shardtcp.metrics import ProxyMetrics
+
+        source = FakeSource()
+        metrics = ProxyMetrics()
+        metrics.watch_registry(source)
+        self.assertEqual(metrics.value("shardtcp_registry_stale"), 1.0)
+        self.assertEqual(metrics.value("shardtcp_registry_changes_total"), 7.0)
+        source.stale = False
+        source.changes = 8
+        self.assertEqual(metrics.value("shardtcp_registry_stale"), 0.0)
+        self.assertIn(b"shardtcp_registry_changes_total 8.0", metrics.render())
+
+    def test_status_document(self):
+        """/status shows the etcd registry's own status when there is one, else the static file."""
+        from shardtcp.admin._reading import status_document
+        from shardtcp.metrics import ProxyMetrics
+
+        clock = MemoryReactorClock()
+        resolver = build_resolver(two_shard_config(), clock=clock)
+        with_etcd = status_document(resolver, ProxyMetrics(), (), lambda: True, registry=FakeSource().status)
+        self.assertEqual(with_etcd["registry"], FakeSource().status())
+        static = status_document(resolver, ProxyMetrics(), (), lambda: True)
+        self.assertEqual(static["registry"], {"kind": "static", "stale": False})
+
+
+class FleetCtlTests(SynchronousTestCase):
+    """``shardtcp ctl`` fleet-wide: bad invocations get one line and exit 1, without a network call."""
+
+    def ctl(self, *argv):
+        import io
+        from contextlib import redirect_stderr
+
+        from shardtcp.cli import main
+
+        err = io.StringIO()
+        with redirect_stderr(err):
+            code = main(["ctl", *argv])
+        return code, err.getvalue()
+
+    def test_refusals(self):
+        """status is not fleet-wide; clear needs etcd; --fleet needs --config; a URL must be http(s)."""
+        self.assertEqual(self.ctl("--etcd", "http://127.0.0.1:1", "status"),
+                         (1, "shardtcp ctl: status is not a fleet-wide action (those are: drain, ready, weight, clear)\n"))
+        self.assertEqual(self.ctl("clear", "x"),
+                         (1, "shardtcp ctl: clear removes a fleet-wide override: give --etcd URL or --fleet\n"))
+        self.assertEqual(self.ctl("--fleet", "drain", "x"),
+                         (1, "shardtcp ctl: --fleet reads [registry] from --config PATH\n"))
+        self.assertEqual(self.ctl("--etcd", "etcd:2379", "drain", "x"),
+                         (1, "shardtcp ctl: --etcd 'etcd:2379' is not an http:// or https:// URL\n"))
+        self.assertEqual(self.ctl("--etcd", "http://127.0.0.1:1", "weight", "x", "heavy"),
+                         (1, "shardtcp ctl: weight 'heavy' is not a number\n"))
