@@ -102,8 +102,8 @@ class FleetTests(TestCase):
         proxies = await self._fleet()
         ports = [p.listening_port("edge").getHost().port for p in proxies]
 
-        async def ctl(*words):
-            child = e2e.spawn(self, [sys.executable, "-m", "shardtcp", "ctl", "--etcd", self.etcd.url, *words],
+        async def ctl(*words, where=("--etcd", self.etcd.url)):
+            child = e2e.spawn(self, [sys.executable, "-m", "shardtcp", "ctl", *where, *words],
                               env=e2e.child_environment(), timeout=30)
             self.assertEqual(await child.ended, 0, child.err)
             return json.loads(child.out)
@@ -111,17 +111,41 @@ class FleetTests(TestCase):
         def state(proxy):
             return {i.shard_id: i.health.value for i in proxy.resolver.get_shard_info("api")}["small"]
 
+        def weight(proxy):
+            return {i.shard_id: i.weight for i in proxy.resolver.get_shard_info("api")}["small"]
+
         self.assertEqual(await ctl("drain", "small"), {"fleet": {"state": "drain"}, "shard": "small"})
         await e2e.wait_until(lambda: [state(p) for p in proxies] == ["draining", "draining"], timeout=5)
         for port in ports:
             client, shard = await deferToThread(_open, port, self.deployment.ca_path)
             client.close()
             self.assertEqual(shard, "big")
-        self.assertEqual(await ctl("weight", "small", "2"),
+        fleet = ("--fleet", "--config", os.path.join(self.deployment.directory, "edge-a.toml"))
+        self.assertEqual(await ctl("weight", "small", "2", where=fleet),
                          {"fleet": {"state": "drain", "weight": 2.0}, "shard": "small"})
-        self.assertEqual(await ctl("clear", "small"), {"fleet": None, "shard": "small"})
+        await e2e.wait_until(lambda: [weight(p) for p in proxies] == [2.0, 2.0], timeout=5)
+        self.assertEqual(await ctl("ready", "small"), {"fleet": {"state": "ready", "weight": 2.0}, "shard": "small"})
         await e2e.wait_until(lambda: [state(p) for p in proxies] == ["healthy", "healthy"], timeout=5)
+        self.assertEqual(await ctl("clear", "small"), {"fleet": None, "shard": "small"})
+        await e2e.wait_until(lambda: [weight(p) for p in proxies] == [1.0, 1.0], timeout=5)
         for port in ports:
             client, shard = await deferToThread(_open, port, self.deployment.ca_path)
             client.close()
             self.assertEqual(shard, "small")
+
+
+class FanoutBenchTests(TestCase):
+    """The fan-out measurement docs/fleet.rst reports runs (small sizes here)."""
+
+    timeout = 120
+
+    async def test_fanout_runs(self):
+        """``python -m bench.fanout`` starts its etcd, times every put to every source and prints the figures."""
+        child = e2e.spawn(self, [sys.executable, "-m", "bench.fanout", "--proxies", "2", "--shards", "20",
+                                 "--puts", "10"], env=e2e.child_environment(), timeout=100)
+        self.assertEqual(await child.ended, 0, child.err)
+        result = json.loads(child.out)
+        self.assertEqual((result["proxies"], result["registered_shards"], result["puts"]), (2, 20, 10))
+        figures = result["put_to_all_seen_ms"]
+        self.assertTrue(0 < figures["p50"] <= figures["p90"] <= figures["max"] < 5000, figures)
+        self.assertGreaterEqual(result["etcd_cpu_seconds"], 0)
