@@ -321,10 +321,10 @@ def build_registry(config: Config, reactor):
     if config.registry.kind != "etcd":
         return None
     from shardtcp.config import read_registered_shard
-    from shardtcp.registry.etcd import EtcdClient
+    from shardtcp.registry.access import etcd_client
     from shardtcp.registry.source import EtcdShardSource
 
-    client = EtcdClient(reactor, config.registry.endpoints)
+    client = etcd_client(config.registry, reactor)
     return EtcdShardSource(
         config, client, read_registered_shard, clock=reactor, snapshot=config.registry.snapshot
     )
@@ -338,10 +338,10 @@ def build_fleet(config: Config, reactor, resolver: ShardResolver, registry) -> t
     """
     if config.registry.kind != "etcd":
         return ()
-    from shardtcp.registry.etcd import EtcdClient
+    from shardtcp.registry.access import etcd_client
     from shardtcp.registry.fleet import FleetAdmin, LoadSharing
 
-    client = EtcdClient(reactor, config.registry.endpoints)
+    client = etcd_client(config.registry, reactor)
     load = LoadSharing(
         client, config.registry.prefix, config.proxy.id, resolver.open_connections, resolver.set_remote_load,
         clock=reactor, lease_ttl=config.registry.lease_ttl,
