@@ -1028,8 +1028,10 @@ class ShardResolver(Service):
         """The eligible shards in the key's owner order (at most ``1 + retries``)."""
         shards = [
             # The operator's weight (the slow-start ramp must not move keys)
-            # and the live open connections (bounded load).
-            ownership.Shard(r.info.shard_id, r.state.weight, r.state.open_connections, ())
+            # and the live open connections, the fleet's (bounded load).
+            ownership.Shard(
+                r.info.shard_id, r.state.weight, r.state.open_connections + r.state.remote_connections, ()
+            )
             for r in eligible
         ]
         owners = ownership.chain(key, shards, owners=config.owners, bounded_load=config.bounded_load)
@@ -1184,7 +1186,8 @@ def _own(
     def member(r: ranking.Ranked, reasons: tuple[str, ...]) -> ownership.Shard:
         # The operator's weight: the slow-start ramp must not move keys.
         weight = r.state.weight if r.state is not None else r.info.weight
-        return ownership.Shard(r.info.shard_id, weight, r.info.open_connections, reasons)
+        remote = r.state.remote_connections if r.state is not None else 0
+        return ownership.Shard(r.info.shard_id, weight, r.info.open_connections + remote, reasons)
 
     shards = [member(r, ()) for r in result.eligible]
     shards += [member(r, r.reasons or ("not eligible",)) for r in result.rejected]

@@ -378,3 +378,31 @@ class FleetCtlTests(SynchronousTestCase):
                          (1, "shardtcp ctl: --etcd 'etcd:2379' is not an http:// or https:// URL\n"))
         self.assertEqual(self.ctl("--etcd", "http://127.0.0.1:1", "weight", "x", "heavy"),
                          (1, "shardtcp ctl: weight 'heavy' is not a number\n"))
+
+
+class RemoteLoadByKeyTests(SynchronousTestCase):
+    """A service routing by shard key counts the fleet's connections in its bounded load too."""
+
+    def test_remote_connections_move_a_key_past_a_loaded_owner(self):
+        """With 100 remote connections on the key's owner (0 elsewhere) the owner is over its bound:
+        resolve and explain both hand the key to the next owner; without them the owner takes it."""
+        import random
+
+        from shardtcp.resolver.service import ShardResolver
+        from tests.resolver.test_ownership import keyed_config
+
+        clock = MemoryReactorClock()
+        clock.advance(1000)
+        resolver = ShardResolver(keyed_config(), clock=clock, random=random.Random(1))
+        request = ConnectionRequest(service_id="api", client=("192.0.2.1", 1234), shard_key="tenant7")
+        owner = resolver.resolve(request, retries=4)[0].shard.shard_id
+        order = [c.shard.shard_id for c in resolver.resolve(request, retries=4)]
+        resolver.set_remote_load({owner: 100})
+        moved = resolver.resolve(request, retries=4)[0].shard.shard_id
+        self.assertEqual(moved, order[1])
+        chain = resolver.explain(request).owners
+        self.assertEqual(chain.owners[0].shard_id, owner)
+        self.assertEqual(chain.owners[0].skipped[0].split(":")[0], "bounded_load")
+        self.assertEqual(chain.owners[0].open_connections, 100)
+        resolver.set_remote_load({})
+        self.assertEqual(resolver.resolve(request, retries=4)[0].shard.shard_id, owner)
