@@ -133,6 +133,36 @@ class FleetTests(TestCase):
             client.close()
             self.assertEqual(shard, "small")
 
+    async def test_etcd_down_and_back(self):
+        """etcd stopped: both proxies keep routing on what they saw, stale in status and metrics, the
+        peer's load still counted; etcd back: in sync again, and a fleet drain written then reaches both."""
+        proxies = await self._fleet()
+        ports = [p.listening_port("edge").getHost().port for p in proxies]
+        held, _ = await deferToThread(_open, ports[1], self.deployment.ca_path)
+        self.addCleanup(held.close)
+        await e2e.wait_until(lambda: self._total(proxies[0], "small") == 1, timeout=5)
+        await self.etcd.stop()
+        await e2e.wait_until(lambda: all(p.registry.stale for p in proxies), timeout=10)
+        for p in proxies:
+            self.assertEqual(p.metrics.value("shardtcp_registry_stale"), 1.0)
+            self.assertTrue(p.registry.status()["reason"])  # why, in one line
+        self.assertEqual(self._total(proxies[0], "small"), 1)
+        for port in ports:
+            client, shard = await deferToThread(_open, port, self.deployment.ca_path)
+            client.close()
+            self.assertEqual(shard, "small")
+        await self.etcd.start()
+        await e2e.wait_until(lambda: not any(p.registry.stale for p in proxies), timeout=15)
+        self.assertEqual([p.metrics.value("shardtcp_registry_stale") for p in proxies], [0.0, 0.0])
+        child = e2e.spawn(self, [sys.executable, "-m", "shardtcp", "ctl", "--etcd", self.etcd.url, "drain", "small"],
+                          env=e2e.child_environment(), timeout=30)
+        self.assertEqual(await child.ended, 0, child.err)
+        await e2e.wait_until(
+            lambda: all({i.shard_id: i.health.value for i in p.resolver.get_shard_info("api")}["small"]
+                        == "draining" for p in proxies),
+            timeout=15,
+        )
+
 
 class FanoutBenchTests(TestCase):
     """The fan-out measurement docs/fleet.rst reports runs (small sizes here)."""
