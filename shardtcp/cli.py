@@ -362,7 +362,50 @@ def _cmd_demo(args) -> int:
 
 
 #: ``shardtcp ctl`` actions and the arguments each takes.
-CTL_ACTIONS = {"status": (), "reload": (), "drain": ("ID",), "ready": ("ID",), "weight": ("ID", "W")}
+CTL_ACTIONS = {"status": (), "reload": (), "drain": ("ID",), "ready": ("ID",), "weight": ("ID", "W"), "clear": ("ID",)}
+
+#: The ``shardtcp ctl`` actions that ``--etcd`` / ``--fleet`` write fleet-wide.
+FLEET_ACTIONS = ("drain", "ready", "weight", "clear")
+
+
+def _ctl_fleet(args, fail) -> int:
+    """drain/ready/weight/clear as ``<prefix>/admin/<shard-id>`` in etcd (SPEC 9)."""
+    from shardtcp.admin.client import AdminClientError, FleetClient
+
+    if args.action not in FLEET_ACTIONS:
+        return fail(f"{args.action} is not a fleet-wide action (those are: {', '.join(FLEET_ACTIONS)})")
+    endpoints = [url for item in args.etcd or () for url in item.split(",") if url]
+    prefix = args.prefix
+    if args.fleet:
+        if args.config is None:
+            return fail("--fleet reads [registry] from --config PATH")
+        from shardtcp.config import ConfigError, load_config
+
+        try:
+            config = load_config(args.config, check_files=False)
+        except ConfigError as e:
+            return fail(f"{args.config}: {e.problems[0] if e.problems else 'not valid'}")
+        if config.registry.kind != "etcd":
+            return fail(f'{args.config}: [registry] kind is not "etcd"')
+        endpoints = endpoints or list(config.registry.endpoints)
+        prefix = prefix or config.registry.prefix
+    for url in endpoints:
+        if not url.startswith(("http://", "https://")):
+            return fail(f"--etcd {url!r} is not an http:// or https:// URL")
+    try:
+        client = FleetClient(endpoints, prefix or "/shardtcp/")
+        if args.action == "weight":
+            try:
+                weight = float(args.args[1])
+            except ValueError:
+                return fail(f"weight {args.args[1]!r} is not a number")
+            result = client.weight(args.args[0], weight)
+        else:
+            result = getattr(client, args.action)(args.args[0])
+    except AdminClientError as e:
+        return fail(str(e))
+    print(json.dumps(result, sort_keys=True))
+    return 0
 
 
 def _cmd_ctl(args) -> int:
@@ -383,6 +426,10 @@ def _cmd_ctl(args) -> int:
     if len(args.args) != len(wanted):
         usage = " ".join((args.action,) + wanted)
         return fail(f"usage: shardtcp ctl [--admin URL] [--token-file F] [--config PATH] {usage}")
+    if args.etcd or args.fleet:
+        return _ctl_fleet(args, fail)
+    if args.action == "clear":
+        return fail("clear removes a fleet-wide override: give --etcd URL or --fleet")
     url, token_file = args.admin, args.token_file
     if args.config is not None and (url is None or token_file is None):
         from shardtcp.config import ConfigError, load_config
@@ -515,8 +562,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "ctl",
         help="call the admin API: status | reload | drain ID | ready ID | weight ID W",
-        description="Call a running proxy's admin API. Defaults come from the [admin] table of --config.",
+        description="Call a running proxy's admin API. Defaults come from the [admin] table of --config. "
+        "With --etcd or --fleet, drain/ready/weight/clear are written to etcd for every proxy (SPEC 9).",
     )
+    p.add_argument("--etcd", action="append", default=None, metavar="URL",
+                   help="fleet-wide: write the override to this etcd (repeat or comma-separate)")
+    p.add_argument("--fleet", action="store_true", help="fleet-wide: etcd endpoints and prefix from --config's [registry]")
+    p.add_argument("--prefix", default=None, help="fleet-wide: the registry prefix (default /shardtcp/)")
     p.add_argument("--admin", default=None, metavar="URL", help="the admin API, e.g. http://127.0.0.1:9901")
     p.add_argument("--token-file", default=None, metavar="F", help="the bearer token for changes")
     p.add_argument("--config", default=None, metavar="PATH", help="read --admin and --token-file from its [admin]")

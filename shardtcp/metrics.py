@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from zope.interface import implementer
 
 from shardtcp.resolver.interfaces import IResolver
@@ -114,6 +114,14 @@ class ProxyMetrics:
     def watch_shards(self, snapshot: Callable[[], object]) -> None:
         """Publish the per-shard series from ``snapshot()`` (a ``ResolverSnapshot``) at each scrape."""
         self.registry.register(ShardCollector(snapshot))
+
+    def watch_registry(self, registry) -> None:
+        """
+        Publish the etcd registry's freshness at each scrape:
+        ``shardtcp_registry_stale`` (1 while routing on the last registry
+        seen) and ``shardtcp_registry_changes`` (changes applied so far).
+        """
+        self.registry.register(RegistryCollector(registry))
 
     def refusals(self) -> dict[str, dict[str, float]]:
         """Refused connections so far: listener -> reason -> count."""
@@ -229,3 +237,20 @@ class TimedResolver:
 
     def record_connect_result(self, shard_id, ok, seconds=None):
         return self._resolver.record_connect_result(shard_id, ok, seconds)
+
+
+class RegistryCollector:
+    """The etcd registry's two series, read from its source at each scrape."""
+
+    def __init__(self, source) -> None:
+        self._source = source
+
+    def collect(self):
+        stale = GaugeMetricFamily(
+            "shardtcp_registry_stale", "1 while etcd is unreachable and the last registry seen is used"
+        )
+        stale.add_metric([], 1.0 if self._source.stale else 0.0)
+        yield stale
+        changes = CounterMetricFamily("shardtcp_registry_changes", "Registry changes applied from etcd")
+        changes.add_metric([], float(self._source.changes))
+        yield changes

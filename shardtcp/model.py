@@ -239,6 +239,11 @@ class RegistryConfig:
     prefix: str = "/shardtcp/"
     snapshot: Optional[str] = None  # last good registry, read at start-up when etcd is down
     lease_ttl: float = 10.0
+    ca: Optional[str] = None  # PEM CA of etcd's server certificates (https endpoints)
+    cert: Optional[str] = None  # PEM client certificate to etcd, with ``key``
+    key: Optional[str] = None
+    username: Optional[str] = None  # etcd auth, with ``password_file``
+    password_file: Optional[str] = None
 
 
 @frozen

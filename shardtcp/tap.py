@@ -159,6 +159,8 @@ class ProxyService(MultiService):
         self.health = None
         #: The etcd shard source, when ``[registry] kind = "etcd"``.
         self.registry = None
+        #: The fleet's shared load and overrides (``LoadSharing``, ``FleetAdmin``), with etcd.
+        self.fleet: tuple = ()
         #: The process's kernel splicer (``None``: userspace splice only).
         self.splicer: KernelSplicer | None = None
         #: Called with ``ListenFailed`` instead of raising it, when set.
@@ -319,13 +321,37 @@ def build_registry(config: Config, reactor):
     if config.registry.kind != "etcd":
         return None
     from shardtcp.config import read_registered_shard
-    from shardtcp.registry.etcd import EtcdClient
+    from shardtcp.registry.access import etcd_client
     from shardtcp.registry.source import EtcdShardSource
 
-    client = EtcdClient(reactor, config.registry.endpoints)
+    client = etcd_client(config.registry, reactor)
     return EtcdShardSource(
         config, client, read_registered_shard, clock=reactor, snapshot=config.registry.snapshot
     )
+
+
+def build_fleet(config: Config, reactor, resolver: ShardResolver, registry) -> tuple:
+    """
+    With an etcd registry, ``(LoadSharing, FleetAdmin)``: this proxy's load
+    published and the others' counted, and the fleet-wide overrides applied;
+    both follow the resolver's shards as they change.  Else ``()``.
+    """
+    if config.registry.kind != "etcd":
+        return ()
+    from shardtcp.registry.access import etcd_client
+    from shardtcp.registry.fleet import FleetAdmin, LoadSharing
+
+    client = etcd_client(config.registry, reactor)
+    load = LoadSharing(
+        client, config.registry.prefix, config.proxy.id, resolver.open_connections, resolver.set_remote_load,
+        clock=reactor, lease_ttl=config.registry.lease_ttl,
+    )
+    admin = FleetAdmin(client, config.registry.prefix, resolver, clock=reactor)
+    resolver.watch(load.reapply)
+    resolver.watch(admin.reapply)
+    if registry is not None:
+        registry.peers = load.status
+    return (load, admin)
 
 
 def build_service(config: Config, reactor=None, *, connector: ShardConnector | None = None) -> ProxyService:
@@ -345,6 +371,11 @@ def build_service(config: Config, reactor=None, *, connector: ShardConnector | N
         # registry the resolver reads when etcd is down at start-up.
         registry.setServiceParent(root)
     resolver.setServiceParent(root)
+    root.fleet = build_fleet(config, reactor, resolver, registry)
+    for part in root.fleet:
+        part.setServiceParent(root)
+    if registry is not None:
+        metrics.watch_registry(registry)
     metrics.watch_shards(resolver.snapshot)
     root.context_resolver = TimedResolver(resolver, metrics, reactor)
     intel = build_threat_intel(config, resolver, reactor, registry=metrics.registry)
@@ -382,6 +413,7 @@ def build_service(config: Config, reactor=None, *, connector: ShardConnector | N
         serving=lambda: root.ready,
         reloader=root,
         feeds=intel.status if intel is not None else None,
+        registry=registry.status if registry is not None else None,
     )
     if admin is not None:
         admin.setServiceParent(root)
@@ -413,6 +445,7 @@ def build_admin_service(
     serving=None,
     reloader=None,
     feeds=None,
+    registry=None,
 ) -> ListeningService | None:
     """
     The admin site listening on ``[admin].listen`` (None without
@@ -433,6 +466,7 @@ def build_admin_service(
         serving=serving if serving is not None else (lambda: True),
         reloader=reloader,
         feeds=feeds,
+        registry=registry,
     )
     service = ListeningService(config.admin.listen, site, reactor, label="admin")
     service.setName("admin")

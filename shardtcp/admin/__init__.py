@@ -89,6 +89,7 @@ def admin_site_for(
     serving: Callable[[], bool],
     reloader: Optional[IReloader] = None,
     feeds: Optional[Callable[[], dict]] = None,
+    registry: Optional[Callable[[], dict]] = None,
 ) -> AdminSite:
     """
     The admin site of a configuration that has an ``[admin]`` table;
@@ -108,4 +109,5 @@ def admin_site_for(
         token=token,
         listeners=listeners,
         feeds=feeds,
+        registry=registry,
     )

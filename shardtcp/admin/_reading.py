@@ -57,13 +57,16 @@ class StatusResource(Leaf):
 
 
 def status_document(
-    resolver, metrics, listeners, serving: Callable[[], bool], feeds: Optional[Callable[[], dict]] = None
+    resolver, metrics, listeners, serving: Callable[[], bool], feeds: Optional[Callable[[], dict]] = None,
+    registry: Optional[Callable[[], dict]] = None,
 ) -> dict:
     """
     ``/status``: ``render_status`` of the resolver's snapshot, plus the
     listeners with their counters, refusals by reason, drain state,
     workers, registry freshness and, when given, the threat feeds'
-    status (``feeds()``, under ``"threat_intel"``).
+    status (``feeds()``, under ``"threat_intel"``).  ``registry()``, when
+    given, is the etcd registry's status (``EtcdShardSource.status``);
+    without it the registry is the static file.
     """
     document = render_status(resolver.snapshot())
     refusals = metrics.refusals()
@@ -82,7 +85,7 @@ def status_document(
     document["ready"] = serving
     document["draining"] = not serving
     document["workers"] = 1
-    document["registry"] = {"kind": "static", "stale": False}
+    document["registry"] = registry() if registry is not None else {"kind": "static", "stale": False}
     if feeds is not None:
         document["threat_intel"] = feeds()
     return document

@@ -112,6 +112,7 @@ def build_admin_site(
     listeners: Sequence[ListenerView] = (),
     feeds: Optional[Callable[[], dict]] = None,
     reactor=None,
+    registry: Optional[Callable[[], dict]] = None,
 ) -> AdminSite:
     """
     The admin site over its collaborators; see the module docstring.
@@ -119,14 +120,14 @@ def build_admin_site(
     ``reloader`` (an ``IReloader``) may be None, then ``/reload`` says it
     is not available.  ``token`` None makes the interface read-only.
     ``feeds()``, when given, is the threat feeds' status shown in
-    ``/status``.  ``reactor`` is the HTTP layer's (timeouts, dates); the global one when
+    ``/status``, and ``registry()`` the etcd registry's.  ``reactor`` is the HTTP layer's (timeouts, dates); the global one when
     not given.
     """
     guard = Guard(token)
     listeners = tuple(listeners)
 
     def document() -> dict:
-        return status_document(resolver, metrics, listeners, serving, feeds)
+        return status_document(resolver, metrics, listeners, serving, feeds, registry)
 
     page = PageResource(document, lambda: page_scores(resolver))
     root = AdminRoot(page)

@@ -7,6 +7,7 @@ one line to print.
 
 from __future__ import annotations
 
+import base64
 import json
 import urllib.error
 import urllib.request
@@ -119,3 +120,75 @@ def format_status(document: dict) -> str:
                 f"security {shard['security_score']:g}, {shard.get('region') or '-'}"
             )
     return "\n".join(lines)
+
+
+class FleetClient:
+    """
+    Writes fleet-wide operator overrides, ``<prefix>/admin/<shard-id>``
+    (SPEC 9), to etcd's JSON gateway; every proxy of the fleet applies them.
+    Plain ``urllib``; the endpoints are tried in turn.
+    """
+
+    def __init__(self, endpoints, prefix: str = "/shardtcp/", timeout: float = 10.0) -> None:
+        self._endpoints = [url.rstrip("/") for url in endpoints]
+        if not self._endpoints:
+            raise AdminClientError("give at least one etcd endpoint")
+        self._prefix = prefix.rstrip("/") + "/admin/"
+        self._timeout = timeout
+
+    def _call(self, path: str, document: dict) -> dict:
+        body = json.dumps(document).encode("ascii")
+        problems = []
+        for base in self._endpoints:
+            request = urllib.request.Request(base + path, data=body, method="POST")
+            request.add_header("Content-Type", "application/json")
+            try:
+                with urllib.request.urlopen(request, timeout=self._timeout) as answer:
+                    data = answer.read(MAX_ANSWER)
+            except urllib.error.HTTPError as e:
+                raise AdminClientError(f"etcd {base}{path}: {e.code} {e.reason}") from None
+            except (urllib.error.URLError, OSError) as e:
+                problems.append(f"{base}: {getattr(e, 'reason', e)}")
+                continue
+            try:
+                return json.loads(data)
+            except ValueError:
+                raise AdminClientError(f"etcd {base}{path}: the answer is not JSON") from None
+        raise AdminClientError("cannot reach etcd: " + "; ".join(problems))
+
+    def _key(self, shard_id: str) -> str:
+        return base64.b64encode((self._prefix + shard_id).encode("utf-8")).decode("ascii")
+
+    def override(self, shard_id: str) -> dict:
+        """The shard's fleet-wide override now ({} when none)."""
+        answer = self._call("/v3/kv/range", {"key": self._key(shard_id)})
+        for kv in answer.get("kvs", []):
+            try:
+                document = json.loads(base64.b64decode(kv.get("value", "")))
+            except ValueError:
+                return {}
+            return document if isinstance(document, dict) else {}
+        return {}
+
+    def _write(self, shard_id: str, change: dict) -> dict:
+        document = {k: v for k, v in self.override(shard_id).items() if k in ("state", "weight")}
+        document.update(change)
+        value = base64.b64encode(json.dumps(document, sort_keys=True).encode("utf-8")).decode("ascii")
+        self._call("/v3/kv/put", {"key": self._key(shard_id), "value": value})
+        return {"shard": shard_id, "fleet": document}
+
+    def drain(self, shard_id: str) -> dict:
+        return self._write(shard_id, {"state": "drain"})
+
+    def ready(self, shard_id: str) -> dict:
+        return self._write(shard_id, {"state": "ready"})
+
+    def weight(self, shard_id: str, weight: float) -> dict:
+        if not weight >= 0:
+            raise AdminClientError(f"weight must not be negative, not {weight!r}")
+        return self._write(shard_id, {"weight": weight})
+
+    def clear(self, shard_id: str) -> dict:
+        """Delete the override: every proxy goes back to the shard's own state and weight."""
+        self._call("/v3/kv/deleterange", {"key": self._key(shard_id)})
+        return {"shard": shard_id, "fleet": None}

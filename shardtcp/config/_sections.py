@@ -223,12 +223,15 @@ def _check_signing_key(reader: Reader, path: str, filename: str) -> None:
 
 
 def _read_registry(reader: Reader, top: dict) -> RegistryConfig:
-    table = reader.sub_table(top, "", "registry", ("kind", "endpoints", "prefix", "snapshot", "lease_ttl"))
+    table = reader.sub_table(
+        top, "", "registry",
+        ("kind", "endpoints", "prefix", "snapshot", "lease_ttl", "ca", "cert", "key", "username", "password_file"),
+    )
     if table is None:
         return RegistryConfig()
     kind = reader.choice(table, "registry", "kind", ("static", "etcd"), "static")
     if kind != "etcd":
-        for key in ("endpoints", "prefix", "snapshot", "lease_ttl"):
+        for key in ("endpoints", "prefix", "snapshot", "lease_ttl", "ca", "cert", "key", "username", "password_file"):
             if key in table:
                 reader.add(f"registry.{key}", 'only with kind = "etcd"')
         return RegistryConfig(kind=kind)
@@ -255,7 +258,27 @@ def _read_registry(reader: Reader, top: dict) -> RegistryConfig:
     if not 2.0 <= lease_ttl <= 3600.0:
         reader.add("registry.lease_ttl", f"must be between 2s and 1h, got {lease_ttl:g}s")
         lease_ttl = 10.0
-    return RegistryConfig(kind=kind, endpoints=endpoints, prefix=prefix, snapshot=snapshot, lease_ttl=lease_ttl)
+    return RegistryConfig(
+        kind=kind, endpoints=endpoints, prefix=prefix, snapshot=snapshot, lease_ttl=lease_ttl,
+        **_registry_access(reader, table, endpoints),
+    )
+
+
+def _registry_access(reader: Reader, table: dict, endpoints: tuple) -> dict:
+    """``[registry]`` TLS (``ca``, ``cert``, ``key``) and etcd auth (``username``, ``password_file``)."""
+    ca = reader.path(table, "registry", "ca")
+    cert = reader.path(table, "registry", "cert")
+    key = reader.path(table, "registry", "key")
+    if (cert is None) != (key is None):
+        reader.add("registry.cert" if cert is None else "registry.key", "cert and key go together")
+    if (ca is not None or cert is not None) and not all(url.startswith("https://") for url in endpoints):
+        reader.add("registry.endpoints", "ca, cert and key need https:// endpoints")
+    username = reader.string(table, "registry", "username")
+    password_file = reader.path(table, "registry", "password_file")
+    if (username is None) != (password_file is None):
+        reader.add("registry.username" if username is None else "registry.password_file",
+                   "username and password_file go together")
+    return {"ca": ca, "cert": cert, "key": key, "username": username, "password_file": password_file}
 
 
 def read_registered_shard(service_id: str, shard_id: str, document: Any) -> tuple:

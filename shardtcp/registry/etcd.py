@@ -23,11 +23,12 @@ import attrs
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks, returnValue, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
+from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, ResponseDone
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer
+from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS
 from zope.interface import implementer
 
 log = Logger(namespace="shardtcp.registry")
@@ -39,6 +40,10 @@ MAX_ANSWER = 16 * 1024 * 1024
 
 class EtcdError(Exception):
     """etcd could not be reached, or answered with an error."""
+
+
+class EtcdAuthError(EtcdError):
+    """etcd refused the call's credentials (no token, or one it no longer knows)."""
 
 
 class WatchCompacted(EtcdError):
@@ -190,7 +195,10 @@ class EtcdClient:
     them in order, starting from the last one that answered.  ``agent`` may
     be any ``IAgent`` (for TLS to etcd, one built with a policy for its CA
     and client certificate); ``token`` is an etcd auth token sent as the
-    ``Authorization`` header.
+    ``Authorization`` header.  With ``username`` and ``password`` the client
+    gets its token from ``/v3/auth/authenticate`` before its first call, and
+    again (once per call) when etcd says the token is no longer valid, as
+    after an etcd restart or when its simple token expired.
     """
 
     def __init__(
@@ -201,6 +209,8 @@ class EtcdClient:
         agent=None,
         timeout: float = 5.0,
         token: Optional[str] = None,
+        username: Optional[str] = None,
+        password: Optional[str] = None,
     ) -> None:
         if not endpoints:
             raise ValueError("at least one etcd endpoint is needed")
@@ -210,6 +220,23 @@ class EtcdClient:
         self._timeout = timeout
         self._token = token
         self._current = 0
+        self._credentials = (username, password or "") if username else None
+        #: How many tokens the client obtained (for tests and logs).
+        self.authentications = 0
+
+    @inlineCallbacks
+    def authenticate(self):
+        """A new token for the client's username and password."""
+        assert self._credentials is not None
+        name, password = self._credentials
+        self._token = None
+        answer = yield self._call_once("/v3/auth/authenticate", {"name": name, "password": password})
+        token = answer.get("token")
+        if not isinstance(token, str) or not token:
+            raise EtcdAuthError("authenticate answered no token")
+        self._token = token
+        self.authentications += 1
+        returnValue(token)
 
     def _headers(self) -> Headers:
         headers = Headers({b"Content-Type": [b"application/json"]})
@@ -224,7 +251,25 @@ class EtcdClient:
 
     @inlineCallbacks
     def call(self, path: str, document: dict):
-        """POST ``document`` to ``path`` on the first endpoint that answers."""
+        """
+        POST ``document`` to ``path`` on the first endpoint that answers,
+        authenticating first (and once more on a refused token) when the
+        client has credentials.
+        """
+        if self._credentials is None:
+            answer = yield self._call_once(path, document)
+            returnValue(answer)
+        if self._token is None:
+            yield self.authenticate()
+        try:
+            answer = yield self._call_once(path, document)
+        except EtcdAuthError:
+            yield self.authenticate()
+            answer = yield self._call_once(path, document)
+        returnValue(answer)
+
+    @inlineCallbacks
+    def _call_once(self, path: str, document: dict):
         errors = []
         for step in range(len(self._endpoints)):
             index = (self._current + step) % len(self._endpoints)
@@ -246,6 +291,11 @@ class EtcdClient:
                 raise EtcdError(f"{path}: answer is not JSON")
             if response.code != 200 or not isinstance(answer, dict) or "error" in answer:
                 message = answer.get("error") or answer.get("message") if isinstance(answer, dict) else None
+                code = answer.get("code") if isinstance(answer, dict) else None
+                if path != "/v3/auth/authenticate" and (
+                    response.code == 401 or code == 16 or "auth token" in str(message or "")
+                ):
+                    raise EtcdAuthError(f"{path}: HTTP {response.code} {message or ''}".strip())
                 raise EtcdError(f"{path}: HTTP {response.code} {message or ''}".strip())
             returnValue(answer)
         raise EtcdError("no etcd endpoint answered: " + "; ".join(errors))
@@ -373,3 +423,35 @@ class Watch:
             self.done.callback(None)
         if self._lines is not None and self._lines.transport is not None:
             self._lines.transport.stopProducing()
+
+
+@implementer(IPolicyForHTTPS)
+class EtcdTLSPolicy:
+    """
+    TLS to etcd: its server certificates verified against ``trust`` (a
+    ``Certificate`` of the CA, or the platform's roots when None) for the
+    endpoint's host name, and ``client`` (a ``PrivateCertificate``) shown
+    when etcd asks for a client certificate.
+    """
+
+    def __init__(self, trust=None, client=None) -> None:
+        self._trust = trust
+        self._client = client
+
+    def creatorForNetloc(self, hostname: bytes, port: int):
+        return optionsForClientTLS(
+            hostname.decode("ascii"), trustRoot=self._trust, clientCertificate=self._client
+        )
+
+
+def tls_agent(reactor, ca: Optional[str] = None, cert: Optional[str] = None, key: Optional[str] = None) -> Agent:
+    """An ``Agent`` for https etcd endpoints: ``ca`` (PEM) to trust, ``cert``/``key`` (PEM) to show."""
+    trust = None
+    if ca is not None:
+        with open(ca, "rb") as f:
+            trust = Certificate.loadPEM(f.read())
+    client = None
+    if cert is not None and key is not None:
+        with open(cert, "rb") as f, open(key, "rb") as g:
+            client = PrivateCertificate.loadPEM(f.read() + b"\n" + g.read())
+    return Agent(reactor, contextFactory=EtcdTLSPolicy(trust, client))

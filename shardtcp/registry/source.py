@@ -85,6 +85,8 @@ class EtcdShardSource(Service):
         self._callbacks: dict[object, Callable[[], None]] = {}
         self._merged: tuple[ServiceConfig, ...] = self._file_services
         self._refused: set[bytes] = set()
+        # key -> (raw value, what _record made of it): a change re-reads one record, not all
+        self._parsed: dict[bytes, tuple] = {}
         self.revision = 0
         self.stale = True
         self.stale_reason = "not synchronised yet"
@@ -93,6 +95,8 @@ class EtcdShardSource(Service):
         self._sleep = None
         self._pending = None
         self._failures = 0
+        #: ``LoadSharing.status`` when the proxy shares its load: the peers in ``status()``.
+        self.peers: Optional[Callable[[], dict]] = None
 
     # -- IShardSource --------------------------------------------------------
 
@@ -116,6 +120,7 @@ class EtcdShardSource(Service):
         self._file_ids = {shard.id for s in self._file_services for shard in s.shards}
         self._service_ids = {s.id for s in self._file_services}
         self._refused.clear()
+        self._parsed.clear()
         self._rebuild()
 
     # -- the registry --------------------------------------------------------
@@ -128,6 +133,8 @@ class EtcdShardSource(Service):
             "reason": self.stale_reason if self.stale else None,
             "revision": self.revision,
             "registered_shards": len(self._records),
+            "changes": self.changes,
+            "peers": self.peers() if self.peers is not None else {},
         }
 
     def _record(self, key: bytes, value: bytes) -> Optional[tuple[tuple[str, str], ShardConfig]]:
@@ -162,10 +169,18 @@ class EtcdShardSource(Service):
 
     def _rebuild(self) -> None:
         records: dict[tuple[str, str], ShardConfig] = {}
+        cache: dict[bytes, tuple] = {}
         for key in sorted(self._raw):
-            parsed = self._record(key, self._raw[key])
+            value = self._raw[key]
+            known = self._parsed.get(key)
+            if known is not None and known[0] == value:
+                parsed = known[1]
+            else:
+                parsed = self._record(key, value)
+            cache[key] = (value, parsed)
             if parsed is not None:
                 records[parsed[0]] = parsed[1]
+        self._parsed = cache
         self._records = records
         by_service: dict[str, list[ShardConfig]] = {}
         for (service_id, _), shard in sorted(records.items()):

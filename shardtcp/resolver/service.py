@@ -746,6 +746,26 @@ class ShardResolver(Service):
             raise ValueError(f"weight must not be negative, not {weight!r}")
         self._state(shard_id).weight_override = weight
 
+    def clear_weight(self, shard_id: str) -> None:
+        """Drop a shard's weight override: its record's weight again."""
+        self._state(shard_id).weight_override = None
+
+    def open_connections(self) -> dict[str, int]:
+        """This proxy's own open connections by shard id (shards with any)."""
+        return {sid: s.open_connections for sid, s in self._states.items() if s.open_connections > 0}
+
+    def set_remote_load(self, counts: dict[str, int]) -> None:
+        """
+        Take the other proxies' open connections by shard id (the fleet's
+        shared load, ``shardtcp.registry.fleet``); a shard not named has
+        none.  Each shard's load, and so its load factor and capacity
+        check in ``resolve`` and ``explain``, counts them with its own.
+        """
+        for shard_id, state in self._states.items():
+            remote = max(0, int(counts.get(shard_id, 0)))
+            if state.remote_connections != remote:
+                state.remote_connections = remote
+
     def lease(self, shard_id: str) -> Lease:
         """
         Count one connection against a shard until the lease is released.
@@ -1008,8 +1028,10 @@ class ShardResolver(Service):
         """The eligible shards in the key's owner order (at most ``1 + retries``)."""
         shards = [
             # The operator's weight (the slow-start ramp must not move keys)
-            # and the live open connections (bounded load).
-            ownership.Shard(r.info.shard_id, r.state.weight, r.state.open_connections, ())
+            # and the live open connections, the fleet's (bounded load).
+            ownership.Shard(
+                r.info.shard_id, r.state.weight, r.state.open_connections + r.state.remote_connections, ()
+            )
             for r in eligible
         ]
         owners = ownership.chain(key, shards, owners=config.owners, bounded_load=config.bounded_load)
@@ -1164,7 +1186,8 @@ def _own(
     def member(r: ranking.Ranked, reasons: tuple[str, ...]) -> ownership.Shard:
         # The operator's weight: the slow-start ramp must not move keys.
         weight = r.state.weight if r.state is not None else r.info.weight
-        return ownership.Shard(r.info.shard_id, weight, r.info.open_connections, reasons)
+        remote = r.state.remote_connections if r.state is not None else 0
+        return ownership.Shard(r.info.shard_id, weight, r.info.open_connections + remote, reasons)
 
     shards = [member(r, ()) for r in result.eligible]
     shards += [member(r, r.reasons or ("not eligible",)) for r in result.rejected]

@@ -90,6 +90,9 @@ class ShardState:
     security_override: Optional[float] = None
     weight_override: Optional[float] = None
     open_connections: int = 0
+    #: The other proxies' open connections to this shard (the fleet's shared
+    #: load, ``ShardResolver.set_remote_load``); counted in ``load()``.
+    remote_connections: int = 0
     stats: ConnectStats = attrs.field(factory=ConnectStats)
     outlier: OutlierTracker = attrs.field(factory=OutlierTracker)
     ejection_open: bool = False
@@ -128,9 +131,9 @@ class ShardState:
         return self.weight * agent * self.ramp(now)
 
     def load(self) -> float:
-        """``max(open / capacity, agent-reported load)``."""
+        """``max((open + remote) / capacity, agent-reported load)``."""
         return scoring.combined_load(
-            self.open_connections, self.config.capacity, self.agent_load
+            self.open_connections + self.remote_connections, self.config.capacity, self.agent_load
         )
 
     def measured_ms(self, now: float, max_age: float) -> Optional[float]:

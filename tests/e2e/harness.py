@@ -1161,6 +1161,8 @@ class EtcdServer:
         self.peer_port = free_port()
         self.url = f"http://127.0.0.1:{self.client_port}"
         self.child: Optional[ChildProcess] = None
+        #: More etcd flags for ``start()`` (auth token settings, a TLS listener).
+        self.extra_args: list = []
         case.addCleanup(lambda: defer.ensureDeferred(self.stop()))
 
     async def start(self, timeout: float = 15.0) -> None:
@@ -1177,6 +1179,7 @@ class EtcdServer:
             "--listen-peer-urls", peer,
             "--initial-advertise-peer-urls", peer,
             "--initial-cluster", f"shardtcp-test={peer}",
+            *self.extra_args,
         ]
         self.child = spawn(self._case, argv, timeout=600.0)
         deadline = time.monotonic() + timeout
