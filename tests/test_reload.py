@@ -417,6 +417,28 @@ class DrainTests(SynchronousTestCase):
         lines = _texts(self.events)
         self.assertTrue(any("close=shutdown" in l and "api/api-1" in l for l in lines), lines)
 
+    def test_spliced_connection_finishing_during_the_drain(self) -> None:
+        """
+        A spliced connection that ends by itself during the drain keeps its
+        own side in the access line, marked as ended while draining
+        (``close=drain:client``); it is counted as finished, not closed.
+        """
+        conn, transport = self.proxy.connect()
+        conn.dataReceived(b"SHARD api\r\n")
+        upstream, upstream_transport = self.proxy.connector.succeed()
+        upstream.dataReceived(b"hello\n")
+        done: list = []
+        self.root.stopService().addBoth(done.append)
+        self.proxy.reactor.advance(0.5)
+        conn.connectionLost(Failure(ConnectionLost()))
+        upstream.connectionLost(Failure(ConnectionLost()))
+        self.proxy.reactor.advance(0.05)
+        self.assertEqual(done, [None])
+        self.assertFalse(transport.aborted)
+        lines = _texts(self.events)
+        self.assertTrue(any("close=drain:client" in l and "api/api-1" in l for l in lines), lines)
+        self.assertEqual(self.proxy.metric("shardtcp_shutdown_connections_total", outcome="finished"), 1.0)
+
     def test_second_signal_closes_now(self) -> None:
         """``close_now`` (a second SIGTERM) closes what is open before the deadline."""
         conn, transport = self.proxy.connect()

@@ -91,9 +91,13 @@ def status_document(
     return document
 
 
+#: The query parameters of ``/explain`` (``key``: a shard key, for services routing by key).
+_EXPLAIN_PARAMETERS = (b"service", b"client", b"sni", b"key")
+
+
 class ExplainResource(Leaf):
     """
-    ``GET /explain?service=S&client=IP[&sni=N]``: the ranking the resolver
+    ``GET /explain?service=S&client=IP[&sni=N][&key=K]``: the ranking the resolver
     would make now (``ShardResolver.explain``, the pipeline ``resolve``
     runs), as the JSON ``shardtcp explain --json`` prints.  Bad input is a
     400 with one line.
@@ -109,7 +113,7 @@ class ExplainResource(Leaf):
 
         args = request.args
         values = {}
-        for name in (b"service", b"client", b"sni"):
+        for name in _EXPLAIN_PARAMETERS:
             given = args.get(name, [])
             if len(given) > 1:
                 return text(request, 400, f"give {name.decode()} once")
@@ -121,9 +125,9 @@ class ExplainResource(Leaf):
                 if len(value) > MAX_QUERY_VALUE or not value.isprintable():
                     return text(request, 400, f"{name.decode()} is too long or not printable")
                 values[name.decode()] = value
-        unknown = sorted(k.decode("utf-8", "replace") for k in args if k not in (b"service", b"client", b"sni"))
+        unknown = sorted(k.decode("utf-8", "replace") for k in args if k not in _EXPLAIN_PARAMETERS)
         if unknown:
-            return text(request, 400, f"unknown query parameter {unknown[0][:40]!r}: use service, client, sni")
+            return text(request, 400, f"unknown query parameter {unknown[0][:40]!r}: use service, client, sni, key")
         for required in ("service", "client"):
             if not values.get(required):
                 return text(request, 400, f"{required} is required: /explain?service=S&client=IP[&sni=NAME]")
@@ -133,7 +137,7 @@ class ExplainResource(Leaf):
             service_id=values["service"], client=(values["client"], 0), sni=values.get("sni"), listener="explain"
         )
         try:
-            explanation = self._resolver.explain(explanation_request)
+            explanation = self._resolver.explain(explanation_request, key=values.get("key"))
         except UnknownService:
             return text(request, 400, f"unknown service {values['service']!r}")
         return as_json(request, explanation_json(explanation))

@@ -734,7 +734,11 @@ class ProxyConnection(SpliceSideMixin, Protocol):
         ctx.child(ctx.metrics.bytes, name, "down").inc(stats.bytes_down)
         ctx.child(ctx.metrics.ended, name, stats.ended_by or "closed").inc()
         self._release_lease()
-        self._access(self.end_reason or stats.ended_by or "closed", stats.bytes_up, stats.bytes_down)
+        close = self.end_reason or stats.ended_by or "closed"
+        if self.draining and self.close_reason is None and close != "shutdown":
+            # ended by itself while the proxy drained: say both
+            close = f"drain:{close}"
+        self._access(close, stats.bytes_up, stats.bytes_down)
         self.machine.finished()
         ctx.closed(self)
 

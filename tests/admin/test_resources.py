@@ -112,6 +112,27 @@ class ReadingTests(SynchronousTestCase):
         self.assertEqual([s["shard"] for s in document["shards"]], ["api-fra-1", "api-nyc-1"])
         self.assertIsNone(document["denied"])
 
+    def test_explain_key(self) -> None:
+        """
+        /explain?...&key=K on a service routing by key shows the owner chain,
+        the owner first, as ``shardtcp explain --key`` does; without a key
+        there is none.
+        """
+        import attrs
+
+        from shardtcp.resolver import ShardResolver
+        from shardtcp.resolver.ownership import Shard, owner_order
+
+        config = self.admin.config
+        keyed = attrs.evolve(config, services=(attrs.evolve(config.services[0], shard_key="sni-label"),))
+        self.admin.resolver.replace_config(keyed)
+        document = self.admin.request("GET", "/explain?service=api&client=127.0.0.1&key=tenant7").json()
+        expected = owner_order("tenant7", [Shard("api-fra-1"), Shard("api-nyc-1")])
+        self.assertEqual(document["key"], "tenant7")
+        self.assertEqual([o["shard"] for o in document["owners"]], [s.shard_id for s in expected])
+        document = self.admin.request("GET", "/explain?service=api&client=127.0.0.1").json()
+        self.assertNotIn("owners", document)
+
     def test_explain_drained_shard(self) -> None:
         """A drained shard is shown rejected by /explain, as resolve would skip it."""
         self.admin.resolver.set_admin_state("api-fra-1", "drain")
@@ -128,7 +149,8 @@ class ReadingTests(SynchronousTestCase):
             "/explain?service=api&client=nope": "client 'nope' is not an IP address\n",
             "/explain?service=web&client=127.0.0.1": "unknown service 'web'\n",
             "/explain?service=api&service=api&client=127.0.0.1": "give service once\n",
-            "/explain?service=api&client=127.0.0.1&key=1": "unknown query parameter 'key': use service, client, sni\n",
+            "/explain?service=api&client=127.0.0.1&owner=1": "unknown query parameter 'owner': use service, client, sni, key\n",
+            "/explain?service=api&client=127.0.0.1&key=" + "k" * 254: "key is too long or not printable\n",
             "/explain?service=api&client=127.0.0.1&sni=" + "a" * 254: "sni is too long or not printable\n",
             "/explain?service=%ff&client=127.0.0.1": "service is not UTF-8\n",
         }
