@@ -88,10 +88,12 @@ def _services(document: Mapping, scores: Mapping) -> list[str]:
             f'<h3 id="service-{_e(service_id)}">{_e(service_id)} '
             f'<span class="state">{int(service["in_rotation"])} of {len(service["shards"])} shards in rotation</span>{panic}</h3>'
         )
+        # A service routing by shard key: how many of its recent keys each shard took.
+        keyed = any(shard.get("recent_keys") is not None for shard in service["shards"].values())
         out.append(
             '<table class="shards"><tr><th>shard</th><th>region</th><th>address</th><th>health</th><th>state</th>'
             "<th>load</th><th>open / capacity</th><th>latency</th><th>security</th><th>spare</th><th>total</th>"
-            "<th>weight</th><th>security score</th></tr>"
+            "<th>weight</th><th>security score</th>" + ("<th>recent keys</th>" if keyed else "") + "</tr>"
         )
         service_scores = scores.get(service_id, {})
         for shard_id, shard in service["shards"].items():
@@ -108,7 +110,9 @@ def _services(document: Mapping, scores: Mapping) -> list[str]:
                 f'<td class="n">{_number(factors.get("latency"))}</td><td class="n">{_number(factors.get("security"))}</td>'
                 f'<td class="n">{_number(factors.get("load"))}</td><td class="n">{_number(factors.get("total"))}</td>'
                 f'<td class="n">{_number(shard.get("effective_weight"), 2)}</td>'
-                f'<td class="n">{_number(shard.get("security_score"), 0)}</td></tr>'
+                f'<td class="n">{_number(shard.get("security_score"), 0)}</td>'
+                + (f'<td class="n keys">{int(shard.get("recent_keys") or 0)}</td>' if keyed else "")
+                + "</tr>"
             )
         out.append("</table>")
     return out

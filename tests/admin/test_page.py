@@ -69,6 +69,15 @@ class PageTests(SynchronousTestCase):
         self.assertLess(page.index("<td>no_shard</td>"), page.index("<td>denied</td>"))
         self.assertIn('<td class="n">5 / 20</td>', page)
 
+    def test_recent_keys_of_a_keyed_service(self) -> None:
+        """A service routing by shard key shows each shard's recent keys; other services show no such column."""
+        page = render_page(_document({"a": _shard(recent_keys=7), "b": _shard(recent_keys=0)}), {})
+        self.assertIn("<th>recent keys</th>", page)
+        self.assertIn('<td class="n keys">7</td>', page)
+        self.assertIn('<td class="n keys">0</td>', page)
+        plain = render_page(_document({"a": _shard(recent_keys=None)}), {})
+        self.assertNotIn("recent keys", plain)
+
     def test_draining_banner(self) -> None:
         """A draining proxy says so at the top."""
         self.assertIn('id="draining"', render_page(_document({}, ready=False), {}))
