@@ -217,6 +217,7 @@ class LoadSharing(_Follower):
         self._published: Optional[dict] = None
         self._last_keepalive = 0.0
         self._busy = False
+        self._in_flight = None
         self._loop: Optional[LoopingCall] = None
         #: peer proxy id -> (counts, clock time last seen)
         self.peers: dict[str, tuple[dict, float]] = {}
@@ -294,6 +295,9 @@ class LoadSharing(_Follower):
     def stopService(self):
         if self._loop is not None and self._loop.running:
             self._loop.stop()
+        if self._in_flight is not None:
+            # a report on its way (to an etcd that may be gone) is dropped
+            self._in_flight.cancel()
         super().stopService()
         lease, self._lease = self._lease, 0
         if lease:
@@ -308,12 +312,13 @@ class LoadSharing(_Follower):
         if self._busy:
             return
         self._busy = True
-        d = self._publish()
+        d = self._in_flight = self._publish()
         d.addErrback(self._failed)
         d.addBoth(self._done)
 
     def _done(self, _) -> None:
         self._busy = False
+        self._in_flight = None
 
     def _failed(self, failure) -> None:
         if not failure.check(CancelledError):

@@ -122,3 +122,51 @@ class ReferenceShardRegistrationTests(TestCase):
         shard.signal("TERM")
         await shard.ended
         self.assertEqual(await registered(), [])
+
+
+class SnapshotRestartTests(TestCase):
+    """A proxy restarted while etcd is down routes on its snapshot."""
+
+    timeout = 90
+
+    async def test_restart_while_etcd_is_down(self):
+        """
+        A proxy learns a registered shard and writes its snapshot; it stops,
+        etcd dies, and a new proxy from the same file starts from the
+        snapshot: stale, and its clients get verified connections to that
+        shard.
+        """
+        from shardtcp.config import load_config
+        from shardtcp.registry.etcd import EtcdClient
+        from shardtcp.registry.register import Registration
+        from shardtcp.tap import build_service
+
+        etcd = e2e.EtcdServer(self)
+        await etcd.start()
+        d = e2e.Deployment(self)
+        shard = d.add_shard("api-snap", e2e.FRANKFURT)
+        snapshot = os.path.join(d.directory, "state", "registry.json")
+        port = d.start_proxy_text(_registry_toml(etcd.url, snapshot))
+        registration = Registration(
+            EtcdClient(reactor, [etcd.url]), prefix="/shardtcp", service="api", shard_id="api-snap",
+            record={"address": f"127.0.0.1:{shard.port}"}, ttl=60, clock=reactor,
+        )
+        registration.startService()
+        await e2e.wait_until(lambda: len(d.proxy.resolver.get_shard_info("api")) == 1, timeout=10)
+        await e2e.wait_until(lambda: os.path.exists(snapshot), timeout=5)
+        first = await deferToThread(e2e.plain_tls_exchange, port, d.ca_path, payload=b"one\n")
+        self.assertEqual(e2e.parse_hello(first["hello"])["shard"], "api-snap")
+        await d.proxy.stopService()
+        # The shard leaves etcd; the snapshot the stopped proxy wrote keeps it.
+        await registration.stopService()
+        await etcd.kill()
+
+        again = build_service(load_config(d.config_path), reactor)
+        again.startService()
+        self.addCleanup(again.stopService)
+        self.assertTrue(again.registry.stale)
+        self.assertEqual([s.shard_id for s in again.resolver.get_shard_info("api")], ["api-snap"])
+        new_port = again.listening_port("edge").getHost().port
+        result = await deferToThread(e2e.plain_tls_exchange, new_port, d.ca_path, payload=b"two\n")
+        self.assertEqual(e2e.parse_hello(result["hello"])["shard"], "api-snap")
+        self.assertEqual(result["echo"], b"two\n")
