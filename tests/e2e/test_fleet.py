@@ -164,6 +164,72 @@ class FleetTests(TestCase):
         )
 
 
+class ProcessFleetTests(TestCase):
+    """Two ``twistd -n shardtcp`` processes share a shard's capacity through etcd."""
+
+    timeout = 120
+
+    async def test_two_processes_share_a_shards_capacity(self):
+        """
+        20 connections through two proxy processes, alternating, each next one
+        opened once both proxies' published load (``<prefix>/load/<id>``, read
+        from etcd as any language would) counts every connection on the
+        capacity-10 shard: it holds exactly 10, the other 10 overflow.
+        """
+        import re
+
+        from twisted.internet import reactor
+
+        from shardtcp.registry.etcd import EtcdClient
+
+        etcd = e2e.EtcdServer(self)
+        await etcd.start()
+        d = e2e.Deployment(self)
+        small = d.add_shard("small", e2e.FRANKFURT)
+        big = d.add_shard("big", e2e.FRANKFURT)
+        ports = {}
+        for name in ("edge-a", "edge-b"):
+            path = os.path.join(d.directory, f"{name}.toml")
+            body = _fleet_toml(etcd.url, f"state/{name}.json", small.port, big.port)
+            with open(path, "w") as f:
+                f.write(
+                    f'[proxy]\nid = "{name}"\n[signing]\n'
+                    f'private_key = "{os.path.relpath(d.private_key, d.directory)}"\nkid = "policy-1"\n' + body
+                )
+            child = e2e.spawn(self, [e2e.twistd_binary(), "-n", "--pidfile=", "shardtcp", "--config", path],
+                              cwd=d.directory, timeout=110)
+            started = await e2e.wait_for(lambda: child.done or b"ProxyFactory starting on" in child.out, 30.0)
+            self.assertTrue(started and not child.done, (child.out + child.err).decode(errors="replace"))
+            ports[name] = int(re.search(rb"ProxyFactory starting on (\d+)", child.out).group(1))
+        client = EtcdClient(reactor, [etcd.url])
+        published: dict = {}
+
+        async def read_load() -> None:
+            _, kvs = await client.range(b"/shardtcp/load/")
+            published.clear()
+            for kv in kvs:
+                published[kv.key.decode().rsplit("/", 1)[1]] = json.loads(kv.value)
+
+        clients, answered = [], []
+        self.addCleanup(lambda: [c.close() for c in clients])
+        for n in range(20):
+            name = ("edge-a", "edge-b")[n % 2]
+            tls, shard = await deferToThread(_open, ports[name], d.ca_path)
+            clients.append(tls)
+            answered.append(shard)
+            on_small = answered.count("small")
+            for _ in range(100):
+                await read_load()
+                if sum(p.get("small", 0) for p in published.values()) == on_small and len(published) == 2:
+                    break
+                await e2e.wait_for(lambda: False, 0.05)
+            # give the other process time to read the report it was just sent
+            await e2e.wait_for(lambda: False, 0.3)
+        self.assertEqual(answered.count("small"), 10, answered)
+        self.assertEqual(answered.count("big"), 10, answered)
+        self.assertEqual(answered[:10], ["small"] * 10)
+
+
 class FanoutBenchTests(TestCase):
     """The fan-out measurement docs/fleet.rst reports runs (small sizes here)."""
 
