@@ -350,8 +350,31 @@ def _cmd_register(args) -> int:
         print("shardtcp register: --ttl: must be between 2s and 1h", file=sys.stderr)
         return 2
     endpoints = [url.strip() for url in args.endpoints.split(",") if url.strip()]
+    access = None
+    if args.ca or args.cert or args.username:
+        from shardtcp.model import RegistryConfig
+        from shardtcp.registry.access import read_password
+        from shardtcp.registry.etcd import EtcdError
+
+        if (args.cert is None) != (args.key is None):
+            print("shardtcp register: --cert and --key go together", file=sys.stderr)
+            return 2
+        if (args.username is None) != (args.password_file is None):
+            print("shardtcp register: --username and --password-file go together", file=sys.stderr)
+            return 2
+        if args.password_file:
+            try:
+                read_password(args.password_file)
+            except EtcdError as e:
+                print(f"shardtcp register: {e}", file=sys.stderr)
+                return 1
+        access = RegistryConfig(
+            kind="etcd", endpoints=tuple(endpoints), prefix=args.prefix, ca=args.ca, cert=args.cert,
+            key=args.key, username=args.username, password_file=args.password_file,
+        )
     return run_registration(
-        endpoints, prefix=args.prefix, service=args.service, shard_id=args.id, record=record, ttl=int(ttl)
+        endpoints, prefix=args.prefix, service=args.service, shard_id=args.id, record=record, ttl=int(ttl),
+        access=access,
     )
 
 
@@ -389,11 +412,23 @@ def _ctl_fleet(args, fail) -> int:
             return fail(f'{args.config}: [registry] kind is not "etcd"')
         endpoints = endpoints or list(config.registry.endpoints)
         prefix = prefix or config.registry.prefix
+        registry = config.registry
+        secure = {"ca": registry.ca, "cert": registry.cert, "key": registry.key, "username": registry.username}
+        if registry.password_file:
+            from shardtcp.registry.access import read_password
+            from shardtcp.registry.etcd import EtcdError
+
+            try:
+                secure["password"] = read_password(registry.password_file)
+            except EtcdError as e:
+                return fail(str(e))
+    else:
+        secure = {}
     for url in endpoints:
         if not url.startswith(("http://", "https://")):
             return fail(f"--etcd {url!r} is not an http:// or https:// URL")
     try:
-        client = FleetClient(endpoints, prefix or "/shardtcp/")
+        client = FleetClient(endpoints, prefix or "/shardtcp/", **secure)
         if args.action == "weight":
             try:
                 weight = float(args.args[1])
@@ -551,6 +586,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight", type=float)
     p.add_argument("--server-name", dest="server_name")
     p.add_argument("--ttl", default="10s", help="the lease's time to live (default 10s)")
+    p.add_argument("--ca", help="https etcd: the CA (PEM) its certificate must chain to")
+    p.add_argument("--cert", help="https etcd: this client's certificate (PEM), with --key")
+    p.add_argument("--key", help="https etcd: this client's private key (PEM)")
+    p.add_argument("--username", help="etcd auth: the user, with --password-file")
+    p.add_argument("--password-file", dest="password_file", help="etcd auth: a file whose first line is the password")
     p.set_defaults(func=_cmd_register)
 
     p = sub.add_parser("demo", help="start local verifying shards and a proxy in front of them")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import ssl
 import urllib.error
 import urllib.request
 from typing import Optional
@@ -129,21 +130,61 @@ class FleetClient:
     Plain ``urllib``; the endpoints are tried in turn.
     """
 
-    def __init__(self, endpoints, prefix: str = "/shardtcp/", timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        endpoints,
+        prefix: str = "/shardtcp/",
+        timeout: float = 10.0,
+        *,
+        ca: Optional[str] = None,
+        cert: Optional[str] = None,
+        key: Optional[str] = None,
+        username: Optional[str] = None,
+        password: Optional[str] = None,
+    ) -> None:
         self._endpoints = [url.rstrip("/") for url in endpoints]
         if not self._endpoints:
             raise AdminClientError("give at least one etcd endpoint")
         self._prefix = prefix.rstrip("/") + "/admin/"
         self._timeout = timeout
+        # https endpoints: verified against ``ca`` (else the system's
+        # roots), with the client certificate when etcd asks for one
+        self._context = None
+        if ca is not None or cert is not None or any(u.startswith("https:") for u in self._endpoints):
+            try:
+                self._context = ssl.create_default_context(cafile=ca)
+                if cert is not None:
+                    self._context.load_cert_chain(cert, key)
+            except (OSError, ssl.SSLError) as e:
+                raise AdminClientError(f"etcd TLS: {e}") from None
+        self._username = username
+        self._password = password
+        self._token: Optional[str] = None
+
+    def _authenticate(self) -> None:
+        """An etcd auth token for ``username``/``password`` (once per client)."""
+        answer = self._post("/v3/auth/authenticate", {"name": self._username, "password": self._password or ""},
+                            token=None)
+        token = answer.get("token")
+        if not isinstance(token, str) or not token:
+            raise AdminClientError("etcd auth: no token in the answer")
+        self._token = token
 
     def _call(self, path: str, document: dict) -> dict:
+        if self._username is not None and self._token is None:
+            self._authenticate()
+        return self._post(path, document, token=self._token)
+
+    def _post(self, path: str, document: dict, *, token: Optional[str]) -> dict:
         body = json.dumps(document).encode("ascii")
         problems = []
         for base in self._endpoints:
             request = urllib.request.Request(base + path, data=body, method="POST")
             request.add_header("Content-Type", "application/json")
+            if token:
+                request.add_header("Authorization", token)
             try:
-                with urllib.request.urlopen(request, timeout=self._timeout) as answer:
+                with urllib.request.urlopen(request, timeout=self._timeout, context=self._context) as answer:
                     data = answer.read(MAX_ANSWER)
             except urllib.error.HTTPError as e:
                 raise AdminClientError(f"etcd {base}{path}: {e.code} {e.reason}") from None

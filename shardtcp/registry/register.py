@@ -137,11 +137,13 @@ class Registration(Service):
 
 
 def run_registration(
-    endpoints: list[str], *, prefix: str, service: str, shard_id: str, record: dict, ttl: int
+    endpoints: list[str], *, prefix: str, service: str, shard_id: str, record: dict, ttl: int,
+    access=None,
 ) -> int:
     """
     ``shardtcp register``: keep one shard registered until SIGINT or SIGTERM,
     then revoke its lease (the shard disappears at once) and return 0.
+    ``access`` (a ``RegistryConfig``) gives TLS and auth to etcd.
     """
     import signal
     import sys
@@ -150,8 +152,15 @@ def run_registration(
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+    if access is None:
+        client = EtcdClient(reactor, endpoints)
+    else:
+        # TLS and auth to etcd, as a proxy's [registry] gives them
+        from shardtcp.registry.access import etcd_client
+
+        client = etcd_client(access, reactor)
     registration = Registration(
-        EtcdClient(reactor, endpoints),
+        client,
         prefix=prefix,
         service=service,
         shard_id=shard_id,

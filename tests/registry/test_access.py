@@ -186,3 +186,74 @@ class ConfigTests(SynchronousTestCase):
         with self.assertRaises(EtcdError) as caught:
             read_password(path + ".missing")
         self.assertEqual(str(caught.exception), f"registry.password_file {path}.missing: No such file or directory")
+
+
+class CommandAuthTests(TestCase):
+    """``shardtcp register`` and ``shardtcp ctl --fleet`` authenticate to an etcd with auth on."""
+
+    timeout = 90
+
+    async def test_register_and_fleet_ctl_with_auth(self):
+        """
+        With etcd auth enabled: ``register`` with --username/--password-file
+        registers the shard, ``ctl --fleet`` (the config's [registry]
+        username and password_file) writes a drain; ``ctl --etcd`` without
+        credentials is refused with one line.
+        """
+        import json
+        import sys
+
+        from twisted.internet.task import deferLater
+
+        from tests.e2e.harness import child_environment, run_child, spawn, wait_until
+
+        server = EtcdServer(self)
+        await server.start()
+        admin = EtcdClient(reactor, [server.url])
+        await admin.call("/v3/auth/user/add", {"name": "root", "password": "rootpw"})
+        await admin.call("/v3/auth/user/grant", {"user": "root", "role": "root"})
+        await admin.call("/v3/auth/enable", {})
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        password_file = os.path.join(directory, "password")
+        with open(password_file, "w") as f:
+            f.write("rootpw\n")
+        reader = etcd_client(
+            RegistryConfig(kind="etcd", endpoints=(server.url,), username="root", password_file=password_file),
+            reactor,
+        )
+        spawn(self, [sys.executable, "-m", "shardtcp", "register", "--endpoints", server.url, "--service", "api",
+                     "--id", "api-auth", "--address", "127.0.0.1:9700", "--username", "root",
+                     "--password-file", password_file], env=child_environment(), timeout=80)
+        found: list = []
+
+        async def look() -> None:
+            _, kvs = await reader.range(b"/shardtcp/shards/")
+            found[:] = [kv.key for kv in kvs]
+
+        for _ in range(150):
+            await look()
+            if found:
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual(found, [b"/shardtcp/shards/api/api-auth"])
+
+        config = os.path.join(directory, "fleet.toml")
+        with open(config, "w") as f:
+            f.write(
+                '[proxy]\nid = "edge-x"\n[signing]\nprivate_key = "none.pem"\nkid = "k"\n'
+                '[[listener]]\nname = "edge"\nlisten = "tcp:0:interface=127.0.0.1"\n'
+                '[service.api]\nnames = ["api.example.test"]\n'
+                f'[registry]\nkind = "etcd"\nendpoints = ["{server.url}"]\nprefix = "/shardtcp"\n'
+                f'username = "root"\npassword_file = "password"\n'
+            )
+        ok = await run_child(self, [sys.executable, "-m", "shardtcp", "ctl", "--fleet", "--config", config,
+                                    "drain", "api-auth"], env=child_environment())
+        self.assertEqual(ok.status, 0, ok.err)
+        self.assertEqual(json.loads(ok.out)["fleet"], {"state": "drain"})
+        _, kvs = await reader.range(b"/shardtcp/admin/")
+        self.assertEqual([json.loads(kv.value) for kv in kvs], [{"state": "drain"}])
+        refused = await run_child(self, [sys.executable, "-m", "shardtcp", "ctl", "--etcd", server.url,
+                                         "ready", "api-auth"], env=child_environment())
+        self.assertEqual(refused.status, 1)
+        self.assertEqual(len(refused.err.strip().splitlines()), 1, refused.err)
