@@ -14,10 +14,10 @@ ran out: it died) stops counting.
 "ready", "weight": W}``) and applies each through the resolver's operator
 calls, the ones the admin API uses; a deleted key clears the override.
 
-Both follow their prefix the way the shard source does: a range, then a
-watch from the next revision, a full re-read on compaction, and retries with
-backoff and jitter.  While etcd cannot be reached they keep what they last
-saw (fail-static).
+Both follow their prefix with ``shardtcp.registry.follow.Follower``, as the
+shard source does: a range, then a watch from the next revision, a full
+re-read on compaction, and retries with backoff and jitter.  While etcd
+cannot be reached they keep what they last saw (fail-static).
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ import json
 import random as _random
 from typing import Callable, Optional
 
-from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from shardtcp.registry.etcd import EtcdClient, WatchCompacted
+from shardtcp.registry.etcd import EtcdClient
+from shardtcp.registry.follow import Follower
 
 log = Logger(namespace="shardtcp.registry")
 
@@ -93,7 +93,7 @@ def parse_override(value: bytes) -> tuple[Optional[tuple[Optional[str], Optional
     return (state, weight), None
 
 
-class _Follower(Service):
+class _Follower(Follower):
     """Follows every key under ``prefix``: ``_replace`` then ``_events``."""
 
     def __init__(
@@ -105,17 +105,7 @@ class _Follower(Service):
         backoff: tuple[float, float] = (0.5, 10.0),
         random: Optional[_random.Random] = None,
     ) -> None:
-        self._client = client
-        self._prefix = prefix
-        self._clock = clock
-        self._backoff = backoff
-        self._random = random or _random.SystemRandom()
-        self._watch = None
-        self._sleep = None
-        self._pending = None
-        self._failures = 0
-        self.revision = 0
-        self.stale = True
+        super().__init__(client, prefix, clock=clock, backoff=backoff, random=random)
         #: How many changes etcd announced under the prefix.
         self.changes = 0
 
@@ -125,65 +115,19 @@ class _Follower(Service):
     def _events(self, events: list) -> None:
         raise NotImplementedError
 
-    def _on_events(self, revision: int, events: list) -> None:
+    def replaced(self, revision: int, kvs: list) -> None:
+        self.revision = revision
+        self._replace(kvs)
+
+    def changed(self, revision: int, events: list) -> None:
         self.revision = max(self.revision, revision)
         self.changes += 1
         self._events(events)
 
-    def startService(self) -> None:
-        super().startService()
-        self._follow()
-
-    def stopService(self):
-        super().stopService()
-        for pending in (self._watch, self._sleep, self._pending):
-            if pending is not None:
-                pending.cancel()
-        return None
-
-    def _delay(self) -> float:
-        base, ceiling = self._backoff
-        delay = min(ceiling, base * (2 ** min(self._failures, 16)))
-        return delay / 2 + self._random.random() * delay / 2
-
-    @inlineCallbacks
-    def _follow(self):
-        while self.running:
-            try:
-                self._pending = self._client.range(self._prefix)
-                revision, kvs = yield self._pending
-                self._pending = None
-                if not self.running:
-                    return
-                self.revision = revision
-                self._replace(kvs)
-                self._failures = 0
-                self.stale = False
-                self._watch = self._client.watch(self._prefix, revision + 1, self._on_events)
-                yield self._watch.done
-                self._watch = None
-            except WatchCompacted:
-                self._watch = None
-                continue
-            except CancelledError:
-                return
-            except Exception as e:
-                self._watch = None
-                self._pending = None
-                if not self.running:
-                    return
-                if not self.stale:
-                    log.warn("registry: lost {prefix} ({error}); keeping what was seen",
-                             prefix=self._prefix.decode("utf-8", "replace"), error=str(e))
-                self.stale = True
-                self._failures += 1
-                self._sleep = deferLater(self._clock, self._delay(), lambda: None)
-                try:
-                    yield self._sleep
-                except CancelledError:
-                    return
-                finally:
-                    self._sleep = None
+    def stale_changed(self, stale: bool, reason: str) -> None:
+        if stale:
+            log.warn("registry: lost {prefix} ({error}); keeping what was seen",
+                     prefix=self._prefix.decode("utf-8", "replace"), error=reason)
 
 
 class LoadSharing(_Follower):

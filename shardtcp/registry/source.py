@@ -26,16 +26,14 @@ import random as _random
 from typing import Callable, Iterable, Optional
 
 import attrs
-from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from shardtcp.keys import write_atomically
 from shardtcp.model import Config, ServiceConfig, ShardConfig
-from shardtcp.registry.etcd import EtcdClient, WatchCompacted
+from shardtcp.registry.etcd import EtcdClient
+from shardtcp.registry.follow import Follower
 from shardtcp.resolver.sources import IShardSource
 
 log = Logger(namespace="shardtcp.registry")
@@ -54,7 +52,7 @@ def shards_prefix(prefix: str) -> bytes:
 
 
 @implementer(IShardSource)
-class EtcdShardSource(Service):
+class EtcdShardSource(Follower):
     """The configuration's services, with the shards registered in etcd added."""
 
     def __init__(
@@ -68,16 +66,14 @@ class EtcdShardSource(Service):
         backoff: tuple[float, float] = (0.5, 10.0),
         random: Optional[_random.Random] = None,
     ) -> None:
+        super().__init__(
+            client, shards_prefix(config.registry.prefix), clock=clock, backoff=backoff, random=random
+        )
         self._file_services = tuple(config.services)
         self._file_ids = {shard.id for s in self._file_services for shard in s.shards}
         self._service_ids = {s.id for s in self._file_services}
-        self._client = client
         self._parse = parse_shard
-        self._clock = clock
         self._snapshot = snapshot
-        self._backoff = backoff
-        self._random = random or _random.SystemRandom()
-        self._prefix = shards_prefix(config.registry.prefix)
         # key -> raw value, as etcd holds them (what the snapshot keeps)
         self._raw: dict[bytes, bytes] = {}
         # (service id, shard id) -> the parsed record
@@ -87,14 +83,7 @@ class EtcdShardSource(Service):
         self._refused: set[bytes] = set()
         # key -> (raw value, what _record made of it): a change re-reads one record, not all
         self._parsed: dict[bytes, tuple] = {}
-        self.revision = 0
-        self.stale = True
-        self.stale_reason = "not synchronised yet"
         self.changes = 0
-        self._watch = None
-        self._sleep = None
-        self._pending = None
-        self._failures = 0
         #: ``LoadSharing.status`` when the proxy shares its load: the peers in ``status()``.
         self.peers: Optional[Callable[[], dict]] = None
 
@@ -265,19 +254,21 @@ class EtcdShardSource(Service):
 
     # -- following etcd ------------------------------------------------------
 
-    def _set_stale(self, stale: bool, reason: str = "") -> None:
-        if stale == self.stale and (not stale or reason == self.stale_reason):
-            return
-        was = self.stale
-        self.stale, self.stale_reason = stale, reason
-        if stale and not was:
+    def replaced(self, revision: int, kvs: list) -> None:
+        self._replace(revision, kvs)
+
+    def changed(self, revision: int, events: list) -> None:
+        self._on_events(revision, events)
+
+    def stale_changed(self, stale: bool, reason: str) -> None:
+        if stale:
             log.warn(
                 "registry: etcd unreachable ({reason}); routing on the last registry seen "
                 "({count} registered shards)",
                 reason=reason,
                 count=len(self._records),
             )
-        elif not stale and was:
+        else:
             log.info(
                 "registry: in sync with etcd at revision {revision} ({count} registered shards)",
                 revision=self.revision,
@@ -285,59 +276,6 @@ class EtcdShardSource(Service):
             )
 
     def startService(self) -> None:
-        super().startService()
+        # The snapshot is the registry until etcd answers.
         self._load_snapshot()
-        self._follow()
-
-    def stopService(self):
-        super().stopService()
-        if self._watch is not None:
-            self._watch.cancel()
-        if self._sleep is not None:
-            self._sleep.cancel()
-        if self._pending is not None:
-            self._pending.cancel()
-        return None
-
-    def _delay(self) -> float:
-        base, ceiling = self._backoff
-        delay = min(ceiling, base * (2 ** min(self._failures, 16)))
-        # full jitter over the upper half: proxies that lost etcd together
-        # do not come back together
-        return delay / 2 + self._random.random() * delay / 2
-
-    @inlineCallbacks
-    def _follow(self):
-        while self.running:
-            try:
-                self._pending = self._client.range(self._prefix)
-                revision, kvs = yield self._pending
-                self._pending = None
-                if not self.running:
-                    return
-                self._replace(revision, kvs)
-                self._failures = 0
-                self._set_stale(False)
-                self._watch = self._client.watch(self._prefix, revision + 1, self._on_events)
-                yield self._watch.done
-                self._watch = None
-            except WatchCompacted as e:
-                self._watch = None
-                log.info("registry: {error}; reading the registry again", error=str(e))
-                continue
-            except CancelledError:
-                return
-            except Exception as e:
-                self._watch = None
-                self._pending = None
-                if not self.running:
-                    return
-                self._set_stale(True, str(e) or e.__class__.__name__)
-                self._failures += 1
-                self._sleep = deferLater(self._clock, self._delay(), lambda: None)
-                try:
-                    yield self._sleep
-                except CancelledError:
-                    return
-                finally:
-                    self._sleep = None
+        super().startService()
