@@ -429,16 +429,23 @@ def _ctl_fleet(args, fail) -> int:
             return fail(f"--etcd {url!r} is not an http:// or https:// URL")
     try:
         client = FleetClient(endpoints, prefix or "/shardtcp/", **secure)
-        if args.action == "weight":
-            try:
-                weight = float(args.args[1])
-            except ValueError:
-                return fail(f"weight {args.args[1]!r} is not a number")
-            result = client.weight(args.args[0], weight)
-        else:
-            result = getattr(client, args.action)(args.args[0])
+        return _ctl_shard_change(client, args, fail)
     except AdminClientError as e:
         return fail(str(e))
+
+
+def _ctl_shard_change(client, args, fail) -> int:
+    """drain/ready/clear ID or weight ID W through ``client``; the answer printed as JSON."""
+    if args.action == "weight":
+        try:
+            weight = float(args.args[1])
+        except ValueError:
+            return fail(f"weight {args.args[1]!r} is not a number")
+        result = client.weight(args.args[0], weight)
+    elif args.action == "reload":
+        result = client.reload()
+    else:
+        result = getattr(client, args.action)(args.args[0])
     print(json.dumps(result, sort_keys=True))
     return 0
 
@@ -498,20 +505,9 @@ def _cmd_ctl(args) -> int:
             document = client.status()
             print(json.dumps(document, indent=2) if args.json else format_status(document))
             return 0
-        if args.action == "reload":
-            result = client.reload()
-        elif args.action == "weight":
-            try:
-                weight = float(args.args[1])
-            except ValueError:
-                return fail(f"weight {args.args[1]!r} is not a number")
-            result = client.weight(args.args[0], weight)
-        else:
-            result = getattr(client, args.action)(args.args[0])
+        return _ctl_shard_change(client, args, fail)
     except AdminClientError as e:
         return fail(str(e))
-    print(json.dumps(result, sort_keys=True))
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
