@@ -146,7 +146,6 @@ __all__ = [
     "DEFAULT_RETRIES",
     "Explanation",
     "Lease",
-    "KeyOrdering",
     "NoShardAvailable",
     "NoShardKey",
     "ResolverError",
@@ -167,11 +166,6 @@ _LOCATED_KEPT = 4096
 
 #: How many shards ``resolve`` offers after the first, unless told.
 DEFAULT_RETRIES = 2
-
-#: The key ordering step (see ``ShardResolver.set_key_ordering``).
-KeyOrdering = Callable[
-    [ConnectionRequest, Sequence[ranking.Ranked]], Optional[Sequence[ranking.Ranked]]
-]
 
 # How many shard ids and distinct reasons a NoShardAvailable message lists
 # before it summarises: the message goes into logs once per refused
@@ -444,7 +438,6 @@ class ShardResolver(Service):
         # Where client addresses are placed ([geo] does not change while
         # the resolver lives); bounded, emptied when full.
         self._located: dict[str, ranking.Client] = {}
-        self._key_ordering: Optional[KeyOrdering] = None
         self._panic: dict[str, bool] = {}
         # service id -> recent key -> the shard that took it (bounded)
         self._recent_keys: dict[str, OrderedDict[str, str]] = {}
@@ -967,8 +960,8 @@ class ShardResolver(Service):
         Raises ``UnknownService``, ``AccessDenied`` (checked before any
         shard: not an IP, a threat feed in force, the policy's access rules)
         or ``NoShardAvailable``. Take a ``lease`` on the candidate actually
-        used. Only the request's service and client address are read (and,
-        by a key ordering set with ``set_key_ordering``, what it reads).
+        used. Only the request's service, client address and (for a service
+        routing by shard key) shard key are read.
 
         The cost does not grow with the number of shards: the service's
         orderings are kept up to date incrementally (``shortlist``), and
@@ -997,12 +990,6 @@ class ShardResolver(Service):
             if not eligible:
                 raise NoShardAvailable(service_id, index.rejections())
             return self._by_key(table.config, request.shard_key, eligible, client, now, retries)
-        if self._key_ordering is not None:
-            owners = self._key_ordering(request, index.ordered(bucket))
-            if owners is not None:
-                if not owners:
-                    raise NoShardAvailable(service_id, index.rejections())
-                return [Candidate(r.info, r, client, now) for r in owners[: 1 + retries]]
         drawn = index.draw(bucket, self._band, self._random)
         if drawn is None:
             raise NoShardAvailable(service_id, index.rejections())
@@ -1043,16 +1030,6 @@ class ShardResolver(Service):
         while len(recent) > _RECENT_KEYS:
             recent.popitem(last=False)
         return ordered
-
-    def set_key_ordering(self, ordering: Optional[KeyOrdering]) -> None:
-        """
-        Put a key ordering step into ``resolve`` (None takes it out): it is
-        given the request and the eligible shards in rank order, and
-        returns the shards that own the request's key, in the order to try
-        them (the first is connected to, with no draw), or None when the
-        step does not apply to the request and the draw goes ahead.
-        """
-        self._key_ordering = ordering
 
     def explain(self, request: ConnectionRequest, key: Optional[str] = None) -> Explanation:
         """

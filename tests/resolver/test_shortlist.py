@@ -328,34 +328,6 @@ class BoundTests(SynchronousTestCase):
         self.assertEqual(len(resolver.resolve(request(US_CLIENT), 10)), 5)
 
 
-class KeyOrderingTests(SynchronousTestCase):
-    """The key ordering seam: owners in order replace the draw."""
-
-    def test_owners_replace_the_draw(self) -> None:
-        """
-        A key ordering returning the eligible shards reversed makes them
-        the candidates (bounded by retries); one returning None leaves the
-        draw; one returning no owner refuses with NoShardAvailable.
-        """
-        resolver, _, _, _ = build([(0, 100, 1.0, 90.0)] * 4)
-        seen = []
-
-        def reverse(req, eligible):
-            seen.append([r.info.shard_id for r in eligible])
-            return list(reversed(eligible))
-
-        resolver.set_key_ordering(reverse)
-        ids = [c.shard.shard_id for c in resolver.resolve(request(US_CLIENT), 1)]
-        self.assertEqual(sorted(seen[0]), ["s000", "s001", "s002", "s003"])
-        self.assertEqual(ids, list(reversed(seen[0]))[:2])
-        resolver.set_key_ordering(lambda req, eligible: None)
-        self.assertEqual(len(resolver.resolve(request(US_CLIENT))), 3)
-        resolver.set_key_ordering(lambda req, eligible: [])
-        self.assertRaises(NoShardAvailable, resolver.resolve, request(US_CLIENT))
-        resolver.set_key_ordering(None)
-        self.assertEqual(len(resolver.resolve(request(US_CLIENT))), 3)
-
-
 class WarmTests(SynchronousTestCase):
     """Starting the resolver builds the orderings first connections need."""
 
