@@ -61,7 +61,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from shardtcp.proxy.splice import DOWNSTREAM, UPSTREAM, SpliceStats
+from shardtcp.proxy.splice import DOWNSTREAM, UPSTREAM, IdleTimeout, SpliceStats
 
 log = Logger()
 
@@ -452,7 +452,7 @@ class _Direction:
         self.tried_out = False  # a splice out of the pipe has worked
 
 
-class KernelSplice:
+class KernelSplice(IdleTimeout):
     """
     A kernel splice between the client's socket and the shard's socket.
     Build it with ``KernelSplicer``; ``stats``, ``close`` and ``abort`` are
@@ -492,9 +492,7 @@ class KernelSplice:
         self.stats = SpliceStats()
 
     def start(self) -> None:
-        if self._idle_timeout > 0:
-            self._last_activity = self._clock.seconds()
-            self._idle_call = self._clock.callLater(self._idle_timeout, self._check_idle)
+        self._start_idle()
         for d in self._dirs:
             self._flush(d)
         self._update()
@@ -745,21 +743,8 @@ class KernelSplice:
             self._close_side(side, reset=False)
         for d in self._dirs:
             self._splicer.pool.release(d.pipe, empty=d.in_pipe == 0)
-        if self._idle_call is not None and self._idle_call.active():
-            self._idle_call.cancel()
-        self._idle_call = None
+        self._stop_idle()
         self._on_done(self.stats)
-
-    def _check_idle(self) -> None:
-        self._idle_call = None
-        if self._done:
-            return
-        quiet = self._clock.seconds() - self._last_activity
-        if quiet >= self._idle_timeout:
-            self.stats.clean = False
-            self.abort("idle")
-        else:
-            self._idle_call = self._clock.callLater(self._idle_timeout - quiet, self._check_idle)
 
     # -- reactor registration ---------------------------------------------
 

@@ -53,7 +53,40 @@ class SpliceStats:
     clean: bool = True
 
 
-class Splice:
+class IdleTimeout:
+    """
+    The idle timeout both pumps share: ``_start_idle`` arms it, activity
+    only moves ``_last_activity`` (cheaper than resetting a timer per
+    chunk), and when it fires after ``_idle_timeout`` quiet seconds the pump
+    is aborted with ``idle``.  The pump holds ``_clock``, ``_idle_timeout``,
+    ``_idle_call``, ``_last_activity``, ``_done``, ``stats`` and ``abort``.
+    """
+
+    __slots__ = ()
+
+    def _start_idle(self) -> None:
+        if self._idle_timeout > 0:
+            self._last_activity = self._clock.seconds()
+            self._idle_call = self._clock.callLater(self._idle_timeout, self._check_idle)
+
+    def _stop_idle(self) -> None:
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
+
+    def _check_idle(self) -> None:
+        self._idle_call = None
+        if self._done:
+            return
+        quiet = self._clock.seconds() - self._last_activity
+        if quiet >= self._idle_timeout:
+            self.stats.clean = False
+            self.abort("idle")
+        else:
+            self._idle_call = self._clock.callLater(self._idle_timeout - quiet, self._check_idle)
+
+
+class Splice(IdleTimeout):
     """
     Pump bytes between ``downstream`` (the client's transport) and
     ``upstream`` (the shard's transport).
@@ -93,9 +126,7 @@ class Splice:
                 transport.bufferSize = BUFFER_SIZE
         down.registerProducer(up, True)
         up.registerProducer(down, True)
-        if self._idle_timeout > 0:
-            self._last_activity = self._clock.seconds()
-            self._idle_call = self._clock.callLater(self._idle_timeout, self._check_idle)
+        self._start_idle()
 
     # -- events from the two protocols ------------------------------------
 
@@ -170,9 +201,7 @@ class Splice:
         call ``on_done``.
         """
         self._done = True
-        if self._idle_call is not None and self._idle_call.active():
-            self._idle_call.cancel()
-        self._idle_call = None
+        self._stop_idle()
         for transport in self._transports:
             _unregister(transport)
 
@@ -188,21 +217,8 @@ class Splice:
         if self._done:
             return
         self._done = True
-        if self._idle_call is not None and self._idle_call.active():
-            self._idle_call.cancel()
-        self._idle_call = None
+        self._stop_idle()
         self._on_done(self.stats)
-
-    def _check_idle(self) -> None:
-        self._idle_call = None
-        if self._done:
-            return
-        quiet = self._clock.seconds() - self._last_activity
-        if quiet >= self._idle_timeout:
-            self.stats.clean = False
-            self.abort("idle")
-        else:
-            self._idle_call = self._clock.callLater(self._idle_timeout - quiet, self._check_idle)
 
 
 def _unregister(transport) -> None:
