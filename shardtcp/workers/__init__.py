@@ -1,0 +1,1 @@
+"""Pieces of the worker-process mode (``[proxy] workers``, SPEC 8)."""
