@@ -274,11 +274,13 @@ def listener_context(
     access=None,
     refusal_lines=None,
     splicer=None,
+    limits: Optional[AdmissionLimits] = None,
 ) -> ListenerContext:
     """
     The context of ``listener``'s connections; ``connections`` (the set of
     an earlier context of the same listener) carries the open connections
-    over a reload, so that they are still counted and drained.
+    over a reload, so that they are still counted and drained, and
+    ``limits`` (that context's admission limits) carries their counts.
     """
     extra = {} if connections is None else {"connections": connections}
     if access is not None:
@@ -288,8 +290,12 @@ def listener_context(
     if splicer is not None and listener.mode != "terminate":
         # kernel splice for passthrough and plain listeners only
         extra["splicer"] = splicer
-    limits = AdmissionLimits(listener.max_connections, listener.per_source, clock)
-    if limits.enabled:
+    if limits is not None:
+        # The same listener across a reload: its counts carry over.
+        limits.reconfigure(listener.max_connections, listener.per_source)
+    else:
+        limits = AdmissionLimits(listener.max_connections, listener.per_source, clock)
+    if limits.enabled or limits.open:
         extra["limits"] = limits
     return ListenerContext(
         config=listener,
@@ -481,7 +487,7 @@ class Reloader:
                     listener_context(new, listener, parts, resolver=root.context_resolver, connector=root.connector,
                                      metrics=root.metrics, clock=reactor, admission=admission,
                                      access=root.access_log, refusal_lines=root.refusal_lines, splicer=root.splicer,
-                                     connections=factory.context.connections)
+                                     connections=factory.context.connections, limits=factory.context.limits)
                 )
         root.retired_connections[:] = [c for c in root.retired_connections if c]
 

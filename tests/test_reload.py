@@ -299,6 +299,34 @@ class ReloadTests(SynchronousTestCase):
         self.assertIs(self.root.access_log, old_log)
         self.assertEqual({s.id for s in self.root.resolver.services()[0].shards}, {"api-1", "api-2"})
 
+    def test_source_counts_carry_over(self) -> None:
+        """
+        A listener kept across a reload keeps its per-source counts: with
+        ``per_source.max_connections = 1`` a source holding one connection
+        is still refused after a reload of the same limit, and raising the
+        limit to 2 admits exactly one more (the second over it refused).
+        Connections opened before the reload release their count.
+        """
+        limited = _listener("edge", 7000) + "[listener.per_source]\nmax_connections = {n}\n"
+        shards = [("api-1", 9001, 1.0)]
+        self.proxy.write(limited.format(n=1), shards)
+        self.proxy.reload()
+        factory = self.root.factories["edge"]
+        client = IPv4Address("TCP", "192.0.2.7", 40000)
+        first = factory.buildProtocol(client)
+        self.assertIsNotNone(first)
+        self.assertIsNone(factory.buildProtocol(client))
+        self.proxy.reload()
+        self.assertIsNone(self.root.factories["edge"].buildProtocol(client))
+        self.proxy.write(limited.format(n=2), shards)
+        self.proxy.reload()
+        second = self.root.factories["edge"].buildProtocol(client)
+        self.assertIsNotNone(second)
+        self.assertIsNone(self.root.factories["edge"].buildProtocol(client))
+        # The connection from before the reloads ends: its count is returned.
+        first._ctx.closed(first)
+        self.assertIsNotNone(self.root.factories["edge"].buildProtocol(client))
+
     def test_reload_refused_while_stopping(self) -> None:
         """Once a graceful stop has begun, a reload is refused."""
         self.root.stopService()
