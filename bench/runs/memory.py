@@ -10,7 +10,12 @@ connection holds its two sockets and no pipe, pipes being lent only while
 bytes are in flight).  Measured with the kernel splice at ``hold`` and
 three and ten times ``hold`` connections, and with ``[proxy] splice =
 "userspace"`` at ``hold``; when the descriptor limit does not allow ten
-times ``hold``, also at the most (in hundreds) it allows.  The proxy runs
+times ``hold``, also at the most (in hundreds) it allows.  The first
+``WARM_UP`` connections are opened and closed before the first reading,
+so that what they load once (lazy imports, caches) is not counted per
+connection; the cost of each connection past the previous count is
+reported too.  Connections are opened ``BATCH`` at a time, each batch
+through to the shard before the next.  The proxy runs
 under ``prlimit --nofile`` with 2 descriptors per connection plus
 ``FDS_SPARE``; the bench process raises its own limit as far.  A count
 those limits do not allow is reported as not measured, with the limit it
@@ -37,6 +42,12 @@ from bench.report import fmt, table
 # process's own (standard streams, epoll, waker, listeners, log).
 FDS_PER_CONNECTION = 2
 FDS_SPARE = 64
+# Connections opened and closed before the first reading.
+WARM_UP = 50
+# Connections opened at once: each batch reaches the shard before the
+# next, so the reading is of idle connections, not of a burst's
+# connections all being set up at the same time.
+BATCH = 100
 
 _HOLDER = """
 import socket, sys, threading
@@ -53,6 +64,9 @@ def accept():
 threading.Thread(target=accept, daemon=True).start()
 print(srv.getsockname()[1], flush=True)
 for line in sys.stdin:
+    if line.strip() == "close":
+        while held:
+            held.pop().close()
     print(len(held), flush=True)
 """
 
@@ -68,10 +82,18 @@ class _Holder:
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.port = int(readline_bounded(self.process, 30.0))
 
-    def held(self) -> int:
-        self.process.stdin.write("?\n")
+    def held(self, command: str = "?") -> int:
+        """The connections it holds (after closing them all, with ``close``)."""
+        self.process.stdin.write(command + "\n")
         self.process.stdin.flush()
         return int(readline_bounded(self.process, 30.0))
+
+    def wait_for(self, count: int, seconds: float) -> int:
+        """Wait until it holds ``count`` connections; how many it holds."""
+        deadline = time.monotonic() + seconds
+        while self.held() < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.held()
 
     def close(self) -> None:
         self.process.stdin.close()
@@ -136,26 +158,34 @@ def _case(lab: Lab, mode: str, count: int, time_limit: float) -> dict:
     target, _ = targets.start_shardtcp(lab, name, text, port, nofile=nofile)
     held: list = []
     try:
-        time.sleep(1.0)
+        # Warm up: the first connections load and build what every later
+        # one shares (lazy imports, caches); that is not per-connection.
+        warm = [clients.connect(port, None, targets.PLAIN_PREAMBLE) for _ in range(WARM_UP)]
+        if holder.wait_for(WARM_UP, 30) < WARM_UP:
+            raise BenchError(f"{name}: the shard saw {holder.held()} of {WARM_UP} warm-up connections")
+        for sock in warm:
+            sock.close()
+        holder.held("close")
+        time.sleep(2.0)
+        kernel_before = _kernel_spliced(admin)
         before = measure.rss_kib(target.pid)
         fds_before = _fds(target.pid)
         t0 = time.perf_counter()
-        for _ in range(count):
+        while len(held) < count:
             if time.perf_counter() - t0 > time_limit:
                 raise BenchError(f"only {len(held)} of {count} connections opened through {name} "
                                  f"in {time_limit:.0f}s")
-            held.append(clients.connect(port, None, targets.PLAIN_PREAMBLE))
-        deadline = time.monotonic() + 30
-        while holder.held() < count and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if holder.held() < count:
-            raise BenchError(f"{name}: the shard saw {holder.held()} of {count} connections")
+            for _ in range(min(BATCH, count - len(held))):
+                held.append(clients.connect(port, None, targets.PLAIN_PREAMBLE))
+            seen = holder.wait_for(len(held), 30)
+            if seen < len(held):
+                raise BenchError(f"{name}: the shard saw {seen} of {len(held)} connections")
         time.sleep(1.0)
         lab.alive(name, target.process)
         during = measure.rss_kib(target.pid)
         pipes = _pipe_fds(target.pid)
         fds = _fds(target.pid)
-        kernel = _kernel_spliced(admin)
+        kernel = _kernel_spliced(admin) - kernel_before
     except OSError as e:
         raise BenchError(f"{name}: holding connection {len(held) + 1}: {e}") from e
     finally:

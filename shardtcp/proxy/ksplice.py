@@ -22,9 +22,14 @@ userspace ``Splice``:
 
 ``KernelSplicer.take_transports`` returns ``None`` without touching
 anything when it cannot take the connection (kernel splice unavailable,
-pipes exhausted, a transport that is not plain TCP); the caller then uses
-the userspace ``Splice``.  ``PipePool`` bounds the pipes and reuses empty
-ones.
+``max_pipes`` reached, a transport that is not plain TCP); the caller then
+uses the userspace ``Splice``.  ``PipePool`` counts two pipes per
+kernel-spliced connection against ``max_pipes`` but lends a real pipe to
+a direction only from the moment its source is readable until the pipe is
+drained, then takes it back for reuse: an idle spliced connection holds
+its two sockets and no pipe (2 descriptors instead of 6).  When the system
+gives no pipe (out of descriptors), that read is copied through userspace
+instead.  A splice keeps bare descriptors, not ``socket`` objects.
 
 Taking a socket over from Twisted (``detach_transport``).  A
 ``tcp.Connection`` closes its socket in ``connectionLost`` with
