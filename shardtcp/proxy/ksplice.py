@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import heapq
 import os
 import socket
 import struct
@@ -364,6 +365,12 @@ class KernelSplicer:
         self.enabled = kernel_splice_available() if enabled is None else enabled
         self._splice = splice if splice is not None else getattr(os, "splice", None)
         self._proven = False
+        # The idle timeouts of all its splices: one heap of (due, seq,
+        # splice) and one timer, instead of a DelayedCall per connection.
+        self._idle: list = []
+        self._idle_seq = 0
+        self._idle_live = 0
+        self._idle_timer = None
 
     def take_transports(
         self,
@@ -435,6 +442,54 @@ class KernelSplicer:
         splice = KernelSplice(down_fd, up_fd, splicer=self, **kw)
         splice.start()
         return splice
+
+    # -- idle timeouts ---------------------------------------------------
+
+    def _idle_add(self, splice: "KernelSplice") -> None:
+        self._idle_live += 1
+        self._idle_push(splice)
+
+    def _idle_push(self, splice: "KernelSplice") -> None:
+        due = splice._last_activity + splice._idle_timeout
+        self._idle_seq += 1
+        heapq.heappush(self._idle, (due, self._idle_seq, splice))
+        timer = self._idle_timer
+        if timer is None:
+            self._idle_timer = self._clock.callLater(max(0.0, due - self._clock.seconds()), self._idle_sweep)
+        elif due < timer.getTime():
+            timer.reset(max(0.0, due - self._clock.seconds()))
+
+    def _idle_drop(self) -> None:
+        """A watched splice ended: forget it (at once when none is left)."""
+        self._idle_live -= 1
+        heap = self._idle
+        if self._idle_live == 0:
+            heap.clear()
+            timer, self._idle_timer = self._idle_timer, None
+            if timer is not None and timer.active():
+                timer.cancel()
+        elif len(heap) > 2 * self._idle_live + 64:
+            # Ended splices wait in the heap until their due time: sweep
+            # them out once they are the majority, so memory stays bounded.
+            heap[:] = [entry for entry in heap if not entry[2]._done]
+            heapq.heapify(heap)
+
+    def _idle_sweep(self) -> None:
+        """Abort the splices quiet for their idle timeout; look again at the others later."""
+        self._idle_timer = None
+        now = self._clock.seconds()
+        heap = self._idle
+        while heap and heap[0][0] <= now:
+            splice = heapq.heappop(heap)[2]
+            if splice._done:
+                continue
+            if now >= splice._last_activity + splice._idle_timeout:
+                splice.stats.clean = False
+                splice.abort("idle")
+            else:
+                self._idle_push(splice)
+        if heap and self._idle_timer is None:
+            self._idle_timer = self._clock.callLater(max(0.0, heap[0][0] - now), self._idle_sweep)
 
     # Called by the splices.
     def _splice_worked(self) -> None:
@@ -540,6 +595,19 @@ class KernelSplice(IdleTimeout):
     @property
     def _clock(self) -> IReactorTime:
         return self._splicer._clock
+
+    def _start_idle(self) -> None:
+        # The splicer watches the idle timeout; ``_idle_call`` is only a
+        # flag here (True while watched), so that ``_touch`` stays cheap.
+        if self._idle_timeout > 0:
+            self._last_activity = self._splicer._clock.seconds()
+            self._idle_call = True
+            self._splicer._idle_add(self)
+
+    def _stop_idle(self) -> None:
+        if self._idle_call is not None:
+            self._idle_call = None
+            self._splicer._idle_drop()
 
     def start(self) -> None:
         self._start_idle()
