@@ -201,7 +201,7 @@ def _case(lab: Lab, mode: str, count: int, time_limit: float) -> dict:
     lab.stop(target.process)
     result.update({"rss_before_kib": before, "rss_held_kib": during, "rss_after_kib": after,
                    "kib_per_conn": (during - before) / count, "pipe_fds": pipes,
-                   "fds_per_conn": (fds - fds_before) / count, "kernel_spliced": int(kernel)})
+                   "fds_per_conn": (fds - fds_before) / count, "fds_before": fds_before, "kernel_spliced": int(kernel)})
     say(f"memory {mode} {count}: {result['kib_per_conn']:.2f} KiB per held connection, "
         f"{result['fds_per_conn']:.2f} descriptors per connection, {pipes} pipe descriptors")
     return result
@@ -241,6 +241,7 @@ def report(r: dict) -> str:
         ["RSS KiB after they closed"] + [cell(c, "rss_after_kib", "d") for c in cases],
         ["KiB per held connection"] + [cell(c, "kib_per_conn", ".2f") for c in cases],
         ["KiB per connection past the last count"] + [cell(c, "kib_per_added", ".2f") for c in cases],
+        ["proxy descriptors before"] + [cell(c, "fds_before", "d") for c in cases],
         ["descriptors per held connection"] + [cell(c, "fds_per_conn", ".2f") for c in cases],
         ["pipe descriptors while held"] + [cell(c, "pipe_fds", "d") for c in cases],
         ["kernel-spliced (counter)"] + [cell(c, "kernel_spliced", "d") for c in cases],
