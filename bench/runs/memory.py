@@ -9,7 +9,8 @@ and after, its descriptors, and its kernel-spliced counter from the admin
 connection holds its two sockets and no pipe, pipes being lent only while
 bytes are in flight).  Measured with the kernel splice at ``hold`` and
 three and ten times ``hold`` connections, and with ``[proxy] splice =
-"userspace"`` at ``hold``; when the descriptor limit does not allow ten
+"userspace"`` at ``hold``, and at ``hold`` with a listener ``idle_timeout``
+(the cost of its timer); when the descriptor limit does not allow ten
 times ``hold``, also at the most (in hundreds) it allows.  The first
 ``WARM_UP`` connections are opened and closed before the first reading,
 so that what they load once (lazy imports, caches) is not counted per
@@ -136,9 +137,9 @@ def _raise_own_limit(need: int) -> str:
     return ""
 
 
-def _case(lab: Lab, mode: str, count: int, time_limit: float) -> dict:
+def _case(lab: Lab, mode: str, count: int, time_limit: float, idle_timeout: str = "") -> dict:
     nofile = count * FDS_PER_CONNECTION + FDS_SPARE
-    result = {"mode": mode, "count": count, "nofile": nofile}
+    result = {"mode": mode, "count": count, "nofile": nofile, "idle_timeout": idle_timeout}
     why_not = _raise_own_limit(count + FDS_SPARE)
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     if not why_not and nofile > hard:
@@ -147,13 +148,15 @@ def _case(lab: Lab, mode: str, count: int, time_limit: float) -> dict:
         result["skipped"] = why_not
         say(f"memory {mode} {count}: not measured, {why_not}")
         return result
-    name = f"shardtcp-memory-{mode}-{count}"
+    name = f"shardtcp-memory-{mode}-{count}" + ("-idle" if idle_timeout else "")
     holder = _Holder(lab, name + "-shard")
     port, admin = free_port(), free_port()
     text = targets.shardtcp_config(lab, [targets.listener("edge", port, "plain")],
                                    [targets.Shard("bench-shard-1", f"127.0.0.1:{holder.port}")])
     keys = f'splice = "{mode}"\nmax_pipes = {2 * count + 16}\n'
     text = text.replace('id = "edge-bench-1"\n', 'id = "edge-bench-1"\n' + keys, 1)
+    if idle_timeout:
+        text = text.replace('connect_timeout = "5s"\n', f'connect_timeout = "5s"\nidle_timeout = "{idle_timeout}"\n', 1)
     text += f'\n[admin]\nlisten = "tcp:{admin}:interface=127.0.0.1"\n'
     target, _ = targets.start_shardtcp(lab, name, text, port, nofile=nofile)
     held: list = []
@@ -211,13 +214,16 @@ def run(lab: Lab, settings: dict) -> dict:
     hold = settings["hold"]
     cases = [("auto", hold), ("userspace", hold), ("auto", 3 * hold), ("auto", 10 * hold)]
     results: dict = {"cases": [_case(lab, mode, count, 180.0) for mode, count in cases]}
+    # With an idle timeout, as a deployed listener has: its timer's cost.
+    results["cases"].insert(2, _case(lab, "auto", hold, 180.0, idle_timeout="5m"))
     if "skipped" in results["cases"][-1]:
         # As many as this machine's descriptor limit allows, in hundreds.
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         most = (hard - FDS_SPARE) // FDS_PER_CONNECTION // 100 * 100
         if most > 3 * hold:
             results["cases"].append(_case(lab, "auto", most, 180.0))
-    kernel = sorted((c for c in results["cases"] if c["mode"] == "auto" and "kib_per_conn" in c),
+    kernel = sorted((c for c in results["cases"]
+                     if c["mode"] == "auto" and not c["idle_timeout"] and "kib_per_conn" in c),
                     key=lambda c: c["count"])
     for smaller, larger in zip(kernel, kernel[1:]):
         # What each further connection costs, the start-up growth aside.
@@ -230,7 +236,8 @@ def run(lab: Lab, settings: dict) -> dict:
 
 def report(r: dict) -> str:
     cases = r["cases"]
-    heads = [f"{'kernel' if c['mode'] == 'auto' else 'userspace'} {c['count']}" for c in cases]
+    heads = [f"{'kernel' if c['mode'] == 'auto' else 'userspace'} {c['count']}"
+             + (f" idle_timeout {c['idle_timeout']}" if c.get("idle_timeout") else "") for c in cases]
 
     def cell(c: dict, key: str, spec: str) -> str:
         return c["skipped"] if key == "kib_per_conn" and "skipped" in c else fmt(c.get(key), spec)
