@@ -15,7 +15,6 @@ but ``jws`` and ``net``.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import math
 import secrets
@@ -28,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from shardtcp import jws
-from shardtcp.net import format_hostport, parse_port
+from shardtcp.net import canonical_ip, format_hostport, parse_port
 
 __all__ = [
     "ALGORITHM",
@@ -182,7 +181,7 @@ def format_address(address: tuple) -> str:
         raise ValueError(f"host must be an IP literal, not {host!r}")
     # Not net.parse_ip: an IPv4-mapped address stays IPv6 here, because the
     # header it must match carries it that way.
-    host = str(ipaddress.ip_address(host.split("%", 1)[0]))
+    host = canonical_ip(host.split("%", 1)[0])
     if isinstance(port, str):
         port = parse_port(port)
     elif type(port) is not int or not 0 <= port <= 65535:

@@ -47,7 +47,7 @@ import google_crc32c
 
 # Re-exported: the one ``host:port`` formatter lives in ``shardtcp.net``,
 # which, like this module, imports nothing else of the project.
-from shardtcp.net import format_hostport
+from shardtcp.net import format_hostport, ip_literal
 
 __all__ = [
     "SIGNATURE",
@@ -411,7 +411,7 @@ def _pack_address_block(header: ProxyHeader) -> tuple[int, bytes]:
         if not isinstance(host, str):
             raise ValueError(f"{name} host must be an IP literal string, not {host!r}")
         try:
-            address = ipaddress.ip_address(host)
+            address = ip_literal(host)
         except ValueError:
             raise ValueError(f"{name} host {host!r} is not an IP address") from None
         if isinstance(address, ipaddress.IPv6Address) and address.scope_id:

@@ -47,6 +47,10 @@ class ProxyConnectFailed(ShardConnectFailed):
         self.kind = kind
 
 
+#: How many shard addresses' endpoints a connector keeps (all of them
+#: are forgotten when it is full: they are cheap to build again).
+ENDPOINT_CACHE_SIZE = 4096
+
 #: errno of a local failure -> the ``ProxyConnectFailed`` kind.
 PROXY_ERRNOS = {
     errno.EMFILE: "fds",
@@ -94,9 +98,18 @@ class ShardConnector:
     ) -> None:
         self._reactor = reactor
         self._endpoint_factory = endpoint_factory or self._plain_endpoint
+        # (host, port, timeout) -> its plain endpoint: an endpoint holds no
+        # state of a connection, so one per shard address serves them all.
+        self._endpoints: dict = {}
 
     def _plain_endpoint(self, shard: ShardInfo, timeout: float) -> IStreamClientEndpoint:
-        return endpoint_for_address(self._reactor, shard.address.host, shard.address.port, timeout)
+        key = (shard.address.host, shard.address.port, timeout)
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:
+            if len(self._endpoints) >= ENDPOINT_CACHE_SIZE:
+                self._endpoints.clear()
+            endpoint = self._endpoints[key] = endpoint_for_address(self._reactor, *key)
+        return endpoint
 
     def connect(self, shard: ShardInfo, factory, timeout: float) -> defer.Deferred:
         """

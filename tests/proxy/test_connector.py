@@ -113,3 +113,44 @@ class InterfaceTests(SynchronousTestCase):
         from shardtcp.proxy.connector import IShardConnector, ShardConnector
 
         verifyObject(IShardConnector, ShardConnector(MemoryReactorClock()))
+
+
+class EndpointCacheTests(SynchronousTestCase):
+    """``ShardConnector`` builds one plain endpoint per shard address and timeout."""
+
+    def shard(self, host: str, port: int = 443):
+        from shardtcp.model import Address, ShardInfo
+
+        return ShardInfo("s1", "api", Address(host, port), None, 10, 90.0)
+
+    def test_same_address_same_endpoint(self) -> None:
+        """Two connections to one shard reuse its endpoint; another port or timeout gets its own."""
+        from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+        from twisted.internet.testing import MemoryReactorClock
+
+        from shardtcp.proxy.connector import ShardConnector
+
+        connector = ShardConnector(MemoryReactorClock())
+        first = connector._plain_endpoint(self.shard("127.0.0.1"), 5.0)
+        self.assertIsInstance(first, TCP4ClientEndpoint)
+        self.assertIs(connector._plain_endpoint(self.shard("127.0.0.1"), 5.0), first)
+        self.assertIsNot(connector._plain_endpoint(self.shard("127.0.0.1", 444), 5.0), first)
+        self.assertIsNot(connector._plain_endpoint(self.shard("127.0.0.1"), 6.0), first)
+        self.assertIsInstance(connector._plain_endpoint(self.shard("::1"), 5.0), TCP6ClientEndpoint)
+
+    def test_bounded(self) -> None:
+        """At ENDPOINT_CACHE_SIZE addresses the cache starts over instead of growing."""
+        from twisted.internet.testing import MemoryReactorClock
+
+        from shardtcp.proxy import connector as module
+
+        connector = module.ShardConnector(MemoryReactorClock())
+        self.patch(module, "ENDPOINT_CACHE_SIZE", 3)
+        first = connector._plain_endpoint(self.shard("127.0.0.1", 1), 5.0)
+        connector._plain_endpoint(self.shard("127.0.0.1", 2), 5.0)
+        connector._plain_endpoint(self.shard("127.0.0.1", 3), 5.0)
+        self.assertEqual(len(connector._endpoints), 3)
+        self.assertIs(connector._plain_endpoint(self.shard("127.0.0.1", 1), 5.0), first)
+        connector._plain_endpoint(self.shard("127.0.0.1", 4), 5.0)
+        self.assertEqual(len(connector._endpoints), 1)
+        self.assertIsNot(connector._plain_endpoint(self.shard("127.0.0.1", 1), 5.0), first)
