@@ -221,6 +221,28 @@ def header_json(kid: str, typ: str = TYPE) -> bytes:
     ).encode("ascii")
 
 
+class Signer:
+    """
+    ``sign`` for one key and ``kid``, with the header's base64url prepared
+    once: ``sign_json`` takes the claims already serialised.
+    """
+
+    __slots__ = ("_prefix", "_sign")
+
+    def __init__(self, private_key: Ed25519PrivateKey, *, kid: str) -> None:
+        if not isinstance(private_key, Ed25519PrivateKey):
+            raise TypeError(f"tokens are signed with Ed25519, not {type(private_key).__name__}")
+        if not isinstance(kid, str) or not kid:
+            raise ValueError("kid must be a non-empty string")
+        self._prefix = b64url_encode(header_json(kid)) + b"."
+        self._sign = private_key.sign
+
+    def sign_json(self, payload: bytes) -> bytes:
+        """The compact JWS of the claims JSON ``payload`` (not checked here)."""
+        signing_input = self._prefix + b64url_encode(payload)
+        return signing_input + b"." + b64url_encode(self._sign(signing_input))
+
+
 def sign(claims: Mapping[str, Any], private_key: Ed25519PrivateKey, *, kid: str) -> bytes:
     """
     The compact JWS (ASCII bytes) of ``claims``, header
@@ -234,8 +256,7 @@ def sign(claims: Mapping[str, Any], private_key: Ed25519PrivateKey, *, kid: str)
     if not isinstance(kid, str) or not kid:
         raise ValueError("kid must be a non-empty string")
     payload = json.dumps(dict(claims), separators=(",", ":"), allow_nan=False).encode("ascii")
-    signing_input = b64url_encode(header_json(kid)) + b"." + b64url_encode(payload)
-    return signing_input + b"." + b64url_encode(private_key.sign(signing_input))
+    return Signer(private_key, kid=kid).sign_json(payload)
 
 
 def verify(
