@@ -211,6 +211,14 @@ class FormTests(SynchronousTestCase):
             "c1 198.51.100.7:51515 edge -/- sni=- up=12 down=3400 peek=- connect=- total=2.000 close=refused:eof",
         )
 
+    def test_text_with_braces_renders_as_itself(self) -> None:
+        """The event's format is the escaped line: braces in a value come out once, as written."""
+        events: list = []
+        AccessLog("text", observer=events.append).write(dict(SAMPLE, close="x{0}y}}{{"))
+        [event] = events
+        self.assertTrue(formatEvent(event).endswith(" close=x{0}y}}{{"))
+        self.assertEqual(event["line"], formatEvent(event))
+
     def test_json_event(self) -> None:
         """The JSON form's text is one JSON object holding every field."""
         events: list = []
