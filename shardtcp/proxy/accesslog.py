@@ -170,10 +170,11 @@ class AccessLog:
             # The file formats the line itself; no format string to render.
             self._log.info("", access=fields)
         else:
-            # The line is the event's format, escaped: a log file renders it
-            # without a field lookup through string.Formatter.
+            # The line is the event's format, escaped, and the event says it
+            # is flattened with no fields: a log file renders it by splitting
+            # the format once, without string.Formatter's field lookups.
             line = format_json(fields) if self._json else format_text(fields)
-            self._log.info(_literal(line), line=line, access=fields)
+            self._log.info(_literal(line), line=line, access=fields, log_flattened={})
 
     def reopen(self) -> None:
         """Reopen the access file, if there is one (SIGUSR1)."""

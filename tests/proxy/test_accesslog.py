@@ -12,7 +12,7 @@ import os
 
 from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock
-from twisted.logger import ILogObserver, LogLevel, formatEvent
+from twisted.logger import ILogObserver, LogLevel, eventAsJSON, eventFromJSON, formatEvent, formatEventAsClassicLogText
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
@@ -218,6 +218,10 @@ class FormTests(SynchronousTestCase):
         [event] = events
         self.assertTrue(formatEvent(event).endswith(" close=x{0}y}}{{"))
         self.assertEqual(event["line"], formatEvent(event))
+        self.assertEqual(event["log_flattened"], {})
+        # as twistd's file observer writes it, and as a JSON log keeps it
+        self.assertTrue(formatEventAsClassicLogText(event).endswith(" close=x{0}y}}{{\n"))
+        self.assertEqual(formatEvent(eventFromJSON(eventAsJSON(event))), event["line"])
 
     def test_json_event(self) -> None:
         """The JSON form's text is one JSON object holding every field."""
