@@ -70,6 +70,10 @@ class State(enum.Enum):
     SPLICED = "spliced"  # bytes flow; the splice owns the rest
     CLOSED = "closed"  # refused, gone or finished
 
+    # Members are singletons compared by identity: hash them by identity too
+    # (Enum's own hash runs Python code on its name, at every ``_go``).
+    __hash__ = object.__hash__
+
 
 _TRANSITIONS = {
     State.ACCEPTED: frozenset({State.PEEKING, State.CLOSED}),
