@@ -439,7 +439,8 @@ class ConnectionMachine:
         identified = self.identified
         protocol = self.answer_protocol
         try:
-            key = _shard_key(rules.resolver.service_config(self.service), self.client, identified)
+            service = rules.resolver.service_config(self.service)
+            key = _shard_key(service, self.client, identified)
             request = ConnectionRequest(
                 service_id=self.service,
                 client=self.client,
@@ -450,7 +451,7 @@ class ConnectionMachine:
                 shard_key=key,
             )
             candidates = rules.resolver.resolve(request, config.retries)
-            self.policy = admit(rules.resolver.service_config(self.service), self.facts)
+            self.policy = admit(service, self.facts)
             if key is not None:
                 self.policy = attrs.evolve(self.policy, shard_key=key)
         except AccessDenied as e:
