@@ -553,18 +553,20 @@ def _log_not_listening(options, error: ListenFailed) -> None:
     the daemon exits 1 without a traceback.
     """
     _log.critical("{error}; not starting", error=str(error))
+    # The pid file goes first: the starting process exits as soon as it
+    # reads the status pipe.
+    pidfile = options.get("pidfile") if hasattr(options, "get") else None
+    if pidfile:
+        try:
+            os.unlink(pidfile)
+        except OSError:
+            pass
     pipe = options.get("statusPipe") if hasattr(options, "get") else None
     if pipe is not None:
         message = f"1 {error}".encode("utf-8", "replace")[:100]
         try:
             os.write(pipe, message)
             os.close(pipe)
-        except OSError:
-            pass
-    pidfile = options.get("pidfile") if hasattr(options, "get") else None
-    if pidfile:
-        try:
-            os.unlink(pidfile)
         except OSError:
             pass
     raise SystemExit(1)
