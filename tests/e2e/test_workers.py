@@ -1,0 +1,370 @@
+"""
+``[proxy] workers = 2`` with a real ``twistd -n shardtcp``: a supervisor
+and two worker processes on one shared accept queue, reaching verifying
+shards; a worker killed and replaced; capacity counted across workers; a
+rolling reload on SIGHUP; a graceful stop on SIGTERM; ``/status`` and
+``/metrics`` over both workers.
+
+Which worker takes a connection is up to the kernel, so the tests that
+need a given worker stop the other one (SIGSTOP): the connection then
+waits in the shared queue for the one still running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import threading
+import time
+import urllib.request
+
+from twisted.internet import reactor
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from tests.e2e import harness as e2e
+from tests.e2e.harness import Deployment, parse_hello
+
+
+def _config(deployment: Deployment, port: int, admin_port: int, shards, *, drain: str = "30s") -> str:
+    """A plain ``SHARD <service>`` listener, the admin API and (id, weight, extra) shards of ``api``."""
+    text = (
+        f'[proxy]\nid = "edge-workers"\nworkers = 2\ndrain_timeout = "{drain}"\n'
+        f'[signing]\nprivate_key = "{deployment.private_key}"\nkid = "policy-1"\n'
+        f'[admin]\nlisten = "tcp:{admin_port}:interface=127.0.0.1"\n'
+        f'[[listener]]\nname = "edge"\nlisten = "tcp:{port}:interface=127.0.0.1"\nmode = "plain"\n'
+        'identify = ["line"]\nconnect_timeout = "2s"\n'
+        '[service.api]\nnames = ["api.example.test"]\n'
+        "[service.api.weights]\nlatency = 0.0\nsecurity = 1.0\nload = 0.0\n"
+    )
+    for shard_id, weight, extra in shards:
+        text += (
+            f'[[service.api.shard]]\nid = "{shard_id}"\naddress = "127.0.0.1:{deployment.shards[shard_id].port}"\n'
+            f'weight = {weight}\nslow_start = "0s"\n{extra}\n'
+        )
+    return text
+
+
+def _write(path: str, text: str) -> None:
+    with open(path + ".new", "w") as f:
+        f.write(text)
+    os.replace(path + ".new", path)
+
+
+def _one_connection(port: int) -> str:
+    """Open a connection, name the service, return the shard id of the verified hello line, close."""
+    sock, shard = _held(port)
+    sock.close()
+    return shard
+
+
+def _held(port: int) -> tuple:
+    """A connection left open: (socket, shard id of its hello line)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(b"SHARD api\r\n")
+    head = b""
+    while b"\n" not in head:
+        data = sock.recv(4096)
+        if not data:
+            raise ConnectionError(f"closed before the hello line: {head!r}")
+        head += data
+    return sock, parse_hello(head.split(b"\n", 1)[0])["shard"]
+
+
+def _get(port: int, path: str) -> bytes:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+        return response.read()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            state = f.read()
+    except OSError:
+        return False
+    match = re.search(r"^State:\s+(\S)", state, re.M)
+    return match is not None and match.group(1) != "Z"
+
+
+class WorkersTests(TestCase):
+    timeout = 120
+
+    async def start(self, deployment: Deployment, shards, *, drain: str = "30s"):
+        """Start ``twistd -n shardtcp`` with two workers; (child, port, admin port, path) once both are ready."""
+        twistd = e2e.twistd_binary()
+        path = os.path.join(deployment.directory, "shardtcp.toml")
+        for attempt in range(5):
+            port, admin_port = e2e.free_port(), e2e.free_port()
+            _write(path, _config(deployment, port, admin_port, shards, drain=drain))
+            argv = [twistd, "-n", "--pidfile", os.path.join(deployment.directory, "twistd.pid"),
+                    "shardtcp", "--config", path]
+            child = e2e.spawn(self, argv, cwd=deployment.directory, timeout=100)
+            self._pids = set()
+            self.addCleanup(self._kill_workers)
+            if await e2e.wait_until_accepting(admin_port, 20.0, lambda: not child.done):
+                self.child, self.admin_port = child, admin_port
+                await self.wait_workers(2)
+                return child, port, admin_port, path
+            if "Address already in use" not in (child.out + child.err).decode(errors="replace"):
+                self.fail(f"twistd did not start:\n{(child.out + child.err).decode(errors='replace')}")
+        self.fail("no free port could be bound in five attempts")
+
+    _pids: set = set()
+
+    def _kill_workers(self) -> None:
+        for pid in self._pids:
+            if _alive(pid):
+                os.kill(pid, signal.SIGCONT)
+                os.kill(pid, signal.SIGKILL)
+
+    async def status(self) -> dict:
+        document = json.loads(await deferToThread(_get, self.admin_port, "/status"))
+        self._pids = set(self._pids) | {w["pid"] for w in document["workers"] if w["pid"]}
+        return document
+
+    async def wait_workers(self, count: int, predicate=lambda workers: True, timeout: float = 20.0) -> list:
+        """The ``workers`` of /status once ``count`` are ready and ``predicate(workers)`` holds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            workers = (await self.status())["workers"]
+            ready = [w for w in workers if w["state"] == "ready"]
+            if len(ready) == count and len(workers) == count and predicate(workers):
+                return workers
+            if time.monotonic() > deadline:
+                self.fail(f"workers not as expected: {workers}\n{self.output()[-3000:]}")
+            await e2e.wait_for(lambda: False, 0.1)
+
+    def output(self) -> str:
+        return (self.child.out + self.child.err).decode(errors="replace")
+
+    async def through(self, pid: int, others: list, call, *args):
+        """Run ``call(*args)`` in a thread while every worker of ``others`` is stopped (SIGSTOP)."""
+        for other in others:
+            os.kill(other, signal.SIGSTOP)
+        try:
+            return await deferToThread(call, *args)
+        finally:
+            for other in others:
+                os.kill(other, signal.SIGCONT)
+
+    async def test_both_workers_serve_and_are_counted(self):
+        """
+        With each worker stopped in turn, a connection still reaches a
+        verified shard (the other worker took it from the shared queue);
+        one connection held through each worker shows in /status as one
+        open connection per worker pid and a shard load of 2; /metrics sums
+        the workers' accepted connections (4) under one sample.
+        """
+        deployment = Deployment(self, reactor)
+        deployment.add_plain_shard("api-a", behaviour="hello")
+        child, port, admin_port, _ = await self.start(deployment, [("api-a", 1.0, "")])
+        workers = await self.wait_workers(2)
+        pids = [w["pid"] for w in workers]
+        self.assertEqual(len(set(pids)), 2)
+        self.assertTrue(all(_alive(p) for p in pids))
+        self.assertEqual(await self.through(pids[0], [pids[1]], _one_connection, port), "api-a")
+        self.assertEqual(await self.through(pids[1], [pids[0]], _one_connection, port), "api-a")
+        first, _ = await self.through(pids[0], [pids[1]], _held, port)
+        second, _ = await self.through(pids[1], [pids[0]], _held, port)
+        try:
+            await self.wait_workers(2, lambda ws: sorted(w["open_connections"] for w in ws) == [1, 1])
+            status = await self.status()
+            self.assertEqual(status["services"]["api"]["shards"]["api-a"]["open_connections"], 2)
+            metrics = (await deferToThread(_get, admin_port, "/metrics")).decode()
+            accepted = [l for l in metrics.splitlines() if l.startswith('shardtcp_connections_accepted_total{listener="edge"}')]
+            self.assertEqual(accepted, ['shardtcp_connections_accepted_total{listener="edge"} 4.0'])
+        finally:
+            first.close()
+            second.close()
+
+    async def test_killed_worker_is_replaced(self):
+        """
+        kill -9 of one worker while a client loop runs: /status shows a new
+        pid for its index with one restart, /metrics counts it, and no
+        connection of the loop failed.
+        """
+        deployment = Deployment(self, reactor)
+        deployment.add_plain_shard("api-a", behaviour="source:0")
+        child, port, admin_port, _ = await self.start(deployment, [("api-a", 1.0, "")])
+        workers = await self.wait_workers(2)
+        victim = workers[0]
+        results: list = []
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    shard = _one_connection(port)
+                except Exception as e:
+                    shard = f"error: {e!r}"
+                results.append((started, shard, time.monotonic()))
+
+        running = deferToThread(loop)
+        try:
+            await e2e.wait_for(lambda: len(results) >= 20, 10.0)
+            killed = time.monotonic()
+            os.kill(victim["pid"], signal.SIGKILL)
+            replaced = await self.wait_workers(
+                2, lambda ws: victim["pid"] not in [w["pid"] for w in ws] and any(w["restarts"] == 1 for w in ws)
+            )
+            count = len(results)
+            await e2e.wait_for(lambda: len(results) >= count + 20, 10.0)
+        finally:
+            stop.set()
+            await running
+        # Only a connection the killed worker held (open at the kill) may have failed.
+        failed = [r for r in results if r[1].startswith("error")]
+        self.assertEqual([r for r in failed if not r[0] <= killed <= r[2]], [])
+        self.assertLessEqual(len(failed), 1)
+        self.assertGreater(len(results), 40)
+        self.assertEqual({w["index"]: w["restarts"] for w in replaced}, {victim["index"]: 1, 1 - victim["index"]: 0})
+        metrics = (await deferToThread(_get, admin_port, "/metrics")).decode()
+        self.assertIn(f'shardtcp_worker_restarts_total{{index="{victim["index"]}"}} 1.0', metrics)
+        self.assertIn("exited unexpectedly", self.output())
+
+    async def test_capacity_counts_every_worker(self):
+        """
+        Shard api-a (capacity 1, weight 100) holds one connection taken
+        through worker 0; a connection through worker 1 then goes to api-b:
+        the capacity is one in total, not one per worker.  Once the first
+        closes, api-a takes a connection through worker 1 again.
+        """
+        deployment = Deployment(self, reactor)
+        deployment.add_plain_shard("api-a", behaviour="hello")
+        deployment.add_plain_shard("api-b", behaviour="hello")
+        child, port, _, _ = await self.start(
+            deployment, [("api-a", 100.0, "capacity = 1"), ("api-b", 1.0, "")]
+        )
+        pids = [w["pid"] for w in await self.wait_workers(2)]
+        held, shard = await self.through(pids[0], [pids[1]], _held, port)
+        try:
+            self.assertEqual(shard, "api-a")
+            # Worker 1 hears of worker 0's load within a Load interval.
+            await self.wait_workers(2, lambda ws: sum(w["open_connections"] for w in ws) == 1)
+            await e2e.wait_for(lambda: False, 0.3)
+            other = await self.through(pids[1], [pids[0]], _one_connection, port)
+            self.assertEqual(other, "api-b")
+        finally:
+            held.close()
+        await self.wait_workers(2, lambda ws: sum(w["open_connections"] for w in ws) == 0)
+        await e2e.wait_for(lambda: False, 0.3)
+        self.assertEqual(await self.through(pids[1], [pids[0]], _one_connection, port), "api-a")
+
+    async def test_sighup_rolls_a_new_generation(self):
+        """
+        SIGHUP with a file that replaces shard api-a by api-b while
+        a client loop runs: a second generation of two workers with new
+        pids replaces the first (whose processes exit), no connection of
+        the loop fails, and after the switch api-b takes the connections.
+        A broken file on SIGHUP changes nothing (same pids, logged).
+        """
+        deployment = Deployment(self, reactor)
+        deployment.add_plain_shard("api-a", behaviour="source:0")
+        deployment.add_plain_shard("api-b", behaviour="source:0")
+        child, port, admin_port, path = await self.start(deployment, [("api-a", 1.0, "")])
+        old = [w["pid"] for w in await self.wait_workers(2)]
+        results: list = []
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.is_set():
+                try:
+                    results.append((time.monotonic(), _one_connection(port)))
+                except Exception as e:
+                    results.append((time.monotonic(), f"error: {e!r}"))
+
+        running = deferToThread(loop)
+        try:
+            await e2e.wait_for(lambda: len(results) >= 20, 10.0)
+            _write(path, _config(deployment, port, admin_port, [("api-b", 1.0, "")]))
+            child.signal("HUP")
+            workers = await self.wait_workers(
+                2, lambda ws: all(w["generation"] == 2 for w in ws), timeout=30.0
+            )
+            switched = time.monotonic()
+            self.assertTrue(await e2e.wait_for(lambda: not any(_alive(p) for p in old), 35.0))
+            await e2e.wait_for(lambda: sum(1 for t, _ in list(results) if t > switched) >= 20, 10.0)
+        finally:
+            stop.set()
+            await running
+        self.assertEqual([r for r in results if r[1].startswith("error")], [])
+        self.assertTrue(set(old).isdisjoint(w["pid"] for w in workers))
+        after = [shard for t, shard in results if t > switched]
+        self.assertGreaterEqual(len(after), 20)
+        self.assertEqual(set(after), {"api-b"})
+        with open(path, "a") as f:
+            f.write('[[service.api.shard]]\nid = "api-x"\naddress = "no port here"\n')
+        child.signal("HUP")
+        await e2e.wait_for(lambda: "configuration not reloaded" in self.output(), 15.0)
+        self.assertRegex(self.output(), r"reload refused: service\.api\.shard\[1\]\.address: ")
+        same = await self.wait_workers(2)
+        self.assertEqual(sorted(w["pid"] for w in same), sorted(w["pid"] for w in workers))
+
+    async def test_sigterm_drains_every_worker(self):
+        """
+        SIGTERM with one connection held through each worker: /ready turns
+        503, both connections still echo, new connections are refused; once
+        they close, every worker exits and twistd exits 0.
+        """
+        deployment = Deployment(self, reactor)
+        deployment.add_plain_shard("api-a", behaviour="hello")
+        child, port, admin_port, _ = await self.start(deployment, [("api-a", 1.0, "")])
+        pids = [w["pid"] for w in await self.wait_workers(2)]
+        held = [
+            (await self.through(pids[0], [pids[1]], _held, port))[0],
+            (await self.through(pids[1], [pids[0]], _held, port))[0],
+        ]
+        try:
+            child.signal("TERM")
+
+            def not_ready() -> bool:
+                try:
+                    _get(admin_port, "/ready")
+                except urllib.error.HTTPError as e:
+                    return e.code == 503
+                except OSError:
+                    return False
+                return False
+
+            self.assertTrue(await deferToThread(_poll, not_ready, 10.0))
+            self.assertTrue(await deferToThread(_poll, lambda: _refused(port), 10.0))
+            for sock in held:
+                sock.sendall(b"ping\n")
+                self.assertEqual(await deferToThread(_recv_line, sock), b"ping\n")
+            self.assertTrue(all(_alive(p) for p in pids))
+        finally:
+            for sock in held:
+                sock.close()
+        self.assertEqual(await child.ended, 0)
+        self.assertFalse(any(_alive(p) for p in pids))
+
+
+def _poll(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except OSError:
+        return True
+    return False
+
+
+def _recv_line(sock) -> bytes:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
