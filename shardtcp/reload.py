@@ -42,6 +42,7 @@ from shardtcp.identify.names import NameTable
 from shardtcp.keys import load_private_key
 from shardtcp.model import Config, ListenerConfig
 from shardtcp.policy import PolicySigner
+from shardtcp.proxy.accesslog import AccessLog, AccessLogError
 from shardtcp.proxy.context import ListenerContext
 from shardtcp.proxy.limits import AdmissionLimits
 from shardtcp.proxy.listener import ProxyFactory
@@ -85,6 +86,7 @@ class ReloadSummary:
     kid: str = ""
     signing_changed: bool = False
     threat_intel: str = "none"  # none | unchanged | started | stopped | restarted
+    access_log_changed: bool = False  # [log] access or access_file
 
     @property
     def changed(self) -> bool:
@@ -94,6 +96,7 @@ class ReloadSummary:
             or self.services_added or self.services_removed or self.services_changed
             or self.shards_added or self.shards_removed or self.shards_changed
             or self.signing_changed or self.threat_intel in ("started", "stopped", "restarted")
+            or self.access_log_changed
         )
 
     def as_dict(self) -> dict:
@@ -119,6 +122,7 @@ class ReloadSummary:
             },
             "signing": {"kid": self.kid, "changed": self.signing_changed},
             "threat_intel": self.threat_intel,
+            "access_log": {"changed": self.access_log_changed},
         }
 
     def describe(self) -> str:
@@ -141,6 +145,8 @@ class ReloadSummary:
             parts.append(f"signing key kid {self.kid}")
         if self.threat_intel in ("started", "stopped", "restarted"):
             parts.append(f"threat feeds {self.threat_intel}")
+        if self.access_log_changed:
+            parts.append("access log reopened")
         return "; ".join(parts) if parts else "nothing changed"
 
 
@@ -171,6 +177,7 @@ def summarise(old: Config, new: Config, *, threat_intel: str = "none", key_chang
         kid=new.signing.kid,
         signing_changed=key_changed or old.signing != new.signing or old.proxy.id != new.proxy.id,
         threat_intel=threat_intel,
+        access_log_changed=old.log != new.log,
     )
 
 
@@ -267,11 +274,13 @@ def listener_context(
     access=None,
     refusal_lines=None,
     splicer=None,
+    limits: Optional[AdmissionLimits] = None,
 ) -> ListenerContext:
     """
     The context of ``listener``'s connections; ``connections`` (the set of
     an earlier context of the same listener) carries the open connections
-    over a reload, so that they are still counted and drained.
+    over a reload, so that they are still counted and drained, and
+    ``limits`` (that context's admission limits) carries their counts.
     """
     extra = {} if connections is None else {"connections": connections}
     if access is not None:
@@ -281,8 +290,12 @@ def listener_context(
     if splicer is not None and listener.mode != "terminate":
         # kernel splice for passthrough and plain listeners only
         extra["splicer"] = splicer
-    limits = AdmissionLimits(listener.max_connections, listener.per_source, clock)
-    if limits.enabled:
+    if limits is not None:
+        # The same listener across a reload: its counts carry over.
+        limits.reconfigure(listener.max_connections, listener.per_source)
+    else:
+        limits = AdmissionLimits(listener.max_connections, listener.per_source, clock)
+    if limits.enabled or limits.open:
         extra["limits"] = limits
     return ListenerContext(
         config=listener,
@@ -362,14 +375,33 @@ class Reloader:
         summary = summarise(
             old, new, threat_intel=intel_action, key_changed=parts.key_pem != root.parts.key_pem
         )
-        opened = self._open_listeners(new, parts, summary)
+        access_log = None
+        if summary.access_log_changed:
+            # Opened before anything changes: a file that cannot be opened
+            # refuses the reload and the running log stays.
+            try:
+                access_log = AccessLog(new.log.access, new.log.access_file)
+            except AccessLogError as e:
+                raise ConfigError([str(e)]) from None
+        try:
+            opened = self._open_listeners(new, parts, summary, access_log or root.access_log)
+        except ConfigError:
+            if access_log is not None:
+                access_log.close()
+            raise
         try:
             root.resolver.replace_config(new)
         except ValueError as e:
             for service in opened.values():
                 service.stopService()
+            if access_log is not None:
+                access_log.close()
             raise ConfigError([f"service: {e}"]) from None
         # From here on nothing can refuse the reload.
+        if access_log is not None:
+            # Connections already open keep writing to the old log through
+            # their context; its file is closed when the last of them ends.
+            root.access_log = access_log
         self._commit(old, new, parts, opened, summary, intel_keys)
         return summary
 
@@ -384,7 +416,7 @@ class Reloader:
             return "restarted"
         return "unchanged"
 
-    def _open_listeners(self, new: Config, parts: Parts, summary: ReloadSummary) -> dict:
+    def _open_listeners(self, new: Config, parts: Parts, summary: ReloadSummary, access: AccessLog) -> dict:
         """Listen on every new endpoint now; on a failure close them all and refuse."""
         root = self._root
         opened: dict = {}
@@ -397,7 +429,7 @@ class Reloader:
             factory = ProxyFactory(
                 listener_context(new, listener, parts, resolver=root.context_resolver, connector=root.connector,
                                  metrics=root.metrics, clock=self._reactor,
-                                 access=root.access_log, refusal_lines=root.refusal_lines, splicer=root.splicer)
+                                 access=access, refusal_lines=root.refusal_lines, splicer=root.splicer)
             )
             service = root.listening_service(listener, factory)
             try:
@@ -455,7 +487,7 @@ class Reloader:
                     listener_context(new, listener, parts, resolver=root.context_resolver, connector=root.connector,
                                      metrics=root.metrics, clock=reactor, admission=admission,
                                      access=root.access_log, refusal_lines=root.refusal_lines, splicer=root.splicer,
-                                     connections=factory.context.connections)
+                                     connections=factory.context.connections, limits=factory.context.limits)
                 )
         root.retired_connections[:] = [c for c in root.retired_connections if c]
 

@@ -21,6 +21,8 @@ finish), ``SIGUSR1`` reopens the log file.
 
 from __future__ import annotations
 
+import functools
+import os
 import sys
 
 from twisted.application.service import MultiService, Service
@@ -581,7 +583,7 @@ def makeService(options: Options, reactor=None) -> ProxyService:
     if parent is None or parent.get("nodaemon"):
         root.on_listen_failure = _exit_not_listening
     else:
-        root.on_listen_failure = _log_not_listening
+        root.on_listen_failure = functools.partial(_log_not_listening, parent)
     return root
 
 
@@ -607,10 +609,26 @@ def _exit_not_listening(error: ListenFailed) -> None:
     raise SystemExit(1)
 
 
-def _log_not_listening(error: ListenFailed) -> None:
+def _log_not_listening(options, error: ListenFailed) -> None:
     """
-    A daemonizing twistd hands the exception's first 100 bytes to the
-    process that started it (which exits 1); the log file gets all of it.
+    A daemonizing twistd: one critical line in the log file, the same line
+    (its first 98 bytes) through twistd's status pipe to the process that
+    started it, which prints it and exits 1; the pid file is removed, and
+    the daemon exits 1 without a traceback.
     """
     _log.critical("{error}; not starting", error=str(error))
-    raise error
+    pipe = options.get("statusPipe") if hasattr(options, "get") else None
+    if pipe is not None:
+        message = f"1 {error}".encode("utf-8", "replace")[:100]
+        try:
+            os.write(pipe, message)
+            os.close(pipe)
+        except OSError:
+            pass
+    pidfile = options.get("pidfile") if hasattr(options, "get") else None
+    if pidfile:
+        try:
+            os.unlink(pidfile)
+        except OSError:
+            pass
+    raise SystemExit(1)

@@ -108,7 +108,7 @@ class LayeringTests(SynchronousTestCase):
 
     def test_modules_found(self):
         """The scan sees the package (a broken scan would pass every rule)."""
-        for name in FLOOR | CODECS | {"shardtcp.tap", "shardtcp.backend"}:
+        for name in FLOOR | CODECS | {"shardtcp.tap", "shardtcp.backend", "shardtcp.workers.aggregate"}:
             self.assertIn(name, MODULES)
 
     def test_floor_imports_nothing_of_the_project(self):
@@ -146,3 +146,23 @@ class LayeringTests(SynchronousTestCase):
                 self.assertFalse(
                     _within(target, ("shardtcp.example",)), f"{name}:{line} imports {target}"
                 )
+
+    def test_workers_import_only_what_they_sum(self):
+        """``shardtcp.workers`` imports only the resolver, the registry, metrics, config, model and
+        the floor (and its own package); nothing of the connection path, admin, tap or cli."""
+        allowed = (
+            "shardtcp.workers", "shardtcp.resolver", "shardtcp.registry", "shardtcp.metrics",
+            "shardtcp.config", "shardtcp.model",
+        )
+        for name in sorted(n for n in MODULES if _within(n, ("shardtcp.workers",))):
+            for target, line in _imports(name):
+                if target == "shardtcp" or target in FLOOR:
+                    continue
+                self.assertTrue(_within(target, allowed), f"{name}:{line} imports {target}")
+
+    def test_nothing_below_imports_workers(self):
+        """Neither the floor, the codecs nor anything the resolver reaches imports ``shardtcp.workers``."""
+        below = FLOOR | CODECS | {n for n in MODULES if n.startswith("shardtcp.resolver")}
+        for name in sorted(below):
+            for target, (via, line) in _closure(name).items():
+                self.assertFalse(_within(target, ("shardtcp.workers",)), f"{name} reaches {target} ({via}:{line})")

@@ -6,6 +6,7 @@ how the drain counts and closes, and what the signal handlers do.
 
 from __future__ import annotations
 
+import json
 import os
 
 from twisted.internet.address import IPv4Address
@@ -19,6 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from shardtcp import keys
 from shardtcp.config import ConfigError, load_config
 from shardtcp.lifecycle import SHUTDOWN, SignalHandlers, twistd_log_file
+from shardtcp.proxy.accesslog import ACCESS_FIELDS
 from shardtcp.reload import summarise
 from shardtcp.tap import build_service
 from tests.support import FakeConnector, HalfCloseTransport
@@ -245,6 +247,85 @@ class ReloadTests(SynchronousTestCase):
         self.assertIn("Address already in use", result.value.problems[0])
         self.assertNotIn("bad", self.root.factories)
         self.assertEqual({s.id for s in self.root.resolver.services()[0].shards}, {"api-1", "api-2"})
+
+    def test_access_log_reopened_on_change(self) -> None:
+        """
+        A changed ``[log]`` takes effect on reload: connections accepted
+        afterwards write their lines to the new file, while a connection
+        already open keeps the log it started with; the summary says so.
+        An unchanged ``[log]`` keeps the very same log object.
+        """
+        open_before, _ = self.proxy.connect()
+        old_log = self.root.access_log
+        same = self.proxy.reload()
+        self.assertEqual(same["access_log"], {"changed": False})
+        self.assertIs(self.root.access_log, old_log)
+        path = os.path.join(self.proxy.directory, "access.log")
+        self.proxy.write(
+            _listener("edge", 7000) + _listener("old", 7001),
+            [("api-1", 9001, 1.0), ("api-2", 9002, 1.0)],
+            extra=f'\n[log]\naccess = "json"\naccess_file = "{path}"\n',
+        )
+        summary = self.proxy.reload()
+        self.assertEqual(summary["access_log"], {"changed": True})
+        self.assertTrue(summary["changed"])
+        self.assertIsNot(self.root.access_log, old_log)
+        self.assertEqual(self.root.access_log.file.path, path)
+        self.assertIs(self.root.factories["edge"].context.access, self.root.access_log)
+        self.assertIs(open_before._ctx.access, old_log)
+        self.root.factories["edge"].context.ended(dict.fromkeys(ACCESS_FIELDS, "-") | {"service": "api"})
+        with open(path) as f:
+            line = json.loads(f.readline())
+        self.assertEqual(line["service"], "api")
+
+    def test_access_log_that_cannot_open_refuses(self) -> None:
+        """
+        A new ``access_file`` that cannot be opened (a folder) refuses the
+        whole reload naming it; the running log and shards stay.
+        """
+        old_log = self.root.access_log
+        folder = os.path.join(self.proxy.directory, "a-folder")
+        os.makedirs(folder)
+        self.proxy.write(
+            _listener("edge", 7000) + _listener("old", 7001),
+            [("api-1", 9001, 1.0)],
+            extra=f'\n[log]\naccess_file = "{folder}"\n',
+        )
+        result = self.proxy.reload()
+        self.assertIsInstance(result.value, ConfigError)
+        self.assertEqual(len(result.value.problems), 1)
+        self.assertTrue(result.value.problems[0].startswith(f"log.access_file: cannot open {folder}"),
+                        result.value.problems)
+        self.assertIs(self.root.access_log, old_log)
+        self.assertEqual({s.id for s in self.root.resolver.services()[0].shards}, {"api-1", "api-2"})
+
+    def test_source_counts_carry_over(self) -> None:
+        """
+        A listener kept across a reload keeps its per-source counts: with
+        ``per_source.max_connections = 1`` a source holding one connection
+        is still refused after a reload of the same limit, and raising the
+        limit to 2 admits exactly one more (the second over it refused).
+        Connections opened before the reload release their count.
+        """
+        limited = _listener("edge", 7000) + "[listener.per_source]\nmax_connections = {n}\n"
+        shards = [("api-1", 9001, 1.0)]
+        self.proxy.write(limited.format(n=1), shards)
+        self.proxy.reload()
+        factory = self.root.factories["edge"]
+        client = IPv4Address("TCP", "192.0.2.7", 40000)
+        first = factory.buildProtocol(client)
+        self.assertIsNotNone(first)
+        self.assertIsNone(factory.buildProtocol(client))
+        self.proxy.reload()
+        self.assertIsNone(self.root.factories["edge"].buildProtocol(client))
+        self.proxy.write(limited.format(n=2), shards)
+        self.proxy.reload()
+        second = self.root.factories["edge"].buildProtocol(client)
+        self.assertIsNotNone(second)
+        self.assertIsNone(self.root.factories["edge"].buildProtocol(client))
+        # The connection from before the reloads ends: its count is returned.
+        first._ctx.closed(first)
+        self.assertIsNotNone(self.root.factories["edge"].buildProtocol(client))
 
     def test_reload_refused_while_stopping(self) -> None:
         """Once a graceful stop has begun, a reload is refused."""

@@ -81,18 +81,29 @@ class AdmissionLimits:
     """
 
     def __init__(self, max_connections: int, per_source: PerSourceConfig, clock: IReactorTime) -> None:
-        self.max_connections = max_connections
-        self.source_max = per_source.max_connections
-        self.rate = per_source.rate
-        self.burst = max(1.0, per_source.rate)
         self._clock = clock
-        self._per_source = per_source.max_connections > 0 or per_source.rate > 0
-        # A bucket emptied at time t is full again at t + refill.
-        self._refill = self.burst / self.rate if self.rate > 0 else 0.0
         self.open = 0
         # source key -> _Source, least recently touched first
         self._sources: OrderedDict[str, _Source] = OrderedDict()
         self._held: dict = {}
+        self.reconfigure(max_connections, per_source)
+
+    def reconfigure(self, max_connections: int, per_source: PerSourceConfig) -> None:
+        """
+        Take new limits (a reload) and keep the counts: connections open
+        now still count against the listener and their sources, and a
+        source's bucket keeps its tokens (capped at the new burst), so a
+        reload opens no gap for a source already at its limit.
+        """
+        self.max_connections = max_connections
+        self.source_max = per_source.max_connections
+        self.rate = per_source.rate
+        self.burst = max(1.0, per_source.rate)
+        self._per_source = per_source.max_connections > 0 or per_source.rate > 0
+        # A bucket emptied at time t is full again at t + refill.
+        self._refill = self.burst / self.rate if self.rate > 0 else 0.0
+        for source in self._sources.values():
+            source.tokens = min(source.tokens, self.burst)
 
     @property
     def enabled(self) -> bool:

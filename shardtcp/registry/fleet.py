@@ -136,6 +136,9 @@ class LoadSharing(_Follower):
 
     ``own()`` returns this proxy's open connections by shard id;
     ``apply(counts)`` takes the sum of the others' (``set_remote_load``).
+    Where other remote load adds to the fleet's (a proxy's other worker
+    processes), ``apply`` is ``RemoteLoad.sink("fleet")`` of
+    ``shardtcp.workers.aggregate``, which hands the resolver the sum.
     """
 
     def __init__(

@@ -371,3 +371,38 @@ class DaemonTests(_Twistd):
         self.assertIn("drained: 0 connections finished, 0 closed", log)
         self.assertIn("Server Shut Down.", log)
         self.assertNotIn("Traceback", log)
+
+
+class DaemonBindFailureTests(_Twistd):
+    """A daemonising twistd whose listener cannot bind."""
+
+    async def test_port_in_use_one_line_no_traceback(self):
+        """
+        With the listener's port held by another socket, ``twistd shardtcp``
+        (daemonising) exits 1 and prints the listener, the endpoint and the
+        reason; its log file has that line once and no traceback, and no
+        pidfile is left behind.
+        """
+        deployment = Deployment(self, reactor)
+        deployment.add_plain_shard("api-a", behaviour="source:0")
+        holder = socket.socket()
+        self.addCleanup(holder.close)
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        port = holder.getsockname()[1]
+        path = os.path.join(deployment.directory, "shardtcp.toml")
+        _write(path, _config(deployment, port, [("api-a", 1.0, "")]))
+        pidfile = os.path.join(deployment.directory, "twistd.pid")
+        logfile = os.path.join(deployment.directory, "twistd.log")
+        argv = [e2e.twistd_binary(), "--pidfile", pidfile, "--logfile", logfile, "shardtcp", "--config", path]
+        child = e2e.spawn(self, argv, cwd=deployment.directory, timeout=60)
+        status = await child.ended
+        output = (child.out + child.err).decode(errors="replace")
+        self.assertEqual(status, 1, output)
+        expected = f"listener 'edge': cannot listen on tcp:{port}:interface=127.0.0.1: Address already in use"
+        self.assertIn(expected, output)
+        self.assertTrue(await e2e.wait_for(lambda: "not starting" in _read(logfile), 10.0), _read(logfile))
+        log = _read(logfile)
+        self.assertEqual(log.count(expected + "; not starting"), 1, log)
+        self.assertNotIn("Traceback", log)
+        self.assertFalse(os.path.exists(pidfile))

@@ -406,3 +406,39 @@ class RemoteLoadByKeyTests(SynchronousTestCase):
         self.assertEqual(chain.owners[0].open_connections, 100)
         resolver.set_remote_load({})
         self.assertEqual(resolver.resolve(request, retries=4)[0].shard.shard_id, owner)
+
+
+class LoadSharingThroughRemoteLoadTests(SynchronousTestCase):
+    """``LoadSharing`` feeding a ``RemoteLoad`` (worker processes) instead of the resolver."""
+
+    def test_fleet_counts_reach_the_resolver_only_summed(self):
+        """With ``apply`` a RemoteLoad sink, the resolver never gets the fleet's counts alone: every
+        call it gets is fleet + workers, so 4 remote proxies' and 6 other workers' connections fill
+        the small shard's capacity of 10, 3 + 6 leave room for one, and 3 + 7 fill it again."""
+        from shardtcp.workers.aggregate import RemoteLoad
+
+        clock = MemoryReactorClock()
+        clock.advance(1000)
+        resolver = build_resolver(two_shard_config(), clock=clock)
+        seen: list = []
+
+        def set_remote_load(counts):
+            seen.append(counts)
+            resolver.set_remote_load(counts)
+
+        remote = RemoteLoad(set_remote_load)
+        remote.set("workers", {"small": 6})
+        client = FakeClient()
+        sharing = LoadSharing(
+            client, "/shardtcp", "edge-1", dict, remote.sink("fleet"), clock=clock, lease_ttl=6,
+        )
+        client.answers = [(5, [KeyValue(b"/shardtcp/load/edge-2", b'{"small": 4, "big": 1}')])]
+        sharing.startService()
+        self.assertEqual(remote.total(), {"small": 10, "big": 1})
+        self.assertEqual(resolver.resolve(REQUEST)[0].shard.shard_id, "big")
+        client.watches[0].on_events(6, [put("/shardtcp/load/edge-2", {"small": 3})])
+        self.assertEqual(resolver.resolve(REQUEST)[0].shard.shard_id, "small")
+        remote.set("workers", {"small": 7})
+        self.assertEqual(resolver.resolve(REQUEST)[0].shard.shard_id, "big")
+        self.assertEqual(seen, [{"small": 6}, {"small": 10, "big": 1}, {"small": 9}, {"small": 10}])
+        sharing.stopService()
