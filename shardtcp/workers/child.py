@@ -23,8 +23,6 @@ import argparse
 import os
 import socket
 import sys
-from typing import Optional
-
 from twisted.internet import protocol, task
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -149,30 +147,21 @@ def _parse(argv) -> argparse.Namespace:
     parser.add_argument("--generation", type=int, required=True)
     parser.add_argument("--channel", type=int, required=True)
     parser.add_argument("--listener", action="append", default=[], help="NAME=FD")
-    parser.add_argument("--logfile")
     return parser.parse_args(argv)
 
 
-def _start_logging(path: Optional[str]):
+def _start_logging() -> None:
+    # stdout is the supervisor's, or a pipe to it when twistd logs to a file.
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
-    log_file = None
-    if path:
-        from twisted.python.logfile import LogFile
-
-        log_file = LogFile.fromFullPath(path, rotateLength=None)
-        out = log_file
-    else:
-        out = sys.stdout
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(out)], redirectStandardIO=False)
-    return log_file
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
 
 
 def main(argv=None, reactor=None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     if reactor is None:
         from twisted.internet import reactor
-    log_file = _start_logging(args.logfile)
+    _start_logging()
     from shardtcp.config import ConfigError, load_config
     from shardtcp.lifecycle import SignalHandlers
     from shardtcp.tap import ListenFailed, build_service
@@ -213,7 +202,6 @@ def main(argv=None, reactor=None) -> int:
         close_now=root._close_now,
         reopen=root.reopen_logs,
     )
-    signals.log_file = log_file
     signals.install()
     reactor.callWhenRunning(signals.install)
     reporter = LoadReporter(root.resolver, link, reactor)

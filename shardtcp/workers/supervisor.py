@@ -367,8 +367,27 @@ class SupervisorChannel(amp.AMP):
 
 
 class _WorkerProcess(protocol.ProcessProtocol):
-    def __init__(self, ended: Callable) -> None:
+    """
+    Tells the ``WorkerSet`` when a worker exits.  With ``log_file`` (twistd
+    writes its log to a file), the worker's output comes through pipes and
+    is written there whole lines at a time: the file is the supervisor's,
+    and another writer would overwrite it at its own offset.
+    """
+
+    def __init__(self, ended: Callable, log_file=None) -> None:
         self._ended = ended
+        self._log_file = log_file
+        self._partial = {1: b"", 2: b""}
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        if self._log_file is None:
+            return
+        data = self._partial.get(fd, b"") + data
+        whole, _, rest = data.rpartition(b"\n")
+        self._partial[fd] = rest[-65536:]
+        if whole:
+            self._log_file.write(whole + b"\n")
+            self._log_file.flush()
 
     def processEnded(self, reason) -> None:
         value = reason.value
@@ -381,17 +400,21 @@ class ProcessSpawner:
     """
     Spawns ``python -m shardtcp.workers.child`` with the listening sockets
     and its end of an ``AF_UNIX`` socket pair as inherited descriptors;
-    stdout and stderr are the supervisor's own.
+    stdout and stderr are the supervisor's own, unless ``log_file()`` gives
+    twistd's log file (then ``_WorkerProcess`` writes their lines there).
     """
 
-    def __init__(self, reactor, config_path: str, log_file: Callable[[], Optional[str]] = lambda: None) -> None:
+    def __init__(self, reactor, config_path: str, log_file: Callable[[], object] = lambda: None) -> None:
         self._reactor = reactor
         self._path = config_path
         self._log_file = log_file
 
     def spawn(self, index, generation, fds, channel_protocol, ended):
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        log_file = self._log_file()
         child_fds = {0: "w", 1: 1, 2: 2, 3: theirs.fileno()}
+        if log_file is not None:
+            child_fds.update({1: "r", 2: "r"})
         argv = [
             sys.executable, "-m", "shardtcp.workers.child", "--config", self._path,
             "--index", str(index), "--generation", str(generation), "--channel", "3",
@@ -399,12 +422,9 @@ class ProcessSpawner:
         for number, (name, fd) in enumerate(sorted(fds.items()), start=4):
             child_fds[number] = fd
             argv += ["--listener", f"{name}={number}"]
-        log_file = self._log_file()
-        if log_file:
-            argv += ["--logfile", log_file]
         try:
             process = self._reactor.spawnProcess(
-                _WorkerProcess(ended), sys.executable, argv, env=dict(os.environ), childFDs=child_fds
+                _WorkerProcess(ended, log_file), sys.executable, argv, env=dict(os.environ), childFDs=child_fds
             )
         finally:
             theirs.close()
@@ -624,7 +644,7 @@ def build_supervisor(config, reactor=None, *, spawner=None) -> SupervisorService
         from twisted.internet import reactor
     root = build_service(config, reactor, root_type=SupervisorService)
     if spawner is None:
-        spawner = ProcessSpawner(reactor, os.path.abspath(config.path), lambda: _log_path(root))
+        spawner = ProcessSpawner(reactor, os.path.abspath(config.path), lambda: _log_file(root))
     workers = WorkerSet(
         worker_count(config), spawner, reactor, fds=root.held_fds, registry=root.metrics.registry,
         welcome=lambda worker: root.relay.replay(worker),
@@ -643,7 +663,7 @@ def build_supervisor(config, reactor=None, *, spawner=None) -> SupervisorService
     return root
 
 
-def _log_path(root) -> Optional[str]:
+def _log_file(root):
+    """twistd's log file (None: twistd logs to stdout or syslog)."""
     signals = root.signals
-    log_file = signals.log_file if signals is not None else None
-    return getattr(log_file, "path", None)
+    return signals.log_file if signals is not None else None
