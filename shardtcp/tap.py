@@ -367,11 +367,13 @@ def build_registry(config: Config, reactor):
     )
 
 
-def build_fleet(config: Config, reactor, resolver: ShardResolver, registry) -> tuple:
+def build_fleet(config: Config, reactor, resolver: ShardResolver, registry, load: tuple | None = None) -> tuple:
     """
     With an etcd registry, ``(LoadSharing, FleetAdmin)``: this proxy's load
     published and the others' counted, and the fleet-wide overrides applied;
     both follow the resolver's shards as they change.  Else ``()``.
+    ``load`` replaces what is published and where the others' load goes
+    (``(own, apply)``; a supervisor of worker processes).
     """
     if config.registry.kind != "etcd":
         return ()
@@ -379,8 +381,9 @@ def build_fleet(config: Config, reactor, resolver: ShardResolver, registry) -> t
     from shardtcp.registry.fleet import FleetAdmin, LoadSharing
 
     client = etcd_client(config.registry, reactor)
+    own, apply = load or (resolver.open_connections, resolver.set_remote_load)
     load = LoadSharing(
-        client, config.registry.prefix, config.proxy.id, resolver.open_connections, resolver.set_remote_load,
+        client, config.registry.prefix, config.proxy.id, own, apply,
         clock=reactor, lease_ttl=config.registry.lease_ttl,
     )
     admin = FleetAdmin(client, config.registry.prefix, resolver, clock=reactor)
@@ -393,7 +396,7 @@ def build_fleet(config: Config, reactor, resolver: ShardResolver, registry) -> t
 
 def build_service(
     config: Config, reactor=None, *, connector: ShardConnector | None = None, listen_fds: dict | None = None,
-    control_plane: bool = True, root_type=None,
+    control_plane: bool = True, root_type=None, fleet_load: tuple | None = None,
 ) -> ProxyService:
     """
     Build the service tree for a validated ``config``.
@@ -402,7 +405,8 @@ def build_service(
     name -> listening socket to adopt rather than bind) and
     ``control_plane=False``: no health checks, no admin site and no fleet
     load publishing, which its supervisor runs once for every worker.
-    ``root_type`` replaces ``ProxyService`` (the supervisor's root).
+    ``root_type`` replaces ``ProxyService`` and ``fleet_load`` the fleet
+    load's ``(own, apply)`` (the supervisor's, ``build_fleet``).
     """
     if reactor is None:
         from twisted.internet import reactor
@@ -420,7 +424,7 @@ def build_service(
         # registry the resolver reads when etcd is down at start-up.
         registry.setServiceParent(root)
     resolver.setServiceParent(root)
-    root.fleet = build_fleet(config, reactor, resolver, registry) if control_plane else ()
+    root.fleet = build_fleet(config, reactor, resolver, registry, fleet_load) if control_plane else ()
     for part in root.fleet:
         part.setServiceParent(root)
     if registry is not None:

@@ -45,6 +45,7 @@ from zope.interface import Interface, implementer
 from shardtcp.model import Health
 from shardtcp.tap import ListeningService, ProxyService, build_service, worker_count
 from shardtcp.workers import channel
+from shardtcp.workers.aggregate import LoadBoard, RemoteLoad, WorkerView, merge_exposition, workers_status
 
 __all__ = [
     "BACKOFF_FIRST",
@@ -93,7 +94,9 @@ class Worker:
     index: int
     generation: int
     started: float
-    #: starting (spawned), ready (accepting), stopping (sent SIGTERM), gone.
+    #: Unique among every worker this supervisor started (its ``LoadBoard`` key).
+    serial: int = 0
+    #: starting (spawned), ready (accepting), draining (sent SIGTERM), exited.
     state: str = "starting"
     pid: Optional[int] = None
     process: object = None
@@ -108,21 +111,27 @@ class WorkerSet:
     """
     N workers kept running (see the module docstring).  ``fds()`` gives the
     listening sockets of the running configuration; ``welcome(worker)`` is
-    called when a worker's channel is up (to send it the shard state);
-    ``on_load(totals)`` when the summed load changed.
+    called when a worker's channel is up (to send it the shard state).
+    ``remote`` (a ``RemoteLoad`` over the supervisor's resolver) gets the
+    workers' summed load as source ``workers``, and the other proxies' (the
+    fleet's, ``set_fleet``) as ``fleet``; each worker is sent both but its own.
     """
 
     def __init__(
         self, count: int, spawner, clock, *, fds: Callable[[], dict], registry=None,
         welcome: Callable[[Worker], None] = lambda worker: None,
-        on_load: Callable[[dict], None] = lambda totals: None,
+        remote: Optional[RemoteLoad] = None,
     ) -> None:
         self.count = count
         self._spawner = spawner
         self._clock = clock
         self._fds = fds
         self._welcome = welcome
-        self._on_load = on_load
+        self._remote = remote
+        self.board = LoadBoard()
+        #: The other proxies' open connections by shard (etcd load sharing).
+        self.fleet: dict = {}
+        self._serial = 0
         self.generation = 0
         #: Every worker alive (or being spawned again), all generations.
         self.workers: list[Worker] = []
@@ -156,7 +165,8 @@ class WorkerSet:
             self._spawn(index)
 
     def _spawn(self, index: int) -> Worker:
-        worker = Worker(index=index, generation=self.generation, started=self._clock.seconds())
+        self._serial += 1
+        worker = Worker(index=index, generation=self.generation, started=self._clock.seconds(), serial=self._serial)
         self.workers.append(worker)
         proto = SupervisorChannel(self, worker)
         worker.process = self._spawner.spawn(
@@ -187,11 +197,25 @@ class WorkerSet:
         if worker.generation != self.generation:
             return
         for old in self.workers:
-            if old.index == worker.index and old.generation < worker.generation and old.state != "stopping":
+            if old.index == worker.index and old.generation < worker.generation and old.state != "draining":
                 self._terminate(old)
 
     def load(self, worker: Worker, counts: dict) -> None:
-        worker.load = {str(k): int(v) for k, v in counts.items() if int(v) > 0}
+        try:
+            changed = self.board.update(worker.serial, counts)
+        except ValueError as e:
+            log.warn("worker {index} (pid {pid}): load ignored: {error}", index=worker.index, pid=worker.pid,
+                     error=str(e))
+            return
+        worker.load = self.board.counts(worker.serial)
+        if changed:
+            self._send_peer_load()
+
+    def set_fleet(self, counts: dict) -> None:
+        """The other proxies' load changed (``LoadSharing``'s ``apply``)."""
+        self.fleet = dict(counts)
+        if self._remote is not None:
+            self._remote.set("fleet", self.fleet)
         self._send_peer_load()
 
     def channel_lost(self, worker: Worker) -> None:
@@ -200,15 +224,16 @@ class WorkerSet:
     # -- load ---------------------------------------------------------------
 
     def totals(self) -> dict:
-        """Open connections by shard id, summed over every worker."""
-        return _sum_counts(w.load for w in self.workers)
+        """Open connections by shard id, summed over every worker (what this proxy publishes)."""
+        return self.board.total()
 
     def _send_peer_load(self) -> None:
         for worker in self.workers:
             if worker.channel is not None:
-                others = _sum_counts(w.load for w in self.workers if w is not worker)
+                others = _sum_counts((self.board.others(worker.serial), self.fleet))
                 worker.channel.send(channel.PeerLoad, counts=others)
-        self._on_load(self.totals())
+        if self._remote is not None:
+            self._remote.set("workers", self.board.total())
 
     def broadcast(self, command, **arguments) -> None:
         """Send a command to every worker whose channel is up."""
@@ -219,13 +244,13 @@ class WorkerSet:
     # -- exits and signals ------------------------------------------------
 
     def _ended(self, worker: Worker, status) -> None:
-        expected = worker.state == "stopping" or self.stopping or worker.generation != self.generation
+        expected = worker.state == "draining" or self.stopping or worker.generation != self.generation
         previous = worker.state
-        worker.state = "gone"
+        worker.state = "exited"
         if worker in self.workers:
             self.workers.remove(worker)
-        if worker.load:
-            worker.load = {}
+        worker.load = {}
+        if self.board.forget(worker.serial):
             self._send_peer_load()
         if expected:
             log.info("worker {index} (generation {generation}, pid {pid}) exited: {status}",
@@ -255,7 +280,7 @@ class WorkerSet:
             self._spawn(index)
 
     def _terminate(self, worker: Worker) -> None:
-        worker.state = "stopping"
+        worker.state = "draining"
         log.info("worker {index} (generation {generation}, pid {pid}): SIGTERM",
                  index=worker.index, generation=worker.generation, pid=worker.pid)
         _signal(worker, "TERM")
@@ -295,17 +320,13 @@ class WorkerSet:
 
     def status(self) -> list:
         """The ``workers`` list of ``/status``."""
-        return [
-            {
-                "index": w.index,
-                "pid": w.pid,
-                "generation": w.generation,
-                "state": w.state,
-                "open_connections": w.open_connections(),
-                "restarts": self.restarts.get(w.index, 0),
-            }
-            for w in sorted(self.workers, key=lambda w: (w.index, w.generation))
-        ]
+        return workers_status(
+            WorkerView(
+                index=w.index, pid=w.pid or 0, generation=w.generation, state=w.state, started=w.started,
+                restarts=self.restarts.get(w.index, 0), open_connections=w.open_connections(),
+            )
+            for w in self.workers
+        )
 
 
 def _signal(worker: Worker, name: str) -> None:
@@ -583,8 +604,6 @@ class WorkersMetricsResource(Resource):
         d = defer.DeferredList(asked, consumeErrors=True)
 
         def answer(results):
-            from shardtcp.workers.aggregate import merge_exposition
-
             texts = [own.decode("utf-8")] + [r["text"] for ok, r in results if ok]
             request.write(merge_exposition(texts).encode("utf-8"))
             request.finish()
@@ -642,13 +661,17 @@ def build_supervisor(config, reactor=None, *, spawner=None) -> SupervisorService
     """The supervisor's tree for a validated ``config`` with ``workers`` > 1."""
     if reactor is None:
         from twisted.internet import reactor
-    root = build_service(config, reactor, root_type=SupervisorService)
+    late: dict = {}
+    # With etcd load sharing the supervisor publishes the sum of its workers
+    # and hands the other proxies' load on to them.
+    fleet_load = (lambda: late["workers"].totals(), lambda counts: late["workers"].set_fleet(counts))
+    root = build_service(config, reactor, root_type=SupervisorService, fleet_load=fleet_load)
     if spawner is None:
         spawner = ProcessSpawner(reactor, os.path.abspath(config.path), lambda: _log_file(root))
-    workers = WorkerSet(
+    workers = late["workers"] = WorkerSet(
         worker_count(config), spawner, reactor, fds=root.held_fds, registry=root.metrics.registry,
         welcome=lambda worker: root.relay.replay(worker),
-        on_load=root.resolver.set_remote_load,
+        remote=RemoteLoad(root.resolver.set_remote_load),
     )
     root.workers = workers
     root.relay = ShardStateRelay(root.resolver, workers.broadcast)

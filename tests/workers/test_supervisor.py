@@ -17,6 +17,7 @@ from zope.interface.verify import verifyObject
 
 from shardtcp.model import Health
 from shardtcp.workers import channel
+from shardtcp.workers.aggregate import RemoteLoad
 from shardtcp.workers.supervisor import (
     BACKOFF_FIRST,
     BACKOFF_MAX,
@@ -220,7 +221,7 @@ class LoadTests(SynchronousTestCase):
     def test_peer_load_is_the_others_sum(self) -> None:
         """Each worker gets the other workers' counts; on_load gets the total; a gone worker's load drops."""
         totals = []
-        workers, spawner, _, _ = _set(3, on_load=totals.append)
+        workers, spawner, _, _ = _set(3, remote=RemoteLoad(totals.append))
         workers.start()
         channels = [FakeChannel() for _ in range(3)]
         for w, c in zip(workers.workers, channels):
@@ -236,6 +237,35 @@ class LoadTests(SynchronousTestCase):
         spawner.exit(0)
         self.assertEqual(totals[-1], {"a": 1})
         self.assertEqual(channels[2].sent[-1], (channel.PeerLoad, {"counts": {"a": 1}}))
+
+    def test_fleet_load_reaches_every_worker(self) -> None:
+        """
+        The other proxies' load (set_fleet) is added to each worker's
+        PeerLoad and to the supervisor's remote load; what this proxy
+        publishes (totals) stays its workers' sum alone.
+        """
+        totals = []
+        workers, spawner, _, _ = _set(2, remote=RemoteLoad(totals.append))
+        workers.start()
+        channels = [FakeChannel(), FakeChannel()]
+        for w, c in zip(workers.workers, channels):
+            workers.hello(w, c, w.pid)
+        workers.load(workers.workers[0], {"a": 1})
+        workers.set_fleet({"a": 4, "b": 2})
+        self.assertEqual(channels[0].sent[-1], (channel.PeerLoad, {"counts": {"a": 4, "b": 2}}))
+        self.assertEqual(channels[1].sent[-1], (channel.PeerLoad, {"counts": {"a": 5, "b": 2}}))
+        self.assertEqual(totals[-1], {"a": 5, "b": 2})
+        self.assertEqual(workers.totals(), {"a": 1})
+
+    def test_bad_load_is_ignored(self) -> None:
+        """A Load with a negative count changes nothing and sends nothing."""
+        workers, spawner, _, _ = _set(2)
+        workers.start()
+        c = FakeChannel()
+        workers.hello(workers.workers[1], c, 1)
+        c.sent.clear()
+        workers.load(workers.workers[0], {"a": -1})
+        self.assertEqual((workers.totals(), c.sent), ({}, []))
 
     def test_status_lists_open_connections(self) -> None:
         """status() shows each worker's open connections and restarts."""
