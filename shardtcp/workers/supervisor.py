@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal as signal_module
 import socket
 import sys
 from typing import Callable, Optional
@@ -330,8 +331,10 @@ class WorkerSet:
 
 
 def _signal(worker: Worker, name: str) -> None:
+    # As a number: signalProcess translates only a few names.
+    number = getattr(signal_module, f"SIG{name}")
     try:
-        worker.process.signalProcess(name)
+        worker.process.signalProcess(number)
     except (error.ProcessExitedAlready, OSError):
         pass
 

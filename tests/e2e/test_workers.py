@@ -29,12 +29,15 @@ from tests.e2e import harness as e2e
 from tests.e2e.harness import Deployment, parse_hello
 
 
+TOKEN = "workers-admin-token"
+
+
 def _config(deployment: Deployment, port: int, admin_port: int, shards, *, drain: str = "30s") -> str:
     """A plain ``SHARD <service>`` listener, the admin API and (id, weight, extra) shards of ``api``."""
     text = (
         f'[proxy]\nid = "edge-workers"\nworkers = 2\ndrain_timeout = "{drain}"\n'
         f'[signing]\nprivate_key = "{deployment.private_key}"\nkid = "policy-1"\n'
-        f'[admin]\nlisten = "tcp:{admin_port}:interface=127.0.0.1"\n'
+        f'[admin]\nlisten = "tcp:{admin_port}:interface=127.0.0.1"\ntoken_file = "admin.token"\n'
         f'[[listener]]\nname = "edge"\nlisten = "tcp:{port}:interface=127.0.0.1"\nmode = "plain"\n'
         'identify = ["line"]\nconnect_timeout = "2s"\n'
         '[service.api]\nnames = ["api.example.test"]\n'
@@ -96,6 +99,8 @@ class WorkersTests(TestCase):
         """Start ``twistd -n shardtcp`` with two workers; (child, port, admin port, path) once both are ready."""
         twistd = e2e.twistd_binary()
         path = os.path.join(deployment.directory, "shardtcp.toml")
+        with open(os.path.join(deployment.directory, "admin.token"), "w") as f:
+            f.write(TOKEN + "\n")
         for attempt in range(5):
             port, admin_port = e2e.free_port(), e2e.free_port()
             _write(path, _config(deployment, port, admin_port, shards, drain=drain))
@@ -303,6 +308,40 @@ class WorkersTests(TestCase):
         self.assertRegex(self.output(), r"reload refused: service\.api\.shard\[1\]\.address: ")
         same = await self.wait_workers(2)
         self.assertEqual(sorted(w["pid"] for w in same), sorted(w["pid"] for w in workers))
+
+    async def test_admin_drain_and_sigusr1_reach_every_worker(self):
+        """
+        POST /shards/api-a/drain on the supervisor's admin API: a connection
+        through either worker then goes to api-b (each worker applied it),
+        /status shows api-a drained; SIGUSR1 to the supervisor is passed on
+        to both workers (each logs it).
+        """
+        deployment = Deployment(self, reactor)
+        deployment.add_plain_shard("api-a", behaviour="source:0")
+        deployment.add_plain_shard("api-b", behaviour="source:0")
+        child, port, admin_port, _ = await self.start(deployment, [("api-a", 100.0, ""), ("api-b", 1.0, "")])
+        pids = [w["pid"] for w in await self.wait_workers(2)]
+
+        def drain() -> int:
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{admin_port}/shards/api-a/drain", data=b"", method="POST",
+                headers={"Authorization": f"Bearer {TOKEN}"},
+            )
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status
+
+        self.assertEqual(await deferToThread(drain), 200)
+        await e2e.wait_for(lambda: False, 0.3)
+        for n in range(3):
+            self.assertEqual(await self.through(pids[0], [pids[1]], _one_connection, port), "api-b")
+            self.assertEqual(await self.through(pids[1], [pids[0]], _one_connection, port), "api-b")
+        status = await self.status()
+        self.assertEqual(status["services"]["api"]["shards"]["api-a"]["admin_state"], "drain")
+        before = self.output().count("SIGUSR1")
+        os.kill(child.transport.pid, signal.SIGUSR1)
+        # The supervisor's own line and one per worker.
+        self.assertTrue(await e2e.wait_for(lambda: self.output().count("SIGUSR1") >= before + 3, 10.0),
+                        self.output()[-2000:])
 
     async def test_sigterm_drains_every_worker(self):
         """

@@ -7,7 +7,7 @@ between workers, and ``ShardStateRelay``.
 
 from __future__ import annotations
 
-import os
+import signal
 
 from prometheus_client import CollectorRegistry
 from twisted.internet import error
@@ -35,10 +35,10 @@ class FakeProcess:
         self.signals: list = []
         self.exited = False
 
-    def signalProcess(self, name: str) -> None:
+    def signalProcess(self, number) -> None:
         if self.exited:
             raise error.ProcessExitedAlready()
-        self.signals.append(name)
+        self.signals.append(signal.Signals(number).name[len("SIG"):])
 
 
 class FakeSpawner:
