@@ -154,14 +154,21 @@ class WorkerSet:
         for index in range(self.count):
             self._spawn(index)
 
-    def replace(self) -> None:
+    def replace(self, count: Optional[int] = None) -> None:
         """
-        Spawn a new generation (the running configuration's sockets); each
-        old worker is sent SIGTERM once the new worker of its index is ready.
+        Spawn a new generation of ``count`` workers (by default as many as
+        now) on the running configuration's sockets; each old worker is sent
+        SIGTERM once the new worker of its index is ready, and at once when
+        the new generation has no worker of its index.
         """
+        if count is not None:
+            self.count = count
         self.generation += 1
         for index in list(self._pending):
             self._pending.pop(index).cancel()
+        for old in list(self.workers):
+            if old.index >= self.count and old.state != "draining":
+                self._terminate(old)
         for index in range(self.count):
             self._spawn(index)
 
@@ -557,7 +564,7 @@ class SupervisorService(ProxyService):
         d = super().reload(path, trigger=trigger)
 
         def replace(summary):
-            self.workers.replace()
+            self.workers.replace(worker_count(self.config))
             return summary
 
         return d.addCallback(replace)

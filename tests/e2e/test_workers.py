@@ -343,6 +343,17 @@ class WorkersTests(TestCase):
         self.assertTrue(await e2e.wait_for(lambda: self.output().count("SIGUSR1") >= before + 3, 10.0),
                         self.output()[-2000:])
 
+    async def test_workers_leave_with_their_supervisor(self):
+        """kill -9 of the supervisor: both workers notice their channel closed, drain and exit."""
+        deployment = Deployment(self, reactor)
+        deployment.add_plain_shard("api-a", behaviour="source:0")
+        child, port, _, _ = await self.start(deployment, [("api-a", 1.0, "")])
+        pids = [w["pid"] for w in await self.wait_workers(2)]
+        child.signal("KILL")
+        await child.ended
+        self.assertTrue(await e2e.wait_for(lambda: not any(_alive(p) for p in pids), 20.0))
+        self.assertEqual(self.output().count("channel to the supervisor lost; draining"), 2, self.output()[-2000:])
+
     async def test_sigterm_drains_every_worker(self):
         """
         SIGTERM with one connection held through each worker: /ready turns

@@ -166,6 +166,24 @@ class GenerationTests(SynchronousTestCase):
         self.assertEqual(workers.restarts, {})
         self.assertEqual([(w["index"], w["generation"]) for w in workers.status()], [(0, 2), (1, 2)])
 
+    def test_fewer_workers_after_reload(self) -> None:
+        """replace(1) spawns one worker; the old worker 1, which has no successor, gets SIGTERM at once."""
+        workers, spawner, _, _ = _set(2)
+        workers.start()
+        workers.replace(1)
+        self.assertEqual([(i, g) for i, g, *_ in spawner.spawned[2:]], [(0, 2)])
+        self.assertEqual([s[3].signals for s in spawner.spawned], [[], ["TERM"], []])
+        workers.ready(workers.workers[-1])
+        self.assertEqual(spawner.spawned[0][3].signals, ["TERM"])
+
+    def test_more_workers_after_reload(self) -> None:
+        """replace(3) spawns indexes 0, 1 and 2 of generation 2; later restarts keep three."""
+        workers, spawner, _, _ = _set(2)
+        workers.start()
+        workers.replace(3)
+        self.assertEqual([(i, g) for i, g, *_ in spawner.spawned[2:]], [(0, 2), (1, 2), (2, 2)])
+        self.assertEqual(workers.count, 3)
+
     def test_old_worker_dying_early_is_not_respawned(self) -> None:
         """An old-generation worker that dies before its successor is ready is not spawned again."""
         workers, spawner, clock, _ = _set()
