@@ -92,10 +92,12 @@ class WorkerChannel(amp.AMP):
     @channel.Status.responder
     def _status(self):
         root = self._root
+        refusals = root.metrics.refusals()
         listeners = {
             name: {
                 "accepted": int(root.metrics.value("shardtcp_connections_accepted_total", listener=name)),
                 "active": int(root.metrics.value("shardtcp_connections_active", listener=name)),
+                "refused": {reason: int(n) for reason, n in refusals.get(name, {}).items()},
             }
             for name in root.factories
         }

@@ -177,9 +177,14 @@ class WorkerSet:
         worker = Worker(index=index, generation=self.generation, started=self._clock.seconds(), serial=self._serial)
         self.workers.append(worker)
         proto = SupervisorChannel(self, worker)
-        worker.process = self._spawner.spawn(
-            index, self.generation, self._fds(), proto, lambda status: self._ended(worker, status)
-        )
+        try:
+            worker.process = self._spawner.spawn(
+                index, self.generation, self._fds(), proto, lambda status: self._ended(worker, status)
+            )
+        except Exception as e:  # out of descriptors or processes: try again after the back-off
+            log.error("worker {index}: cannot spawn: {error}", index=index, error=str(e))
+            self._ended(worker, f"not spawned ({e})")
+            return worker
         worker.pid = getattr(worker.process, "pid", None)
         log.info(
             "worker {index} (generation {generation}) spawned: pid {pid}",
@@ -499,8 +504,10 @@ class ShardStateRelay:
         def relayed(shard_id, *args):
             result = original(shard_id, *args)
             key, command, arguments = self._message(name, shard_id, *args)
-            self.state[(key, shard_id)] = (command, arguments)
-            self._send(command, **arguments)
+            # Agent checks report the same thing at every interval: send changes only.
+            if self.state.get((key, shard_id)) != (command, arguments):
+                self.state[(key, shard_id)] = (command, arguments)
+                self._send(command, **arguments)
             return result
 
         relayed.__name__ = name
@@ -647,9 +654,13 @@ class WorkersStatusResource(Resource):
             for ok, r in results:
                 if ok:
                     for name, counts in r["status"].get("listeners", {}).items():
-                        total = listeners.setdefault(name, {"accepted": 0, "active": 0})
+                        total = listeners.setdefault(name, {"accepted": 0, "active": 0, "refused": {}})
                         total["accepted"] += counts.get("accepted", 0)
                         total["active"] += counts.get("active", 0)
+                        for reason, n in counts.get("refused", {}).items():
+                            total["refused"][reason] = total["refused"].get(reason, 0) + n
+            for total in listeners.values():
+                total["refused"] = dict(sorted(total["refused"].items()))
             for listener in document.get("listeners", []):
                 listener.update(listeners.get(listener["name"], {}))
             # The supervisor's own count is nought: a shard's connections are the workers'.

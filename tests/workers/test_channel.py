@@ -114,7 +114,7 @@ class ChannelTests(SynchronousTestCase):
         self.pump.flush()
         self.assertIn("# TYPE shardtcp_connections_accepted_total counter", answers[0]["text"])
         self.assertEqual(answers[1]["status"]["pid"], os.getpid())
-        self.assertEqual(answers[1]["status"]["listeners"], {"edge": {"accepted": 0, "active": 0}})
+        self.assertEqual(answers[1]["status"]["listeners"], {"edge": {"accepted": 0, "active": 0, "refused": {}}})
 
     def test_load_reporter_coalesces(self) -> None:
         """Two changes within one interval make one Load with the latest counts; no change, no message."""

@@ -194,6 +194,29 @@ class GenerationTests(SynchronousTestCase):
         self.assertEqual(len(spawner.spawned), 4)
 
 
+class SpawnFailureTests(SynchronousTestCase):
+    def test_failed_spawn_is_retried_after_backoff(self) -> None:
+        """A spawn that raises (no descriptors left) is logged, counted and tried again after BACKOFF_FIRST."""
+        workers, spawner, clock, _ = _set(1)
+        real = spawner.spawn
+        calls = []
+
+        def failing(*args):
+            calls.append(args[0])
+            if len(calls) == 1:
+                raise OSError(24, "Too many open files")
+            return real(*args)
+
+        spawner.spawn = failing
+        workers.start()
+        self.assertEqual(workers.workers, [])
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
+        clock.advance(BACKOFF_FIRST)
+        self.assertEqual(calls, [0, 0])
+        self.assertEqual([w["index"] for w in workers.status()], [0])
+        self.assertEqual(workers.restarts, {0: 1})
+
+
 class SignalTests(SynchronousTestCase):
     def test_signal_all(self) -> None:
         """signal_all sends the signal to every worker alive, skipping one already gone."""
@@ -338,6 +361,18 @@ class RelayTests(SynchronousTestCase):
             (channel.Admin, {"shard_id": "b", "what": "weight", "value": None}),
             (channel.Agent, {"shard_id": "c", "report": None}),
         ])
+
+    def test_repeats_are_not_sent(self) -> None:
+        """The same report twice (agent checks repeat) is applied twice but sent once; a change is sent."""
+        from shardtcp.resolver.agent import AgentReport
+
+        resolver, sent = FakeResolver(), []
+        ShardStateRelay(resolver, lambda command, **kw: sent.append((command, kw)))
+        resolver.apply_agent_report("a", AgentReport(load=0.5))
+        resolver.apply_agent_report("a", AgentReport(load=0.5))
+        resolver.apply_agent_report("a", AgentReport(load=0.6))
+        self.assertEqual(len(resolver.calls), 3)
+        self.assertEqual([kw["report"]["load"] for _, kw in sent], [0.5, 0.6])
 
     def test_replay_sends_the_latest_of_each(self) -> None:
         """A new worker gets the last change of each kind per shard, not the history."""
