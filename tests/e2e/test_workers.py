@@ -418,3 +418,104 @@ def _recv_line(sock) -> bytes:
             break
         data += chunk
     return data
+
+
+def _children(pid: int) -> list:
+    """The pids whose parent is ``pid``."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(name))
+            except OSError:
+                continue
+    return sorted(found)
+
+
+class FleetWorkersTests(TestCase):
+    """A supervisor with two workers in a fleet on etcd."""
+
+    timeout = 120
+
+    async def test_supervisor_publishes_the_sum_and_workers_count_the_fleet(self):
+        """
+        One connection held through each worker on shard small (capacity
+        10): etcd holds ``{"small": 2}`` under this proxy's id (the sum,
+        published once, by the supervisor).  Another proxy's load of 8 on
+        small, written to etcd, then fills it: the next connection, through
+        either worker, goes to big.
+        """
+        from tests.e2e.test_fleet import _fleet_toml, _open
+
+        from shardtcp.registry.etcd import EtcdClient
+
+        etcd = e2e.EtcdServer(self)
+        await etcd.start()
+        d = Deployment(self)
+        small = d.add_shard("small", e2e.FRANKFURT)
+        big = d.add_shard("big", e2e.FRANKFURT)
+        path = os.path.join(d.directory, "edge-w.toml")
+        admin_port = e2e.free_port()
+        with open(path, "w") as f:
+            f.write(
+                f'[proxy]\nid = "edge-w"\nworkers = 2\n[signing]\n'
+                f'private_key = "{os.path.relpath(d.private_key, d.directory)}"\nkid = "policy-1"\n'
+                f'[admin]\nlisten = "tcp:{admin_port}:interface=127.0.0.1"\n'
+                + _fleet_toml(etcd.url, "state/edge-w.json", small.port, big.port)
+            )
+        child = e2e.spawn(self, [e2e.twistd_binary(), "-n", "--pidfile=", "shardtcp", "--config", path],
+                          cwd=d.directory, timeout=110)
+        output = lambda: (child.out + child.err).decode(errors="replace")  # noqa: E731
+        started = await e2e.wait_for(lambda: child.done or output().count(" ready") >= 2, 40.0)
+        self.assertTrue(started and not child.done, output())
+        port = int(re.search(r"ProxyFactory starting on (\d+)", output()).group(1))
+        pids = _children(child.transport.pid)
+        self.assertEqual(len(pids), 2, pids)
+
+        def cleanup() -> None:
+            for pid in pids:
+                if _alive(pid):
+                    os.kill(pid, signal.SIGCONT)
+                    os.kill(pid, signal.SIGKILL)
+
+        self.addCleanup(cleanup)
+        client = EtcdClient(reactor, [etcd.url])
+
+        async def published() -> dict:
+            _, kvs = await client.range(b"/shardtcp/load/")
+            return {kv.key.decode().rsplit("/", 1)[1]: json.loads(kv.value) for kv in kvs}
+
+        held = []
+        self.addCleanup(lambda: [c.close() for c in held])
+
+        async def through(worker: int):
+            os.kill(pids[1 - worker], signal.SIGSTOP)
+            try:
+                tls, shard = await deferToThread(_open, port, d.ca_path)
+            finally:
+                os.kill(pids[1 - worker], signal.SIGCONT)
+            held.append(tls)
+            return shard
+
+        self.assertEqual(await through(0), "small")
+        self.assertEqual(await through(1), "small")
+        seen: dict = {}
+        for _ in range(100):
+            seen = await published()
+            if seen.get("edge-w") == {"small": 2}:
+                break
+            await e2e.wait_for(lambda: False, 0.1)
+        self.assertEqual(seen, {"edge-w": {"small": 2}})
+        await client.put(b"/shardtcp/load/edge-x", b'{"small": 8}')
+
+        def small_load() -> float:
+            document = json.loads(_get(admin_port, "/status"))
+            return document["services"]["api"]["shards"]["small"]["load"]
+
+        # The supervisor counts 2 + 8 of 10; the workers hear of it in the same turn.
+        self.assertTrue(await deferToThread(_poll, lambda: small_load() == 1.0, 20.0))
+        await e2e.wait_for(lambda: False, 0.3)
+        self.assertEqual(await through(0), "big")
+        self.assertEqual(await through(1), "big")
