@@ -34,7 +34,7 @@ import sys
 from typing import Callable, Optional
 
 import attrs
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter
 from twisted.application.service import MultiService
 from twisted.internet import defer, error, protocol
 from twisted.logger import Logger

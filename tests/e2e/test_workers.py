@@ -354,6 +354,33 @@ class WorkersTests(TestCase):
         self.assertTrue(await e2e.wait_for(lambda: not any(_alive(p) for p in pids), 20.0))
         self.assertEqual(self.output().count("channel to the supervisor lost; draining"), 2, self.output()[-2000:])
 
+    async def test_port_in_use_one_line_exit_1(self):
+        """
+        With the listener's port held by another socket, the supervisor
+        exits 1 with the one line a single process prints, no traceback,
+        and never spawns a worker.
+        """
+        deployment = Deployment(self, reactor)
+        deployment.add_plain_shard("api-a", behaviour="source:0")
+        holder = socket.socket()
+        self.addCleanup(holder.close)
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        port = holder.getsockname()[1]
+        path = os.path.join(deployment.directory, "shardtcp.toml")
+        _write(path, _config(deployment, port, e2e.free_port(), [("api-a", 1.0, "")]))
+        with open(os.path.join(deployment.directory, "admin.token"), "w") as f:
+            f.write(TOKEN + "\n")
+        child = e2e.spawn(self, [e2e.twistd_binary(), "-n", "--pidfile=", "shardtcp", "--config", path],
+                          cwd=deployment.directory, timeout=60)
+        self.assertEqual(await child.ended, 1)
+        output = (child.out + child.err).decode(errors="replace")
+        self.assertIn(
+            f"shardtcp: listener 'edge': cannot listen on tcp:{port}:interface=127.0.0.1: "
+            "Address already in use; not starting\n", output)
+        self.assertNotIn("Traceback", output)
+        self.assertNotIn("spawned", output)
+
     async def test_sigterm_drains_every_worker(self):
         """
         SIGTERM with one connection held through each worker: /ready turns
