@@ -381,6 +381,35 @@ class WorkersTests(TestCase):
         self.assertNotIn("Traceback", output)
         self.assertNotIn("spawned", output)
 
+    async def test_health_checks_run_once_per_shard(self):
+        """
+        A shard with a TCP health check every 1 s (±15 %), watched for 6 s
+        with two workers: it is checked 4 to 9 times (once per interval by
+        the supervisor alone; three checking processes would make 15 or more).
+        """
+        from twisted.internet import protocol as tprotocol
+
+        deployment = Deployment(self, reactor)
+        deployment.add_plain_shard("api-a", behaviour="source:0")
+        checks: list = []
+
+        class Counted(tprotocol.Protocol):
+            def connectionMade(self) -> None:
+                checks.append(time.monotonic())
+                self.transport.loseConnection()
+
+        listening = reactor.listenTCP(0, tprotocol.Factory.forProtocol(Counted), interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        deployment.shards["api-h"] = e2e.Shard("api-h", e2e.FRANKFURT, listening.getHost().port)
+        child, port, _, _ = await self.start(
+            deployment, [("api-a", 1.0, ""), ("api-h", 1.0, 'health_check = { kind = "tcp", interval = "1s" }')]
+        )
+        await self.wait_workers(2)
+        start = time.monotonic()
+        await e2e.wait_for(lambda: False, 6.0)
+        seen = [t for t in checks if start <= t < start + 6.0]
+        self.assertTrue(4 <= len(seen) <= 9, seen)
+
     async def test_sigterm_drains_every_worker(self):
         """
         SIGTERM with one connection held through each worker: /ready turns
