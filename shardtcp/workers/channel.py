@@ -9,7 +9,7 @@ listener), ``Load`` (its open connections by shard, sent when they change,
 at most every ``LOAD_INTERVAL``).  Supervisor to worker: ``PeerLoad`` (the
 other workers' open connections by shard), ``Health``, ``Agent``,
 ``Admin`` (the live shard state the supervisor's health checks and admin
-API decide), ``Metrics`` (the worker's Prometheus text) and ``Status``
+API decide), ``Retire`` (a reload replaced the worker), ``Metrics`` (the worker's Prometheus text) and ``Status``
 (a small JSON summary).
 """
 
@@ -29,6 +29,7 @@ __all__ = [
     "Metrics",
     "PeerLoad",
     "Ready",
+    "Retire",
     "Status",
     "JSONArgument",
 ]
@@ -119,6 +120,19 @@ class Admin(amp.Command):
     """
 
     arguments = [(b"shard_id", amp.Unicode()), (b"what", amp.Unicode()), (b"value", JSONArgument())]
+    response: list = []
+    requiresAnswer = False
+
+
+class Retire(amp.Command):
+    """
+    The worker's generation is replaced: stop accepting, let every open
+    connection end by itself (no deadline: a reload never cuts an
+    established connection), then exit.  SIGTERM still drains with
+    ``drain_timeout``.
+    """
+
+    arguments: list = []
     response: list = []
     requiresAnswer = False
 

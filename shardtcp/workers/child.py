@@ -11,8 +11,10 @@ comes over the channel (``WorkerChannel``).  It reports its open
 connections by shard (``Load``, when they change, at most every
 ``LOAD_INTERVAL``) and counts the other workers' as remote load.
 
-Signals: SIGTERM/SIGINT drain as one process does (stop accepting, let the
-connections finish within ``drain_timeout``; a second one closes them);
+``Retire`` (a reload replaced this worker): stop accepting, exit once the
+last connection has ended by itself.  Signals: SIGTERM/SIGINT drain as one
+process does (stop accepting, let the connections finish within
+``drain_timeout``; a second one closes them);
 SIGUSR1 reopens the log files; SIGHUP is the supervisor's business.  A
 worker whose channel is lost (its supervisor is gone) drains and exits.
 """
@@ -36,10 +38,11 @@ log = Logger(namespace="shardtcp.workers")
 class WorkerChannel(amp.AMP):
     """The worker's end of its channel; applies what the supervisor sends."""
 
-    def __init__(self, root, *, on_lost=None, remote_load=None) -> None:
+    def __init__(self, root, *, on_lost=None, remote_load=None, on_retire=None) -> None:
         super().__init__()
         self._root = root
         self._on_lost = on_lost
+        self._on_retire = on_retire
         #: Called with the other workers' load (by default: the resolver's remote load).
         self._remote_load = remote_load or root.resolver.set_remote_load
         self.lost = False
@@ -83,6 +86,12 @@ class WorkerChannel(amp.AMP):
         if what == "security":
             return self._apply("security score", resolver.set_security_score, shard_id, value)
         log.info("worker: unknown admin change {what!r}", what=what)
+        return {}
+
+    @channel.Retire.responder
+    def _retire(self):
+        if self._on_retire is not None:
+            self._on_retire()
         return {}
 
     @channel.Metrics.responder
@@ -142,6 +151,39 @@ class LoadReporter:
             self._link.send(channel.Load, counts=counts)
 
 
+class Retirement:
+    """
+    ``Retire``: stop accepting on every listener now, and stop the process
+    once no connection is open (looked at every ``interval`` seconds).
+    """
+
+    def __init__(self, root, clock, stop, interval: float = 0.2) -> None:
+        self._root = root
+        self._stop = stop
+        self._loop = task.LoopingCall(self._check)
+        self._loop.clock = clock
+        self._interval = interval
+        self.retiring = False
+
+    def __call__(self) -> None:
+        from shardtcp.tap import ListeningService
+
+        if self.retiring or self._root.draining:
+            return
+        self.retiring = True
+        for service in list(self._root):
+            if isinstance(service, ListeningService):
+                service.stop_listening()
+        log.info("worker retiring: no longer accepting; {count} open connections may finish",
+                 count=len(self._root.open_connections()))
+        self._loop.start(self._interval, now=True)
+
+    def _check(self) -> None:
+        if not self._root.open_connections():
+            self._loop.stop()
+            self._stop()
+
+
 def _parse(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="shardtcp-worker", description="A shardtcp worker (spawned by its supervisor).")
     parser.add_argument("--config", required=True)
@@ -188,7 +230,7 @@ def main(argv=None, reactor=None) -> int:
             log.warn("worker {index}: channel to the supervisor lost; draining", index=args.index)
             _stop(reactor)
 
-    link = WorkerChannel(root, on_lost=supervisor_gone)
+    link = WorkerChannel(root, on_lost=supervisor_gone, on_retire=Retirement(root, reactor, lambda: _stop(reactor)))
     reactor.adoptStreamConnection(args.channel, socket.AF_UNIX, protocol.Factory.forProtocol(lambda: link))
     os.close(args.channel)
     try:

@@ -15,7 +15,9 @@ workers running: a worker that exits unexpectedly is spawned again with the
 same index, at once when it ran ``STEADY`` seconds or more, else after a
 back-off that starts at ``BACKOFF_FIRST`` and doubles to ``BACKOFF_MAX``.
 A reload spawns a new generation; each new worker that says ``Ready``
-replaces (SIGTERM, it drains) the old worker of its index.
+replaces the old worker of its index, which is sent ``Retire``: it stops
+accepting and exits once its connections have ended by themselves (a
+reload never cuts an established connection).
 
 The supervisor's resolver is the one the health checks and the admin API
 change: every change is sent to the workers (``ShardStateRelay``), and a
@@ -157,8 +159,8 @@ class WorkerSet:
     def replace(self, count: Optional[int] = None) -> None:
         """
         Spawn a new generation of ``count`` workers (by default as many as
-        now) on the running configuration's sockets; each old worker is sent
-        SIGTERM once the new worker of its index is ready, and at once when
+        now) on the running configuration's sockets; each old worker is
+        retired once the new worker of its index is ready, and at once when
         the new generation has no worker of its index.
         """
         if count is not None:
@@ -168,7 +170,7 @@ class WorkerSet:
             self._pending.pop(index).cancel()
         for old in list(self.workers):
             if old.index >= self.count and old.state != "draining":
-                self._terminate(old)
+                self._retire(old)
         for index in range(self.count):
             self._spawn(index)
 
@@ -211,7 +213,7 @@ class WorkerSet:
             return
         for old in self.workers:
             if old.index == worker.index and old.generation < worker.generation and old.state != "draining":
-                self._terminate(old)
+                self._retire(old)
 
     def load(self, worker: Worker, counts: dict) -> None:
         try:
@@ -291,6 +293,19 @@ class WorkerSet:
         self._pending.pop(index, None)
         if not self.stopping:
             self._spawn(index)
+
+    def _retire(self, worker: Worker) -> None:
+        """
+        A replaced worker stops accepting and exits once its connections
+        have ended (``Retire``); one without a channel gets SIGTERM.
+        """
+        if worker.channel is None:
+            self._terminate(worker)
+            return
+        worker.state = "draining"
+        log.info("worker {index} (generation {generation}, pid {pid}): retiring",
+                 index=worker.index, generation=worker.generation, pid=worker.pid)
+        worker.channel.send(channel.Retire)
 
     def _terminate(self, worker: Worker) -> None:
         worker.state = "draining"

@@ -309,6 +309,52 @@ class WorkersTests(TestCase):
         same = await self.wait_workers(2)
         self.assertEqual(sorted(w["pid"] for w in same), sorted(w["pid"] for w in workers))
 
+    async def test_reload_never_cuts_an_established_connection(self):
+        """
+        With drain_timeout 1 s, a connection held through each old worker
+        across a SIGHUP still echoes 3 s after the new generation is ready
+        (a replaced worker is retired, not drained to a deadline); the old
+        workers accept nothing more and exit once those connections close.
+        """
+        deployment = Deployment(self, reactor)
+        deployment.add_plain_shard("api-a", behaviour="hello")
+        child, port, admin_port, path = await self.start(deployment, [("api-a", 1.0, "")], drain="1s")
+        old = [w["pid"] for w in await self.wait_workers(2)]
+        held = [
+            (await self.through(old[0], [old[1]], _held, port))[0],
+            (await self.through(old[1], [old[0]], _held, port))[0],
+        ]
+        try:
+            _write(path, _config(deployment, port, admin_port, [("api-a", 2.0, "")], drain="1s"))
+            child.signal("HUP")
+            expected = [(1, "draining"), (1, "draining"), (2, "ready"), (2, "ready")]
+            deadline = time.monotonic() + 30.0
+            while True:
+                workers = (await self.status())["workers"]
+                if sorted((w["generation"], w["state"]) for w in workers) == expected:
+                    break
+                self.assertLess(time.monotonic(), deadline, workers)
+                await e2e.wait_for(lambda: False, 0.1)
+            await e2e.wait_for(lambda: False, 3.0)
+            for sock in held:
+                sock.sendall(b"still here\n")
+                self.assertEqual(await deferToThread(_recv_line, sock), b"still here\n")
+            self.assertTrue(all(_alive(p) for p in old))
+            status = await self.status()
+            self.assertEqual(sorted((w["generation"], w["state"]) for w in status["workers"]), expected)
+            # New connections go to the new generation only.
+            for _ in range(4):
+                self.assertEqual(await deferToThread(_one_connection, port), "api-a")
+        finally:
+            for sock in held:
+                sock.close()
+        self.assertTrue(await e2e.wait_for(lambda: not any(_alive(p) for p in old), 10.0))
+        self.assertNotIn("close=shutdown", self.output())
+        # The two held connections (11 bytes up: "still here\\n") ended by themselves, after the reload.
+        held_lines = [l for l in self.output().splitlines() if "shardtcp.access" in l and " up=11 " in l]
+        self.assertEqual(len(held_lines), 2, held_lines)
+        self.assertFalse(any("close=drain" in l for l in held_lines), held_lines)
+
     async def test_admin_drain_and_sigusr1_reach_every_worker(self):
         """
         POST /shards/api-a/drain on the supervisor's admin API: a connection

@@ -21,7 +21,7 @@ from shardtcp.config import load_config
 from shardtcp.model import Health
 from shardtcp.tap import build_service
 from shardtcp.workers import channel
-from shardtcp.workers.child import LoadReporter, WorkerChannel
+from shardtcp.workers.child import LoadReporter, Retirement, WorkerChannel
 from shardtcp.workers.supervisor import SupervisorChannel, WorkerSet
 from tests.workers.test_supervisor import FakeSpawner
 
@@ -142,3 +142,27 @@ class ChannelTests(SynchronousTestCase):
         self.pump.flush()
         self.assertEqual(self.lost, [True])
         self.assertIsNone(self.worker.channel)
+
+
+class RetirementTests(SynchronousTestCase):
+    def test_retire_stops_accepting_then_exits_when_idle(self) -> None:
+        """
+        Retire closes every listening port at once, keeps running while a
+        connection is open (however long), and stops the process within one
+        look after the last one ends.
+        """
+        root = _worker_root(self)
+        clock, stopped = Clock(), []
+        retire = Retirement(root, clock, lambda: stopped.append(True), interval=0.2)
+        connection = object()
+        connections = root.factories["edge"].context.connections
+        connections.add(connection)
+        retire()
+        self.assertIsNone(root.listening_port("edge"))
+        clock.advance(3600)
+        self.assertEqual(stopped, [])
+        connections.remove(connection)
+        clock.advance(0.199)
+        self.assertEqual(stopped, [])
+        clock.advance(0.001)
+        self.assertEqual(stopped, [True])

@@ -166,6 +166,19 @@ class GenerationTests(SynchronousTestCase):
         self.assertEqual(workers.restarts, {})
         self.assertEqual([(w["index"], w["generation"]) for w in workers.status()], [(0, 2), (1, 2)])
 
+    def test_replaced_worker_with_channel_is_retired(self) -> None:
+        """An old worker whose channel is up is sent Retire (not SIGTERM) once its successor is ready."""
+        workers, spawner, _, _ = _set(1)
+        workers.start()
+        old_channel = FakeChannel()
+        workers.hello(workers.workers[0], old_channel, 1001)
+        workers.ready(workers.workers[0])
+        workers.replace()
+        workers.ready(workers.workers[1])
+        self.assertEqual(spawner.spawned[0][3].signals, [])
+        self.assertEqual(old_channel.sent[-1], (channel.Retire, {}))
+        self.assertEqual([w["state"] for w in workers.status()], ["draining", "ready"])
+
     def test_fewer_workers_after_reload(self) -> None:
         """replace(1) spawns one worker; the old worker 1, which has no successor, gets SIGTERM at once."""
         workers, spawner, _, _ = _set(2)
