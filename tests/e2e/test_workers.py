@@ -400,6 +400,43 @@ class WorkersTests(TestCase):
         self.assertTrue(await e2e.wait_for(lambda: not any(_alive(p) for p in pids), 20.0))
         self.assertEqual(self.output().count("channel to the supervisor lost; draining"), 2, self.output()[-2000:])
 
+    async def test_daemonised_with_a_log_file(self):
+        """
+        Daemonised twistd with --logfile: the workers' own lines land whole
+        in twistd's log file (each worker's "ProxyFactory starting" line), a
+        connection works, and SIGTERM to the pid in the pidfile ends the
+        supervisor and both workers.
+        """
+        deployment = Deployment(self, reactor)
+        deployment.add_plain_shard("api-a", behaviour="source:0")
+        path = os.path.join(deployment.directory, "shardtcp.toml")
+        with open(os.path.join(deployment.directory, "admin.token"), "w") as f:
+            f.write(TOKEN + "\n")
+        port, self.admin_port = e2e.free_port(), e2e.free_port()
+        _write(path, _config(deployment, port, self.admin_port, [("api-a", 1.0, "")]))
+        pidfile = os.path.join(deployment.directory, "twistd.pid")
+        logfile = os.path.join(deployment.directory, "twistd.log")
+        child = e2e.spawn(self, [e2e.twistd_binary(), "--pidfile", pidfile, "--logfile", logfile,
+                                 "shardtcp", "--config", path], cwd=deployment.directory, timeout=60)
+        self.assertEqual(await child.ended, 0, (child.out + child.err).decode(errors="replace"))
+        self.assertTrue(await e2e.wait_for(lambda: os.path.exists(pidfile), 10.0))
+        with open(pidfile) as f:
+            pid = int(f.read())
+        self._pids = {pid}
+        self.addCleanup(self._kill_workers)
+
+        def log() -> str:
+            with open(logfile) as f:
+                return f.read()
+
+        self.assertTrue(await e2e.wait_for(lambda: log().count(f"ProxyFactory starting on {port}") == 3, 30.0), log())
+        self.assertEqual(await deferToThread(_one_connection, port), "api-a")
+        workers = [w["pid"] for w in (await self.status())["workers"]]
+        self.assertEqual(len(workers), 2)
+        os.kill(pid, signal.SIGTERM)
+        self.assertTrue(await e2e.wait_for(lambda: not any(_alive(p) for p in [pid, *workers]), 20.0))
+        self.assertNotIn("Traceback", log())
+
     async def test_port_in_use_one_line_exit_1(self):
         """
         With the listener's port held by another socket, the supervisor
