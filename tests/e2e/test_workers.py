@@ -359,7 +359,8 @@ class WorkersTests(TestCase):
         """
         POST /shards/api-a/drain on the supervisor's admin API: a connection
         through either worker then goes to api-b (each worker applied it),
-        /status shows api-a drained; SIGUSR1 to the supervisor is passed on
+        /status shows api-a drained; after POST /reload the new generation
+        of workers keeps it drained; SIGUSR1 to the supervisor is passed on
         to both workers (each logs it).
         """
         deployment = Deployment(self, reactor)
@@ -383,6 +384,21 @@ class WorkersTests(TestCase):
             self.assertEqual(await self.through(pids[1], [pids[0]], _one_connection, port), "api-b")
         status = await self.status()
         self.assertEqual(status["services"]["api"]["shards"]["api-a"]["admin_state"], "drain")
+        # POST /reload starts a new generation, which is told of the drain as it starts.
+
+        def reload() -> int:
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{admin_port}/reload", data=b"", method="POST",
+                headers={"Authorization": f"Bearer {TOKEN}"},
+            )
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status
+
+        self.assertEqual(await deferToThread(reload), 200)
+        pids = [w["pid"] for w in await self.wait_workers(2, lambda ws: all(w["generation"] == 2 for w in ws))]
+        for n in range(3):
+            self.assertEqual(await self.through(pids[0], [pids[1]], _one_connection, port), "api-b")
+            self.assertEqual(await self.through(pids[1], [pids[0]], _one_connection, port), "api-b")
         before = self.output().count("SIGUSR1")
         os.kill(child.transport.pid, signal.SIGUSR1)
         # The supervisor's own line and one per worker.
