@@ -194,18 +194,37 @@ def _parse(argv) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _start_logging() -> None:
-    # stdout is the supervisor's, or a pipe to it when twistd logs to a file.
-    from twisted.logger import globalLogBeginner, textFileLogObserver
+def worker_line(index: int):
+    """
+    twistd's log line format with ``worker <index>`` after the time, so
+    that the supervisor's log tells the workers apart.
+    """
+    from twisted.logger import formatEventAsClassicLogText
 
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
+    tag = f" worker {index}"
+
+    def format_event(event) -> str:
+        line = formatEventAsClassicLogText(event)
+        if not line:
+            return line
+        time, sep, rest = line.partition(" ")
+        return f"{time}{tag}{sep}{rest}"
+
+    return format_event
+
+
+def _start_logging(index: int) -> None:
+    # stdout is the supervisor's, or a pipe to it when twistd logs to a file.
+    from twisted.logger import FileLogObserver, globalLogBeginner
+
+    globalLogBeginner.beginLoggingTo([FileLogObserver(sys.stdout, worker_line(index))], redirectStandardIO=False)
 
 
 def main(argv=None, reactor=None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     if reactor is None:
         from twisted.internet import reactor
-    _start_logging()
+    _start_logging(args.index)
     from shardtcp.config import ConfigError, load_config
     from shardtcp.lifecycle import SignalHandlers
     from shardtcp.tap import ListenFailed, build_service

@@ -21,7 +21,7 @@ from shardtcp.config import load_config
 from shardtcp.model import Health
 from shardtcp.tap import build_service
 from shardtcp.workers import channel
-from shardtcp.workers.child import LoadReporter, Retirement, WorkerChannel
+from shardtcp.workers.child import LoadReporter, Retirement, WorkerChannel, worker_line
 from shardtcp.workers.supervisor import SupervisorChannel, WorkerSet
 from tests.workers.test_supervisor import FakeSpawner
 
@@ -166,3 +166,13 @@ class RetirementTests(SynchronousTestCase):
         self.assertEqual(stopped, [])
         clock.advance(0.001)
         self.assertEqual(stopped, [True])
+
+
+class LogLineTests(SynchronousTestCase):
+    def test_worker_index_after_the_time(self) -> None:
+        """A worker's log line is twistd's, with "worker <index>" after the time."""
+        event = {"log_format": "hello {who}", "who": "there", "log_time": 0.0, "log_namespace": "x",
+                 "log_level": None, "log_system": "sys"}
+        line = worker_line(3)(event)
+        self.assertRegex(line, r"^\S+ worker 3 \[sys\] hello there\n$")
+        self.assertEqual(worker_line(3)({"log_format": None, "log_time": 0.0}), None)
