@@ -20,6 +20,7 @@ It imports nothing of the project.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from typing import Generic, Iterable, Optional, TypeVar, Union
 
@@ -29,6 +30,11 @@ IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 V = TypeVar("V")
 
 MAPPED_V4 = ipaddress.IPv6Network("::ffff:0:0/96")
+
+# How many distinct address texts ``ip_literal`` remembers: a connection's
+# addresses are parsed by several parts (the PROXY pair, the signed claims,
+# the header's address block, the shard's endpoint), and clients repeat.
+IP_CACHE_SIZE = 4096
 
 # The longest text worth handing to ``ipaddress``: an IPv6 address with an
 # embedded IPv4 tail and a prefix is under 50 characters.
@@ -67,6 +73,33 @@ def parse_port(text: str) -> int:
     if port > 65535:
         raise ValueError(f"port {port} is out of range 0..65535")
     return port
+
+
+@functools.lru_cache(maxsize=IP_CACHE_SIZE)
+def _ip_literal(text: str) -> IPAddress:
+    return ipaddress.ip_address(text)
+
+
+def ip_literal(text: str) -> IPAddress:
+    """
+    ``ipaddress.ip_address(text)`` for an address text, remembered for the
+    last ``IP_CACHE_SIZE`` distinct texts (the values are immutable, so
+    sharing them is safe).  Raises ``ValueError`` for a text that is not an
+    IP literal (never remembered) and for anything but ``str``.
+    """
+    if type(text) is not str:
+        raise ValueError(f"an IP literal must be text, not {type(text).__name__}")
+    return _ip_literal(text)
+
+
+@functools.lru_cache(maxsize=IP_CACHE_SIZE)
+def canonical_ip(text: str) -> str:
+    """
+    The canonical text of the IP literal ``text`` (``str(ip_literal(text))``),
+    remembered like ``ip_literal``; an IPv4-mapped address stays IPv6.
+    ``ValueError`` when ``text`` is not an IP literal.
+    """
+    return str(ip_literal(text))
 
 
 def parse_ip(text: object) -> Optional[IPAddress]:
@@ -152,8 +185,8 @@ def address_pair(src: tuple, dst: tuple) -> tuple[tuple, tuple]:
     mapped too), and a lone IPv4 address is mapped when the other side is
     IPv6: a PROXY v2 header has one family for both.
     """
-    s = ipaddress.ip_address(src[0])
-    d = ipaddress.ip_address(dst[0])
+    s = ip_literal(src[0])
+    d = ip_literal(dst[0])
     if s.version == 6 and s.ipv4_mapped is not None and (d.version == 4 or d.ipv4_mapped is not None):
         s = s.ipv4_mapped
         src = (str(s), src[1])

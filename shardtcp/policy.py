@@ -15,7 +15,6 @@ but ``jws`` and ``net``.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import math
 import secrets
@@ -28,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from shardtcp import jws
-from shardtcp.net import format_hostport, parse_port
+from shardtcp.net import canonical_ip, format_hostport, parse_port
 
 __all__ = [
     "ALGORITHM",
@@ -182,7 +181,7 @@ def format_address(address: tuple) -> str:
         raise ValueError(f"host must be an IP literal, not {host!r}")
     # Not net.parse_ip: an IPv4-mapped address stays IPv6 here, because the
     # header it must match carries it that way.
-    host = str(ipaddress.ip_address(host.split("%", 1)[0]))
+    host = canonical_ip(host.split("%", 1)[0])
     if isinstance(port, str):
         port = parse_port(port)
     elif type(port) is not int or not 0 <= port <= 65535:
@@ -209,6 +208,15 @@ def _check_connection_id(connection_id: str) -> None:
             f"connection id must be {_MIN_ID} to {_MAX_ID} printable ASCII "
             f"characters: {connection_id!r}"
         )
+
+
+#: How many distinct policies' claims JSON a signer keeps (forgotten all at
+#: once when full; a proxy has one per service and client kind).
+POLICY_CACHE_SIZE = 1024
+
+# A string as json.dumps writes it (ASCII, escaped), without json.dumps's
+# per-call set-up.
+_json_text = json.encoder.encode_basestring_ascii
 
 
 def _compact_json(value: Any) -> bytes:
@@ -270,6 +278,12 @@ class PolicySigner:
         self._issuer = issuer
         self._lifetime = max(1, math.ceil(ttl))
         self._now = now
+        self._signer = jws.Signer(private_key, kid=kid)
+        # The claims JSON is written piece by piece (what json.dumps of the
+        # claims dict writes, byte for byte): the issuer's part once, each
+        # policy's enc/amr/acl once.
+        self._head = '{"iss":' + _json_text(issuer) + ',"aud":'
+        self._policies: dict = {}
 
     @property
     def kid(self) -> str:
@@ -308,32 +322,77 @@ class PolicySigner:
         """
         _check_connection_id(connection_id)
         iat = int(self._now())
-        claims: dict[str, Any] = {
-            "iss": self._issuer,
-            "aud": audience,
-            "iat": iat,
-            "exp": iat + self._lifetime,
-            "jti": connection_id,
-            "svc": service,
-            "src": format_address(source),
-            "dst": format_address(destination),
-            "enc": policy.encryption_level,
-            "amr": list(policy.authentication_method),
-            "acl": list(policy.access_control_list),
-        }
-        if subject is not None:
-            claims["sub"] = subject
-        if sni is not None:
-            claims["sni"] = sni
-        if policy.shard_key is not None:
-            claims["shk"] = policy.shard_key
-        token = jws.sign(claims, self._key, kid=self._kid)
+        src = format_address(source)
+        dst = format_address(destination)
+        if _all_text(audience, service, subject, sni, policy.shard_key):
+            esc = _json_text
+            parts = [
+                self._head, esc(audience),
+                ',"iat":', str(iat),
+                ',"exp":', str(iat + self._lifetime),
+                ',"jti":', esc(connection_id),
+                ',"svc":', esc(service),
+                ',"src":', esc(src),
+                ',"dst":', esc(dst),
+                self._policy_json(policy),
+            ]
+            if subject is not None:
+                parts += (',"sub":', esc(subject))
+            if sni is not None:
+                parts += (',"sni":', esc(sni))
+            if policy.shard_key is not None:
+                parts += (',"shk":', esc(policy.shard_key))
+            parts.append("}")
+            token = self._signer.sign_json("".join(parts).encode("ascii"))
+        else:
+            claims: dict[str, Any] = {
+                "iss": self._issuer,
+                "aud": audience,
+                "iat": iat,
+                "exp": iat + self._lifetime,
+                "jti": connection_id,
+                "svc": service,
+                "src": src,
+                "dst": dst,
+                "enc": policy.encryption_level,
+                "amr": list(policy.authentication_method),
+                "acl": list(policy.access_control_list),
+            }
+            if subject is not None:
+                claims["sub"] = subject
+            if sni is not None:
+                claims["sni"] = sni
+            if policy.shard_key is not None:
+                claims["shk"] = policy.shard_key
+            token = jws.sign(claims, self._key, kid=self._kid)
         if len(token) > MAX_TOKEN_SIZE:
             raise PolicyTooLarge(
                 f"PolicyContext token of {len(token)} bytes exceeds "
                 f"{MAX_TOKEN_SIZE} (service {service!r}, shard {audience!r})"
             )
         return token
+
+
+    def _policy_json(self, policy: PolicyContext) -> str:
+        """``,"enc":...,"amr":[...],"acl":[...]`` of ``policy``, written once per policy."""
+        text = self._policies.get(policy)
+        if text is None:
+            if len(self._policies) >= POLICY_CACHE_SIZE:
+                self._policies.clear()
+            text = self._policies[policy] = (
+                ',"enc":' + _compact_json(policy.encryption_level).decode("ascii")
+                + ',"amr":' + _compact_json(list(policy.authentication_method)).decode("ascii")
+                + ',"acl":' + _compact_json(list(policy.access_control_list)).decode("ascii")
+            )
+        return text
+
+
+def _all_text(*values: Any) -> bool:
+    """Whether every value is ``str`` or None (what the piecewise claims JSON writes)."""
+    for value in values:
+        if value is not None and type(value) is not str:
+            return False
+    return True
 
 
 def worst_case_token_size(

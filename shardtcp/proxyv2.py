@@ -37,6 +37,7 @@ Choices the specification leaves open, made here on purpose:
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import re
 import struct
@@ -47,7 +48,7 @@ import google_crc32c
 
 # Re-exported: the one ``host:port`` formatter lives in ``shardtcp.net``,
 # which, like this module, imports nothing else of the project.
-from shardtcp.net import format_hostport
+from shardtcp.net import IP_CACHE_SIZE, format_hostport, ip_literal
 
 __all__ = [
     "SIGNATURE",
@@ -411,20 +412,27 @@ def _pack_address_block(header: ProxyHeader) -> tuple[int, bytes]:
         if not isinstance(host, str):
             raise ValueError(f"{name} host must be an IP literal string, not {host!r}")
         try:
-            address = ipaddress.ip_address(host)
+            version, raw, scoped = _address_bytes(host)
         except ValueError:
             raise ValueError(f"{name} host {host!r} is not an IP address") from None
-        if isinstance(address, ipaddress.IPv6Address) and address.scope_id:
+        if scoped:
             raise ValueError(f"{name} host {host!r} has a scope id, which v2 cannot carry")
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 0xFFFF:
             raise ValueError(f"{name} port {port!r} is not in 0..65535")
-        versions.add(address.version)
-        packed.append((address.packed, port))
+        versions.add(version)
+        packed.append((raw, port))
     if len(versions) != 1:
         raise ValueError("source and destination mix IPv4 and IPv6")
     family = _FAMILY_INET if versions == {4} else _FAMILY_INET6
     (src, sport), (dst, dport) = packed
     return (family << 4) | _TRANSPORT_STREAM, src + dst + struct.pack("!HH", sport, dport)
+
+
+@functools.lru_cache(maxsize=IP_CACHE_SIZE)
+def _address_bytes(host: str) -> tuple[int, bytes, bool]:
+    """``(version, packed address, has a scope id)`` of an IP literal; ``ValueError`` if it is none."""
+    address = ip_literal(host)
+    return address.version, address.packed, bool(getattr(address, "scope_id", None))
 
 
 def encode(header: ProxyHeader, *, crc32c: bool = True) -> bytes:

@@ -315,3 +315,45 @@ class SignTests(SynchronousTestCase):
             elif isinstance(node, ast.Import):
                 for alias in node.names:
                     self.assertFalse(alias.name.startswith("shardtcp"), alias.name)
+
+
+class SignerTests(SynchronousTestCase):
+    """jws.Signer: the header prepared once, the same token as jws.sign."""
+
+    def test_same_token(self) -> None:
+        """sign_json of the claims' JSON gives jws.sign's bytes, header included."""
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        key = Ed25519PrivateKey.generate()
+        signer = jws.Signer(key, kid="k-1")
+        token = signer.sign_json(b'{"a":1}')
+        self.assertEqual(token, jws.sign({"a": 1}, key, kid="k-1"))
+        self.assertTrue(token.startswith(b"eyJhbGciOiJFZERTQSIsImtpZCI6ImstMSIsInR5cCI6IkpXVCJ9.eyJhIjoxfQ."))
+
+    def test_backends_agree(self) -> None:
+        """libsodium (the default) and OpenSSL sign the same bytes: Ed25519 is deterministic."""
+        key = Ed25519PrivateKey.generate()
+        fast, slow = jws.Signer(key, kid="k-1"), jws.Signer(key, kid="k-1", sodium=False)
+        self.assertEqual((fast.backend, slow.backend), ("libsodium", "openssl"))
+        for payload in (b"{}", b'{"a":"' + b"x" * 900 + b'"}'):
+            token = fast.sign_json(payload)
+            self.assertEqual(token, slow.sign_json(payload))
+            signature = b64url_decode(token.rsplit(b".", 1)[1])
+            key.public_key().verify(signature, token.rsplit(b".", 1)[0])
+
+    def test_without_pynacl(self) -> None:
+        """Where PyNaCl cannot be imported, the signer uses OpenSSL and signs the same token."""
+        key = Ed25519PrivateKey.generate()
+        expected = jws.Signer(key, kid="k-1").sign_json(b"{}")
+        self.patch(jws, "_sodium_keypair", None)
+        signer = jws.Signer(key, kid="k-1")
+        self.assertEqual(signer.backend, "openssl")
+        self.assertEqual(signer.sign_json(b"{}"), expected)
+
+    def test_refused(self) -> None:
+        """A key that is not Ed25519, or an empty kid, at construction."""
+        from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, generate_private_key
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        self.assertRaises(TypeError, jws.Signer, generate_private_key(SECP256R1()), kid="k")
+        self.assertRaises(ValueError, jws.Signer, Ed25519PrivateKey.generate(), kid="")

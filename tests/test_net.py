@@ -291,3 +291,31 @@ class LayeringTests(SynchronousTestCase):
             elif isinstance(node, ast.Import):
                 for alias in node.names:
                     self.assertFalse(alias.name.startswith("shardtcp"), alias.name)
+
+
+class IPLiteralTests(SynchronousTestCase):
+    """ip_literal and canonical_ip: ipaddress's answers, remembered, errors never remembered."""
+
+    def test_values(self) -> None:
+        """The same values as ipaddress.ip_address, one object per text while remembered."""
+        self.assertEqual(net.ip_literal("192.0.2.1"), IPv4Address("192.0.2.1"))
+        self.assertEqual(net.ip_literal("2001:db8::1"), IPv6Address("2001:db8::1"))
+        self.assertIs(net.ip_literal("192.0.2.77"), net.ip_literal("192.0.2.77"))
+        self.assertEqual(net.canonical_ip("2001:DB8:0::1"), "2001:db8::1")
+        self.assertEqual(net.canonical_ip("::ffff:192.0.2.1"), "::ffff:c000:201")
+        self.assertEqual(net.canonical_ip("192.0.2.1"), "192.0.2.1")
+
+    def test_refused(self) -> None:
+        """Not an address, or not text: ValueError every time (nothing cached)."""
+        for bad in ("192.0.2.256", "", "example.com", "192.0.2.1%eth0"):
+            for _ in range(2):
+                self.assertRaises(ValueError, net.ip_literal, bad)
+                self.assertRaises(ValueError, net.canonical_ip, bad)
+        self.assertRaises(ValueError, net.ip_literal, b"192.0.2.1")
+        self.assertRaises(ValueError, net.ip_literal, None)
+
+    def test_bounded(self) -> None:
+        """At most IP_CACHE_SIZE texts are remembered."""
+        for i in range(net.IP_CACHE_SIZE + 10):
+            net.ip_literal(f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}")
+        self.assertEqual(net._ip_literal.cache_info().currsize, net.IP_CACHE_SIZE)

@@ -14,7 +14,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.trial.unittest import SynchronousTestCase
 
-from shardtcp import policy
+from shardtcp import jws, policy
+from shardtcp.policy import format_address as policy_format
 from shardtcp.policy import (
     MAX_TOKEN_SIZE,
     PolicyContext,
@@ -526,3 +527,57 @@ class FormatAddressTests(SynchronousTestCase):
         for port in (65536, -1, True, "65536", "\u0669\u0660", "\u00b2", 1.0):
             self.assertRaises(ValueError, policy.format_address, ("192.0.2.1", port))
         self.assertRaises(ValueError, policy.format_address, ("example.test", 1))
+
+
+class PiecewiseClaimsTests(TokenTestsMixin, SynchronousTestCase):
+    """PolicySigner.sign writes the claims JSON piece by piece: the same bytes as json.dumps of the dict."""
+
+    def expected(self, policy, *, audience="api-fra-1", service="api", subject=None, sni=None,
+                 source=("198.51.100.7", 50123), destination=("203.0.113.1", 8443)) -> bytes:
+        claims = {
+            "iss": "edge-fra-1", "aud": audience, "iat": int(NOW), "exp": int(NOW) + 30, "jti": CONN_ID,
+            "svc": service, "src": policy_format(source), "dst": policy_format(destination),
+            "enc": policy.encryption_level, "amr": list(policy.authentication_method),
+            "acl": list(policy.access_control_list),
+        }
+        if subject is not None:
+            claims["sub"] = subject
+        if sni is not None:
+            claims["sni"] = sni
+        if policy.shard_key is not None:
+            claims["shk"] = policy.shard_key
+        return jws.sign(claims, self.key, kid="policy-1")
+
+    def test_same_bytes(self) -> None:
+        """Every optional claim, escapes, non-ASCII text and IPv6: byte for byte the dict's token."""
+        cases = [
+            (self.policy, {}),
+            (self.policy, {"sni": "api.example.com"}),
+            (PolicyContext("mtls", ("mtls",), ("a", 'quote"d', "back\\slash"), shard_key="tenant-\u00e9"),
+             {"subject": "CN=J\u00fcrgen,O=\u201cx\u201d", "sni": "api.example.com", "service": "s\n1",
+              "source": ("2001:db8::7", 1), "destination": ("2001:DB8::1", 65535)}),
+            (PolicyContext("none", ("none",), ()), {"audience": "\U0001f600"}),
+        ]
+        for policy_, kw in cases:
+            token = self.sign(policy=policy_, **kw)
+            self.assertEqual(token, self.expected(policy_, **kw))
+            # the second time comes from the policy's remembered JSON
+            self.assertEqual(self.sign(policy=policy_, **kw), token)
+
+    def test_policy_cache_bounded(self) -> None:
+        """At POLICY_CACHE_SIZE policies the signer forgets them all; tokens stay the same."""
+        self.patch(policy, "POLICY_CACHE_SIZE", 2)
+        policies = [PolicyContext("tls", ("none",), (f"acl-{i}",)) for i in range(3)]
+        for p in policies[:2]:
+            self.sign(policy=p)
+        self.assertEqual(len(self.signer._policies), 2)
+        self.assertEqual(self.sign(policy=policies[2]), self.expected(policies[2]))
+        self.assertEqual(len(self.signer._policies), 1)
+
+    def test_other_types_take_the_dict_path(self) -> None:
+        """A claim value that is not text still signs as json.dumps writes it."""
+        token = self.sign(audience=7)
+        self.assertEqual(token, self.expected(self.policy, audience=7))
+        self.assertTrue(policy._all_text("a", None, "b"))
+        self.assertFalse(policy._all_text("a", 1))
+        self.assertFalse(policy._all_text(b"a"))

@@ -9,12 +9,29 @@ The backend is HAProxy terminating TLS and answering ``200``; the targets
 that send a PROXY header reach its ``accept-proxy`` port, so the header is
 checked by a real receiver.  Reported: requests (= connections) per second,
 latency, and the proxy's CPU from ``/proc`` in microseconds per connection.
+
+CPU time on a shared machine moves with its load (fewer connections per
+wake-up when the proxy is starved), so where ``valgrind`` is installed the
+run also counts the instructions shardtcp and ``portforward`` execute per
+connection: each started again under ``callgrind`` with counting off, 20
+connections to warm up, then counting on for a fixed number of sequential
+connections (TLS handshake + GET + close).  Instruction counts repeat within
+a few per cent whatever the load.
 """
 
 from __future__ import annotations
 
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from typing import Optional
+
 from bench import clients, measure, targets
-from bench.lab import BenchError, Lab, free_port, say
+from bench.lab import SERVICE_NAME, BenchError, Lab, bin_path, free_port, say
 from bench.report import fmt, ratio, table
 
 TARGETS = ("direct", "shardtcp", "haproxy", "portforward")
@@ -25,11 +42,9 @@ def run(lab: Lab, settings: dict) -> dict:
     concurrency = settings["wrk_connections"]
     backend = targets.start_https_backend(lab)
     port = free_port()
-    shardtcp, _ = targets.start_shardtcp(
-        lab, "shardtcp-passthrough",
-        targets.shardtcp_config(lab, [targets.listener("edge", port, "passthrough")],
-                                [targets.Shard("bench-shard-1", f"127.0.0.1:{backend.proxied}")]),
-        port)
+    config = targets.shardtcp_config(lab, [targets.listener("edge", port, "passthrough")],
+                                     [targets.Shard("bench-shard-1", f"127.0.0.1:{backend.proxied}")])
+    shardtcp, _ = targets.start_shardtcp(lab, "shardtcp-passthrough", config, port)
     found = {
         "direct": targets.Target("direct", backend.plain, None),
         "shardtcp": shardtcp,
@@ -62,7 +77,87 @@ def run(lab: Lab, settings: dict) -> dict:
         "shardtcp/portforward": ratio(cpu["shardtcp"], cpu["portforward"]),
         "shardtcp/haproxy": ratio(cpu["shardtcp"], cpu["haproxy"]),
     }
+    results["instructions"] = instructions(lab, config, backend, 100 if settings["quick"] else 300)
     return results
+
+
+# -- instruction counts ----------------------------------------------------
+
+WARM_UP = 20
+
+
+def _one_connection(lab: Lab, port: int) -> None:
+    """One TLS handshake, ``GET /`` with ``Connection: close``, the answer to its end."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as raw:
+        with lab.client_context.wrap_socket(raw, server_hostname=SERVICE_NAME) as tls:
+            tls.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while len(answer) < 65536:
+                data = tls.recv(4096)
+                if not data:
+                    break
+                answer += data
+    if b" 200 " not in answer.split(b"\r\n", 1)[0] + b" ":
+        raise BenchError(f"no 200 answer through 127.0.0.1:{port}: {answer[:80]!r}")
+
+
+def _counted(lab: Lab, name: str, twistd_args: list, port: int, count: int) -> float:
+    """Instructions per connection of ``twistd -n ARGS`` under callgrind, over ``count`` connections."""
+    out = lab.path(f"{name}.callgrind")
+    argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
+            sys.executable, bin_path("twistd"), "-n", "--pidfile=", "--logfile", lab.path(f"{name}.log"),
+            *twistd_args]
+    process = lab.spawn(name, argv)
+    try:
+        lab.wait_listening(name, process, port, timeout=300.0)
+        for _ in range(WARM_UP):
+            _one_connection(lab, port)
+        control = shutil.which("callgrind_control")
+        subprocess.run([control, "-i", "on", str(process.pid)], check=True, capture_output=True, timeout=60)
+        for _ in range(count):
+            _one_connection(lab, port)
+        time.sleep(0.5)  # the last close's events
+        subprocess.run([control, "-i", "off", str(process.pid)], check=True, capture_output=True, timeout=60)
+        subprocess.run([control, "-d", str(process.pid)], check=True, capture_output=True, timeout=60)
+        lab.alive(name, process)
+    finally:
+        lab.stop(process)
+    total = 0
+    for path in glob.glob(out + "*"):
+        with open(path, errors="replace") as f:
+            for line in f:
+                if line.startswith(("summary:", "totals:")):
+                    total = max(total, int(line.split()[1]))
+    if not total:
+        raise BenchError(f"callgrind counted nothing for {name}: {lab.output(name)}")
+    return total / count
+
+
+def instructions(lab: Lab, config: str, backend, count: int) -> Optional[dict]:
+    """Instructions per connection of shardtcp and portforward, or None without valgrind."""
+    if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
+        say("valgrind not installed: no instruction counts")
+        return None
+    port = free_port()
+    config = config.replace(f'"tcp:{_listen_port(config)}:', f'"tcp:{port}:', 1)
+    path = os.path.join(lab.workdir, "shardtcp-counted.toml")
+    with open(path, "w") as f:
+        f.write(config)
+    found = {"connections": count}
+    found["shardtcp"] = _counted(lab, "shardtcp-counted", ["shardtcp", "--config", path], port, count)
+    port = free_port()
+    found["portforward"] = _counted(
+        lab, "portforward-counted",
+        ["portforward", "--port", f"tcp:{port}:interface=127.0.0.1", "--host", "127.0.0.1",
+         "--dest_port", str(backend.plain)], port, count)
+    found["shardtcp/portforward"] = ratio(found["shardtcp"], found["portforward"])
+    say(f"callgrind: shardtcp {found['shardtcp']:,.0f}, portforward {found['portforward']:,.0f} "
+        f"instructions per connection")
+    return found
+
+
+def _listen_port(config: str) -> str:
+    return config.split('listen = "tcp:', 1)[1].split(":", 1)[0]
 
 
 def report(r: dict) -> str:
@@ -80,5 +175,11 @@ def report(r: dict) -> str:
     out = table(f"Connection rate: wrk, {r['connections']} connections, {r['seconds']:.0f} s, "
                 "TLS handshake + GET + Connection: close", ["", *TARGETS], rows)
     ra = r["ratios"]
-    return out + (f"\n\nproxy CPU per connection: shardtcp/portforward {ra['shardtcp/portforward']:.2f}, "
-                  f"shardtcp/haproxy {ra['shardtcp/haproxy']:.2f}")
+    out += (f"\n\nproxy CPU per connection: shardtcp/portforward {ra['shardtcp/portforward']:.2f}, "
+            f"shardtcp/haproxy {ra['shardtcp/haproxy']:.2f}")
+    counted = r.get("instructions")
+    if counted:
+        out += (f"\n\ninstructions per connection (callgrind, {counted['connections']} sequential connections): "
+                f"shardtcp {counted['shardtcp']:,.0f}, portforward {counted['portforward']:,.0f}, "
+                f"shardtcp/portforward {counted['shardtcp/portforward']:.2f}")
+    return out

@@ -431,105 +431,138 @@ class ClientHelloParser:
             )
 
     def _parse(self) -> ClientHelloInfo:
-        body = _Reader(memoryview(self._handshake)[_HANDSHAKE_HEADER:])
-        legacy_version = body.u16("legacy_version")
+        # One pass over the body with plain integer offsets: every length is
+        # checked against what is left before it is used (this runs once per
+        # connection on every SNI listener, so it avoids a call per field).
+        data = bytes(self._handshake)
+        end = len(data)
+        pos = _HANDSHAKE_HEADER
+        if end - pos < 2:
+            raise MalformedClientHello("legacy_version truncated")
+        legacy_version = data[pos] << 8 | data[pos + 1]
+        pos += 2
         if legacy_version >> 8 != 3:
             raise MalformedClientHello(
                 f"legacy_version 0x{legacy_version:04x} is not TLS",
                 AlertDescription.protocol_version,
             )
-        body.take(32, "random")
-        session_id = body.vector(1, "session_id")
-        if len(session_id) > 32:
+        if end - pos < 32:
+            raise MalformedClientHello("random truncated")
+        pos += 32
+        if end - pos < 1:
+            raise MalformedClientHello("session_id truncated")
+        length = data[pos]
+        pos += 1
+        if end - pos < length:
+            raise MalformedClientHello("session_id truncated")
+        pos += length
+        if length > 32:
             raise MalformedClientHello(
-                f"session_id length {len(session_id)} exceeds 32",
+                f"session_id length {length} exceeds 32",
                 AlertDescription.illegal_parameter,
             )
-        suites = body.vector(2, "cipher_suites")
-        if not suites or len(suites) % 2:
+        if end - pos < 2:
+            raise MalformedClientHello("cipher_suites truncated")
+        length = data[pos] << 8 | data[pos + 1]
+        pos += 2
+        if end - pos < length:
+            raise MalformedClientHello("cipher_suites truncated")
+        pos += length
+        if not length or length % 2:
             raise MalformedClientHello(
-                f"cipher_suites length {len(suites)} is not a positive even number"
+                f"cipher_suites length {length} is not a positive even number"
             )
-        if not body.vector(1, "compression_methods"):
+        if end - pos < 1:
+            raise MalformedClientHello("compression_methods truncated")
+        length = data[pos]
+        pos += 1
+        if end - pos < length:
+            raise MalformedClientHello("compression_methods truncated")
+        pos += length
+        if not length:
             raise MalformedClientHello("compression_methods list is empty")
-        extensions: dict[int, memoryview] = {}
+        # extension type -> (start, stop) of its data
+        extensions: dict[int, tuple[int, int]] = {}
         # Before TLS 1.3 a ClientHello may end without an extensions block.
-        if body.remaining:
-            block = _Reader(body.vector(2, "extensions"))
-            body.end("extensions")
-            while block.remaining:
-                kind = block.u16("extension type")
-                data = block.vector(2, f"extension {kind}")
+        if pos < end:
+            if end - pos < 2:
+                raise MalformedClientHello("extensions truncated")
+            length = data[pos] << 8 | data[pos + 1]
+            pos += 2
+            if end - pos < length:
+                raise MalformedClientHello("extensions truncated")
+            stop = pos + length
+            if stop != end:
+                raise MalformedClientHello(f"{end - stop} bytes after the extensions")
+            while pos < stop:
+                if stop - pos < 2:
+                    raise MalformedClientHello("extension type truncated")
+                kind = data[pos] << 8 | data[pos + 1]
+                if stop - pos < 4:
+                    raise MalformedClientHello(f"extension {kind} truncated")
+                length = data[pos + 2] << 8 | data[pos + 3]
+                pos += 4
+                if stop - pos < length:
+                    raise MalformedClientHello(f"extension {kind} truncated")
                 if kind in extensions:
                     raise MalformedClientHello(
                         f"duplicate extension {kind}",
                         AlertDescription.illegal_parameter,
                     )
-                extensions[kind] = data
+                extensions[kind] = (pos, pos + length)
+                pos += length
+
+        def extension(kind: int) -> Optional[bytes]:
+            found = extensions.get(kind)
+            return None if found is None else data[found[0] : found[1]]
+
         return ClientHelloInfo(
-            server_name=_server_name(extensions.get(_EXT_SERVER_NAME)),
-            alpn=_alpn(extensions.get(_EXT_ALPN)),
+            server_name=_server_name(extension(_EXT_SERVER_NAME)),
+            alpn=_alpn(extension(_EXT_ALPN)),
             legacy_version=legacy_version,
-            supported_versions=_supported_versions(
-                extensions.get(_EXT_SUPPORTED_VERSIONS)
-            ),
+            supported_versions=_supported_versions(extension(_EXT_SUPPORTED_VERSIONS)),
             length=self._expected - _HANDSHAKE_HEADER,
             records=self._records,
         )
 
 
-class _Reader:
-    """Bounds-checked reads over a complete message, naming what is short."""
-
-    def __init__(self, data: memoryview) -> None:
-        self._data = data
-        self._pos = 0
-
-    @property
-    def remaining(self) -> int:
-        return len(self._data) - self._pos
-
-    def take(self, count: int, what: str) -> memoryview:
-        if count > self.remaining:
-            raise MalformedClientHello(f"{what} truncated")
-        chunk = self._data[self._pos : self._pos + count]
-        self._pos += count
-        return chunk
-
-    def u8(self, what: str) -> int:
-        return self.take(1, what)[0]
-
-    def u16(self, what: str) -> int:
-        return int.from_bytes(self.take(2, what), "big")
-
-    def vector(self, length_size: int, what: str) -> memoryview:
-        length = int.from_bytes(self.take(length_size, what), "big")
-        return self.take(length, what)
-
-    def end(self, what: str) -> None:
-        if self.remaining:
-            raise MalformedClientHello(f"{self.remaining} bytes after the {what}")
+def _vector(data: bytes, pos: int, size: int, what: str) -> tuple[int, int]:
+    """``(start, stop)`` of the vector whose ``size``-byte length is at ``pos``."""
+    end = len(data)
+    if end - pos < size:
+        raise MalformedClientHello(f"{what} truncated")
+    length = data[pos] if size == 1 else data[pos] << 8 | data[pos + 1]
+    pos += size
+    if end - pos < length:
+        raise MalformedClientHello(f"{what} truncated")
+    return pos, pos + length
 
 
-def _server_name(data: Optional[memoryview]) -> Optional[str]:
+def _whole(data: bytes, size: int, what: str) -> tuple[int, int]:
+    """The one vector that must fill ``data`` exactly."""
+    start, stop = _vector(data, 0, size, what)
+    if stop != len(data):
+        raise MalformedClientHello(f"{len(data) - stop} bytes after the {what}")
+    return start, stop
+
+
+def _server_name(data: Optional[bytes]) -> Optional[str]:
     if data is None:
         return None
-    outer = _Reader(data)
-    entries = _Reader(outer.vector(2, "server_name list"))
-    outer.end("server_name list")
-    if not entries.remaining:
+    pos, stop = _whole(data, 2, "server_name list")
+    if pos == stop:
         raise MalformedClientHello("server_name list is empty")
-    host_name: Optional[memoryview] = None
-    while entries.remaining:
-        name_type = entries.u8("server_name entry")
+    host_name: Optional[bytes] = None
+    while pos < stop:
+        name_type = data[pos]
         # RFC 6066 defines only host_name, and every name type since has
         # been proposed with the same 16-bit length prefix.
-        name = entries.vector(2, "server_name entry")
+        start, pos = _vector(data, pos + 1, 2, "server_name entry")
         if name_type == _NAME_TYPE_HOST_NAME and host_name is None:
-            host_name = name
+            host_name = data[start:pos]
     if host_name is None:
         return None
-    return _host_name(bytes(host_name))
+    return _host_name(host_name)
 
 
 def _host_name(raw: bytes) -> str:
@@ -554,34 +587,28 @@ def _host_name(raw: bytes) -> str:
     return name
 
 
-def _alpn(data: Optional[memoryview]) -> tuple[str, ...]:
+def _alpn(data: Optional[bytes]) -> tuple[str, ...]:
     if data is None:
         return ()
-    outer = _Reader(data)
-    names = _Reader(outer.vector(2, "ALPN list"))
-    outer.end("ALPN list")
-    if not names.remaining:
+    pos, stop = _whole(data, 2, "ALPN list")
+    if pos == stop:
         raise MalformedClientHello("ALPN list is empty")
     protocols = []
-    while names.remaining:
-        name = names.vector(1, "ALPN protocol name")
-        if not name:
+    while pos < stop:
+        start, pos = _vector(data, pos, 1, "ALPN protocol name")
+        if start == pos:
             raise MalformedClientHello("empty ALPN protocol name")
-        protocols.append(bytes(name).decode("latin-1"))
+        protocols.append(data[start:pos].decode("latin-1"))
     return tuple(protocols)
 
 
-def _supported_versions(data: Optional[memoryview]) -> tuple[int, ...]:
+def _supported_versions(data: Optional[bytes]) -> tuple[int, ...]:
     if data is None:
         return ()
-    outer = _Reader(data)
-    versions = outer.vector(1, "supported_versions list")
-    outer.end("supported_versions list")
-    if not versions or len(versions) % 2:
+    start, stop = _whole(data, 1, "supported_versions list")
+    if start == stop or (stop - start) % 2:
         raise MalformedClientHello(
-            f"supported_versions length {len(versions)} is not a positive"
+            f"supported_versions length {stop - start} is not a positive"
             " even number"
         )
-    return tuple(
-        int.from_bytes(versions[i : i + 2], "big") for i in range(0, len(versions), 2)
-    )
+    return tuple(data[i] << 8 | data[i + 1] for i in range(start, stop, 2))

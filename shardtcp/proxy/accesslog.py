@@ -54,32 +54,28 @@ ACCESS_FIELDS = (
     "close",
 )
 
-_TEXT = (
-    "{id} {client} {listener} {service}/{shard} sni={sni} "
-    "up={bytes_up} down={bytes_down} peek={peek} connect={connect} total={total} close={close}"
-)
-
-
 def _seconds(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
 def format_text(fields: dict) -> str:
-    """The text form of one access line (``-`` for what is not known)."""
-    return _TEXT.format(
-        id=fields["id"],
-        client=fields["client"] or "-",
-        listener=fields["listener"],
-        service=fields["service"] or "-",
-        shard=fields["shard"] or "-",
-        sni=fields["sni"] or "-",
-        bytes_up=fields["bytes_up"],
-        bytes_down=fields["bytes_down"],
-        peek=_seconds(fields["peek"]),
-        connect=_seconds(fields["connect"]),
-        total=_seconds(fields["total"]),
-        close=fields["close"],
+    """
+    The text form of one access line (``-`` for what is not known):
+    ``{id} {client} {listener} {service}/{shard} sni={sni} up={bytes_up}
+    down={bytes_down} peek={peek} connect={connect} total={total}
+    close={close}``.
+    """
+    return (
+        f"{fields['id']} {fields['client'] or '-'} {fields['listener']} "
+        f"{fields['service'] or '-'}/{fields['shard'] or '-'} sni={fields['sni'] or '-'} "
+        f"up={fields['bytes_up']} down={fields['bytes_down']} peek={_seconds(fields['peek'])} "
+        f"connect={_seconds(fields['connect'])} total={_seconds(fields['total'])} close={fields['close']}"
     )
+
+
+def _literal(line: str) -> str:
+    """``line`` as a log format that renders as itself (no fields to look up)."""
+    return line.replace("{", "{{").replace("}", "}}")
 
 
 def format_json(fields: dict) -> str:
@@ -173,10 +169,12 @@ class AccessLog:
         if self.file is not None:
             # The file formats the line itself; no format string to render.
             self._log.info("", access=fields)
-        elif self._json:
-            self._log.info("{line}", line=format_json(fields), access=fields)
         else:
-            self._log.info("{line}", line=format_text(fields), access=fields)
+            # The line is the event's format, escaped, and the event says it
+            # is flattened with no fields: a log file renders it by splitting
+            # the format once, without string.Formatter's field lookups.
+            line = format_json(fields) if self._json else format_text(fields)
+            self._log.info(_literal(line), line=line, access=fields, log_flattened={})
 
     def reopen(self) -> None:
         """Reopen the access file, if there is one (SIGUSR1)."""

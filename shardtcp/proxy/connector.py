@@ -18,6 +18,7 @@ import os
 from typing import Callable, Optional, Sequence
 
 from twisted.internet import defer
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import ConnectError, ConnectionRefusedError, TimeoutError as TxTimeoutError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.python.failure import Failure
@@ -46,6 +47,10 @@ class ProxyConnectFailed(ShardConnectFailed):
         super().__init__("proxy_" + kind, message)
         self.kind = kind
 
+
+#: How many shard addresses' endpoints a connector keeps (all of them
+#: are forgotten when it is full: they are cheap to build again).
+ENDPOINT_CACHE_SIZE = 4096
 
 #: errno of a local failure -> the ``ProxyConnectFailed`` kind.
 PROXY_ERRNOS = {
@@ -94,9 +99,19 @@ class ShardConnector:
     ) -> None:
         self._reactor = reactor
         self._endpoint_factory = endpoint_factory or self._plain_endpoint
+        self._plain = endpoint_factory is None
+        # (host, port, timeout) -> its plain endpoint: an endpoint holds no
+        # state of a connection, so one per shard address serves them all.
+        self._endpoints: dict = {}
 
     def _plain_endpoint(self, shard: ShardInfo, timeout: float) -> IStreamClientEndpoint:
-        return endpoint_for_address(self._reactor, shard.address.host, shard.address.port, timeout)
+        key = (shard.address.host, shard.address.port, timeout)
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:
+            if len(self._endpoints) >= ENDPOINT_CACHE_SIZE:
+                self._endpoints.clear()
+            endpoint = self._endpoints[key] = endpoint_for_address(self._reactor, *key)
+        return endpoint
 
     def connect(self, shard: ShardInfo, factory, timeout: float) -> defer.Deferred:
         """
@@ -107,9 +122,15 @@ class ShardConnector:
         """
         endpoint = self._endpoint_factory(shard, timeout)
         d = endpoint.connect(factory)
-        d.addTimeout(timeout, self._reactor)
+        if not (self._plain and type(endpoint) in _SELF_TIMED):
+            d.addTimeout(timeout, self._reactor)
         d.addErrback(_classify)
         return d
+
+
+# Plain TCP endpoints hand their timeout to ``connectTCP``, whose own timer
+# fails the attempt with TimeoutError: a second timer would be redundant.
+_SELF_TIMED = (TCP4ClientEndpoint, TCP6ClientEndpoint)
 
 
 def _classify(failure):

@@ -22,9 +22,14 @@ userspace ``Splice``:
 
 ``KernelSplicer.take_transports`` returns ``None`` without touching
 anything when it cannot take the connection (kernel splice unavailable,
-pipes exhausted, a transport that is not plain TCP); the caller then uses
-the userspace ``Splice``.  ``PipePool`` bounds the pipes and reuses empty
-ones.
+``max_pipes`` reached, a transport that is not plain TCP); the caller then
+uses the userspace ``Splice``.  ``PipePool`` counts two pipes per
+kernel-spliced connection against ``max_pipes`` but lends a real pipe to
+a direction only from the moment its source is readable until the pipe is
+drained, then takes it back for reuse: an idle spliced connection holds
+its two sockets and no pipe (2 descriptors instead of 6).  When the system
+gives no pipe (out of descriptors), that read is copied through userspace
+instead.  A splice keeps bare descriptors, not ``socket`` objects.
 
 Taking a socket over from Twisted (``detach_transport``).  A
 ``tcp.Connection`` closes its socket in ``connectionLost`` with
@@ -50,6 +55,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import heapq
 import os
 import socket
 import struct
@@ -136,9 +142,16 @@ class Pipe:
 
 class PipePool:
     """
-    Owns the count of pipes in use (at most ``max_pipes``) and a few empty
-    ones kept for reuse.  ``acquire`` returns ``None`` when the bound is
-    reached or the system refuses a pipe.
+    Bounds kernel-spliced connections by the pipes they may need and lends
+    out the pipes themselves only while bytes are in flight.
+
+    A kernel splice ``reserve``\\ s two pipes for its life (``in_use``
+    counts reservations, at most ``max_pipes``), but holds a real pipe
+    (``lent``) only from its first readable event on a side until that
+    pipe is drained: an idle spliced connection holds its two sockets and
+    no pipe.  Drained pipes come back empty and a few (``keep_free``) are
+    kept for the next loan.  ``acquire``/``release`` reserve and lend one
+    pipe at once.
     """
 
     def __init__(
@@ -154,15 +167,26 @@ class PipePool:
         self._free: list[Pipe] = []
         self._closed = False
         self.in_use = 0
+        #: Pipes held by splices right now (at most ``in_use``).
+        self.lent = 0
 
     @property
     def free(self) -> int:
         """Empty pipes held for reuse."""
         return len(self._free)
 
-    def acquire(self) -> Optional[Pipe]:
-        if self.in_use >= self.max_pipes:
-            return None
+    def reserve(self, count: int) -> bool:
+        """Count ``count`` more pipes in use, unless that passes ``max_pipes``."""
+        if self.in_use + count > self.max_pipes:
+            return False
+        self.in_use += count
+        return True
+
+    def unreserve(self, count: int) -> None:
+        self.in_use -= count
+
+    def lend(self) -> Optional[Pipe]:
+        """An empty pipe for a reservation, or ``None`` when the system refuses one."""
         if self._free:
             pipe = self._free.pop()
         else:
@@ -171,16 +195,30 @@ class PipePool:
             except OSError as e:
                 log.warn("kernel splice: no pipe: {error}", error=os.strerror(e.errno or 0))
                 return None
-        self.in_use += 1
+        self.lent += 1
         return pipe
 
-    def release(self, pipe: Pipe, *, empty: bool) -> None:
-        """Give ``pipe`` back; a pipe that may hold bytes is closed."""
-        self.in_use -= 1
+    def give_back(self, pipe: Pipe, *, empty: bool) -> None:
+        """Take a lent pipe back; a pipe that may hold bytes is closed."""
+        self.lent -= 1
         if empty and not self._closed and len(self._free) < self._keep_free:
             self._free.append(pipe)
         else:
             _close_pipe(pipe)
+
+    def acquire(self) -> Optional[Pipe]:
+        """Reserve and lend one pipe; ``None`` at the bound or without a pipe."""
+        if not self.reserve(1):
+            return None
+        pipe = self.lend()
+        if pipe is None:
+            self.unreserve(1)
+        return pipe
+
+    def release(self, pipe: Pipe, *, empty: bool) -> None:
+        """Give back a pipe from ``acquire`` and its reservation."""
+        self.give_back(pipe, empty=empty)
+        self.unreserve(1)
 
     def close(self) -> None:
         """
@@ -247,12 +285,19 @@ def detach_transport(transport) -> tuple[socket.socket, bytes]:
     """
     if not can_detach(transport):
         raise ValueError("not a plain, open Twisted TCP transport")
-    return _detach(transport)
-
-
-def _detach(transport) -> tuple[socket.socket, bytes]:
-    """``detach_transport`` for a transport ``can_detach`` accepted."""
     family, kind, proto = transport.socket.family, transport.socket.type, transport.socket.proto
+    fd, pending = _detach(transport)
+    # Family, type and protocol given: otherwise three getsockopt calls.
+    sock = socket.socket(family, kind, proto, fileno=fd)
+    sock.setblocking(False)
+    return sock, pending
+
+
+def _detach(transport) -> tuple[int, bytes]:
+    """
+    ``detach_transport`` for a transport ``can_detach`` accepted, giving the
+    bare descriptor (Twisted's sockets are already non-blocking).
+    """
     transport.stopReading()
     transport.stopWriting()
     pending = bytes(transport.dataBuffer[transport.offset :]) + b"".join(transport._tempDataBuffer)
@@ -265,10 +310,30 @@ def _detach(transport) -> tuple[socket.socket, bytes]:
     fd = transport.socket.detach()
     transport.connected = False
     transport.disconnected = True
-    # Family, type and protocol given: otherwise three getsockopt calls.
-    sock = socket.socket(family, kind, proto, fileno=fd)
-    sock.setblocking(False)
-    return sock, pending
+    # Nothing calls into the inert transport again: break its reference
+    # cycles (its protocol and, for a client transport, its connector) so
+    # that reference counting frees it now.  Left to the cyclic collector,
+    # a few KiB per connection wait for the next full collection, which
+    # with thousands of connections held comes rarely.
+    transport.protocol = None
+    connector = getattr(transport, "connector", None)
+    if connector is not None:
+        transport.connector = None
+        connector.transport = None
+    return fd, pending
+
+
+def _socket_call(fd: int, method: str, *args) -> None:
+    """
+    Call a ``socket`` method on a bare descriptor (``shutdown``,
+    ``setsockopt``): a splice keeps descriptors, not ``socket`` objects, to
+    stay small.  Neither call depends on the address family.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fileno=fd)
+    try:
+        getattr(sock, method)(*args)
+    finally:
+        sock.detach()
 
 
 # -- the pump -------------------------------------------------------------
@@ -300,6 +365,12 @@ class KernelSplicer:
         self.enabled = kernel_splice_available() if enabled is None else enabled
         self._splice = splice if splice is not None else getattr(os, "splice", None)
         self._proven = False
+        # The idle timeouts of all its splices: one heap of (due, seq,
+        # splice) and one timer, instead of a DelayedCall per connection.
+        self._idle: list = []
+        self._idle_seq = 0
+        self._idle_live = 0
+        self._idle_timer = None
 
     def take_transports(
         self,
@@ -324,18 +395,16 @@ class KernelSplicer:
         """
         if not (self.enabled and can_detach(downstream) and can_detach(upstream)):
             return None
-        pipes = self._pipes()
-        if pipes is None:
+        if not self.pool.reserve(2):
             return None
-        down_sock, down_pending = _detach(downstream)
-        up_sock, up_pending = _detach(upstream)
+        down_fd, down_pending = _detach(downstream)
+        up_fd, up_pending = _detach(upstream)
         return self._start(
-            down_sock,
-            up_sock,
-            pipes,
+            down_fd,
+            up_fd,
             on_done=on_done,
-            prefix_up=up_pending + prefix_up,
-            prefix_down=down_pending + prefix_down,
+            prefix_up=up_pending + prefix_up if up_pending else prefix_up,
+            prefix_down=down_pending + prefix_down if down_pending else prefix_down,
             idle_timeout=idle_timeout,
         )
 
@@ -351,39 +420,76 @@ class KernelSplicer:
     ) -> Optional["KernelSplice"]:
         """
         As ``take_transports`` for two connected sockets the caller owns;
-        on success the splice owns (and will close) them.
+        on success the splice owns their descriptors (the ``socket``
+        objects are detached from them) and will close them.
         """
         if not self.enabled:
             return None
-        pipes = self._pipes()
-        if pipes is None:
+        if not self.pool.reserve(2):
             return None
         downstream.setblocking(False)
         upstream.setblocking(False)
         return self._start(
-            downstream,
-            upstream,
-            pipes,
+            downstream.detach(),
+            upstream.detach(),
             on_done=on_done,
             prefix_up=prefix_up,
             prefix_down=prefix_down,
             idle_timeout=idle_timeout,
         )
 
-    def _pipes(self) -> Optional[tuple[Pipe, Pipe]]:
-        first = self.pool.acquire()
-        if first is None:
-            return None
-        second = self.pool.acquire()
-        if second is None:
-            self.pool.release(first, empty=True)
-            return None
-        return first, second
-
-    def _start(self, down_sock, up_sock, pipes, **kw) -> "KernelSplice":
-        splice = KernelSplice(down_sock, up_sock, pipes, splicer=self, reactor=self._reactor, clock=self._clock, **kw)
+    def _start(self, down_fd: int, up_fd: int, **kw) -> "KernelSplice":
+        splice = KernelSplice(down_fd, up_fd, splicer=self, **kw)
         splice.start()
         return splice
+
+    # -- idle timeouts ---------------------------------------------------
+
+    def _idle_add(self, splice: "KernelSplice") -> None:
+        self._idle_live += 1
+        self._idle_push(splice)
+
+    def _idle_push(self, splice: "KernelSplice") -> None:
+        due = splice._last_activity + splice._idle_timeout
+        self._idle_seq += 1
+        heapq.heappush(self._idle, (due, self._idle_seq, splice))
+        timer = self._idle_timer
+        if timer is None:
+            self._idle_timer = self._clock.callLater(max(0.0, due - self._clock.seconds()), self._idle_sweep)
+        elif due < timer.getTime():
+            timer.reset(max(0.0, due - self._clock.seconds()))
+
+    def _idle_drop(self) -> None:
+        """A watched splice ended: forget it (at once when none is left)."""
+        self._idle_live -= 1
+        heap = self._idle
+        if self._idle_live == 0:
+            heap.clear()
+            timer, self._idle_timer = self._idle_timer, None
+            if timer is not None and timer.active():
+                timer.cancel()
+        elif len(heap) > 2 * self._idle_live + 64:
+            # Ended splices wait in the heap until their due time: sweep
+            # them out once they are the majority, so memory stays bounded.
+            heap[:] = [entry for entry in heap if not entry[2]._done]
+            heapq.heapify(heap)
+
+    def _idle_sweep(self) -> None:
+        """Abort the splices quiet for their idle timeout; look again at the others later."""
+        self._idle_timer = None
+        now = self._clock.seconds()
+        heap = self._idle
+        while heap and heap[0][0] <= now:
+            splice = heapq.heappop(heap)[2]
+            if splice._done:
+                continue
+            if now >= splice._last_activity + splice._idle_timeout:
+                splice.stats.clean = False
+                splice.abort("idle")
+            else:
+                self._idle_push(splice)
+        if heap and self._idle_timer is None:
+            self._idle_timer = self._clock.callLater(max(0.0, heap[0][0] - now), self._idle_sweep)
 
     # Called by the splices.
     def _splice_worked(self) -> None:
@@ -398,26 +504,49 @@ class KernelSplicer:
             )
 
 
+_PREFIXES = ("ksplice-client", "ksplice-shard")
+
+
 @implementer(IReadDescriptor, IWriteDescriptor)
 class _Side:
-    """One socket of a kernel splice, as the reactor sees it."""
+    """
+    One socket of a kernel splice, as the reactor sees it, and the bytes
+    moving out of it: the direction from this side (``index``) to the other
+    (``1 - index``), through ``pipe`` while one is lent.
+    """
 
-    __slots__ = ("_owner", "index", "sock", "fd", "open", "reading", "writing")
+    # Slots keep an idle spliced connection small: two of these and the
+    # ``KernelSplice`` are all it holds besides its two descriptors.
+    __slots__ = (
+        "_owner", "index", "fd", "open", "reading", "writing",
+        "pipe", "pending", "in_pipe", "eof", "final", "drained", "dead", "stalled", "copy", "tried", "tried_out",
+    )
 
-    def __init__(self, owner: "KernelSplice", index: int, sock: socket.socket) -> None:
+    def __init__(self, owner: "KernelSplice", index: int, fd: int, prefix: bytes) -> None:
         self._owner = owner
         self.index = index
-        self.sock = sock
-        self.fd = sock.fileno()
+        self.fd = fd
         self.open = True
         self.reading = False
         self.writing = False
+        # -- the direction out of this side
+        self.pipe: Optional[Pipe] = None  # lent while bytes are in it
+        self.pending = memoryview(prefix) if prefix else None  # bytes to send before the pipe's
+        self.in_pipe = 0
+        self.eof = False  # this side gives no more bytes
+        self.final = "shutdown"  # what to do to the other side once drained
+        self.drained = False  # final action done
+        self.dead = False  # the other side is gone: bytes for it are dropped
+        self.stalled = False  # the pipe is full by slot count
+        self.copy = False  # splice refused: copy through userspace
+        self.tried = False  # a splice into a pipe has worked
+        self.tried_out = False  # a splice out of a pipe has worked
 
     def fileno(self) -> int:
         return self.fd if self.open else -1
 
     def logPrefix(self) -> str:
-        return "ksplice-" + _NAMES[self.index]
+        return _PREFIXES[self.index]
 
     def doRead(self) -> None:
         self._owner._readable(self.index)
@@ -430,28 +559,6 @@ class _Side:
         self._owner._reactor_dropped()
 
 
-class _Direction:
-    """Bytes moving from side ``src`` to side ``dst``."""
-
-    # Slots keep an idle spliced connection small.
-    __slots__ = ("src", "dst", "pipe", "pending", "in_pipe", "eof", "final", "drained", "dead", "stalled", "copy", "tried", "tried_out")
-
-    def __init__(self, src: int, pipe: Pipe, prefix: bytes) -> None:
-        self.src = src
-        self.dst = 1 - src
-        self.pipe = pipe
-        self.pending = memoryview(prefix) if prefix else None
-        self.in_pipe = 0
-        self.eof = False  # src gives no more bytes
-        self.final = "shutdown"  # what to do to dst once drained
-        self.drained = False  # final action done
-        self.dead = False  # dst gone: bytes for it are dropped
-        self.stalled = False  # the pipe is full by slot count
-        self.copy = False  # splice refused: copy through userspace
-        self.tried = False  # a splice into the pipe has worked
-        self.tried_out = False  # a splice out of the pipe has worked
-
-
 class KernelSplice(IdleTimeout):
     """
     A kernel splice between the client's socket and the shard's socket.
@@ -460,40 +567,51 @@ class KernelSplice(IdleTimeout):
     """
 
     __slots__ = (
-        "_splicer", "_reactor", "_clock", "_on_done", "_idle_timeout", "_idle_call",
-        "_last_activity", "_sides", "_dirs", "_done", "stats",
+        "_splicer", "_on_done", "_idle_timeout", "_idle_call", "_last_activity", "_sides", "_done", "stats",
     )
 
     def __init__(
         self,
-        downstream: socket.socket,
-        upstream: socket.socket,
-        pipes: tuple[Pipe, Pipe],
+        downstream: int,
+        upstream: int,
         *,
         splicer: KernelSplicer,
-        reactor: IReactorFDSet,
-        clock: IReactorTime,
         on_done: Callable[[SpliceStats], None],
         prefix_up: bytes = b"",
         prefix_down: bytes = b"",
         idle_timeout: float = 0.0,
     ) -> None:
         self._splicer = splicer
-        self._reactor = reactor
-        self._clock = clock
         self._on_done = on_done
         self._idle_timeout = idle_timeout
         self._idle_call = None
         self._last_activity = 0.0
-        self._sides = (_Side(self, DOWNSTREAM, downstream), _Side(self, UPSTREAM, upstream))
-        # Indexed by source side: [client -> shard, shard -> client].
-        self._dirs = (_Direction(DOWNSTREAM, pipes[0], prefix_up), _Direction(UPSTREAM, pipes[1], prefix_down))
+        # Each side carries the direction out of it: the client's
+        # (client -> shard) and the shard's (shard -> client).
+        self._sides = (_Side(self, DOWNSTREAM, downstream, prefix_up), _Side(self, UPSTREAM, upstream, prefix_down))
         self._done = False
         self.stats = SpliceStats()
 
+    @property
+    def _clock(self) -> IReactorTime:
+        return self._splicer._clock
+
+    def _start_idle(self) -> None:
+        # The splicer watches the idle timeout; ``_idle_call`` is only a
+        # flag here (True while watched), so that ``_touch`` stays cheap.
+        if self._idle_timeout > 0:
+            self._last_activity = self._splicer._clock.seconds()
+            self._idle_call = True
+            self._splicer._idle_add(self)
+
+    def _stop_idle(self) -> None:
+        if self._idle_call is not None:
+            self._idle_call = None
+            self._splicer._idle_drop()
+
     def start(self) -> None:
         self._start_idle()
-        for d in self._dirs:
+        for d in self._sides:
             self._flush(d)
         self._update()
 
@@ -505,7 +623,7 @@ class KernelSplice(IdleTimeout):
             return
         if not self.stats.ended_by:
             self.stats.ended_by = why
-        for d in self._dirs:
+        for d in self._sides:
             d.eof = True
             d.final = "close"
             self._flush(d)
@@ -524,17 +642,26 @@ class KernelSplice(IdleTimeout):
     # -- reactor events ---------------------------------------------------
 
     def _readable(self, index: int) -> None:
-        d = self._dirs[index]
+        d = self._sides[index]
         if d.eof or self._done:
             self._update()
             return
-        src = self._sides[index]
         if d.copy:
-            self._copy_in(d, src)
+            self._copy_in(d)
         else:
-            room = d.pipe.capacity - d.in_pipe
-            if room > 0:
-                self._splice_in(d, src, room)
+            pipe = d.pipe
+            if pipe is None:
+                pipe = self._splicer.pool.lend() if d.pending is None else None
+                if pipe is None:
+                    # No pipe to be had (the system's descriptors or pipe
+                    # budget): this read goes through userspace.
+                    self._copy_in(d)
+                else:
+                    d.pipe = pipe
+            if pipe is not None:
+                room = pipe.capacity - d.in_pipe
+                if room > 0:
+                    self._splice_in(d, room)
         if not self._done:
             self._flush(d)
             self._update()
@@ -543,7 +670,7 @@ class KernelSplice(IdleTimeout):
         # ``index`` is the destination: flush the direction into it.
         if self._done:
             return
-        self._flush(self._dirs[1 - index])
+        self._flush(self._sides[1 - index])
         self._update()
 
     def _reactor_dropped(self) -> None:
@@ -559,9 +686,9 @@ class KernelSplice(IdleTimeout):
 
     # -- moving bytes -----------------------------------------------------
 
-    def _splice_in(self, d: _Direction, src: _Side, room: int) -> None:
+    def _splice_in(self, d: _Side, room: int) -> None:
         try:
-            n = self._splicer._splice(src.fd, d.pipe.write_fd, room, flags=_SPLICE_FLAGS)
+            n = self._splicer._splice(d.fd, d.pipe.write_fd, room, flags=_SPLICE_FLAGS)
         except BlockingIOError:
             # Level-triggered readiness said there are bytes: with bytes in
             # the pipe, the pipe is full by slot count before byte count.
@@ -573,9 +700,9 @@ class KernelSplice(IdleTimeout):
         except OSError as e:
             if e.errno in _UNSUPPORTED and not d.tried:
                 self._fall_back(d, e)
-                self._copy_in(d, src)
+                self._copy_in(d)
                 return
-            self._side_failed(src.index, e)
+            self._side_failed(d.index, e)
             return
         if not d.tried:
             d.tried = True
@@ -584,37 +711,37 @@ class KernelSplice(IdleTimeout):
             self._eof(d)
             return
         d.in_pipe += n
-        self._count(d.src, n)
+        self._count(d.index, n)
 
-    def _copy_in(self, d: _Direction, src: _Side) -> None:
+    def _copy_in(self, d: _Side) -> None:
         if d.pending is not None or d.in_pipe:
             return
         try:
-            data = src.sock.recv(_COPY_CHUNK)
+            data = os.read(d.fd, _COPY_CHUNK)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
-            self._side_failed(src.index, e)
+            self._side_failed(d.index, e)
             return
         if not data:
             self._eof(d)
             return
         d.pending = memoryview(data)
-        self._count(d.src, len(data))
+        self._count(d.index, len(data))
 
-    def _fall_back(self, d: _Direction, error: OSError) -> None:
+    def _fall_back(self, d: _Side, error: OSError) -> None:
         d.copy = True
         d.tried = True
         self._splicer._splice_unsupported(error)
 
-    def _flush(self, d: _Direction) -> None:
-        """Send what ``d`` holds to its destination; finish it if drained."""
+    def _flush(self, d: _Side) -> None:
+        """Send what ``d`` holds to the other side; finish it if drained."""
         if d.dead or d.drained:
             return
-        dst = self._sides[d.dst]
+        dst = self._sides[1 - d.index]
         while d.pending is not None:
             try:
-                n = dst.sock.send(d.pending)
+                n = os.write(dst.fd, d.pending)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
@@ -643,10 +770,14 @@ class KernelSplice(IdleTimeout):
             self._touch()
             if d.in_pipe:
                 return
+        if d.pipe is not None:
+            # Drained: the pipe goes back until the next bytes.
+            self._splicer.pool.give_back(d.pipe, empty=True)
+            d.pipe = None
         if d.eof:
             self._drained(d)
 
-    def _drain_pipe_to_memory(self, d: _Direction, error: OSError) -> None:
+    def _drain_pipe_to_memory(self, d: _Side, error: OSError) -> None:
         # Splicing out was refused: what is in the pipe goes out by send.
         self._fall_back(d, error)
         chunks = []
@@ -660,6 +791,9 @@ class KernelSplice(IdleTimeout):
             chunks.append(chunk)
             d.in_pipe -= len(chunk)
         d.pending = memoryview(b"".join(chunks)) if chunks else None
+        pipe, d.pipe = d.pipe, None
+        self._splicer.pool.give_back(pipe, empty=d.in_pipe == 0)
+        d.in_pipe = 0
 
     def _count(self, side: int, n: int) -> None:
         if side == DOWNSTREAM:
@@ -670,25 +804,24 @@ class KernelSplice(IdleTimeout):
 
     def _touch(self) -> None:
         if self._idle_call is not None:
-            self._last_activity = self._clock.seconds()
+            self._last_activity = self._splicer._clock.seconds()
 
     # -- endings ----------------------------------------------------------
 
-    def _eof(self, d: _Direction) -> None:
+    def _eof(self, d: _Side) -> None:
         d.eof = True
-        if all(x.eof for x in self._dirs) and not self.stats.ended_by:
-            self.stats.ended_by = _NAMES[d.src]
+        if all(x.eof for x in self._sides) and not self.stats.ended_by:
+            self.stats.ended_by = _NAMES[d.index]
 
-    def _drained(self, d: _Direction) -> None:
-        """Everything from ``d.src`` reached ``d.dst``: pass the end on."""
+    def _drained(self, d: _Side) -> None:
+        """Everything from ``d`` reached the other side: pass the end on."""
         d.drained = True
-        dst = self._sides[d.dst]
-        other = self._dirs[d.dst]
+        dst = other = self._sides[1 - d.index]
         if d.final == "close" or (other.eof and (other.drained or other.dead)):
             self._close_side(dst, reset=False)
         else:
             try:
-                dst.sock.shutdown(socket.SHUT_WR)
+                _socket_call(dst.fd, "shutdown", socket.SHUT_WR)
             except OSError as e:
                 self._side_failed(dst.index, e)
                 return
@@ -708,10 +841,10 @@ class KernelSplice(IdleTimeout):
             self.stats.ended_by = _NAMES[index]
             self.stats.clean = False
         self._close_side(side, reset=False)
-        into = self._dirs[1 - index]  # other -> this side: nowhere to go
+        into = self._sides[1 - index]  # other -> this side: nowhere to go
         into.dead = True
         into.eof = True
-        out = self._dirs[index]  # this side -> other: flush, then close
+        out = side  # this side -> other: flush, then close
         out.eof = True
         out.final = "close"
         if not self._done:
@@ -724,16 +857,16 @@ class KernelSplice(IdleTimeout):
             return
         self._set(side, read=False, write=False)
         side.open = False
-        d_in = self._dirs[1 - side.index]
+        d_in = self._sides[1 - side.index]
         d_in.dead = d_in.dead or not d_in.drained
         try:
             if reset:
-                side.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                _socket_call(side.fd, "setsockopt", socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
             else:
-                side.sock.shutdown(socket.SHUT_RDWR)
+                _socket_call(side.fd, "shutdown", socket.SHUT_RDWR)
         except OSError:
             pass
-        side.sock.close()
+        os.close(side.fd)
 
     def _finish(self) -> None:
         if self._done:
@@ -741,8 +874,12 @@ class KernelSplice(IdleTimeout):
         self._done = True
         for side in self._sides:
             self._close_side(side, reset=False)
-        for d in self._dirs:
-            self._splicer.pool.release(d.pipe, empty=d.in_pipe == 0)
+        pool = self._splicer.pool
+        for d in self._sides:
+            if d.pipe is not None:
+                pool.give_back(d.pipe, empty=d.in_pipe == 0)
+                d.pipe = None
+        pool.unreserve(2)
         self._stop_idle()
         self._on_done(self.stats)
 
@@ -751,24 +888,31 @@ class KernelSplice(IdleTimeout):
     def _update(self) -> None:
         if self._done:
             return
-        for side in self._sides:
+        sides = self._sides
+        for side in sides:
             if not side.open:
                 continue
-            out = self._dirs[side.index]  # side -> other
-            into = self._dirs[1 - side.index]  # other -> side
-            read = not out.eof and not out.stalled and (
-                (out.copy and out.pending is None) or (not out.copy and out.in_pipe < out.pipe.capacity)
+            into = sides[1 - side.index]  # other -> side
+            # ``side`` itself carries side -> other.  Without a pipe (idle,
+            # or copying) a read waits until what it read before is sent.
+            read = not side.eof and not side.stalled and (
+                (side.pending is None and side.in_pipe == 0) if side.pipe is None
+                else side.in_pipe < side.pipe.capacity
             )
             write = not into.dead and not into.drained and (into.pending is not None or into.in_pipe > 0)
             self._set(side, read=read, write=write)
 
     def _set(self, side: _Side, *, read: bool, write: bool) -> None:
+        reactor = self._splicer._reactor
         if read != side.reading:
             side.reading = read
-            (self._reactor.addReader if read else self._reactor.removeReader)(side)
+            (reactor.addReader if read else reactor.removeReader)(side)
         if write != side.writing:
             side.writing = write
-            (self._reactor.addWriter if write else self._reactor.removeWriter)(side)
+            (reactor.addWriter if write else reactor.removeWriter)(side)
+
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 __all__ = [

@@ -423,8 +423,7 @@ class ProxyConnection(SpliceSideMixin, Protocol):
                 kernel.stats.bytes_up += len(payload)
                 # The transports are inert now: let them go.
                 self._splice = kernel
-                self._client = None
-                self.transport = None
+                self._kernel_taken()
                 return
         if first:
             upstream.transport.write(first)
@@ -627,13 +626,24 @@ class ProxyConnection(SpliceSideMixin, Protocol):
                 ctx.child(ctx.metrics.kernel_spliced, ctx.config.name).inc()
                 upstream._splice = None
                 self._splice = kernel
-                self._client = None
-                self.transport = None
+                self._kernel_taken()
                 return True
         transport = upstream.transport
         transport.unregisterProducer()
         transport.registerProducer(self._client, True)
         return False
+
+    def _kernel_taken(self) -> None:
+        """
+        The kernel splice owns both sockets now: drop what only the
+        userspace phase needed (the inert transports, the candidate and
+        its ranking, kept for an empty-response retry), so that an idle
+        spliced connection holds little besides its record and the splice.
+        """
+        self._client = None
+        self.transport = None
+        self._candidate = None
+        self._upstream = None
 
     def _shard_silent(self, upstream: UpstreamProtocol) -> bool:
         """

@@ -70,6 +70,10 @@ class State(enum.Enum):
     SPLICED = "spliced"  # bytes flow; the splice owns the rest
     CLOSED = "closed"  # refused, gone or finished
 
+    # Members are singletons compared by identity: hash them by identity too
+    # (Enum's own hash runs Python code on its name, at every ``_go``).
+    __hash__ = object.__hash__
+
 
 _TRANSITIONS = {
     State.ACCEPTED: frozenset({State.PEEKING, State.CLOSED}),
@@ -435,7 +439,8 @@ class ConnectionMachine:
         identified = self.identified
         protocol = self.answer_protocol
         try:
-            key = _shard_key(rules.resolver.service_config(self.service), self.client, identified)
+            service = rules.resolver.service_config(self.service)
+            key = _shard_key(service, self.client, identified)
             request = ConnectionRequest(
                 service_id=self.service,
                 client=self.client,
@@ -446,7 +451,7 @@ class ConnectionMachine:
                 shard_key=key,
             )
             candidates = rules.resolver.resolve(request, config.retries)
-            self.policy = admit(rules.resolver.service_config(self.service), self.facts)
+            self.policy = admit(service, self.facts)
             if key is not None:
                 self.policy = attrs.evolve(self.policy, shard_key=key)
         except AccessDenied as e:

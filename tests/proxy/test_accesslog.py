@@ -12,7 +12,7 @@ import os
 
 from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock
-from twisted.logger import ILogObserver, LogLevel, formatEvent
+from twisted.logger import ILogObserver, LogLevel, eventAsJSON, eventFromJSON, formatEvent, formatEventAsClassicLogText
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
@@ -210,6 +210,18 @@ class FormTests(SynchronousTestCase):
             format_text(fields),
             "c1 198.51.100.7:51515 edge -/- sni=- up=12 down=3400 peek=- connect=- total=2.000 close=refused:eof",
         )
+
+    def test_text_with_braces_renders_as_itself(self) -> None:
+        """The event's format is the escaped line: braces in a value come out once, as written."""
+        events: list = []
+        AccessLog("text", observer=events.append).write(dict(SAMPLE, close="x{0}y}}{{"))
+        [event] = events
+        self.assertTrue(formatEvent(event).endswith(" close=x{0}y}}{{"))
+        self.assertEqual(event["line"], formatEvent(event))
+        self.assertEqual(event["log_flattened"], {})
+        # as twistd's file observer writes it, and as a JSON log keeps it
+        self.assertTrue(formatEventAsClassicLogText(event).endswith(" close=x{0}y}}{{\n"))
+        self.assertEqual(formatEvent(eventFromJSON(eventAsJSON(event))), event["line"])
 
     def test_json_event(self) -> None:
         """The JSON form's text is one JSON object holding every field."""

@@ -113,3 +113,92 @@ class InterfaceTests(SynchronousTestCase):
         from shardtcp.proxy.connector import IShardConnector, ShardConnector
 
         verifyObject(IShardConnector, ShardConnector(MemoryReactorClock()))
+
+
+class EndpointCacheTests(SynchronousTestCase):
+    """``ShardConnector`` builds one plain endpoint per shard address and timeout."""
+
+    def shard(self, host: str, port: int = 443):
+        from shardtcp.model import Address, ShardInfo
+
+        return ShardInfo("s1", "api", Address(host, port), None, 10, 90.0)
+
+    def test_same_address_same_endpoint(self) -> None:
+        """Two connections to one shard reuse its endpoint; another port or timeout gets its own."""
+        from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+        from twisted.internet.testing import MemoryReactorClock
+
+        from shardtcp.proxy.connector import ShardConnector
+
+        connector = ShardConnector(MemoryReactorClock())
+        first = connector._plain_endpoint(self.shard("127.0.0.1"), 5.0)
+        self.assertIsInstance(first, TCP4ClientEndpoint)
+        self.assertIs(connector._plain_endpoint(self.shard("127.0.0.1"), 5.0), first)
+        self.assertIsNot(connector._plain_endpoint(self.shard("127.0.0.1", 444), 5.0), first)
+        self.assertIsNot(connector._plain_endpoint(self.shard("127.0.0.1"), 6.0), first)
+        self.assertIsInstance(connector._plain_endpoint(self.shard("::1"), 5.0), TCP6ClientEndpoint)
+
+    def test_bounded(self) -> None:
+        """At ENDPOINT_CACHE_SIZE addresses the cache starts over instead of growing."""
+        from twisted.internet.testing import MemoryReactorClock
+
+        from shardtcp.proxy import connector as module
+
+        connector = module.ShardConnector(MemoryReactorClock())
+        self.patch(module, "ENDPOINT_CACHE_SIZE", 3)
+        first = connector._plain_endpoint(self.shard("127.0.0.1", 1), 5.0)
+        connector._plain_endpoint(self.shard("127.0.0.1", 2), 5.0)
+        connector._plain_endpoint(self.shard("127.0.0.1", 3), 5.0)
+        self.assertEqual(len(connector._endpoints), 3)
+        self.assertIs(connector._plain_endpoint(self.shard("127.0.0.1", 1), 5.0), first)
+        connector._plain_endpoint(self.shard("127.0.0.1", 4), 5.0)
+        self.assertEqual(len(connector._endpoints), 1)
+        self.assertIsNot(connector._plain_endpoint(self.shard("127.0.0.1", 1), 5.0), first)
+
+
+class TimeoutTests(SynchronousTestCase):
+    """A plain TCP attempt is bounded by connectTCP's own timer; it fails as ``timeout`` when it fires."""
+
+    def test_one_timer_and_timeout_reason(self) -> None:
+        """One delayed call per attempt (connectTCP's), and its firing is classified ``timeout``."""
+        from twisted.internet.protocol import Factory, Protocol
+        from twisted.internet.testing import MemoryReactorClock
+
+        from shardtcp.model import Address, ShardInfo
+        from shardtcp.proxy.connector import ShardConnector
+
+        reactor = MemoryReactorClock()
+        connector = ShardConnector(reactor)
+        d = connector.connect(ShardInfo("s1", "api", Address("127.0.0.1", 9), None, 10, 90.0),
+                              Factory.forProtocol(Protocol), 5.0)
+        [(host, port, factory, timeout, _)] = reactor.tcpClients
+        self.assertEqual((host, port, timeout), ("127.0.0.1", 9, 5.0))
+        # MemoryReactor does not run connectTCP's timer: the connector's
+        # failure after it fired is what a real reactor delivers.
+        self.assertEqual(reactor.getDelayedCalls(), [])
+        from twisted.internet.error import TimeoutError as TxTimeoutError
+        from twisted.python.failure import Failure
+
+        factory.clientConnectionFailed(reactor.connectors[0], Failure(TxTimeoutError()))
+        failure = self.failureResultOf(d, ShardConnectFailed)
+        self.assertEqual(failure.value.reason, "timeout")
+
+    def test_injected_endpoint_keeps_its_bound(self) -> None:
+        """An endpoint from ``endpoint_factory`` gets the connector's timer: it fires at ``timeout``, not before."""
+        from twisted.internet import defer as tdefer
+        from twisted.internet.testing import MemoryReactorClock
+
+        from shardtcp.model import Address, ShardInfo
+        from shardtcp.proxy.connector import ShardConnector
+
+        class Never:
+            def connect(self, factory):
+                return tdefer.Deferred()
+
+        reactor = MemoryReactorClock()
+        connector = ShardConnector(reactor, endpoint_factory=lambda shard, timeout: Never())
+        d = connector.connect(ShardInfo("s1", "api", Address("127.0.0.1", 9), None, 10, 90.0), None, 5.0)
+        reactor.advance(4.999)
+        self.assertNoResult(d)
+        reactor.advance(0.001)
+        self.assertEqual(self.failureResultOf(d, ShardConnectFailed).value.reason, "timeout")
