@@ -7,7 +7,7 @@ connection, HAProxy and Twisted's ``portforward``, in one run, on loopback.
 The runs (``bench/runs/``): ``tls`` (TLS bulk, short TLS connections, memory
 held), ``connrate`` (wrk, ``Connection: close``), ``bulk_plain`` (plain TCP,
 HAProxy with and without splice), ``resolver`` (3 to 10,000 shards),
-``shardkey`` (choosing by shard key at 100 and 10,000 shards), ``micro`` (per-connection pieces) and ``workers`` (not available yet).
+``shardkey`` (choosing by shard key at 100 and 10,000 shards), ``micro`` (per-connection pieces) and ``workers`` (1 and 2 worker processes).
 A run that cannot measure what it promises stops the bench with its reason
 and exit status 1; every process started is stopped on the way out, also
 on Ctrl-C and SIGTERM.  How to read the output: ``bench/README.rst``.

@@ -140,6 +140,34 @@ class ListeningService(Service):
         return None
 
 
+class AdoptedListeningService(ListeningService):
+    """
+    Accept on a listening socket bound by another process (a worker's
+    socket, bound by its supervisor: ``shardtcp.workers``), given as a file
+    descriptor; the descriptor is closed once adopted (the reactor keeps
+    its own duplicate).
+    """
+
+    def __init__(self, fd: int, description: str, factory, reactor, label: str = "") -> None:
+        super().__init__(description, factory, reactor, label=label)
+        self.fd = fd
+
+    def listen(self) -> None:
+        import socket as _socket
+
+        probe = _socket.socket(fileno=self.fd)
+        family = probe.family
+        probe.detach()
+        try:
+            self.port = self._reactor.adoptStreamPort(self.fd, family, self.factory)
+        except OSError as e:
+            raise ListenFailed(f"{self.label}: cannot adopt the socket of {self.description}: {e.strerror}") from e
+        finally:
+            import os as _os
+
+            _os.close(self.fd)
+
+
 @implementer(IReloader)
 class ProxyService(MultiService):
     """
@@ -187,6 +215,8 @@ class ProxyService(MultiService):
         self._drain: Drain | None = None
         self._stopping: Deferred | None = None
         self.signals: SignalHandlers | None = None
+        #: Listener name -> listening socket descriptor to adopt instead of binding (a worker's).
+        self.listen_fds: dict = {}
 
     @property
     def ready(self) -> bool:
@@ -234,6 +264,11 @@ class ProxyService(MultiService):
 
     def listening_service(self, listener, factory) -> "ListeningService":
         """A (not yet started) listening service for ``listener``."""
+        if listener.name in self.listen_fds:
+            return AdoptedListeningService(
+                self.listen_fds.pop(listener.name), listener.listen, factory, self._reactor,
+                label=f"listener {listener.name!r}",
+            )
         return ListeningService(
             listener.listen, factory, self._reactor, label=f"listener {listener.name!r}", backlog=listener.backlog
         )
@@ -332,11 +367,13 @@ def build_registry(config: Config, reactor):
     )
 
 
-def build_fleet(config: Config, reactor, resolver: ShardResolver, registry) -> tuple:
+def build_fleet(config: Config, reactor, resolver: ShardResolver, registry, load: tuple | None = None) -> tuple:
     """
     With an etcd registry, ``(LoadSharing, FleetAdmin)``: this proxy's load
     published and the others' counted, and the fleet-wide overrides applied;
     both follow the resolver's shards as they change.  Else ``()``.
+    ``load`` replaces what is published and where the others' load goes
+    (``(own, apply)``; a supervisor of worker processes).
     """
     if config.registry.kind != "etcd":
         return ()
@@ -344,8 +381,9 @@ def build_fleet(config: Config, reactor, resolver: ShardResolver, registry) -> t
     from shardtcp.registry.fleet import FleetAdmin, LoadSharing
 
     client = etcd_client(config.registry, reactor)
+    own, apply = load or (resolver.open_connections, resolver.set_remote_load)
     load = LoadSharing(
-        client, config.registry.prefix, config.proxy.id, resolver.open_connections, resolver.set_remote_load,
+        client, config.registry.prefix, config.proxy.id, own, apply,
         clock=reactor, lease_ttl=config.registry.lease_ttl,
     )
     admin = FleetAdmin(client, config.registry.prefix, resolver, clock=reactor)
@@ -356,15 +394,28 @@ def build_fleet(config: Config, reactor, resolver: ShardResolver, registry) -> t
     return (load, admin)
 
 
-def build_service(config: Config, reactor=None, *, connector: ShardConnector | None = None) -> ProxyService:
-    """Build the service tree for a validated ``config``."""
+def build_service(
+    config: Config, reactor=None, *, connector: ShardConnector | None = None, listen_fds: dict | None = None,
+    control_plane: bool = True, root_type=None, fleet_load: tuple | None = None,
+) -> ProxyService:
+    """
+    Build the service tree for a validated ``config``.
+
+    A worker process (``shardtcp.workers``) passes ``listen_fds`` (listener
+    name -> listening socket to adopt rather than bind) and
+    ``control_plane=False``: no health checks, no admin site and no fleet
+    load publishing, which its supervisor runs once for every worker.
+    ``root_type`` replaces ``ProxyService`` and ``fleet_load`` the fleet
+    load's ``(own, apply)`` (the supervisor's, ``build_fleet``).
+    """
     if reactor is None:
         from twisted.internet import reactor
     metrics = ProxyMetrics()
     registry = build_registry(config, reactor)
     parts = build_parts(config, reactor)
     resolver = build_resolver(config, clock=reactor, source=registry)
-    root = ProxyService(config, resolver, metrics, reactor)
+    root = (root_type or ProxyService)(config, resolver, metrics, reactor)
+    root.listen_fds = dict(listen_fds or {})
     root.parts = parts
     root.health_tls = health_tls_options(parts.upstream_tls)
     root.registry = registry
@@ -373,7 +424,7 @@ def build_service(config: Config, reactor=None, *, connector: ShardConnector | N
         # registry the resolver reads when etcd is down at start-up.
         registry.setServiceParent(root)
     resolver.setServiceParent(root)
-    root.fleet = build_fleet(config, reactor, resolver, registry)
+    root.fleet = build_fleet(config, reactor, resolver, registry, fleet_load) if control_plane else ()
     for part in root.fleet:
         part.setServiceParent(root)
     if registry is not None:
@@ -386,7 +437,9 @@ def build_service(config: Config, reactor=None, *, connector: ShardConnector | N
         # explain (and resolve) admit clients as the connection path does.
         resolver.set_admission(intel.denies)
     root.threat_intel = intel
-    health = build_health_service(config, resolver, reactor, tls_options_for=root.current_health_tls)
+    health = None
+    if control_plane:
+        health = build_health_service(config, resolver, reactor, tls_options_for=root.current_health_tls)
     if health is not None:
         health.setServiceParent(root)
     root.health = health
@@ -410,7 +463,7 @@ def build_service(config: Config, reactor=None, *, connector: ShardConnector | N
         port_service = root.listening_service(listener, factory)
         port_service.setName(f"listener:{listener.name}")
         port_service.setServiceParent(root)
-    admin = build_admin_service(
+    admin = None if not control_plane else build_admin_service(
         config, reactor, resolver=resolver, metrics=metrics,
         serving=lambda: root.ready,
         reloader=root,
@@ -515,7 +568,12 @@ def makeService(options: Options, reactor=None) -> ProxyService:
     from shardtcp.admin import AdminError
 
     try:
-        root = build_service(config, reactor)
+        if worker_count(config) > 1:
+            from shardtcp.workers.supervisor import build_supervisor
+
+            root = build_supervisor(config, reactor)
+        else:
+            root = build_service(config, reactor)
     except (ThreatIntelError, AccessLogError, AdminError) as e:
         sys.stderr.write(f"shardtcp: {e}\nshardtcp: not starting\n")
         raise SystemExit(1)
@@ -531,6 +589,16 @@ def makeService(options: Options, reactor=None) -> ProxyService:
     else:
         root.on_listen_failure = functools.partial(_log_not_listening, parent)
     return root
+
+
+def worker_count(config: Config) -> int:
+    """``[proxy] workers`` as a number of processes (``"auto"``: one per core)."""
+    import os
+
+    workers = config.proxy.workers
+    if workers == "auto":
+        return os.cpu_count() or 1
+    return int(workers)
 
 
 def _exit_not_listening(error: ListenFailed) -> None:

@@ -148,17 +148,28 @@ class LayeringTests(SynchronousTestCase):
                 )
 
     def test_workers_import_only_what_they_sum(self):
-        """``shardtcp.workers`` imports only the resolver, the registry, metrics, config, model and
-        the floor (and its own package); nothing of the connection path, admin, tap or cli."""
+        """``shardtcp.workers.aggregate`` and ``channel`` import only the resolver, the registry,
+        metrics, config, model and the floor (and their own package); nothing of the connection
+        path, admin, tap or cli."""
         allowed = (
             "shardtcp.workers", "shardtcp.resolver", "shardtcp.registry", "shardtcp.metrics",
             "shardtcp.config", "shardtcp.model",
         )
-        for name in sorted(n for n in MODULES if _within(n, ("shardtcp.workers",))):
+        for name in ("shardtcp.workers.aggregate", "shardtcp.workers.channel"):
             for target, line in _imports(name):
                 if target == "shardtcp" or target in FLOOR:
                     continue
                 self.assertTrue(_within(target, allowed), f"{name}:{line} imports {target}")
+
+    def test_supervisor_and_child_sit_beside_tap(self):
+        """The supervisor and the worker entry point build on ``tap``: only ``tap`` imports them."""
+        top = ("shardtcp.workers.supervisor", "shardtcp.workers.child")
+        self.assertIn("shardtcp.workers.supervisor", [t for t, _ in _imports("shardtcp.tap")])
+        for name in sorted(MODULES):
+            if name in top or name == "shardtcp.tap":
+                continue
+            for target, line in _imports(name):
+                self.assertNotIn(target, top, f"{name}:{line} imports {target}")
 
     def test_nothing_below_imports_workers(self):
         """Neither the floor, the codecs nor anything the resolver reaches imports ``shardtcp.workers``."""

@@ -32,7 +32,6 @@ TokenSizer = Callable[..., int]
 
 #: (table, key) -> the default value; any other value is refused for now.
 NOT_YET_AVAILABLE: dict[tuple[str, str], Any] = {
-    ("proxy", "workers"): 1,
 }
 
 # Said instead of the plain line where an operator needs to know more.

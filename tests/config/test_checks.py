@@ -53,8 +53,7 @@ class NotYetAvailableTests(_Helpers, SynchronousTestCase):
     """Each key of NOT_YET_AVAILABLE: its default passes, anything else is refused."""
 
     # A valid non-default value for each key, as TOML decodes it.
-    OTHER = {
-        ("proxy", "workers"): 2,
+    OTHER: dict = {
     }
     DEFAULT = {
     }
@@ -126,6 +125,13 @@ class BoundsTests(_Helpers, SynchronousTestCase):
             self.assertInBounds("proxy", "workers", good)
         for bad in (0, 1025, "many", 1.5, True):
             self.assertOutOfBounds("proxy", "workers", bad, "proxy.workers: ")
+
+    def test_workers_available(self) -> None:
+        """workers = 2 and "auto" load with no problem (worker processes exist)."""
+        for value in (2, "auto"):
+            data = minimal()
+            _set(data, "proxy", "workers", value)
+            self.assertEqual(self.parse(data).proxy.workers, value)
 
     def test_drain_timeout(self) -> None:
         """drain_timeout: 0s..24h."""

@@ -1,0 +1,178 @@
+"""
+The control channel in memory: a supervisor's ``SupervisorChannel`` and a
+worker's ``WorkerChannel`` (over a worker tree built with
+``control_plane=False``) joined by ``iosim``: shard state, peer load,
+metrics and status reach the worker; its load reaches the supervisor,
+coalesced by ``LoadReporter``; a lost channel is noticed.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CollectorRegistry
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+from twisted.test import iosim
+from twisted.trial.unittest import SynchronousTestCase
+
+from shardtcp import keys
+from shardtcp.config import load_config
+from shardtcp.model import Health
+from shardtcp.tap import build_service
+from shardtcp.workers import channel
+from shardtcp.workers.child import LoadReporter, Retirement, WorkerChannel, worker_line
+from shardtcp.workers.supervisor import SupervisorChannel, WorkerSet
+from tests.workers.test_supervisor import FakeSpawner
+
+
+def _worker_root(case) -> object:
+    directory = os.path.abspath(case.mktemp())
+    os.makedirs(directory)
+    paths = keys.generate_keypair(os.path.join(directory, "keys"), kid="policy-1")
+    path = os.path.join(directory, "shardtcp.toml")
+    with open(path, "w") as f:
+        f.write(
+            f'[proxy]\nid = "edge-1"\nworkers = 2\n[signing]\nprivate_key = "{paths.private_key}"\nkid = "policy-1"\n'
+            '[admin]\nlisten = "tcp:0:interface=127.0.0.1"\n'
+            '[[listener]]\nname = "edge"\nlisten = "tcp:0:interface=127.0.0.1"\nmode = "plain"\nidentify = ["line"]\n'
+            '[service.api]\nnames = ["api.example.test"]\n'
+            '[[service.api.shard]]\nid = "api-a"\naddress = "127.0.0.1:1"\ncapacity = 10\n'
+            '[[service.api.shard]]\nid = "api-b"\naddress = "127.0.0.1:2"\nhealth_check = { kind = "tcp" }\n'
+        )
+    reactor = MemoryReactorClock()
+    root = build_service(load_config(path), reactor, control_plane=False)
+    root.startService()
+    case.addCleanup(root.stopService)
+    return root
+
+
+def _shard(root, shard_id: str) -> dict:
+    return root.resolver.status()["services"]["api"]["shards"][shard_id]
+
+
+class ChannelTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.root = _worker_root(self)
+        self.workers = WorkerSet(2, FakeSpawner(), Clock(), fds=dict, registry=CollectorRegistry())
+        self.workers.start()
+        self.worker = self.workers.workers[0]
+        self.lost = []
+        supervisor_side = SupervisorChannel(self.workers, self.worker)
+        self.link = WorkerChannel(self.root, on_lost=lambda: self.lost.append(True))
+        self.supervisor_side, self.worker_side, self.pump = iosim.connectedServerAndClient(
+            lambda: self.link, lambda: supervisor_side
+        )
+        self.link.send(channel.Hello, index=0, generation=1, pid=4321)
+        self.link.send(channel.Ready)
+        self.pump.flush()
+
+    def test_worker_built_without_control_plane(self) -> None:
+        """A worker's tree has no health checker and no admin site (the supervisor runs them)."""
+        self.assertIsNone(self.root.health)
+        self.assertRaises(KeyError, self.root.getServiceNamed, "admin")
+        self.assertEqual(self.root.fleet, ())
+
+    def test_hello_and_ready(self) -> None:
+        """Hello gives the supervisor the channel; Ready marks the worker ready."""
+        self.assertIs(self.worker.channel, self.supervisor_side)
+        self.assertEqual(self.worker.state, "ready")
+
+    def test_shard_state_reaches_worker(self) -> None:
+        """Health, Admin (state, weight) sent by the supervisor change the worker's resolver."""
+        self.supervisor_side.send(channel.Health, shard_id="api-b", health="unhealthy")
+        self.supervisor_side.send(channel.Admin, shard_id="api-a", what="state", value="drain")
+        self.supervisor_side.send(channel.Admin, shard_id="api-a", what="weight", value=4.0)
+        self.pump.flush()
+        self.assertEqual(_shard(self.root, "api-b")["health"], Health.UNHEALTHY.value)
+        self.assertEqual(_shard(self.root, "api-a")["admin_state"], "drain")
+        self.assertEqual(_shard(self.root, "api-a")["weight"], 4.0)
+        self.supervisor_side.send(channel.Admin, shard_id="api-a", what="weight", value=None)
+        self.pump.flush()
+        self.assertEqual(_shard(self.root, "api-a")["weight"], 1.0)
+
+    def test_unknown_shard_is_ignored(self) -> None:
+        """A change naming a shard the worker does not know is logged, not fatal: the channel stays up."""
+        self.supervisor_side.send(channel.Health, shard_id="nope", health="unhealthy")
+        self.pump.flush()
+        self.assertFalse(self.lost)
+        self.supervisor_side.send(channel.Health, shard_id="api-b", health="unhealthy")
+        self.pump.flush()
+        self.assertEqual(_shard(self.root, "api-b")["health"], "unhealthy")
+
+    def test_peer_load_is_remote_load(self) -> None:
+        """PeerLoad counts toward the shard's load: 5 others' connections of capacity 10 is load 0.5."""
+        self.supervisor_side.send(channel.PeerLoad, counts={"api-a": 5})
+        self.pump.flush()
+        self.assertEqual(_shard(self.root, "api-a")["load"], 0.5)
+
+    def test_metrics_and_status(self) -> None:
+        """Metrics answers the worker's Prometheus text; Status its pid and listeners."""
+        answers = []
+        self.supervisor_side.callRemote(channel.Metrics).addCallback(answers.append)
+        self.supervisor_side.callRemote(channel.Status).addCallback(answers.append)
+        self.pump.flush()
+        self.assertIn("# TYPE shardtcp_connections_accepted_total counter", answers[0]["text"])
+        self.assertEqual(answers[1]["status"]["pid"], os.getpid())
+        self.assertEqual(answers[1]["status"]["listeners"], {"edge": {"accepted": 0, "active": 0, "refused": {}}})
+
+    def test_load_reporter_coalesces(self) -> None:
+        """Two changes within one interval make one Load with the latest counts; no change, no message."""
+        clock = Clock()
+        reporter = LoadReporter(self.root.resolver, self.link, clock)
+        reporter.start()
+        first = self.root.resolver.lease("api-a")
+        second = self.root.resolver.lease("api-a")
+        clock.advance(channel.LOAD_INTERVAL - 0.001)
+        self.pump.flush()
+        self.assertEqual(self.worker.load, {})
+        clock.advance(0.001)
+        self.pump.flush()
+        self.assertEqual(self.worker.load, {"api-a": 2})
+        first.release()
+        second.release()
+        clock.advance(channel.LOAD_INTERVAL)
+        self.pump.flush()
+        self.assertEqual(self.worker.load, {})
+        reporter.stop()
+
+    def test_lost_channel(self) -> None:
+        """The worker notices a lost channel (its supervisor is gone); the supervisor forgets it."""
+        self.supervisor_side.transport.loseConnection()
+        self.pump.flush()
+        self.assertEqual(self.lost, [True])
+        self.assertIsNone(self.worker.channel)
+
+
+class RetirementTests(SynchronousTestCase):
+    def test_retire_stops_accepting_then_exits_when_idle(self) -> None:
+        """
+        Retire closes every listening port at once, keeps running while a
+        connection is open (however long), and stops the process within one
+        look after the last one ends.
+        """
+        root = _worker_root(self)
+        clock, stopped = Clock(), []
+        retire = Retirement(root, clock, lambda: stopped.append(True), interval=0.2)
+        connection = object()
+        connections = root.factories["edge"].context.connections
+        connections.add(connection)
+        retire()
+        self.assertIsNone(root.listening_port("edge"))
+        clock.advance(3600)
+        self.assertEqual(stopped, [])
+        connections.remove(connection)
+        clock.advance(0.199)
+        self.assertEqual(stopped, [])
+        clock.advance(0.001)
+        self.assertEqual(stopped, [True])
+
+
+class LogLineTests(SynchronousTestCase):
+    def test_worker_index_after_the_time(self) -> None:
+        """A worker's log line is twistd's, with "worker <index>" after the time."""
+        event = {"log_format": "hello {who}", "who": "there", "log_time": 0.0, "log_namespace": "x",
+                 "log_level": None, "log_system": "sys"}
+        line = worker_line(3)(event)
+        self.assertRegex(line, r"^\S+ worker 3 \[sys\] hello there\n$")
+        self.assertEqual(worker_line(3)({"log_format": None, "log_time": 0.0}), None)

@@ -1,0 +1,405 @@
+"""
+The supervisor's logic in memory: ``WorkerSet`` over a fake spawner and a
+``Clock`` (spawning, the respawn back-off at both edges, the generation
+switch of a reload, signals to every worker, a stop), the load passed
+between workers, and ``ShardStateRelay``.
+"""
+
+from __future__ import annotations
+
+import signal
+
+from prometheus_client import CollectorRegistry
+from twisted.internet import error
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from shardtcp.model import Health
+from shardtcp.workers import channel
+from shardtcp.workers.aggregate import RemoteLoad
+from shardtcp.workers.supervisor import (
+    BACKOFF_FIRST,
+    BACKOFF_MAX,
+    STEADY,
+    IWorkerSpawner,
+    ProcessSpawner,
+    ShardStateRelay,
+    WorkerSet,
+)
+
+
+class FakeProcess:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.signals: list = []
+        self.exited = False
+
+    def signalProcess(self, number) -> None:
+        if self.exited:
+            raise error.ProcessExitedAlready()
+        self.signals.append(signal.Signals(number).name[len("SIG"):])
+
+
+class FakeSpawner:
+    """Records each spawn; ``exit(i)`` ends the i-th process spawned."""
+
+    def __init__(self) -> None:
+        self.spawned: list = []  # (index, generation, fds, process, ended)
+        self._pid = 1000
+
+    def spawn(self, index, generation, fds, channel_protocol, ended):
+        self._pid += 1
+        process = FakeProcess(self._pid)
+        self.spawned.append((index, generation, dict(fds), process, ended))
+        return process
+
+    def exit(self, n: int, status: str = "exit status 1") -> None:
+        process, ended = self.spawned[n][3], self.spawned[n][4]
+        process.exited = True
+        ended(status)
+
+
+class FakeChannel:
+    def __init__(self) -> None:
+        self.sent: list = []
+
+    def send(self, command, **arguments) -> None:
+        self.sent.append((command, arguments))
+
+
+def _set(count: int = 2, **kw):
+    spawner, clock, registry = FakeSpawner(), Clock(), CollectorRegistry()
+    workers = WorkerSet(count, spawner, clock, fds=lambda: {"edge": 7}, registry=registry, **kw)
+    return workers, spawner, clock, registry
+
+
+class SpawnTests(SynchronousTestCase):
+    def test_start_spawns_every_index(self) -> None:
+        """start() spawns indexes 0..N-1 of generation 1, each with the listening sockets."""
+        workers, spawner, _, _ = _set(3)
+        workers.start()
+        self.assertEqual([(i, g, fds) for i, g, fds, _, _ in spawner.spawned], [(i, 1, {"edge": 7}) for i in range(3)])
+        self.assertEqual([w["state"] for w in workers.status()], ["starting"] * 3)
+        self.assertEqual([w["pid"] for w in workers.status()], [1001, 1002, 1003])
+
+    def test_process_spawner_provides_interface(self) -> None:
+        """ProcessSpawner is an IWorkerSpawner."""
+        self.assertTrue(verifyObject(IWorkerSpawner, ProcessSpawner(None, "/x.toml")))
+
+
+class RespawnTests(SynchronousTestCase):
+    def test_young_death_waits_first_backoff(self) -> None:
+        """A worker dead just before STEADY seconds is spawned again after exactly BACKOFF_FIRST."""
+        workers, spawner, clock, registry = _set()
+        workers.start()
+        clock.advance(STEADY - 0.001)
+        spawner.exit(0)
+        self.assertEqual(len(spawner.spawned), 2)
+        clock.advance(BACKOFF_FIRST - 0.001)
+        self.assertEqual(len(spawner.spawned), 2)
+        clock.advance(0.001)
+        self.assertEqual(len(spawner.spawned), 3)
+        self.assertEqual(spawner.spawned[2][:2], (0, 1))
+        self.assertEqual(workers.restarts, {0: 1})
+        self.assertEqual(registry.get_sample_value("shardtcp_worker_restarts_total", {"index": "0"}), 1.0)
+
+    def test_steady_worker_respawns_at_once(self) -> None:
+        """A worker that ran STEADY seconds is spawned again with no wait."""
+        workers, spawner, clock, _ = _set()
+        workers.start()
+        clock.advance(STEADY)
+        spawner.exit(1)
+        clock.advance(0)
+        self.assertEqual(spawner.spawned[-1][:2], (1, 1))
+        self.assertEqual(len(spawner.spawned), 3)
+
+    def test_backoff_doubles_to_max_and_resets(self) -> None:
+        """Deaths at start-up wait 0.5, 1, 2 ... 16, then 30, 30 s; a steady run resets it to 0.5."""
+        workers, spawner, clock, _ = _set(1)
+        workers.start()
+        waits = []
+        for _ in range(8):
+            spawner.exit(len(spawner.spawned) - 1)
+            before = len(spawner.spawned)
+            waited = 0.0
+            while len(spawner.spawned) == before:
+                clock.advance(0.25)
+                waited += 0.25
+            waits.append(waited)
+        self.assertEqual(waits, [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, BACKOFF_MAX, BACKOFF_MAX])
+        clock.advance(STEADY)
+        spawner.exit(len(spawner.spawned) - 1)
+        clock.advance(0)
+        before = len(spawner.spawned)
+        spawner.exit(before - 1)
+        clock.advance(BACKOFF_FIRST - 0.01)
+        self.assertEqual(len(spawner.spawned), before)
+        clock.advance(0.01)
+        self.assertEqual(len(spawner.spawned), before + 1)
+        self.assertEqual(workers.restarts, {0: 10})
+
+
+class GenerationTests(SynchronousTestCase):
+    def test_new_generation_replaces_index_by_index(self) -> None:
+        """
+        replace() spawns generation 2; a new worker's Ready sends SIGTERM
+        to the old worker of its index only; old workers exiting then are
+        not restarts and are not spawned again.
+        """
+        workers, spawner, clock, _ = _set()
+        workers.start()
+        old = [w for w in workers.workers]
+        for w in old:
+            workers.ready(w)
+        workers.replace()
+        self.assertEqual([(i, g) for i, g, *_ in spawner.spawned[2:]], [(0, 2), (1, 2)])
+        new = [w for w in workers.workers if w.generation == 2]
+        workers.ready(new[1])
+        self.assertEqual([spawner.spawned[n][3].signals for n in range(4)], [[], ["TERM"], [], []])
+        workers.ready(new[0])
+        self.assertEqual(spawner.spawned[0][3].signals, ["TERM"])
+        spawner.exit(0)
+        spawner.exit(1)
+        clock.advance(60)
+        self.assertEqual(len(spawner.spawned), 4)
+        self.assertEqual(workers.restarts, {})
+        self.assertEqual([(w["index"], w["generation"]) for w in workers.status()], [(0, 2), (1, 2)])
+
+    def test_replaced_worker_with_channel_is_retired(self) -> None:
+        """An old worker whose channel is up is sent Retire (not SIGTERM) once its successor is ready."""
+        workers, spawner, _, _ = _set(1)
+        workers.start()
+        old_channel = FakeChannel()
+        workers.hello(workers.workers[0], old_channel, 1001)
+        workers.ready(workers.workers[0])
+        workers.replace()
+        workers.ready(workers.workers[1])
+        self.assertEqual(spawner.spawned[0][3].signals, [])
+        self.assertEqual(old_channel.sent[-1], (channel.Retire, {}))
+        self.assertEqual([w["state"] for w in workers.status()], ["draining", "ready"])
+
+    def test_fewer_workers_after_reload(self) -> None:
+        """replace(1) spawns one worker; the old worker 1, which has no successor, gets SIGTERM at once."""
+        workers, spawner, _, _ = _set(2)
+        workers.start()
+        workers.replace(1)
+        self.assertEqual([(i, g) for i, g, *_ in spawner.spawned[2:]], [(0, 2)])
+        self.assertEqual([s[3].signals for s in spawner.spawned], [[], ["TERM"], []])
+        workers.ready(workers.workers[-1])
+        self.assertEqual(spawner.spawned[0][3].signals, ["TERM"])
+
+    def test_more_workers_after_reload(self) -> None:
+        """replace(3) spawns indexes 0, 1 and 2 of generation 2; later restarts keep three."""
+        workers, spawner, _, _ = _set(2)
+        workers.start()
+        workers.replace(3)
+        self.assertEqual([(i, g) for i, g, *_ in spawner.spawned[2:]], [(0, 2), (1, 2), (2, 2)])
+        self.assertEqual(workers.count, 3)
+
+    def test_old_worker_dying_early_is_not_respawned(self) -> None:
+        """An old-generation worker that dies before its successor is ready is not spawned again."""
+        workers, spawner, clock, _ = _set()
+        workers.start()
+        workers.replace()
+        spawner.exit(0)
+        clock.advance(60)
+        self.assertEqual(len(spawner.spawned), 4)
+
+
+class SpawnFailureTests(SynchronousTestCase):
+    def test_failed_spawn_is_retried_after_backoff(self) -> None:
+        """A spawn that raises (no descriptors left) is logged, counted and tried again after BACKOFF_FIRST."""
+        workers, spawner, clock, _ = _set(1)
+        real = spawner.spawn
+        calls = []
+
+        def failing(*args):
+            calls.append(args[0])
+            if len(calls) == 1:
+                raise OSError(24, "Too many open files")
+            return real(*args)
+
+        spawner.spawn = failing
+        workers.start()
+        self.assertEqual(workers.workers, [])
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
+        clock.advance(BACKOFF_FIRST)
+        self.assertEqual(calls, [0, 0])
+        self.assertEqual([w["index"] for w in workers.status()], [0])
+        self.assertEqual(workers.restarts, {0: 1})
+
+
+class SignalTests(SynchronousTestCase):
+    def test_signal_all(self) -> None:
+        """signal_all sends the signal to every worker alive, skipping one already gone."""
+        workers, spawner, _, _ = _set(3)
+        workers.start()
+        spawner.spawned[2][3].exited = True
+        workers.signal_all("USR1")
+        self.assertEqual([s[3].signals for s in spawner.spawned], [["USR1"], ["USR1"], []])
+
+    def test_stop_waits_then_kills(self) -> None:
+        """
+        stop(t) sends SIGTERM to all; nothing is spawned again as they exit;
+        one still alive at exactly t gets SIGKILL (not before); the Deferred
+        fires once the last has exited.
+        """
+        workers, spawner, clock, _ = _set()
+        workers.start()
+        d = workers.stop(35.0)
+        self.assertEqual([s[3].signals for s in spawner.spawned], [["TERM"], ["TERM"]])
+        spawner.exit(0)
+        clock.advance(34.999)
+        self.assertNoResult(d)
+        self.assertEqual(spawner.spawned[1][3].signals, ["TERM"])
+        clock.advance(0.001)
+        self.assertEqual(spawner.spawned[1][3].signals, ["TERM", "KILL"])
+        spawner.exit(1, "signal 9")
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(len(spawner.spawned), 2)
+
+    def test_stop_cancels_pending_respawn(self) -> None:
+        """A respawn waiting out its back-off does not happen once stopping."""
+        workers, spawner, clock, _ = _set()
+        workers.start()
+        spawner.exit(0)
+        d = workers.stop(5.0)
+        spawner.exit(1)
+        self.assertIsNone(self.successResultOf(d))
+        clock.advance(60)
+        self.assertEqual(len(spawner.spawned), 2)
+
+
+class LoadTests(SynchronousTestCase):
+    def test_peer_load_is_the_others_sum(self) -> None:
+        """Each worker gets the other workers' counts; on_load gets the total; a gone worker's load drops."""
+        totals = []
+        workers, spawner, _, _ = _set(3, remote=RemoteLoad(totals.append))
+        workers.start()
+        channels = [FakeChannel() for _ in range(3)]
+        for w, c in zip(workers.workers, channels):
+            workers.hello(w, c, w.pid)
+        for c in channels:
+            c.sent.clear()
+        workers.load(workers.workers[0], {"a": 2, "b": 1})
+        workers.load(workers.workers[1], {"a": 1, "c": 0})
+        self.assertEqual(channels[0].sent[-1], (channel.PeerLoad, {"counts": {"a": 1}}))
+        self.assertEqual(channels[1].sent[-1], (channel.PeerLoad, {"counts": {"a": 2, "b": 1}}))
+        self.assertEqual(channels[2].sent[-1], (channel.PeerLoad, {"counts": {"a": 3, "b": 1}}))
+        self.assertEqual(totals[-1], {"a": 3, "b": 1})
+        spawner.exit(0)
+        self.assertEqual(totals[-1], {"a": 1})
+        self.assertEqual(channels[2].sent[-1], (channel.PeerLoad, {"counts": {"a": 1}}))
+
+    def test_fleet_load_reaches_every_worker(self) -> None:
+        """
+        The other proxies' load (set_fleet) is added to each worker's
+        PeerLoad and to the supervisor's remote load; what this proxy
+        publishes (totals) stays its workers' sum alone.
+        """
+        totals = []
+        workers, spawner, _, _ = _set(2, remote=RemoteLoad(totals.append))
+        workers.start()
+        channels = [FakeChannel(), FakeChannel()]
+        for w, c in zip(workers.workers, channels):
+            workers.hello(w, c, w.pid)
+        workers.load(workers.workers[0], {"a": 1})
+        workers.set_fleet({"a": 4, "b": 2})
+        self.assertEqual(channels[0].sent[-1], (channel.PeerLoad, {"counts": {"a": 4, "b": 2}}))
+        self.assertEqual(channels[1].sent[-1], (channel.PeerLoad, {"counts": {"a": 5, "b": 2}}))
+        self.assertEqual(totals[-1], {"a": 5, "b": 2})
+        self.assertEqual(workers.totals(), {"a": 1})
+
+    def test_bad_load_is_ignored(self) -> None:
+        """A Load with a negative count changes nothing and sends nothing."""
+        workers, spawner, _, _ = _set(2)
+        workers.start()
+        c = FakeChannel()
+        workers.hello(workers.workers[1], c, 1)
+        c.sent.clear()
+        workers.load(workers.workers[0], {"a": -1})
+        self.assertEqual((workers.totals(), c.sent), ({}, []))
+
+    def test_status_lists_open_connections(self) -> None:
+        """status() shows each worker's open connections and restarts."""
+        workers, spawner, _, _ = _set()
+        workers.start()
+        workers.load(workers.workers[1], {"a": 2, "b": 3})
+        self.assertEqual([w["open_connections"] for w in workers.status()], [0, 5])
+
+
+class FakeResolver:
+    def __init__(self) -> None:
+        self.calls: list = []
+
+    def set_health(self, shard_id, health):
+        self.calls.append(("set_health", shard_id, health))
+
+    def apply_agent_report(self, shard_id, report):
+        self.calls.append(("apply_agent_report", shard_id, report))
+
+    def clear_agent_report(self, shard_id):
+        self.calls.append(("clear_agent_report", shard_id))
+
+    def set_admin_state(self, shard_id, state):
+        self.calls.append(("set_admin_state", shard_id, state))
+
+    def set_weight(self, shard_id, weight):
+        self.calls.append(("set_weight", shard_id, weight))
+
+    def clear_weight(self, shard_id):
+        self.calls.append(("clear_weight", shard_id))
+
+    def set_security_score(self, shard_id, score):
+        self.calls.append(("set_security_score", shard_id, score))
+
+
+class RelayTests(SynchronousTestCase):
+    def test_changes_are_applied_and_sent(self) -> None:
+        """Each setter still reaches the resolver, and its message goes to the workers."""
+        resolver, sent = FakeResolver(), []
+        ShardStateRelay(resolver, lambda command, **kw: sent.append((command, kw)))
+        resolver.set_health("a", Health.UNHEALTHY)
+        resolver.set_admin_state("a", "drain")
+        resolver.set_weight("b", 2.5)
+        resolver.clear_weight("b")
+        resolver.clear_agent_report("c")
+        self.assertEqual([c[0] for c in resolver.calls],
+                         ["set_health", "set_admin_state", "set_weight", "clear_weight", "clear_agent_report"])
+        self.assertEqual(sent, [
+            (channel.Health, {"shard_id": "a", "health": "unhealthy"}),
+            (channel.Admin, {"shard_id": "a", "what": "state", "value": "drain"}),
+            (channel.Admin, {"shard_id": "b", "what": "weight", "value": 2.5}),
+            (channel.Admin, {"shard_id": "b", "what": "weight", "value": None}),
+            (channel.Agent, {"shard_id": "c", "report": None}),
+        ])
+
+    def test_repeats_are_not_sent(self) -> None:
+        """The same report twice (agent checks repeat) is applied twice but sent once; a change is sent."""
+        from shardtcp.resolver.agent import AgentReport
+
+        resolver, sent = FakeResolver(), []
+        ShardStateRelay(resolver, lambda command, **kw: sent.append((command, kw)))
+        resolver.apply_agent_report("a", AgentReport(load=0.5))
+        resolver.apply_agent_report("a", AgentReport(load=0.5))
+        resolver.apply_agent_report("a", AgentReport(load=0.6))
+        self.assertEqual(len(resolver.calls), 3)
+        self.assertEqual([kw["report"]["load"] for _, kw in sent], [0.5, 0.6])
+
+    def test_replay_sends_the_latest_of_each(self) -> None:
+        """A new worker gets the last change of each kind per shard, not the history."""
+        resolver = FakeResolver()
+        relay = ShardStateRelay(resolver, lambda command, **kw: None)
+        resolver.set_health("a", Health.UNHEALTHY)
+        resolver.set_health("a", Health.HEALTHY)
+        resolver.set_weight("a", 3.0)
+
+        class W:
+            channel = FakeChannel()
+
+        relay.replay(W)
+        self.assertEqual(W.channel.sent, [
+            (channel.Health, {"shard_id": "a", "health": "healthy"}),
+            (channel.Admin, {"shard_id": "a", "what": "weight", "value": 3.0}),
+        ])
