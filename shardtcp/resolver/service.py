@@ -438,6 +438,8 @@ class ShardResolver(Service):
         # Where client addresses are placed ([geo] does not change while
         # the resolver lives); bounded, emptied when full.
         self._located: dict[str, ranking.Client] = {}
+        # service id -> client address -> the policy's verdict (bounded).
+        self._verdicts: dict[str, dict[str, Optional[str]]] = {}
         self._panic: dict[str, bool] = {}
         # service id -> recent key -> the shard that took it (bounded)
         self._recent_keys: dict[str, OrderedDict[str, str]] = {}
@@ -596,6 +598,7 @@ class ShardResolver(Service):
             sid: shortlist.ServiceIndex(table, self._settings) for sid, table in tables.items()
         }
         self._panic = {sid: on for sid, on in self._panic.items() if sid in tables}
+        self._verdicts = {}
 
     def _now(self) -> float:
         if self._clock is None:
@@ -861,6 +864,31 @@ class ShardResolver(Service):
             client = located[ip] = ranking.locate(ip, self._geo, self._proxy_location)
         return client
 
+    def _admit(
+        self, service_id: str, table: ranking.ServiceTable, client: ranking.Client
+    ) -> Optional[str]:
+        """
+        ``ranking.admit``, with the policy's verdict on each address
+        remembered until the records change (the threat feeds, which
+        change on their own, are asked every time).
+        """
+        if client.address is not None and self._admission is not None:
+            why = self._admission(client.ip)
+            if why is not None:
+                return why
+        verdicts = self._verdicts.get(service_id)
+        if verdicts is None:
+            verdicts = self._verdicts[service_id] = {}
+        ip = client.ip
+        try:
+            return verdicts[ip]
+        except KeyError:
+            pass
+        if len(verdicts) >= _LOCATED_KEPT:
+            verdicts.clear()
+        denied = verdicts[ip] = ranking.admit(table, client, None)
+        return denied
+
     def _note_ejections_ended(self, table: ranking.ServiceTable, now: float) -> None:
         for state in table.shards:
             self._note_ejection_ended(state, now)
@@ -974,7 +1002,7 @@ class ShardResolver(Service):
         now = self._now()
         for row in index.refresh(now):
             self._note_ejection_ended(row.state, now)
-        denied = ranking.admit(table, client, self._admission)
+        denied = self._admit(service_id, table, client)
         if denied is not None:
             raise AccessDenied(service_id, request.client[0], denied)
         bucket = index.bucket(client.location)
@@ -998,7 +1026,7 @@ class ShardResolver(Service):
         first.state.ledger = ledger
         index.drawn(first.state)
         ordered = [Candidate(first.info, first, client, now)]
-        for r in index.ordered(bucket, retries + 1):
+        for r in index.leading(bucket, retries + 1):
             if r is not first and len(ordered) <= retries:
                 ordered.append(Candidate(r.info, r, client, now))
         return ordered

@@ -9,6 +9,7 @@ bounded by ``retries``; and the key ordering seam replaces the draw.
 
 from __future__ import annotations
 
+import ipaddress
 import random
 from collections import Counter
 
@@ -347,3 +348,143 @@ class WarmTests(SynchronousTestCase):
         self.assertEqual(list(index._buckets), [None, NEW_YORK, FRANKFURT, SINGAPORE])
         resolver.resolve(request(EU_CLIENT))
         self.assertEqual(len(index._buckets), 4)
+
+
+class ViewTests(SynchronousTestCase):
+    """The draw's pool kept between resolves (``shortlist.View``)."""
+
+    def test_a_change_drops_the_kept_pool(self) -> None:
+        """
+        A resolve keeps its bucket's pool; a lease on a shard, a health
+        change or a weight override drops it at the next resolve, which
+        builds one equal to the reference pool again.
+        """
+        resolver, _, _, shards = build([(0, 100, 1.0, 90.0)] * 5)
+        index = resolver._indexes["api"]
+        resolver.resolve(request(US_CLIENT))
+        bucket = index.bucket(NEW_YORK)
+        kept = bucket.view
+        self.assertIsNotNone(kept)
+        resolver.resolve(request(US_CLIENT))
+        self.assertIs(bucket.view, kept)
+        changes = [
+            lambda: resolver.lease(shards[0].id),
+            lambda: resolver.set_health(shards[1].id, Health.UNHEALTHY),
+            lambda: resolver.set_weight(shards[2].id, 3.0),
+        ]
+        for change in changes:
+            change()
+            index.refresh(resolver._now())
+            self.assertIsNone(index.bucket(NEW_YORK).view)
+            resolver.resolve(request(US_CLIENT))
+            view = index.bucket(NEW_YORK).view
+            self.assertIsNot(view, kept)
+            _, members = reference(resolver, request(US_CLIENT))
+            self.assertEqual(
+                [r.info.shard_id for r in view.members], [m.item.info.shard_id for m in members]
+            )
+            kept = view
+
+    def test_highest_ledger_follows_draws_from_every_location(self) -> None:
+        """
+        Over 300 draws from three client locations (three buckets, each
+        with its own kept pool) on a small and on a large pool, each kept
+        pool's highest ledger is, before every draw, the highest ledger of
+        the reference pool for that location: raised by the draws of its
+        own bucket and of the others on shards it holds, never by shards
+        it does not hold.
+        """
+        for specs in ([(i % 3, 100, 1.0, 90.0) for i in range(6)],
+                      [(i % 3, 100, (0.5, 1.0, 2.0)[i // 3 % 3], 90.0) for i in range(240)]):
+            resolver, _, rng, _ = build(specs, seed=9)
+            index = resolver._indexes["api"]
+            for n in range(300):
+                client = CLIENTS[n % 3]
+                _, members = reference(resolver, request(client))
+                location = ranking.locate(client, resolver._geo, None).location
+                index.refresh(resolver._now())
+                view = index.view(index.bucket(location), choice.DEFAULT_BAND)
+                self.assertEqual(view.top, max(m.ledger for m in members))
+                resolver.resolve(request(client))
+            self.assertGreater(max(s.ledger for s in resolver._states.values()), 0.0)
+
+    def test_second_sample_leaves_the_first_out(self) -> None:
+        """
+        In a 300-shard pool, a number landing in the middle of a shard's
+        interval of the running weights without the first shard picks the
+        same shard through the kept pool's shifted lookup as through
+        ``_sample`` over the reduced sums, for every shard and for the
+        first shard at the start, inside and at the end of the pool.
+        """
+        weights = [0.5, 1.0, 2.0, 3.0]
+        resolver, _, _, _ = build([(0, 100, weights[i % 4], 90.0) for i in range(300)], seed=3)
+        resolver.resolve(request(US_CLIENT))
+        index = resolver._indexes["api"]
+        view = index.view(index.bucket(NEW_YORK), choice.DEFAULT_BAND)
+        self.assertEqual(view.end, 300)
+        self.assertIsNone(view.members)
+        pool = [k[2] for k in view.items[:300]]
+        for skip in (0, 17, 160, 299):
+            left = sum(pool) - pool[skip]
+            running = 0.0
+            for i, w in enumerate(pool):
+                if i == skip:
+                    continue
+                target = running + w / 2
+                start = view._within(skip // shortlist.BLOCK)[skip % shortlist.BLOCK]
+                moved = target + pool[skip] if target >= start else target
+                self.assertEqual(view._find(moved, skip, target), i)
+                sums = list(view.sums)
+                sums[skip // shortlist.BLOCK] -= pool[skip]
+                self.assertEqual(shortlist._position(view.items, 300, sums, target, False, skip), i)
+                running += w
+            self.assertLess(abs(running - left), 1e-9)
+
+    def test_leading_follows_the_ranking(self) -> None:
+        """
+        The retry order kept with the pool is the reference order, and a
+        lease that moves a shard down the ranking moves it in the kept
+        order at the next resolve.
+        """
+        resolver, _, _, shards = build([(0, 2, 1.0, 90.0)] * 4)
+        resolver.resolve(request(US_CLIENT), 3)
+        before = [c.shard.shard_id for c in resolver.resolve(request(US_CLIENT), 3)]
+        self.assertEqual(sorted(before), [s.id for s in shards])
+        index = resolver._indexes["api"]
+        leader = index.leading(index.bucket(NEW_YORK), 4)[0].info.shard_id
+        resolver.lease(leader)
+        index.refresh(resolver._now())
+        after = [r.info.shard_id for r in index.leading(index.bucket(NEW_YORK), 4)]
+        result, _ = reference(resolver, request(US_CLIENT))
+        self.assertEqual(after, [r.info.shard_id for r in result.eligible])
+        self.assertEqual(after[-1], leader)
+
+
+class VerdictTests(SynchronousTestCase):
+    """The policy's verdict on a client address is kept until the records change."""
+
+    def test_policy_verdict_kept_threat_asked_every_time(self) -> None:
+        """
+        A denied address is refused with the policy's rule every time;
+        a threat check set afterwards is asked on every resolve (its
+        answer wins while it denies, the policy's again when it stops);
+        and a reload with a policy allowing the address admits it.
+        """
+        policy = PolicyConfig(deny=(ipaddress.ip_network("198.51.100.0/24"),))
+        resolver, _, _, shards = build([(0, 100, 1.0, 90.0)] * 2, policy)
+        for _ in range(2):
+            error = self.assertRaises(AccessDenied, resolver.resolve, request(US_CLIENT))
+            self.assertEqual(error.rule, "policy.deny 198.51.100.0/24")
+        asked = []
+        answer = ["feed: listed"]
+        resolver.set_admission(lambda ip: asked.append(ip) or answer[0])
+        error = self.assertRaises(AccessDenied, resolver.resolve, request(US_CLIENT))
+        self.assertEqual(error.rule, "feed: listed")
+        answer[0] = None
+        error = self.assertRaises(AccessDenied, resolver.resolve, request(US_CLIENT))
+        self.assertEqual(error.rule, "policy.deny 198.51.100.0/24")
+        self.assertEqual(asked, [US_CLIENT, US_CLIENT])
+        resolver.replace_config(make_config(
+            tuple(shard(f"s{i:03d}", NEW_YORK, port=9000 + i) for i in range(2))
+        ))
+        self.assertIn(resolver.resolve(request(US_CLIENT))[0].shard.shard_id, {"s000", "s001"})
