@@ -17,7 +17,11 @@ would compute, and recomputes only what changed:
   least recently used dropped), the eligible shards' ``Ranked`` values in
   sorted lists: by ``Ranked.rank_key`` (the retry order) and by base score
   within each draw group (full or not, weighted or not), for the healthy
-  shards and for all shards passing the hard filters (panic mode).
+  shards and for all shards passing the hard filters (panic mode);
+* per bucket, the draw's pool (``View``): its members, running weights,
+  highest ledger and longest stride, and the retry order, kept until a
+  shard of the bucket changes; meanwhile only the highest ledger moves,
+  raised as the draw writes ledgers (they only grow).
 
 A call then touches only the shards that changed since the previous one,
 the draw's pool and the ``retries`` after it.  The contract, which
