@@ -67,9 +67,13 @@ def show(value: Any) -> str:
     return text
 
 
+#: A bare TOML key (compiled once: every value read names its key).
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def key(name: str) -> str:
     """A key as it would be written in TOML (a quoted, escaped string unless bare)."""
-    if re.fullmatch(r"[A-Za-z0-9_-]+", name):
+    if _BARE_KEY.fullmatch(name):
         return name
     escaped = name.replace("\\", "\\\\").replace('"', '\\"')
     escaped = _CONTROL.sub(lambda m: f"\\u{ord(m.group()):04x}", escaped)

@@ -1107,65 +1107,88 @@ class ShardResolver(Service):
         now = self._now()
         services = []
         for service_id, table in self._tables.items():
-            considered = ranking.consider(table, now)
-            eligible, panic, in_rotation, passing = ranking.select(
-                considered, self._settings.panic_threshold
-            )
-            eligible_ids = {c.info.shard_id for c in eligible}
+            index = self._indexes[service_id]
+            for row in index.refresh(now):
+                self._note_ejection_ended(row.state, now)
+            panic = index.panic
             keyed = table.config.shard_key != "none"
-            taken = Counter(self._recent_keys.get(service_id, {}).values())
+            taken = Counter(self._recent_keys.get(service_id, {}).values()) if keyed else None
             shards = []
-            for c in considered:
-                state, info = c.state, c.info
-                outlier = state.outlier
-                ejected = outlier.ejected(now)
-                shards.append(
-                    ShardSnapshot(
-                        shard_id=info.shard_id,
-                        address=str(info.address),
-                        region=info.region,
-                        health=info.health.value,
-                        check_health=state.health.value,
-                        admin_state=state.admin_state,
-                        agent_state=state.agent_admin,
-                        agent_load=state.agent_load,
-                        agent_weight_percent=state.agent_weight_percent,
-                        eligible=info.shard_id in eligible_ids,
-                        rejected_by=c.reasons,
-                        ejected=ejected,
-                        ejected_until=outlier.ejected_until if ejected else None,
-                        ejections=outlier.run_length(now, self._outlier),
-                        total_ejections=outlier.total_ejections,
-                        consecutive_failures=outlier.consecutive,
-                        open_connections=info.open_connections,
-                        capacity=info.capacity,
-                        load=info.load,
-                        security_score=info.security_score,
-                        security_baseline=state.config.security_score,
-                        security_source=(
-                            "feed" if state.security_override is not None else "baseline"
-                        ),
-                        weight=state.weight,
-                        weight_overridden=state.weight_override is not None,
-                        slow_start_ramp=state.ramp(now),
-                        effective_weight=info.weight,
-                        rtt_ms=state.measured_ms(now, self._rtt_max_age),
-                        rtt_samples=state.rtt_samples,
-                        connects_ok=state.stats.ok,
-                        connects_failed=state.stats.failed,
-                        recent_keys=taken.get(info.shard_id, 0) if keyed else None,
-                    )
-                )
+            for row in index.rows():
+                shards.append(self._shard_snapshot(row, now, panic, taken))
             services.append(
                 ServiceSnapshot(
                     service_id=service_id,
                     panic=panic,
-                    in_rotation=in_rotation,
-                    eligible_by_policy=passing,
+                    in_rotation=index.healthy,
+                    eligible_by_policy=index.passing,
                     shards=tuple(shards),
                 )
             )
         return ResolverSnapshot(time=now, services=tuple(services))
+
+    def _shard_snapshot(
+        self, row: shortlist.Row, now: float, panic: bool, taken: Optional[Counter]
+    ) -> ShardSnapshot:
+        """
+        One shard's part of the snapshot, from its row in the service's
+        index (its filters and info as ``ranking.consider`` gives them at
+        ``now``).  Kept on the row and given again while the row is not
+        read again (its state written, or time changing its filters, info
+        or measurement), panic mode and its recent keys stay as they were,
+        and no slow-start ramp or ejection run is under way, the only
+        other readings that move with the clock.
+        """
+        state, info = row.state, row.info
+        recent = taken.get(info.shard_id, 0) if taken is not None else None
+        key = (row.version, panic, recent)
+        kept = row.kept
+        if kept is not None and kept[0] == key:
+            return kept[1]
+        outlier = state.outlier
+        ejected = outlier.ejected(now)
+        ramp = state.ramp(now)
+        snapshot = ShardSnapshot(
+            shard_id=info.shard_id,
+            address=str(info.address),
+            region=info.region,
+            health=info.health.value,
+            check_health=state.health.value,
+            admin_state=state.admin_state,
+            agent_state=state.agent_admin,
+            agent_load=state.agent_load,
+            agent_weight_percent=state.agent_weight_percent,
+            eligible=not row.hard and (panic or not row.soft),
+            rejected_by=row.soft + row.hard,
+            ejected=ejected,
+            ejected_until=outlier.ejected_until if ejected else None,
+            ejections=outlier.run_length(now, self._outlier),
+            total_ejections=outlier.total_ejections,
+            consecutive_failures=outlier.consecutive,
+            open_connections=info.open_connections,
+            capacity=info.capacity,
+            load=info.load,
+            security_score=info.security_score,
+            security_baseline=state.config.security_score,
+            security_source=(
+                "feed" if state.security_override is not None else "baseline"
+            ),
+            weight=state.weight,
+            weight_overridden=state.weight_override is not None,
+            slow_start_ramp=ramp,
+            effective_weight=info.weight,
+            rtt_ms=row.measured_ms,
+            rtt_samples=state.rtt_samples,
+            connects_ok=state.stats.ok,
+            connects_failed=state.stats.failed,
+            recent_keys=recent,
+        )
+        until = outlier.ejected_until
+        steady = ramp >= 1.0 and (
+            until is None or now - until >= self._outlier.reset_after
+        )
+        row.kept = (key, snapshot) if steady else None
+        return snapshot
 
     def status(self) -> dict:
         """

@@ -56,7 +56,7 @@ class Row:
 
     __slots__ = (
         "state", "position", "expected_ms", "hard", "soft", "info",
-        "measured_ms", "version",
+        "measured_ms", "version", "kept",
     )
 
     def __init__(self, state: ShardState, position: int, expected_ms: Optional[float]) -> None:
@@ -68,6 +68,9 @@ class Row:
         self.info = None  # type: ignore[assignment]
         self.measured_ms: Optional[float] = None
         self.version = 0
+        # What the resolver's snapshot made of this row, and for which
+        # version of it (``ShardResolver.snapshot``).
+        self.kept: Optional[tuple] = None
 
     @property
     def passing(self) -> bool:

@@ -488,3 +488,132 @@ class VerdictTests(SynchronousTestCase):
             tuple(shard(f"s{i:03d}", NEW_YORK, port=9000 + i) for i in range(2))
         ))
         self.assertIn(resolver.resolve(request(US_CLIENT))[0].shard.shard_id, {"s000", "s001"})
+
+
+def reference_snapshot(resolver: ShardResolver):
+    """The snapshot worked out from scratch: ``ranking.consider`` over every shard."""
+    from collections import Counter as Taken
+
+    from shardtcp.resolver import ResolverSnapshot, ServiceSnapshot, ShardSnapshot
+
+    now = resolver._now()
+    services = []
+    for service_id, table in resolver._tables.items():
+        considered = ranking.consider(table, now)
+        eligible, panic, in_rotation, passing = ranking.select(considered, resolver._settings.panic_threshold)
+        eligible_ids = {c.info.shard_id for c in eligible}
+        keyed = table.config.shard_key != "none"
+        taken = Taken(resolver._recent_keys.get(service_id, {}).values())
+        shards = []
+        for c in considered:
+            state, info, outlier = c.state, c.info, c.state.outlier
+            ejected = outlier.ejected(now)
+            shards.append(ShardSnapshot(
+                shard_id=info.shard_id, address=str(info.address), region=info.region,
+                health=info.health.value, check_health=state.health.value,
+                admin_state=state.admin_state, agent_state=state.agent_admin,
+                agent_load=state.agent_load, agent_weight_percent=state.agent_weight_percent,
+                eligible=info.shard_id in eligible_ids, rejected_by=c.reasons, ejected=ejected,
+                ejected_until=outlier.ejected_until if ejected else None,
+                ejections=outlier.run_length(now, resolver._outlier),
+                total_ejections=outlier.total_ejections, consecutive_failures=outlier.consecutive,
+                open_connections=info.open_connections, capacity=info.capacity, load=info.load,
+                security_score=info.security_score, security_baseline=state.config.security_score,
+                security_source="feed" if state.security_override is not None else "baseline",
+                weight=state.weight, weight_overridden=state.weight_override is not None,
+                slow_start_ramp=state.ramp(now), effective_weight=info.weight,
+                rtt_ms=state.measured_ms(now, resolver._rtt_max_age), rtt_samples=state.rtt_samples,
+                connects_ok=state.stats.ok, connects_failed=state.stats.failed,
+                recent_keys=taken.get(info.shard_id, 0) if keyed else None,
+            ))
+        services.append(ServiceSnapshot(service_id, panic, in_rotation, passing, tuple(shards)))
+    return ResolverSnapshot(time=now, services=tuple(services))
+
+
+class SnapshotTests(SynchronousTestCase):
+    """The snapshot built from the index rows, each shard's part kept while unchanged."""
+
+    @settings(_PROPERTY, max_examples=30)
+    @given(
+        specs=st.lists(shard_spec, min_size=1, max_size=10),
+        operations=st.lists(operation, max_size=50),
+    )
+    def test_snapshot_equals_reference(self, specs, operations) -> None:
+        """
+        After every step of random leases, releases, health, drain,
+        weight, security, latency and connect reports (ejections and their
+        runs), clock steps (ejections ending, runs resetting, slow starts,
+        measurements ageing out) and resolves, ``snapshot()`` equals the
+        snapshot worked out from scratch with ``ranking.consider``.
+        """
+        resolver, clock, rng, shards = build(specs)
+        leases = []
+        for op in operations:
+            kind = op[0]
+            if kind == "advance":
+                clock.advance(op[1] * 4)
+            elif kind == "resolve":
+                try:
+                    resolver.resolve(request(CLIENTS[op[1]]), op[2])
+                except (AccessDenied, NoShardAvailable):
+                    pass
+            else:
+                shard_id = shards[op[1] % len(shards)].id
+                if kind == "lease":
+                    leases.append(resolver.lease(shard_id))
+                elif kind == "release":
+                    if leases:
+                        leases.pop(op[1] % len(leases)).release()
+                elif kind == "health":
+                    resolver.set_health(shard_id, op[2])
+                elif kind == "admin":
+                    resolver.set_admin_state(shard_id, op[2])
+                elif kind == "weight":
+                    resolver.set_weight(shard_id, op[2])
+                elif kind == "security":
+                    resolver.set_security_score(shard_id, op[2])
+                elif kind == "rtt":
+                    resolver.record_rtt(shard_id, op[2])
+                elif kind == "connect":
+                    resolver.record_connect_result(shard_id, op[2], 0.01 if op[2] else None)
+            self.assertEqual(resolver.snapshot(), reference_snapshot(resolver))
+
+    def test_unchanged_shards_are_kept_changed_ones_made_again(self) -> None:
+        """
+        Two snapshots in a row share every shard's part; after a lease on
+        one shard only that shard's part is made again, and after an
+        ejection run resets with the clock, the part shows zero ejections.
+        """
+        resolver, clock, _, shards = build([(0, 100, 1.0, 90.0)] * 3)
+        first = resolver.snapshot().services[0].shards
+        second = resolver.snapshot().services[0].shards
+        self.assertTrue(all(a is b for a, b in zip(first, second)))
+        resolver.lease(shards[1].id)
+        third = resolver.snapshot().services[0].shards
+        self.assertEqual([a is b for a, b in zip(second, third)], [True, False, True])
+        self.assertEqual(third[1].open_connections, 1)
+        resolver.record_connect_result(shards[0].id, False)
+        resolver.record_connect_result(shards[0].id, False)
+        self.assertEqual(resolver.snapshot().services[0].shards[0].ejections, 1)
+        clock.advance(5.0 + resolver._outlier.reset_after - 1)
+        self.assertEqual(resolver.snapshot().services[0].shards[0].ejections, 1)
+        clock.advance(1)
+        self.assertEqual(resolver.snapshot().services[0].shards[0].ejections, 0)
+        self.assertEqual(resolver.snapshot(), reference_snapshot(resolver))
+
+    def test_panic_changes_every_shard_part(self) -> None:
+        """
+        One of three shards unhealthy: it is not eligible.  A second one
+        unhealthy puts the service in panic mode: the first, whose own
+        state did not change, is now shown eligible, with its reasons.
+        """
+        resolver, _, _, shards = build([(0, 100, 1.0, 90.0)] * 3)
+        resolver.set_health(shards[0].id, Health.UNHEALTHY)
+        before = resolver.snapshot().services[0]
+        self.assertEqual((before.panic, before.shards[0].eligible), (False, False))
+        resolver.set_health(shards[1].id, Health.UNHEALTHY)
+        after = resolver.snapshot().services[0]
+        self.assertEqual((after.panic, after.in_rotation, after.eligible_by_policy), (True, 1, 3))
+        self.assertEqual([s.eligible for s in after.shards], [True, True, True])
+        self.assertEqual(after.shards[0].rejected_by, ("health: unhealthy",))
+        self.assertEqual(resolver.snapshot(), reference_snapshot(resolver))
