@@ -17,6 +17,7 @@ without changing the others.
 from __future__ import annotations
 
 import fnmatch
+from operator import attrgetter
 from typing import Callable, Iterable, Mapping, Optional
 
 import attrs
@@ -461,14 +462,16 @@ class Factors:
 
     def as_dict(self) -> dict:
         """The factors by name, as ``Evaluation.details`` carries them."""
-        details = {name: getattr(self, name) for name in _FACTOR_NAMES}
         if self.in_draw is None:
-            del details["in_draw"], details["draw_share"]
-        return details
+            return dict(zip(_FACTOR_NAMES[:-2], _FACTOR_VALUES_BASE(self)))
+        return dict(zip(_FACTOR_NAMES, _FACTOR_VALUES(self)))
 
 
 #: ``Factors``' fields in order, for ``as_dict`` (as ``attrs.asdict`` gives them).
 _FACTOR_NAMES = tuple(field.name for field in attrs.fields(Factors))
+assert _FACTOR_NAMES[-2:] == ("in_draw", "draw_share")
+_FACTOR_VALUES = attrgetter(*_FACTOR_NAMES)
+_FACTOR_VALUES_BASE = attrgetter(*_FACTOR_NAMES[:-2])
 
 
 def factors(
