@@ -18,6 +18,7 @@ from typing import Callable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.utils import floatToGoString
 from zope.interface import implementer
 
 from shardtcp.resolver.interfaces import IResolver
@@ -112,8 +113,14 @@ class ProxyMetrics:
         self.reloads.labels(trigger, "ok" if ok else "failed").inc()
 
     def watch_shards(self, snapshot: Callable[[], object]) -> None:
-        """Publish the per-shard series from ``snapshot()`` (a ``ResolverSnapshot``) at each scrape."""
-        self.registry.register(ShardCollector(snapshot))
+        """
+        Publish the per-shard series from ``snapshot()`` (a
+        ``ResolverSnapshot``) at each scrape.  They are written by
+        ``render`` straight from the snapshot (``ShardCollector.text``),
+        not kept in the registry: ``value`` and the other readers of the
+        registry then never build them, whatever the number of shards.
+        """
+        self._shards = ShardCollector(snapshot)
 
     def watch_registry(self, registry) -> None:
         """
@@ -134,8 +141,12 @@ class ProxyMetrics:
         return table
 
     def render(self) -> bytes:
-        """The registry in the Prometheus text format."""
-        return generate_latest(self.registry)
+        """The registry in the Prometheus text format, the per-shard series after it."""
+        text = generate_latest(self.registry)
+        shards = getattr(self, "_shards", None)
+        if shards is not None:
+            text += shards.text().encode("utf-8")
+        return text
 
     def value(self, name: str, **labels: str) -> float:
         """One sample's value (0.0 when absent); for tests and status."""
@@ -153,6 +164,67 @@ class ShardCollector:
 
     def __init__(self, snapshot: Callable[[], object]) -> None:
         self._snapshot = snapshot
+        # (service, shard) -> its label set as written, made once per shard.
+        self._labels: dict[tuple[str, str], tuple[str, str]] = {}
+
+    def text(self) -> str:
+        """
+        The series ``collect`` gives, in the Prometheus text format as
+        ``generate_latest`` writes them (labels sorted, values as Go
+        prints floats), but written straight from the snapshot: each
+        shard's labels escaped once, each distinct value formatted once.
+        """
+        names = [(name, help_text) for name, help_text, _ in _SHARD_SERIES]
+        lines: list[list[str]] = [[] for _ in names]
+        values: dict = {}
+        labels_of = self._labels
+        seen: set = set()
+
+        def number(value) -> str:
+            # 0 and -0.0 are equal keys but print differently.
+            key = value if value else (value, str(value))
+            got = values.get(key)
+            if got is None:
+                got = values[key] = floatToGoString(value)
+            return got
+
+        snapshot = self._snapshot()
+        for service in snapshot.services:
+            for shard in service.shards:
+                key = (service.service_id, shard.shard_id)
+                seen.add(key)
+                labels = labels_of.get(key)
+                if labels is None:
+                    pair = f'service="{_escape(key[0])}",shard="{_escape(key[1])}"'
+                    labels = labels_of[key] = ("{" + pair + "} ", '",' + pair + "} ")
+                plain, after_health = labels
+                draining = shard.admin_state == "drain" or (
+                    shard.admin_state != "ready" and shard.agent_state in ("drain", "maint")
+                )
+                health = shard.health
+                lines[0].append(plain + number(shard.open_connections))
+                lines[1].append(plain + number(shard.capacity))
+                lines[2].append(plain + number(shard.load))
+                lines[3].append(
+                    '{health="' + _escape(health) + after_health
+                    + ("1.0" if health == "healthy" else "0.0")
+                )
+                lines[4].append(plain + ("1.0" if shard.eligible else "0.0"))
+                lines[5].append(plain + ("1.0" if draining else "0.0"))
+                lines[6].append(plain + number(shard.security_score))
+                lines[7].append(plain + number(shard.effective_weight))
+        if len(labels_of) > len(seen):
+            # Shards gone from the records: forget their labels.
+            for key in [k for k in labels_of if k not in seen]:
+                del labels_of[key]
+        out = []
+        for (name, help_text), family in zip(names, lines):
+            out.append(f"# HELP {name} {_escape_help(help_text)}\n# TYPE {name} gauge\n")
+            for line in family:
+                out.append(name)
+                out.append(line)
+                out.append("\n")
+        return "".join(out)
 
     def describe(self) -> list:
         # No description: the registry must not call collect() (and so the
@@ -160,32 +232,11 @@ class ShardCollector:
         return []
 
     def collect(self):
-        labels = ["service", "shard"]
         families = {
-            "open": GaugeMetricFamily(
-                "shardtcp_shard_open_connections", "Connections this proxy holds to the shard", labels=labels
-            ),
-            "capacity": GaugeMetricFamily(
-                "shardtcp_shard_capacity_connections", "Configured capacity of the shard", labels=labels
-            ),
-            "load": GaugeMetricFamily(
-                "shardtcp_shard_load_ratio", "Load against capacity (1.0 = full)", labels=labels
-            ),
-            "healthy": GaugeMetricFamily(
-                "shardtcp_shard_healthy", "1 when the shard is healthy, else 0", labels=labels + ["health"]
-            ),
-            "eligible": GaugeMetricFamily(
-                "shardtcp_shard_in_rotation", "1 when the shard may take new connections", labels=labels
-            ),
-            "drain": GaugeMetricFamily(
-                "shardtcp_shard_draining", "1 while the shard drains (operator or agent)", labels=labels
-            ),
-            "score": GaugeMetricFamily(
-                "shardtcp_shard_security_score", "Security score in force (0..100)", labels=labels
-            ),
-            "weight": GaugeMetricFamily(
-                "shardtcp_shard_weight", "Effective weight (weight x agent % x slow start)", labels=labels
-            ),
+            key: GaugeMetricFamily(
+                name, help_text, labels=["service", "shard"] + (["health"] if key == "healthy" else [])
+            )
+            for name, help_text, key in _SHARD_SERIES
         }
         snapshot = self._snapshot()
         for service in snapshot.services:
@@ -203,6 +254,29 @@ class ShardCollector:
                 families["score"].add_metric(key, shard.security_score)
                 families["weight"].add_metric(key, shard.effective_weight)
         return list(families.values())
+
+
+#: The per-shard series: name, help text, key in ``ShardCollector.collect``.
+_SHARD_SERIES = (
+    ("shardtcp_shard_open_connections", "Connections this proxy holds to the shard", "open"),
+    ("shardtcp_shard_capacity_connections", "Configured capacity of the shard", "capacity"),
+    ("shardtcp_shard_load_ratio", "Load against capacity (1.0 = full)", "load"),
+    ("shardtcp_shard_healthy", "1 when the shard is healthy, else 0", "healthy"),
+    ("shardtcp_shard_in_rotation", "1 when the shard may take new connections", "eligible"),
+    ("shardtcp_shard_draining", "1 while the shard drains (operator or agent)", "drain"),
+    ("shardtcp_shard_security_score", "Security score in force (0..100)", "score"),
+    ("shardtcp_shard_weight", "Effective weight (weight x agent % x slow start)", "weight"),
+)
+
+
+def _escape(value: str) -> str:
+    """A label value as the text format writes it."""
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r'\"')
+
+
+def _escape_help(value: str) -> str:
+    """A help text as the text format writes it."""
+    return value.replace("\\", r"\\").replace("\n", r"\n")
 
 
 @implementer(IResolver)

@@ -17,7 +17,7 @@ import inspect
 from typing import Any, Callable, Iterator, Optional
 
 from shardtcp.config._reader import Reader, join
-from shardtcp.config._values import sni_length
+from shardtcp.config._values import ID, sni_length
 from shardtcp.model import Config, PerSourceConfig, ProxyConfig, SigningConfig
 
 #: The largest PolicyContext TLV value a shard will accept (HAProxy's limit).
@@ -273,6 +273,11 @@ def check_token_sizes(
     if token_size is None:
         return
     accepted = _keywords(token_size)
+    # The policy module's own sizer depends on the shard only through the
+    # length of its id as JSON writes it; ids here are plain ASCII (``ID``),
+    # so shards with ids of one length share one answer: one call per
+    # length rather than per shard (10,000 shards, a few lengths).
+    by_length = token_size is default_token_size()
     by_sni = any("sni" in listener.identify for listener in listeners)
     client_certificates = any(listener.client_ca for listener in listeners)
     for service in services:
@@ -284,17 +289,23 @@ def check_token_sizes(
             bounds["subject_length"] = None
         # Otherwise the subject bound is the policy module's own default.
         extra = {k: v for k, v in bounds.items() if accepted is None or k in accepted}
+        sizes: dict[int, int] = {}
         for shard in service.shards:
             if not shard.id:
                 continue
-            size = token_size(
-                issuer=proxy.id,
-                kid=signing.kid,
-                service_id=service.id,
-                shard_id=shard.id,
-                acl=service.policy.acl,
-                **extra,
-            )
+            plain = by_length and ID.fullmatch(shard.id) is not None
+            size = sizes.get(len(shard.id)) if plain else None
+            if size is None:
+                size = token_size(
+                    issuer=proxy.id,
+                    kid=signing.kid,
+                    service_id=service.id,
+                    shard_id=shard.id,
+                    acl=service.policy.acl,
+                    **extra,
+                )
+                if plain:
+                    sizes[len(shard.id)] = size
             if size > POLICY_TLV_LIMIT:
                 reader.add(
                     join(join(join("service", service.id), "policy"), "acl"),

@@ -67,15 +67,30 @@ def show(value: Any) -> str:
     return text
 
 
+#: A bare TOML key (compiled once: every value read names its key).
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def key(name: str) -> str:
     """A key as it would be written in TOML (a quoted, escaped string unless bare)."""
-    if re.fullmatch(r"[A-Za-z0-9_-]+", name):
+    if _BARE_KEY.fullmatch(name):
         return name
     escaped = name.replace("\\", "\\\\").replace('"', '\\"')
     escaped = _CONTROL.sub(lambda m: f"\\u{ord(m.group()):04x}", escaped)
     if len(escaped) > 60:
         escaped = escaped[:57] + "..."
     return f'"{escaped}"'
+
+
+def _outside(
+    value: float, minimum: Optional[float], maximum: Optional[float], positive: bool
+) -> bool:
+    """Whether ``Reader._in_range`` would refuse ``value`` (checked before any message is made)."""
+    return (
+        (positive and value <= 0)
+        or (minimum is not None and value < minimum)
+        or (maximum is not None and value > maximum)
+    )
 
 
 def join(path: str, name: str) -> str:
@@ -330,11 +345,11 @@ class Reader:
         if not self._present(table, path, name, required):
             return default
         value = table[name]
-        here = join(path, name)
         if isinstance(value, bool) or not isinstance(value, int):
-            self.add(here, f"expected an integer, got {show(value)}")
+            self.add(join(path, name), f"expected an integer, got {show(value)}")
             return default
-        if not self._in_range(here, value, minimum, maximum, False):
+        if _outside(value, minimum, maximum, False):
+            self._in_range(join(path, name), value, minimum, maximum, False)
             return default
         return value
 
@@ -353,19 +368,19 @@ class Reader:
         if not self._present(table, path, name, required):
             return default
         value = table[name]
-        here = join(path, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            self.add(here, f"expected a number, got {show(value)}")
+            self.add(join(path, name), f"expected a number, got {show(value)}")
             return default
         # An integer of hundreds of digits has no float: compare it as an
         # integer, never convert it.
         if isinstance(value, int) and abs(value) > 10**15:
-            self.add(here, f"expected a number of at most 15 digits, got {show(value)}")
+            self.add(join(path, name), f"expected a number of at most 15 digits, got {show(value)}")
             return default
         if not math.isfinite(value):
-            self.add(here, f"expected a finite number, got {show(value)}")
+            self.add(join(path, name), f"expected a finite number, got {show(value)}")
             return default
-        if not self._in_range(here, value, minimum, maximum, positive):
+        if _outside(value, minimum, maximum, positive):
+            self._in_range(join(path, name), value, minimum, maximum, positive)
             return default
         return float(value)
 

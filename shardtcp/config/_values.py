@@ -106,18 +106,17 @@ def sni_length(name: str) -> Optional[int]:
 
 def parse_address(text: str) -> Address | str:
     """``host:port`` or ``[v6]:port`` as an ``Address``, or why not (a str)."""
-    expected = f"expected host:port or [ipv6]:port, got {show(text)}"
     if text.startswith("["):
         match = re.fullmatch(r"\[([^\]]+)\]:(.*)", text, re.DOTALL)
         if match is None:
-            return expected
+            return f"expected host:port or [ipv6]:port, got {show(text)}"
         host, port_text = match.groups()
         if _ipv6(host) is None:
             return f"{show(host)} in brackets is not an IPv6 address"
     else:
         host, sep, port_text = text.rpartition(":")
         if not sep or not host or not port_text:
-            return expected
+            return f"expected host:port or [ipv6]:port, got {show(text)}"
         if ":" in host:
             return f"an IPv6 address must be written [addr]:port, got {show(text)}"
         if not host.isascii() or len(host) > MAX_NAME or not all(

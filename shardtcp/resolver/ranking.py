@@ -17,6 +17,7 @@ without changing the others.
 from __future__ import annotations
 
 import fnmatch
+from operator import attrgetter
 from typing import Callable, Iterable, Mapping, Optional
 
 import attrs
@@ -264,6 +265,10 @@ class Ranked:
     expected_ms: Optional[float]
     reasons: tuple[str, ...] = ()
     set_aside: tuple[str, ...] = ()
+    #: For explain: the client location scored for and the latency path
+    #: worked out (``_latency_path``), so that ``factors`` does not work it
+    #: out again.  Not part of the value.
+    path: Optional[tuple] = attrs.field(default=None, eq=False, repr=False)
 
     def rank_key(self) -> tuple:
         """Best first: room, then higher total, fewer connections, id."""
@@ -296,23 +301,33 @@ def score(
     measured_ms: Optional[float],
     reasons: tuple[str, ...] = (),
     set_aside: tuple[str, ...] = (),
+    *,
+    keep_path: bool = False,
 ) -> Ranked:
-    """Score one shard for a client; the load, weight and security are ``info``'s."""
-    latency = _latency_path(info.location, client.location, expected_ms, measured_ms)[3]
+    """
+    Score one shard for a client; the load, weight and security are
+    ``info``'s.  With ``keep_path`` the latency path is kept for
+    ``factors`` (explain asks for every shard's factors).
+    """
+    path = _latency_path(info.location, client.location, expected_ms, measured_ms)
+    latency = path[3]
     security = scoring.security_factor(info.security_score)
     spare = scoring.spare_factor(info.load)
     base = scoring.total_score(weights, latency, security, spare)
     return Ranked(
         state, info, latency, security, spare, base, base * info.weight,
         measured_ms, expected_ms, reasons, set_aside,
+        (client.location, path) if keep_path else None,
     )
 
 
 def _score(c: Considered, client: Client, weights: Weights, now: float,
-           settings: Settings, reasons: tuple[str, ...], set_aside: tuple[str, ...]) -> Ranked:
+           settings: Settings, reasons: tuple[str, ...], set_aside: tuple[str, ...],
+           keep_path: bool = False) -> Ranked:
     return score(
         c.info, c.state, client, weights, c.expected_ms,
         c.state.measured_ms(now, settings.rtt_max_age), reasons, set_aside,
+        keep_path=keep_path,
     )
 
 
@@ -374,7 +389,7 @@ def rank(
     if denied is not None:
         refused = (f"denied: {denied}",)
         rejected = [
-            _score(c, client, weights, now, settings, refused + c.reasons, ())
+            _score(c, client, weights, now, settings, refused + c.reasons, (), True)
             for c in considered
         ]
         rejected.sort(key=Ranked.rank_key)
@@ -383,7 +398,7 @@ def rank(
             {r.info.shard_id: r.reasons for r in rejected}, in_rotation, passing,
         )
     ranked = [
-        _score(c, client, weights, now, settings, (), c.soft) for c in eligible
+        _score(c, client, weights, now, settings, (), c.soft, score_all) for c in eligible
     ]
     ranked.sort(key=Ranked.rank_key)
     rejections: Mapping[str, tuple[str, ...]] = {}
@@ -393,7 +408,7 @@ def rank(
     if score_all:
         chosen = {id(c) for c in eligible}
         rejected = [
-            _score(c, client, weights, now, settings, c.reasons, ())
+            _score(c, client, weights, now, settings, c.reasons, (), True)
             for c in considered
             if id(c) not in chosen
         ]
@@ -447,14 +462,16 @@ class Factors:
 
     def as_dict(self) -> dict:
         """The factors by name, as ``Evaluation.details`` carries them."""
-        details = {name: getattr(self, name) for name in _FACTOR_NAMES}
         if self.in_draw is None:
-            del details["in_draw"], details["draw_share"]
-        return details
+            return dict(zip(_FACTOR_NAMES[:-2], _FACTOR_VALUES_BASE(self)))
+        return dict(zip(_FACTOR_NAMES, _FACTOR_VALUES(self)))
 
 
 #: ``Factors``' fields in order, for ``as_dict`` (as ``attrs.asdict`` gives them).
 _FACTOR_NAMES = tuple(field.name for field in attrs.fields(Factors))
+assert _FACTOR_NAMES[-2:] == ("in_draw", "draw_share")
+_FACTOR_VALUES = attrgetter(*_FACTOR_NAMES)
+_FACTOR_VALUES_BASE = attrgetter(*_FACTOR_NAMES[:-2])
 
 
 def factors(
@@ -472,7 +489,11 @@ def factors(
     """
     info, state = ranked.info, ranked.state
     measured, expected = ranked.measured_ms, ranked.expected_ms
-    distance, geo, rtt, _ = _latency_path(info.location, client.location, expected, measured)
+    kept = ranked.path
+    if kept is not None and kept[0] is client.location:
+        distance, geo, rtt, _ = kept[1]
+    else:
+        distance, geo, rtt, _ = _latency_path(info.location, client.location, expected, measured)
     if measured is None:
         source = "geo" if geo is not None else "none"
         excess = None

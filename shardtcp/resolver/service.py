@@ -438,6 +438,8 @@ class ShardResolver(Service):
         # Where client addresses are placed ([geo] does not change while
         # the resolver lives); bounded, emptied when full.
         self._located: dict[str, ranking.Client] = {}
+        # service id -> client address -> the policy's verdict (bounded).
+        self._verdicts: dict[str, dict[str, Optional[str]]] = {}
         self._panic: dict[str, bool] = {}
         # service id -> recent key -> the shard that took it (bounded)
         self._recent_keys: dict[str, OrderedDict[str, str]] = {}
@@ -596,6 +598,7 @@ class ShardResolver(Service):
             sid: shortlist.ServiceIndex(table, self._settings) for sid, table in tables.items()
         }
         self._panic = {sid: on for sid, on in self._panic.items() if sid in tables}
+        self._verdicts = {}
 
     def _now(self) -> float:
         if self._clock is None:
@@ -861,6 +864,31 @@ class ShardResolver(Service):
             client = located[ip] = ranking.locate(ip, self._geo, self._proxy_location)
         return client
 
+    def _admit(
+        self, service_id: str, table: ranking.ServiceTable, client: ranking.Client
+    ) -> Optional[str]:
+        """
+        ``ranking.admit``, with the policy's verdict on each address
+        remembered until the records change (the threat feeds, which
+        change on their own, are asked every time).
+        """
+        if client.address is not None and self._admission is not None:
+            why = self._admission(client.ip)
+            if why is not None:
+                return why
+        verdicts = self._verdicts.get(service_id)
+        if verdicts is None:
+            verdicts = self._verdicts[service_id] = {}
+        ip = client.ip
+        try:
+            return verdicts[ip]
+        except KeyError:
+            pass
+        if len(verdicts) >= _LOCATED_KEPT:
+            verdicts.clear()
+        denied = verdicts[ip] = ranking.admit(table, client, None)
+        return denied
+
     def _note_ejections_ended(self, table: ranking.ServiceTable, now: float) -> None:
         for state in table.shards:
             self._note_ejection_ended(state, now)
@@ -974,7 +1002,7 @@ class ShardResolver(Service):
         now = self._now()
         for row in index.refresh(now):
             self._note_ejection_ended(row.state, now)
-        denied = ranking.admit(table, client, self._admission)
+        denied = self._admit(service_id, table, client)
         if denied is not None:
             raise AccessDenied(service_id, request.client[0], denied)
         bucket = index.bucket(client.location)
@@ -998,7 +1026,7 @@ class ShardResolver(Service):
         first.state.ledger = ledger
         index.drawn(first.state)
         ordered = [Candidate(first.info, first, client, now)]
-        for r in index.ordered(bucket, retries + 1):
+        for r in index.leading(bucket, retries + 1):
             if r is not first and len(ordered) <= retries:
                 ordered.append(Candidate(r.info, r, client, now))
         return ordered
@@ -1079,65 +1107,88 @@ class ShardResolver(Service):
         now = self._now()
         services = []
         for service_id, table in self._tables.items():
-            considered = ranking.consider(table, now)
-            eligible, panic, in_rotation, passing = ranking.select(
-                considered, self._settings.panic_threshold
-            )
-            eligible_ids = {c.info.shard_id for c in eligible}
+            index = self._indexes[service_id]
+            for row in index.refresh(now):
+                self._note_ejection_ended(row.state, now)
+            panic = index.panic
             keyed = table.config.shard_key != "none"
-            taken = Counter(self._recent_keys.get(service_id, {}).values())
+            taken = Counter(self._recent_keys.get(service_id, {}).values()) if keyed else None
             shards = []
-            for c in considered:
-                state, info = c.state, c.info
-                outlier = state.outlier
-                ejected = outlier.ejected(now)
-                shards.append(
-                    ShardSnapshot(
-                        shard_id=info.shard_id,
-                        address=str(info.address),
-                        region=info.region,
-                        health=info.health.value,
-                        check_health=state.health.value,
-                        admin_state=state.admin_state,
-                        agent_state=state.agent_admin,
-                        agent_load=state.agent_load,
-                        agent_weight_percent=state.agent_weight_percent,
-                        eligible=info.shard_id in eligible_ids,
-                        rejected_by=c.reasons,
-                        ejected=ejected,
-                        ejected_until=outlier.ejected_until if ejected else None,
-                        ejections=outlier.run_length(now, self._outlier),
-                        total_ejections=outlier.total_ejections,
-                        consecutive_failures=outlier.consecutive,
-                        open_connections=info.open_connections,
-                        capacity=info.capacity,
-                        load=info.load,
-                        security_score=info.security_score,
-                        security_baseline=state.config.security_score,
-                        security_source=(
-                            "feed" if state.security_override is not None else "baseline"
-                        ),
-                        weight=state.weight,
-                        weight_overridden=state.weight_override is not None,
-                        slow_start_ramp=state.ramp(now),
-                        effective_weight=info.weight,
-                        rtt_ms=state.measured_ms(now, self._rtt_max_age),
-                        rtt_samples=state.rtt_samples,
-                        connects_ok=state.stats.ok,
-                        connects_failed=state.stats.failed,
-                        recent_keys=taken.get(info.shard_id, 0) if keyed else None,
-                    )
-                )
+            for row in index.rows():
+                shards.append(self._shard_snapshot(row, now, panic, taken))
             services.append(
                 ServiceSnapshot(
                     service_id=service_id,
                     panic=panic,
-                    in_rotation=in_rotation,
-                    eligible_by_policy=passing,
+                    in_rotation=index.healthy,
+                    eligible_by_policy=index.passing,
                     shards=tuple(shards),
                 )
             )
         return ResolverSnapshot(time=now, services=tuple(services))
+
+    def _shard_snapshot(
+        self, row: shortlist.Row, now: float, panic: bool, taken: Optional[Counter]
+    ) -> ShardSnapshot:
+        """
+        One shard's part of the snapshot, from its row in the service's
+        index (its filters and info as ``ranking.consider`` gives them at
+        ``now``).  Kept on the row and given again while the row is not
+        read again (its state written, or time changing its filters, info
+        or measurement), panic mode and its recent keys stay as they were,
+        and no slow-start ramp or ejection run is under way, the only
+        other readings that move with the clock.
+        """
+        state, info = row.state, row.info
+        recent = taken.get(info.shard_id, 0) if taken is not None else None
+        key = (row.version, panic, recent)
+        kept = row.kept
+        if kept is not None and kept[0] == key:
+            return kept[1]
+        outlier = state.outlier
+        ejected = outlier.ejected(now)
+        ramp = state.ramp(now)
+        snapshot = ShardSnapshot(
+            shard_id=info.shard_id,
+            address=str(info.address),
+            region=info.region,
+            health=info.health.value,
+            check_health=state.health.value,
+            admin_state=state.admin_state,
+            agent_state=state.agent_admin,
+            agent_load=state.agent_load,
+            agent_weight_percent=state.agent_weight_percent,
+            eligible=not row.hard and (panic or not row.soft),
+            rejected_by=row.soft + row.hard,
+            ejected=ejected,
+            ejected_until=outlier.ejected_until if ejected else None,
+            ejections=outlier.run_length(now, self._outlier),
+            total_ejections=outlier.total_ejections,
+            consecutive_failures=outlier.consecutive,
+            open_connections=info.open_connections,
+            capacity=info.capacity,
+            load=info.load,
+            security_score=info.security_score,
+            security_baseline=state.config.security_score,
+            security_source=(
+                "feed" if state.security_override is not None else "baseline"
+            ),
+            weight=state.weight,
+            weight_overridden=state.weight_override is not None,
+            slow_start_ramp=ramp,
+            effective_weight=info.weight,
+            rtt_ms=row.measured_ms,
+            rtt_samples=state.rtt_samples,
+            connects_ok=state.stats.ok,
+            connects_failed=state.stats.failed,
+            recent_keys=recent,
+        )
+        until = outlier.ejected_until
+        steady = ramp >= 1.0 and (
+            until is None or now - until >= self._outlier.reset_after
+        )
+        row.kept = (key, snapshot) if steady else None
+        return snapshot
 
     def status(self) -> dict:
         """

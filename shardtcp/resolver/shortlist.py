@@ -17,7 +17,11 @@ would compute, and recomputes only what changed:
   least recently used dropped), the eligible shards' ``Ranked`` values in
   sorted lists: by ``Ranked.rank_key`` (the retry order) and by base score
   within each draw group (full or not, weighted or not), for the healthy
-  shards and for all shards passing the hard filters (panic mode).
+  shards and for all shards passing the hard filters (panic mode);
+* per bucket, the draw's pool (``View``): its members, running weights,
+  highest ledger and longest stride, and the retry order, kept until a
+  shard of the bucket changes; meanwhile only the highest ledger moves,
+  raised as the draw writes ledgers (they only grow).
 
 A call then touches only the shards that changed since the previous one,
 the draw's pool and the ``retries`` after it.  The contract, which
@@ -52,7 +56,7 @@ class Row:
 
     __slots__ = (
         "state", "position", "expected_ms", "hard", "soft", "info",
-        "measured_ms", "version",
+        "measured_ms", "version", "kept",
     )
 
     def __init__(self, state: ShardState, position: int, expected_ms: Optional[float]) -> None:
@@ -64,6 +68,9 @@ class Row:
         self.info = None  # type: ignore[assignment]
         self.measured_ms: Optional[float] = None
         self.version = 0
+        # What the resolver's snapshot made of this row, and for which
+        # version of it (``ShardResolver.snapshot``).
+        self.kept: Optional[tuple] = None
 
     @property
     def passing(self) -> bool:
@@ -215,6 +222,11 @@ class Bucket:
         self.by_base: tuple[list[Ordered], list[Ordered]] = (
             [Ordered() for _ in range(4)], [Ordered() for _ in range(4)],
         )
+        # The draw's pool as it stands (None: work it out again), and the
+        # shards drawn since it was built, whose ledgers the blocks'
+        # figures have not taken in yet.
+        self.view: Optional[View] = None
+        self.deferred: set[Row] = set()
 
 
 def _base_key(r: ranking.Ranked) -> tuple[float, str, float]:
@@ -374,6 +386,8 @@ class ServiceIndex:
     def _build(self, bucket: Bucket) -> None:
         bucket.pending.clear()
         bucket.ledgers.clear()
+        bucket.deferred.clear()
+        bucket.view = None
         bucket.ranked.clear()
         keyed: tuple[list, list] = ([], [])
         based: tuple[list[list], list[list]] = ([[], [], [], []], [[], [], [], []])
@@ -418,6 +432,7 @@ class ServiceIndex:
         buckets.move_to_end(location)
         pending = bucket.pending
         if pending:
+            bucket.view = None
             if len(pending) > _REBUILD_SHARE * len(self._ordered_rows) + 8:
                 self._build(bucket)
             else:
@@ -430,14 +445,37 @@ class ServiceIndex:
                     for ordered in lists:
                         ordered.settle()
         if bucket.ledgers:
-            for row in bucket.ledgers:
-                r = bucket.ranked.get(row.state.config.id)
-                if r is not None:
-                    base = _base_key(r)
-                    for lists in bucket.by_base:
-                        lists[_group(r)].touch(base, row.state.ledger)
+            # Ledgers only grow (the draw writes them), so the pool's
+            # highest one is raised in place; the blocks' figures take
+            # them in when the pool is next worked out.
+            view = bucket.view
+            if view is not None:
+                for row in bucket.ledgers:
+                    view.raise_top(bucket, row)
+            bucket.deferred |= bucket.ledgers
             bucket.ledgers.clear()
         return bucket
+
+    def _touch_deferred(self, bucket: Bucket) -> None:
+        """Let the blocks' figures take in the ledgers drawn meanwhile."""
+        for row in bucket.deferred:
+            r = bucket.ranked.get(row.state.config.id)
+            if r is not None:
+                base = _base_key(r)
+                for lists in bucket.by_base:
+                    lists[_group(r)].touch(base, row.state.ledger)
+        bucket.deferred.clear()
+
+    def view(self, bucket: Bucket, band: float) -> View:
+        """The draw's pool for ``bucket`` now (built when first asked for)."""
+        panic = self.panic
+        view = bucket.view
+        if view is None or view.panic != panic or view.band != band:
+            if bucket.deferred:
+                self._touch_deferred(bucket)
+            ordered, group = self._group_of_pool(bucket)
+            view = bucket.view = View(bucket, panic, band, ordered, group)
+        return view
 
     # -- what resolve asks ----------------------------------------------------------
 
@@ -476,54 +514,25 @@ class ServiceIndex:
     ) -> Optional[tuple[ranking.Ranked, float]]:
         """
         Draw the first candidate as ``choice.draw`` over ``pool`` would
-        (None: no shard is eligible): the same function for a pool of up
-        to ``SMALL_POOL`` shards; above, the same pool, highest ledger,
-        longest stride and rules, with each of the two shards sampled in
-        proportion to its weight from the blocks' sums, without reading
-        the whole pool.  Returns the shard and its new ledger value.
+        (None: no shard is eligible): for a pool of up to ``SMALL_POOL``
+        shards the same numbers from the same random numbers; above, the
+        same pool, highest ledger, longest stride and rules, with each of
+        the two shards sampled in proportion to its weight from the
+        blocks' running sums, without reading the whole pool.  Returns the
+        shard and its new ledger value.  The pool's figures are kept
+        (``View``) until a shard in the bucket changes.
         """
-        ordered, group = self._group_of_pool(bucket)
-        if ordered is None:
-            return None
-        items = ordered.items
-        end = _pool_end(items, band)
-        ranked = bucket.ranked
-        if end <= SMALL_POOL:
-            members = [ranked[key[1]] for key in items[:end]]
-            members.sort(key=ranking.Ranked.rank_key)
-            entries = [_entry(r) for r in members]
-            index, ledger = choice.draw(entries, rng)
-            return members[index], ledger
-        uniform = group in (1, 3)
-        full = end // BLOCK
-        ordered.figures(full, ranked, uniform)
-        sums = ordered.sums[:full]
-        tops = ordered.tops[:full]
-        lows = ordered.lows[:full]
-        if end > full * BLOCK:
-            if ordered.tail is not None and ordered.tail[0] == end:
-                tail = ordered.tail[1]
-            else:
-                tail = _figures(items[full * BLOCK:end], ranked, uniform)
-                ordered.tail = (end, tail)
-            sums.append(tail[0])
-            tops.append(tail[1])
-            lows.append(tail[2])
-        total = sum(sums)
-        top = max(tops)
-        spread = 1.0 if uniform else 1.0 / min(lows)
-        a = _sample(items, end, sums, total, uniform, rng, None)
-        weight_a = 1.0 if uniform else items[a][2]
-        sums[a // BLOCK] -= weight_a
-        b = _sample(items, end, sums, total - weight_a, uniform, rng, a)
-        first, second = ranked[items[a][1]], ranked[items[b][1]]
-        state_a, state_b = first.state, second.state
-        a_wins, ledger = choice.duel_values(
-            state_a.ledger if state_a is not None else 0.0, items[a][2],
-            state_b.ledger if state_b is not None else 0.0, items[b][2],
-            top, spread, uniform, rng,
-        )
-        return (first if a_wins else second), ledger
+        return self.view(bucket, band).draw(rng)
+
+    def leading(self, bucket: Bucket, count: int) -> list[ranking.Ranked]:
+        """``ordered(bucket, count)``, kept with the pool until a shard changes."""
+        view = bucket.view
+        if view is None or view.panic != self.panic:
+            return self.ordered(bucket, count)
+        got = view.leading.get(count)
+        if got is None:
+            got = view.leading[count] = self.ordered(bucket, count)
+        return got
 
     def ordered(self, bucket: Bucket, count: Optional[int] = None) -> list[ranking.Ranked]:
         """The first ``count`` eligible shards in rank order (all: None)."""
@@ -574,7 +583,13 @@ def _sample(
     its weight (``skip`` excluded; ``sums`` already leaves it out): the
     blocks' running sums find the block, then the keys within it.
     """
-    target = rng.random() * total
+    return _position(items, end, sums, rng.random() * total, uniform, skip)
+
+
+def _position(
+    items: list, end: int, sums: list, target: float, uniform: bool, skip: Optional[int],
+) -> int:
+    """Where ``target`` falls on the running weights (``_sample``'s second half)."""
     running = list(accumulate(sums))
     block = bisect_right(running, target)
     last = None
@@ -602,3 +617,185 @@ def _sample(
     if last is not None:
         return last
     return next(i for i in range(end - 1, -1, -1) if i != skip)
+
+
+class View:
+    """
+    The draw's pool of one bucket, worked out once and kept while no shard
+    of the bucket changes (``ServiceIndex.bucket`` drops it then): its
+    members, running weights, highest ledger and longest stride.  Only
+    the highest ledger moves meanwhile, raised as the draw writes ledgers
+    (``raise_top``), so that a draw reads two random numbers, two
+    positions and two ledgers, whatever the size of the pool.
+    """
+
+    __slots__ = (
+        "panic", "band", "end", "items", "last", "group", "uniform", "top", "spread",
+        "total", "ranked", "members", "states", "weights", "entry_weights", "running",
+        "ids", "rests", "sums", "inner", "leading",
+    )
+
+    def __init__(
+        self, bucket: Bucket, panic: bool, band: float, ordered: Optional[Ordered], group: int
+    ) -> None:
+        self.panic = panic
+        self.band = band
+        self.leading: dict[int, list] = {}
+        self.ranked = bucket.ranked
+        self.members: Optional[list] = None
+        self.end = 0
+        self.top = 0.0
+        if ordered is None:
+            return
+        items = self.items = ordered.items
+        end = self.end = _pool_end(items, band)
+        self.last = items[end - 1]
+        self.group = group
+        ranked = self.ranked
+        if end <= SMALL_POOL:
+            # As choice.draw sees the pool: members in rank order.
+            members = [ranked[key[1]] for key in items[:end]]
+            members.sort(key=ranking.Ranked.rank_key)
+            entries = [_entry(r) for r in members]
+            uniform = self.uniform = all(e.weight <= 0 for e in entries)
+            weights = self.weights = [1.0 if uniform else max(0.0, e.weight) for e in entries]
+            self.entry_weights = [e.weight for e in entries]
+            self.members = members
+            self.states = [r.state for r in members]
+            self.ids = {r.info.shard_id for r in members}
+            self.running = list(accumulate(weights))
+            self.total = sum(weights)
+            self.top = max(e.ledger for e in entries)
+            self.spread = max(1.0 if uniform else 1.0 / e.weight for e in entries)
+            self.rests: dict[int, tuple[list[int], list[float], list[float], float]] = {}
+            return
+        uniform = self.uniform = group in (1, 3)
+        full = end // BLOCK
+        ordered.figures(full, ranked, uniform)
+        sums = ordered.sums[:full]
+        tops = ordered.tops[:full]
+        lows = ordered.lows[:full]
+        if end > full * BLOCK:
+            tail = _figures(items[full * BLOCK:end], ranked, uniform)
+            sums.append(tail[0])
+            tops.append(tail[1])
+            lows.append(tail[2])
+        self.sums = sums
+        self.running = list(accumulate(sums))
+        self.total = sum(sums)
+        self.top = max(tops)
+        self.spread = 1.0 if uniform else 1.0 / min(lows)
+        self.inner: dict[int, list[float]] = {}
+
+    def raise_top(self, bucket: Bucket, row: Row) -> None:
+        """Take in the new, higher ledger of a shard the draw chose."""
+        state = row.state
+        if self.members is not None:
+            if state.config.id in self.ids:
+                self.top = max(self.top, state.ledger)
+            return
+        if self.end == 0:
+            return
+        r = self.ranked.get(state.config.id)
+        if r is None or _group(r) != self.group or (r.set_aside and not self.panic):
+            return
+        if _base_key(r) <= self.last:
+            self.top = max(self.top, state.ledger)
+
+    def draw(self, rng: choice.RandomSource) -> Optional[tuple[ranking.Ranked, float]]:
+        """The chosen shard and its new ledger, as ``ServiceIndex.draw``."""
+        if self.end == 0:
+            return None
+        if self.members is not None:
+            return self._draw_small(rng)
+        items, uniform = self.items, self.uniform
+        total = self.total
+        a = self._find(rng.random() * total, None)
+        weight_a = 1.0 if uniform else items[a][2]
+        left = total - weight_a
+        target = rng.random() * left
+        # The same position as on the running weights without ``a``: past
+        # where ``a`` starts, everything sits ``weight_a`` further on.
+        start_a = self._within(a // BLOCK)[a % BLOCK]
+        b = self._find(target + weight_a if target >= start_a else target, a, target)
+        ranked = self.ranked
+        first, second = ranked[items[a][1]], ranked[items[b][1]]
+        state_a, state_b = first.state, second.state
+        a_wins, ledger = choice.duel_values(
+            state_a.ledger if state_a is not None else 0.0, items[a][2],
+            state_b.ledger if state_b is not None else 0.0, items[b][2],
+            self.top, self.spread, uniform, rng,
+        )
+        return (first if a_wins else second), ledger
+
+    def _within(self, block: int) -> list[float]:
+        """A block's running weights, starting from the blocks before it."""
+        within = self.inner.get(block)
+        if within is None:
+            start = block * BLOCK
+            stop = min(start + BLOCK, self.end)
+            if self.uniform:
+                weights = [1.0] * (stop - start)
+            else:
+                weights = [key[2] for key in self.items[start:stop]]
+            before = self.running[block - 1] if block else 0.0
+            within = self.inner[block] = list(accumulate(weights, initial=before))
+        return within
+
+    def _find(self, target: float, skip: Optional[int], unmoved: float = 0.0) -> int:
+        """
+        The position ``target`` falls on in the running weights; with
+        ``skip``, ``target`` was moved past it and ``unmoved`` is the
+        number drawn over the weights without it.
+        """
+        block = bisect_right(self.running, target)
+        if block < len(self.running):
+            within = self._within(block)
+            i = bisect_right(within, target, 1)
+            found = block * BLOCK + i - 1
+            if i < len(within) and found != skip and within[i] > within[i - 1]:
+                return found
+        # At the edge of a block, or of the pool, where rounding decides:
+        # the running sums worked out afresh, as ``_sample`` does.
+        sums = list(self.sums)
+        if skip is not None:
+            sums[skip // BLOCK] -= 1.0 if self.uniform else self.items[skip][2]
+            target = unmoved
+        return _position(self.items, self.end, sums, target, self.uniform, skip)
+
+    def _draw_small(self, rng: choice.RandomSource) -> tuple[ranking.Ranked, float]:
+        """``choice.draw`` over the members, on the figures kept."""
+        members, uniform, top, spread = self.members, self.uniform, self.top, self.spread
+        assert members is not None
+        states = self.states
+        if len(members) == 1:
+            state = states[0]
+            stride = 1.0 if uniform else 1.0 / self.entry_weights[0]
+            ledger = state.ledger if state is not None else 0.0
+            return members[0], max(ledger, top - spread - choice.CREDIT * stride) + stride
+        a = _index(self.running, self.weights, rng.random() * self.total)
+        rest = self.rests.get(a)
+        if rest is None:
+            indices = [i for i in range(len(members)) if i != a]
+            weights = [self.weights[i] for i in indices]
+            rest = self.rests[a] = (indices, weights, list(accumulate(weights)), sum(weights))
+        indices, weights, running, total = rest
+        b = indices[_index(running, weights, rng.random() * total)]
+        state_a, state_b = states[a], states[b]
+        a_wins, ledger = choice.duel_values(
+            state_a.ledger if state_a is not None else 0.0, self.entry_weights[a],
+            state_b.ledger if state_b is not None else 0.0, self.entry_weights[b],
+            top, spread, uniform, rng,
+        )
+        return members[a if a_wins else b], ledger
+
+
+def _index(running: list[float], weights: list[float], target: float) -> int:
+    """``choice._weighted_index`` for a target already drawn, on running sums."""
+    i = bisect_right(running, target)
+    if i < len(running):
+        return i
+    for j in range(len(weights) - 1, -1, -1):
+        if weights[j] > 0:
+            return j
+    return len(weights) - 1

@@ -183,18 +183,29 @@ class ShardState:
         The shard as it stands at ``now``, as a frozen ``ShardInfo``;
         ``health``, when given, is its effective health already worked out.
         """
+        # ``effective_weight`` and ``load`` worked out inline, with the
+        # same arithmetic: explain and the snapshot read every shard.
+        config = self.config
+        weight = self.weight_override if self.weight_override is not None else config.weight
+        percent = self.agent_weight_percent
+        agent = percent / 100.0 if percent is not None else 1.0
+        since = self.back_since
+        ramp = 1.0 if since is None else scoring.slow_start_factor(since, now, config.slow_start)
+        security = self.security_override
         return ShardInfo(
-            shard_id=self.config.id,
-            service_id=self.service_id,
-            address=self.config.address,
-            location=self.config.location,
-            capacity=self.config.capacity,
-            security_score=self.security_score,
-            weight=self.effective_weight(now),
-            health=health if health is not None else self.effective_health(now),
-            open_connections=self.open_connections,
-            load=self.load(),
-            server_name=self.config.server_name,
+            config.id,
+            self.service_id,
+            config.address,
+            config.location,
+            config.capacity,
+            security if security is not None else config.security_score,
+            weight * agent * ramp,
+            health if health is not None else self.effective_health(now),
+            self.open_connections,
+            scoring.combined_load(
+                self.open_connections + self.remote_connections, config.capacity, self.agent_load
+            ),
+            config.server_name,
         )
 
 

@@ -395,3 +395,47 @@ class ShardKeyTokenSizeTests(_Helpers, SynchronousTestCase):
         self.assertTrue(any("over the 1024-byte limit" in p for p in e.problems), e.problems)
         data["service"]["api"]["shard_key"] = "none"
         parse_config(data, self.mktemp(), check_files=False, token_size=worst_case_token_size)
+
+    def test_default_sizer_asked_once_per_id_length(self) -> None:
+        """
+        With the policy module's sizer, shards whose ids have one length
+        share one answer, and the answer is the one it gives per shard: an
+        ACL sized so that 2-character ids fit and 40-character ids do not
+        refuses exactly the two 40-character shards, each by name.
+        """
+        from shardtcp.config import parse_config
+        from shardtcp.config import _checks
+        from shardtcp.policy import worst_case_token_size
+
+        def size(shard_id: str, acl: list) -> int:
+            return worst_case_token_size(
+                issuer="edge-1", kid="policy-1", service_id="api", shard_id=shard_id,
+                acl=acl, sni_length=len("api.example.test"), subject_length=None, key_length=None,
+            )
+
+        acl = ["a" * n for n in (1,)]
+        while size("s" * 40, acl) <= 1024:
+            acl.append("a" * 20)
+        self.assertLessEqual(size("s" * 2, acl), 1024)
+        self.assertGreater(size("s" * 2, acl + ["a" * 40]), 1024)  # the bound is near: lengths matter
+        long_ids = ["L" * 40, "M" * 39 + "-"]
+        data = minimal()
+        data["service"]["api"]["policy"] = {"acl": acl}
+        data["service"]["api"]["shard"] = [
+            {"id": shard_id, "address": f"127.0.0.1:{9001 + i}"}
+            for i, shard_id in enumerate(["s1", "s2", long_ids[0], "t3", long_ids[1]])
+        ]
+        calls: list = []
+
+        def counting(**kw):
+            calls.append(kw["shard_id"])
+            self.assertEqual((kw["sni_length"], kw["subject_length"], kw["key_length"]), (16, None, None))
+            return worst_case_token_size(**kw)
+
+        self.patch(_checks, "default_token_size", lambda: counting)
+        e = self.assertRaises(ConfigError, parse_config, data, self.mktemp(), check_files=False, token_size=counting)
+        self.assertEqual(calls, ["s1", long_ids[0]])
+        refused = [p for p in e.problems if "over the 1024-byte limit" in p]
+        self.assertEqual(len(refused), 2)
+        for shard_id, problem in zip(long_ids, refused):
+            self.assertIn(f"for shard {shard_id!r} could reach {size(shard_id, acl)} bytes", problem)

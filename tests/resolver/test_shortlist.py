@@ -9,6 +9,7 @@ bounded by ``retries``; and the key ordering seam replaces the draw.
 
 from __future__ import annotations
 
+import ipaddress
 import random
 from collections import Counter
 
@@ -347,3 +348,272 @@ class WarmTests(SynchronousTestCase):
         self.assertEqual(list(index._buckets), [None, NEW_YORK, FRANKFURT, SINGAPORE])
         resolver.resolve(request(EU_CLIENT))
         self.assertEqual(len(index._buckets), 4)
+
+
+class ViewTests(SynchronousTestCase):
+    """The draw's pool kept between resolves (``shortlist.View``)."""
+
+    def test_a_change_drops_the_kept_pool(self) -> None:
+        """
+        A resolve keeps its bucket's pool; a lease on a shard, a health
+        change or a weight override drops it at the next resolve, which
+        builds one equal to the reference pool again.
+        """
+        resolver, _, _, shards = build([(0, 100, 1.0, 90.0)] * 5)
+        index = resolver._indexes["api"]
+        resolver.resolve(request(US_CLIENT))
+        bucket = index.bucket(NEW_YORK)
+        kept = bucket.view
+        self.assertIsNotNone(kept)
+        resolver.resolve(request(US_CLIENT))
+        self.assertIs(bucket.view, kept)
+        changes = [
+            lambda: resolver.lease(shards[0].id),
+            lambda: resolver.set_health(shards[1].id, Health.UNHEALTHY),
+            lambda: resolver.set_weight(shards[2].id, 3.0),
+        ]
+        for change in changes:
+            change()
+            index.refresh(resolver._now())
+            self.assertIsNone(index.bucket(NEW_YORK).view)
+            resolver.resolve(request(US_CLIENT))
+            view = index.bucket(NEW_YORK).view
+            self.assertIsNot(view, kept)
+            _, members = reference(resolver, request(US_CLIENT))
+            self.assertEqual(
+                [r.info.shard_id for r in view.members], [m.item.info.shard_id for m in members]
+            )
+            kept = view
+
+    def test_highest_ledger_follows_draws_from_every_location(self) -> None:
+        """
+        Over 300 draws from three client locations (three buckets, each
+        with its own kept pool) on a small and on a large pool, each kept
+        pool's highest ledger is, before every draw, the highest ledger of
+        the reference pool for that location: raised by the draws of its
+        own bucket and of the others on shards it holds, never by shards
+        it does not hold.
+        """
+        for specs in ([(i % 3, 100, 1.0, 90.0) for i in range(6)],
+                      [(i % 3, 100, (0.5, 1.0, 2.0)[i // 3 % 3], 90.0) for i in range(240)]):
+            resolver, _, rng, _ = build(specs, seed=9)
+            index = resolver._indexes["api"]
+            for n in range(300):
+                client = CLIENTS[n % 3]
+                _, members = reference(resolver, request(client))
+                location = ranking.locate(client, resolver._geo, None).location
+                index.refresh(resolver._now())
+                view = index.view(index.bucket(location), choice.DEFAULT_BAND)
+                self.assertEqual(view.top, max(m.ledger for m in members))
+                resolver.resolve(request(client))
+            self.assertGreater(max(s.ledger for s in resolver._states.values()), 0.0)
+
+    def test_second_sample_leaves_the_first_out(self) -> None:
+        """
+        In a 300-shard pool, a number landing in the middle of a shard's
+        interval of the running weights without the first shard picks the
+        same shard through the kept pool's shifted lookup as through
+        ``_sample`` over the reduced sums, for every shard and for the
+        first shard at the start, inside and at the end of the pool.
+        """
+        weights = [0.5, 1.0, 2.0, 3.0]
+        resolver, _, _, _ = build([(0, 100, weights[i % 4], 90.0) for i in range(300)], seed=3)
+        resolver.resolve(request(US_CLIENT))
+        index = resolver._indexes["api"]
+        view = index.view(index.bucket(NEW_YORK), choice.DEFAULT_BAND)
+        self.assertEqual(view.end, 300)
+        self.assertIsNone(view.members)
+        pool = [k[2] for k in view.items[:300]]
+        for skip in (0, 17, 160, 299):
+            left = sum(pool) - pool[skip]
+            running = 0.0
+            for i, w in enumerate(pool):
+                if i == skip:
+                    continue
+                target = running + w / 2
+                start = view._within(skip // shortlist.BLOCK)[skip % shortlist.BLOCK]
+                moved = target + pool[skip] if target >= start else target
+                self.assertEqual(view._find(moved, skip, target), i)
+                sums = list(view.sums)
+                sums[skip // shortlist.BLOCK] -= pool[skip]
+                self.assertEqual(shortlist._position(view.items, 300, sums, target, False, skip), i)
+                running += w
+            self.assertLess(abs(running - left), 1e-9)
+
+    def test_leading_follows_the_ranking(self) -> None:
+        """
+        The retry order kept with the pool is the reference order, and a
+        lease that moves a shard down the ranking moves it in the kept
+        order at the next resolve.
+        """
+        resolver, _, _, shards = build([(0, 2, 1.0, 90.0)] * 4)
+        resolver.resolve(request(US_CLIENT), 3)
+        before = [c.shard.shard_id for c in resolver.resolve(request(US_CLIENT), 3)]
+        self.assertEqual(sorted(before), [s.id for s in shards])
+        index = resolver._indexes["api"]
+        leader = index.leading(index.bucket(NEW_YORK), 4)[0].info.shard_id
+        resolver.lease(leader)
+        index.refresh(resolver._now())
+        after = [r.info.shard_id for r in index.leading(index.bucket(NEW_YORK), 4)]
+        result, _ = reference(resolver, request(US_CLIENT))
+        self.assertEqual(after, [r.info.shard_id for r in result.eligible])
+        self.assertEqual(after[-1], leader)
+
+
+class VerdictTests(SynchronousTestCase):
+    """The policy's verdict on a client address is kept until the records change."""
+
+    def test_policy_verdict_kept_threat_asked_every_time(self) -> None:
+        """
+        A denied address is refused with the policy's rule every time;
+        a threat check set afterwards is asked on every resolve (its
+        answer wins while it denies, the policy's again when it stops);
+        and a reload with a policy allowing the address admits it.
+        """
+        policy = PolicyConfig(deny=(ipaddress.ip_network("198.51.100.0/24"),))
+        resolver, _, _, shards = build([(0, 100, 1.0, 90.0)] * 2, policy)
+        for _ in range(2):
+            error = self.assertRaises(AccessDenied, resolver.resolve, request(US_CLIENT))
+            self.assertEqual(error.rule, "policy.deny 198.51.100.0/24")
+        asked = []
+        answer = ["feed: listed"]
+        resolver.set_admission(lambda ip: asked.append(ip) or answer[0])
+        error = self.assertRaises(AccessDenied, resolver.resolve, request(US_CLIENT))
+        self.assertEqual(error.rule, "feed: listed")
+        answer[0] = None
+        error = self.assertRaises(AccessDenied, resolver.resolve, request(US_CLIENT))
+        self.assertEqual(error.rule, "policy.deny 198.51.100.0/24")
+        self.assertEqual(asked, [US_CLIENT, US_CLIENT])
+        resolver.replace_config(make_config(
+            tuple(shard(f"s{i:03d}", NEW_YORK, port=9000 + i) for i in range(2))
+        ))
+        self.assertIn(resolver.resolve(request(US_CLIENT))[0].shard.shard_id, {"s000", "s001"})
+
+
+def reference_snapshot(resolver: ShardResolver):
+    """The snapshot worked out from scratch: ``ranking.consider`` over every shard."""
+    from collections import Counter as Taken
+
+    from shardtcp.resolver import ResolverSnapshot, ServiceSnapshot, ShardSnapshot
+
+    now = resolver._now()
+    services = []
+    for service_id, table in resolver._tables.items():
+        considered = ranking.consider(table, now)
+        eligible, panic, in_rotation, passing = ranking.select(considered, resolver._settings.panic_threshold)
+        eligible_ids = {c.info.shard_id for c in eligible}
+        keyed = table.config.shard_key != "none"
+        taken = Taken(resolver._recent_keys.get(service_id, {}).values())
+        shards = []
+        for c in considered:
+            state, info, outlier = c.state, c.info, c.state.outlier
+            ejected = outlier.ejected(now)
+            shards.append(ShardSnapshot(
+                shard_id=info.shard_id, address=str(info.address), region=info.region,
+                health=info.health.value, check_health=state.health.value,
+                admin_state=state.admin_state, agent_state=state.agent_admin,
+                agent_load=state.agent_load, agent_weight_percent=state.agent_weight_percent,
+                eligible=info.shard_id in eligible_ids, rejected_by=c.reasons, ejected=ejected,
+                ejected_until=outlier.ejected_until if ejected else None,
+                ejections=outlier.run_length(now, resolver._outlier),
+                total_ejections=outlier.total_ejections, consecutive_failures=outlier.consecutive,
+                open_connections=info.open_connections, capacity=info.capacity, load=info.load,
+                security_score=info.security_score, security_baseline=state.config.security_score,
+                security_source="feed" if state.security_override is not None else "baseline",
+                weight=state.weight, weight_overridden=state.weight_override is not None,
+                slow_start_ramp=state.ramp(now), effective_weight=info.weight,
+                rtt_ms=state.measured_ms(now, resolver._rtt_max_age), rtt_samples=state.rtt_samples,
+                connects_ok=state.stats.ok, connects_failed=state.stats.failed,
+                recent_keys=taken.get(info.shard_id, 0) if keyed else None,
+            ))
+        services.append(ServiceSnapshot(service_id, panic, in_rotation, passing, tuple(shards)))
+    return ResolverSnapshot(time=now, services=tuple(services))
+
+
+class SnapshotTests(SynchronousTestCase):
+    """The snapshot built from the index rows, each shard's part kept while unchanged."""
+
+    @settings(_PROPERTY, max_examples=30)
+    @given(
+        specs=st.lists(shard_spec, min_size=1, max_size=10),
+        operations=st.lists(operation, max_size=50),
+    )
+    def test_snapshot_equals_reference(self, specs, operations) -> None:
+        """
+        After every step of random leases, releases, health, drain,
+        weight, security, latency and connect reports (ejections and their
+        runs), clock steps (ejections ending, runs resetting, slow starts,
+        measurements ageing out) and resolves, ``snapshot()`` equals the
+        snapshot worked out from scratch with ``ranking.consider``.
+        """
+        resolver, clock, rng, shards = build(specs)
+        leases = []
+        for op in operations:
+            kind = op[0]
+            if kind == "advance":
+                clock.advance(op[1] * 4)
+            elif kind == "resolve":
+                try:
+                    resolver.resolve(request(CLIENTS[op[1]]), op[2])
+                except (AccessDenied, NoShardAvailable):
+                    pass
+            else:
+                shard_id = shards[op[1] % len(shards)].id
+                if kind == "lease":
+                    leases.append(resolver.lease(shard_id))
+                elif kind == "release":
+                    if leases:
+                        leases.pop(op[1] % len(leases)).release()
+                elif kind == "health":
+                    resolver.set_health(shard_id, op[2])
+                elif kind == "admin":
+                    resolver.set_admin_state(shard_id, op[2])
+                elif kind == "weight":
+                    resolver.set_weight(shard_id, op[2])
+                elif kind == "security":
+                    resolver.set_security_score(shard_id, op[2])
+                elif kind == "rtt":
+                    resolver.record_rtt(shard_id, op[2])
+                elif kind == "connect":
+                    resolver.record_connect_result(shard_id, op[2], 0.01 if op[2] else None)
+            self.assertEqual(resolver.snapshot(), reference_snapshot(resolver))
+
+    def test_unchanged_shards_are_kept_changed_ones_made_again(self) -> None:
+        """
+        Two snapshots in a row share every shard's part; after a lease on
+        one shard only that shard's part is made again, and after an
+        ejection run resets with the clock, the part shows zero ejections.
+        """
+        resolver, clock, _, shards = build([(0, 100, 1.0, 90.0)] * 3)
+        first = resolver.snapshot().services[0].shards
+        second = resolver.snapshot().services[0].shards
+        self.assertTrue(all(a is b for a, b in zip(first, second)))
+        resolver.lease(shards[1].id)
+        third = resolver.snapshot().services[0].shards
+        self.assertEqual([a is b for a, b in zip(second, third)], [True, False, True])
+        self.assertEqual(third[1].open_connections, 1)
+        resolver.record_connect_result(shards[0].id, False)
+        resolver.record_connect_result(shards[0].id, False)
+        self.assertEqual(resolver.snapshot().services[0].shards[0].ejections, 1)
+        clock.advance(5.0 + resolver._outlier.reset_after - 1)
+        self.assertEqual(resolver.snapshot().services[0].shards[0].ejections, 1)
+        clock.advance(1)
+        self.assertEqual(resolver.snapshot().services[0].shards[0].ejections, 0)
+        self.assertEqual(resolver.snapshot(), reference_snapshot(resolver))
+
+    def test_panic_changes_every_shard_part(self) -> None:
+        """
+        One of three shards unhealthy: it is not eligible.  A second one
+        unhealthy puts the service in panic mode: the first, whose own
+        state did not change, is now shown eligible, with its reasons.
+        """
+        resolver, _, _, shards = build([(0, 100, 1.0, 90.0)] * 3)
+        resolver.set_health(shards[0].id, Health.UNHEALTHY)
+        before = resolver.snapshot().services[0]
+        self.assertEqual((before.panic, before.shards[0].eligible), (False, False))
+        resolver.set_health(shards[1].id, Health.UNHEALTHY)
+        after = resolver.snapshot().services[0]
+        self.assertEqual((after.panic, after.in_rotation, after.eligible_by_policy), (True, 1, 3))
+        self.assertEqual([s.eligible for s in after.shards], [True, True, True])
+        self.assertEqual(after.shards[0].rejected_by, ("health: unhealthy",))
+        self.assertEqual(resolver.snapshot(), reference_snapshot(resolver))
