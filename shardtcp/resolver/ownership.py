@@ -62,6 +62,8 @@ _ULP52 = 2.0 ** -52
 # BLAKE2b personalisations: a key and a shard id never hash alike.
 _KEY_PERSON = b"shardtcp key"
 _SHARD_PERSON = b"shardtcp shard"
+# Copied per key: cheaper than setting the parameters up again.
+_KEY_HASHER = hashlib.blake2b(digest_size=8, person=_KEY_PERSON)
 _GLOB_CHARS = frozenset("*?[")
 
 
@@ -114,7 +116,9 @@ def _host(name: Optional[str]) -> Optional[str]:
 
 def key_hash(key: bytes) -> int:
     """A key's 64-bit hash: BLAKE2b of the key, personalised for keys."""
-    return int.from_bytes(hashlib.blake2b(key, digest_size=8, person=_KEY_PERSON).digest(), "big")
+    hasher = _KEY_HASHER.copy()
+    hasher.update(key)
+    return int.from_bytes(hasher.digest(), "big")
 
 
 @functools.lru_cache(maxsize=65536)
