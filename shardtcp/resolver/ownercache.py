@@ -25,6 +25,7 @@ services never loads it.
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from typing import Optional, Sequence
 
@@ -110,8 +111,9 @@ class OwnerCache:
             return kept
         self.misses += 1
         found = self.compute(key, want)
+        if kept is not None:
+            entries.move_to_end(key)
         entries[key] = found
-        entries.move_to_end(key)
         if len(entries) > self.keep:
             entries.popitem(last=False)
         return found
@@ -138,7 +140,7 @@ class OwnerCache:
         if pinned:
             taken = set(pinned)
             return tuple(pinned + [ids[i] for i in best if ids[i] not in taken][: count - len(pinned)])
-        return tuple(ids[i] for i in best)
+        return tuple(map(ids.__getitem__, best))
 
     def _all(self, key_h: int) -> list[int]:
         """Every member's position, in rendezvous order (the reference's arithmetic)."""
@@ -163,6 +165,9 @@ class _Arrays:
     """The members as numpy arrays, and the vectorised rendezvous order."""
 
     def __init__(self, seeds: Sequence[int], weights: Sequence[float]) -> None:
+        # numpy's OpenBLAS would start a thread per core at import; nothing
+        # here multiplies matrices, and a proxy has no use for idle threads.
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
         import numpy as np
 
         self.np = np
@@ -184,7 +189,8 @@ class _Arrays:
     def hashes(self, key_h: int):
         """``ownership.rendezvous_hash`` of the key at every member (uint64)."""
         np, x, t = self.np, self.x, self.t
-        np.bitwise_xor(self.seeds, np.uint64(key_h), out=x)
+        # A Python int under 2**64 is taken as uint64, cheaper than np.uint64().
+        np.bitwise_xor(self.seeds, key_h, out=x)
         np.multiply(x, self.c1, out=x)
         np.right_shift(x, self.s32, out=t)
         np.bitwise_xor(x, t, out=x)
