@@ -77,7 +77,8 @@ number of shards; ``explain`` runs them over every shard
 (``ranking.rank``), the reference the orderings are tested against.
 
 Shard keys (SPEC section 10): for a service with a ``shard_key``, step 5
-is replaced by ownership (``shardtcp.resolver.ownership``): the eligible
+is replaced by ownership (``shardtcp.resolver.ownership``; each key's
+owners kept per service by ``shardtcp.resolver.ownercache``): the eligible
 shards are ordered for the request's key by weighted rendezvous hashing,
 after the owners ``[service.S.owners]`` pins, and the first owner under
 its bounded load comes first, the other eligible owners after it in
@@ -112,7 +113,7 @@ from __future__ import annotations
 
 import secrets
 from collections import Counter, OrderedDict
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional
 
 import attrs
 from twisted.application.service import Service
