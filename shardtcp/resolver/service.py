@@ -77,7 +77,8 @@ number of shards; ``explain`` runs them over every shard
 (``ranking.rank``), the reference the orderings are tested against.
 
 Shard keys (SPEC section 10): for a service with a ``shard_key``, step 5
-is replaced by ownership (``shardtcp.resolver.ownership``): the eligible
+is replaced by ownership (``shardtcp.resolver.ownership``; each key's
+owners kept per service by ``shardtcp.resolver.ownercache``): the eligible
 shards are ordered for the request's key by weighted rendezvous hashing,
 after the owners ``[service.S.owners]`` pins, and the first owner under
 its bounded load comes first, the other eligible owners after it in
@@ -112,7 +113,7 @@ from __future__ import annotations
 
 import secrets
 from collections import Counter, OrderedDict
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional
 
 import attrs
 from twisted.application.service import Service
@@ -130,7 +131,7 @@ from shardtcp.model import (
     ShardInfo,
 )
 from shardtcp.net import PrefixTable, normalise_network
-from shardtcp.resolver import choice, ownership, ranking, scoring, shortlist
+from shardtcp.resolver import choice, ownercache, ownership, ranking, scoring, shortlist
 from shardtcp.resolver.agent import AgentReport
 from shardtcp.resolver.interfaces import IResolver, IResolverControl
 from shardtcp.resolver.outlier import OutlierPolicy
@@ -443,6 +444,8 @@ class ShardResolver(Service):
         self._panic: dict[str, bool] = {}
         # service id -> recent key -> the shard that took it (bounded)
         self._recent_keys: dict[str, OrderedDict[str, str]] = {}
+        # keyed service id -> (index, weights version, owners kept per key)
+        self._owner_caches: dict[str, tuple[object, int, ownercache.OwnerCache]] = {}
         self._watchers: dict[object, Callable[[], None]] = {}
         self._unsubscribe: Optional[Callable[[], None]] = None
         self._loaded = False
@@ -1014,10 +1017,7 @@ class ShardResolver(Service):
             # shards, in owner order; no draw.
             if request.shard_key is None:
                 raise NoShardKey(service_id, source)
-            eligible = index.ordered(bucket)
-            if not eligible:
-                raise NoShardAvailable(service_id, index.rejections())
-            return self._by_key(table.config, request.shard_key, eligible, client, now, retries)
+            return self._by_key(table.config, request.shard_key, index, bucket, client, now, retries)
         drawn = index.draw(bucket, self._band, self._random)
         if drawn is None:
             raise NoShardAvailable(service_id, index.rejections())
@@ -1035,29 +1035,98 @@ class ShardResolver(Service):
         self,
         config: ServiceConfig,
         key: str,
-        eligible: Sequence[ranking.Ranked],
+        index: shortlist.ServiceIndex,
+        bucket: shortlist.Bucket,
         client,
         now: float,
         retries: int,
     ) -> list[Candidate]:
-        """The eligible shards in the key's owner order (at most ``1 + retries``)."""
-        shards = [
-            # The operator's weight (the slow-start ramp must not move keys)
-            # and the live open connections, the fleet's (bounded load).
-            ownership.Shard(
-                r.info.shard_id, r.state.weight, r.state.open_connections + r.state.remote_connections, ()
-            )
-            for r in eligible
-        ]
-        owners = ownership.chain(key, shards, owners=config.owners, bounded_load=config.bounded_load)
-        by_id = {r.info.shard_id: r for r in eligible}
-        ordered = [Candidate(by_id[i].info, by_id[i], client, now) for i in owners.order[: 1 + retries]]
+        """
+        The eligible shards in the key's owner order (at most ``1 +
+        retries``): ``ownership.chain``'s order, from the owners kept for
+        the key over all members (``ownercache``), the ones not eligible
+        now skipped, the bounded load checked against the eligible totals
+        the index keeps.  Only the owners walked are read.
+        """
+        panic = index.panic
+        count = index.passing if panic else index.healthy
+        if not count:
+            raise NoShardAvailable(config.id, index.rejections())
+        total_open, total_weight = index.totals.of(panic)
+        bounded_load = config.bounded_load
+        cache = self._owner_cache(config, index)
+        ranked = bucket.ranked
+        owners = cache.owners_of(key)
+        members = len(cache)
+        taker: Optional[ranking.Ranked] = None
+        skipped: list[ranking.Ranked] = []
+        after: list[ranking.Ranked] = []
+        i = 0
+        while True:
+            if i == len(owners):
+                if i >= members:
+                    break
+                owners = cache.owners_of(key, at_least=4 * i)
+            r = ranked.get(owners[i])
+            i += 1
+            if r is None or (r.set_aside and not panic):
+                continue
+            if taker is None:
+                # The operator's weight (the slow-start ramp must not move
+                # keys) and the live open connections, the fleet's.
+                state = r.state
+                bound = ownership.bound(state.weight, total_open, total_weight, count, bounded_load)
+                if state.open_connections + state.remote_connections >= bound:
+                    skipped.append(r)
+                    continue
+                taker = r
+            else:
+                after.append(r)
+            if len(skipped) + len(after) >= retries:
+                break
+        if taker is None:
+            # Only rounding leaves every eligible owner at its bound: the
+            # first one takes the key rather than nobody.
+            taker = skipped.pop(0)
+        order = [taker, *skipped, *after][: 1 + retries]
         recent = self._recent_keys.setdefault(config.id, OrderedDict())
-        recent[owners.key] = owners.order[0]
-        recent.move_to_end(owners.key)
+        recent[key] = taker.info.shard_id
+        recent.move_to_end(key)
         while len(recent) > _RECENT_KEYS:
             recent.popitem(last=False)
-        return ordered
+        return [Candidate(r.info, r, client, now) for r in order]
+
+    def _owner_cache(
+        self, config: ServiceConfig, index: shortlist.ServiceIndex
+    ) -> ownercache.OwnerCache:
+        """
+        The owners kept for a keyed service's keys, for its members and
+        operator weights as they are now: kept across reloads that change
+        neither, started anew when either changes.
+        """
+        version = index.totals.weights_version
+        kept = self._owner_caches.get(config.id)
+        if kept is not None and kept[0] is index and kept[1] == version:
+            return kept[2]
+        states = [row.state for row in index.rows()]
+        ids = [state.config.id for state in states]
+        weights = [state.weight for state in states]
+        if kept is not None and kept[2].fits(ids, weights, config.owners):
+            cache = kept[2]
+        else:
+            cache = ownercache.OwnerCache(ids, weights, config.owners)
+        for service_id in [s for s in self._owner_caches if s not in self._tables]:
+            del self._owner_caches[service_id]
+        self._owner_caches[config.id] = (index, version, cache)
+        return cache
+
+    def owner_cache(self, service_id: str) -> Optional[ownercache.OwnerCache]:
+        """
+        The owners a keyed service keeps per key (``ownercache``), with its
+        hit and miss counts; None before its first keyed ``resolve``.
+        """
+        kept = self._owner_caches.get(service_id)
+        return kept[2] if kept is not None else None
 
     def explain(self, request: ConnectionRequest, key: Optional[str] = None) -> Explanation:
         """

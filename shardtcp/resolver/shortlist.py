@@ -246,6 +246,75 @@ def _entry(r: ranking.Ranked) -> choice.Entry:
     )
 
 
+# Every finite double is a whole number of 2**-1074, the smallest one.
+_UNITS = 1 << 1074
+
+
+def _exact(weight: float) -> int:
+    """A weight (negative as 0) as a whole number of 2**-1074."""
+    if not 0 < weight < math.inf:
+        return 0
+    numerator, denominator = float(weight).as_integer_ratio()
+    return numerator << (1074 - denominator.bit_length() + 1)
+
+
+class EligibleTotals:
+    """
+    The open connections (this proxy's and the fleet's) and operator
+    weights of a service's eligible shards, added up as each shard is read
+    (for bounded load by shard key, without a pass over every shard), for
+    both eligible sets: the healthy shards, and in panic mode every shard
+    passing the hard filters.  ``weights_version`` grows whenever a shard's
+    operator weight changes.
+    """
+
+    __slots__ = ("_counted", "_open", "_weight", "_weight_float", "weights_version")
+
+    def __init__(self) -> None:
+        # row -> (healthy, passing, open connections, weight) as counted
+        self._counted: dict[Row, tuple[bool, bool, int, float]] = {}
+        self._open = [0, 0]
+        # Exact sums, in units of the smallest double: no drift however
+        # many times a shard comes and goes.
+        self._weight = [0, 0]
+        self._weight_float = [0.0, 0.0]
+        self.weights_version = 0
+
+    def read(self, row: Row) -> None:
+        """Count a shard as it was just read, in place of how it was counted."""
+        state = row.state
+        now = (row.healthy, row.passing, state.open_connections + state.remote_connections, state.weight)
+        before = self._counted.get(row)
+        if before == now:
+            return
+        self._counted[row] = now
+        if before is not None:
+            self._add(before, -1, weight=before[:2] != now[:2] or before[3] != now[3])
+            if before[3] != now[3]:
+                self.weights_version += 1
+        self._add(now, 1, weight=before is None or before[:2] != now[:2] or before[3] != now[3])
+
+    def _add(self, counted: tuple, sign: int, weight: bool) -> None:
+        healthy, passing, open_, shard_weight = counted
+        if healthy:
+            self._open[0] += sign * open_
+        if passing:
+            self._open[1] += sign * open_
+        if weight:
+            share = sign * _exact(shard_weight)
+            if healthy:
+                self._weight[0] += share
+                self._weight_float[0] = self._weight[0] / _UNITS
+            if passing:
+                self._weight[1] += share
+                self._weight_float[1] = self._weight[1] / _UNITS
+
+    def of(self, panic: bool) -> tuple[int, float]:
+        """The eligible shards' open connections and weight (panic: all passing)."""
+        i = 1 if panic else 0
+        return self._open[i], self._weight_float[i]
+
+
 class ServiceIndex:
     """
     The live orderings of one service (see the module docstring).
@@ -270,6 +339,7 @@ class ServiceIndex:
         self._last_now: Optional[float] = None
         self.passing = 0
         self.healthy = 0
+        self.totals = EligibleTotals()
         self._fresh = False
         for state in table.shards:
             state.changed = self.changed
@@ -300,6 +370,7 @@ class ServiceIndex:
         self.passing += row.passing
         self.healthy += row.healthy
         row.version += 1
+        self.totals.read(row)
         self._volatile.discard(row)
         until = _deadline(state, now, self.settings.rtt_max_age)
         if until is not None:

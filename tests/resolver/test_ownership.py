@@ -30,9 +30,14 @@ from shardtcp.resolver.ownership import (
     Shard,
     chain,
     key_for,
+    key_hash,
+    mix64,
     owner_order,
     pinned_owners,
+    rendezvous_hash,
     rendezvous_score,
+    shard_seed,
+    weighted_score,
 )
 from shardtcp.resolver.service import NoShardKey, ShardResolver
 
@@ -82,6 +87,37 @@ class RendezvousTests(SynchronousTestCase):
         self.assertGreater(one, 0.0)
         self.assertAlmostEqual(rendezvous_score(b"k", "s1", 2.0), 2 * one)
         self.assertNotEqual(one, rendezvous_score(b"k", "s2", 1.0))
+
+    def test_known_answers(self) -> None:
+        """
+        The hash is pinned: every proxy, and any shard or tool that works
+        owners out, must get these very numbers (BLAKE2b-64 personalised
+        ``shardtcp key`` / ``shardtcp shard``, then ``mix64``).
+        """
+        import hashlib
+
+        self.assertEqual(key_hash(b"tenant42"), 0x9A893AC54A4FC349)
+        self.assertEqual(
+            key_hash(b"tenant42"),
+            int.from_bytes(hashlib.blake2b(b"tenant42", digest_size=8, person=b"shardtcp key").digest(), "big"),
+        )
+        self.assertEqual(shard_seed("api-0"), 0x44B918F659A5922B)
+        self.assertEqual(mix64(1), 0x93649591BB8D8C9C)
+        self.assertEqual(mix64((1 << 64) - 1), 0x89BA3143CEBE9E87)
+        self.assertEqual(rendezvous_hash(0x9A893AC54A4FC349, 0x44B918F659A5922B), 0xF3D445D3BB649133)
+        self.assertEqual(weighted_score(0xF3D445D3BB649133, 1.0), 20.529874686800866)
+        self.assertEqual(rendezvous_score(b"tenant42", "api-0", 1.0), 20.529874686800866)
+        self.assertEqual([s.shard_id for s in owner_order("a", shards(5, "api-"))],
+                         ["api-3", "api-0", "api-1", "api-4", "api-2"])
+
+    def test_score_edges(self) -> None:
+        """The lowest and highest hashes give finite positive scores (u never reaches 0 or 1)."""
+        low, high = weighted_score(0, 1.0), weighted_score((1 << 64) - 1, 1.0)
+        self.assertGreater(low, 0.0)
+        self.assertLess(low, 0.03)
+        self.assertGreater(high, 1e15)
+        self.assertLess(high, float("inf"))
+        self.assertEqual(weighted_score((1 << 64) - 1, 0.0), 0.0)
 
     @settings(max_examples=200, deadline=None)
     @given(key=KEYS, order=st.permutations(list(range(8))))
