@@ -20,6 +20,12 @@ REFRESH_SECONDS = 3
 #: Circles drawn per region (the busiest shards); the rest are counted.
 SVG_SHARDS_PER_REGION = 12
 
+#: Shard rows shown per service: those needing attention first (not
+#: healthy, draining, ejected), then the busiest; the rest are counted and
+#: ``/status`` has every one.  A page of 10,000 rows is read by nobody and
+#: costs the proxy's one thread a second to build.
+PAGE_SHARDS_PER_SERVICE = 200
+
 _STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222;background:#fafafa}
 h1{font-size:1.4em;margin:0 0 .2em}h2{font-size:1.1em;margin:1.4em 0 .4em}
@@ -96,7 +102,8 @@ def _services(document: Mapping, scores: Mapping) -> list[str]:
             "<th>weight</th><th>security score</th>" + ("<th>recent keys</th>" if keyed else "") + "</tr>"
         )
         service_scores = scores.get(service_id, {})
-        for shard_id, shard in service["shards"].items():
+        shown_shards = _shown(service["shards"])
+        for shard_id, shard in shown_shards:
             health = shard["health"]
             shown = "draining" if _draining(shard) and health == "healthy" else health
             factors = service_scores.get(shard_id, {})
@@ -115,7 +122,35 @@ def _services(document: Mapping, scores: Mapping) -> list[str]:
                 + "</tr>"
             )
         out.append("</table>")
+        hidden = len(service["shards"]) - len(shown_shards)
+        if hidden > 0:
+            out.append(
+                f'<p class="state more">{hidden} more shard{"s" if hidden != 1 else ""} not shown; '
+                f'<a href="/status">/status</a> lists all {len(service["shards"])}.</p>'
+            )
     return out
+
+
+def _attention(shard: Mapping) -> bool:
+    """Whether a shard needs a person's eye: not healthy, draining or ejected."""
+    return shard.get("health") != "healthy" or _draining(shard) or bool(shard.get("ejected"))
+
+
+def _shown(shards: Mapping) -> list:
+    """
+    The rows of a service's table: every shard when they fit, else those
+    needing attention, then the busiest, up to ``PAGE_SHARDS_PER_SERVICE``,
+    in the document's order.
+    """
+    items = list(shards.items())
+    if len(items) <= PAGE_SHARDS_PER_SERVICE:
+        return items
+    ranked = sorted(
+        range(len(items)),
+        key=lambda i: (not _attention(items[i][1]), -float(items[i][1].get("load") or 0.0), i),
+    )
+    keep = sorted(ranked[:PAGE_SHARDS_PER_SERVICE])
+    return [items[i] for i in keep]
 
 
 def _refusals(document: Mapping) -> list[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from shardtcp.admin._page import REFRESH_SECONDS, render_page, traffic_svg
+from shardtcp.admin._page import PAGE_SHARDS_PER_SERVICE, REFRESH_SECONDS, render_page, traffic_svg
 from tests.admin.support import TOKEN, AdminFixture
 
 
@@ -115,3 +115,37 @@ class SVGBoundTests(SynchronousTestCase):
         svg = traffic_svg(_document(exact))
         self.assertEqual(svg.count("<circle"), SVG_SHARDS_PER_REGION)
         self.assertNotIn("more</text>", svg)
+
+
+class PageRowBoundTests(SynchronousTestCase):
+    """A service with more shards than the page shows."""
+
+    def _rows(self, page: str) -> list:
+        return [part.split('"', 1)[0] for part in page.split('<tr class="shard" id="shard-')[1:]]
+
+    def test_exactly_the_bound_all_shown(self) -> None:
+        """At exactly ``PAGE_SHARDS_PER_SERVICE`` shards every row is there and nothing is said to be hidden."""
+        shards = {f"s{i:05d}": _shard() for i in range(PAGE_SHARDS_PER_SERVICE)}
+        page = render_page(_document(shards), {})
+        self.assertEqual(self._rows(page), list(shards))
+        self.assertNotIn("not shown", page)
+
+    def test_one_over_shows_attention_then_busiest(self) -> None:
+        """
+        One shard over the bound: the page keeps every shard needing
+        attention (unhealthy, draining, ejected, wherever they are in the
+        order) and the busiest healthy ones, in the document's order, and
+        says how many shards it left out.
+        """
+        count = PAGE_SHARDS_PER_SERVICE + 1
+        shards = {f"s{i:05d}": _shard(load=0.5) for i in range(count)}
+        shards["s00000"]["load"] = 0.0  # the one idle shard: left out
+        shards[f"s{count - 1:05d}"] = _shard(health="unhealthy", load=0.0)
+        shards[f"s{count - 2:05d}"] = _shard(admin_state="drain", load=0.0)
+        shards[f"s{count - 3:05d}"] = _shard(ejected=True, load=0.0)
+        page = render_page(_document(shards), {})
+        rows = self._rows(page)
+        self.assertEqual(len(rows), PAGE_SHARDS_PER_SERVICE)
+        self.assertEqual(rows, [s for s in shards if s != "s00000"])
+        self.assertIn("1 more shard not shown", page)
+        self.assertIn(f"/status</a> lists all {count}.", page)
