@@ -13,11 +13,6 @@ renders, and ``service`` the ``ShardResolver`` itself.
 """
 
 from shardtcp.resolver.agent import AgentReplyError, AgentReport, parse_agent_reply
-from shardtcp.resolver.health import (
-    CheckResult,
-    HealthChecker,
-    build_health_service,
-)
 from shardtcp.resolver.interfaces import IResolver, IResolverControl
 from shardtcp.resolver.outlier import OutlierPolicy, OutlierTracker
 from shardtcp.resolver.ranking import Factors
@@ -51,6 +46,19 @@ from shardtcp.resolver.service import (
 )
 from shardtcp.resolver.snapshot import ResolverSnapshot, ServiceSnapshot, ShardSnapshot
 from shardtcp.resolver.sources import IShardSource, StaticShardSource
+
+# The active health checks pull in TLS, endpoints and the web client: loaded
+# when first asked for, so that commands which never check (explain,
+# check-config) do not pay for them.
+_HEALTH_NAMES = frozenset({"CheckResult", "HealthChecker", "build_health_service"})
+
+
+def __getattr__(name: str):
+    if name in _HEALTH_NAMES:
+        from shardtcp.resolver import health
+
+        return getattr(health, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "ADMIN_STATES",
