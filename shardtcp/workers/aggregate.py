@@ -364,8 +364,9 @@ class RemoteLoad:
         self._apply(self.total())
 
 
-#: A worker's states, in the order of its life.
-WORKER_STATES = ("starting", "ready", "draining", "exited")
+#: A worker's states, in the order of its life; ``waiting``: an index whose
+#: worker exited unexpectedly, waiting out its back-off.
+WORKER_STATES = ("starting", "ready", "draining", "exited", "waiting")
 
 
 def _state(instance, attribute, value) -> None:
@@ -379,7 +380,10 @@ class WorkerView:
     One worker as the supervisor sees it: its slot (``index``), its process
     id, the ``generation`` that started it (one more at each reload that
     replaces the workers), its state, when it started (seconds since the
-    epoch), how many times its slot was restarted, and its open connections.
+    epoch; for a ``waiting`` index, when it is due to be spawned again), how
+    many times its slot was restarted, its open connections, and how the
+    last worker of its index that exited unexpectedly ended (its status and
+    last line on standard error), if one did.
     """
 
     index: int
@@ -389,6 +393,7 @@ class WorkerView:
     started: float
     restarts: int
     open_connections: int
+    last_exit: Optional[str] = None
 
 
 def workers_status(entries: Iterable[WorkerView]) -> list[dict]:
@@ -402,6 +407,7 @@ def workers_status(entries: Iterable[WorkerView]) -> list[dict]:
             "started": float(w.started),
             "restarts": int(w.restarts),
             "open_connections": int(w.open_connections),
+            "last_exit": None if w.last_exit is None else str(w.last_exit),
         }
         for w in sorted(entries, key=lambda w: (w.generation, w.index))
     ]

@@ -430,19 +430,21 @@ class WorkersStatusTests(SynchronousTestCase):
             WorkerView(1, 402, 2, "ready", 1700000010.5, 0, 3),
             WorkerView(0, 401, 2, "starting", 1700000010, 1, 0),
             WorkerView(1, 302, 1, "draining", 1700000000.25, 0, 7),
-            WorkerView(0, 301, 1, "exited", 1700000000, 2, 0),
+            WorkerView(0, 301, 1, "exited", 1700000000, 2, 0, "exit status 1; last line on stderr: no key"),
         ]
         status = workers_status(views)
         self.assertEqual([(s["generation"], s["index"]) for s in status], [(1, 0), (1, 1), (2, 0), (2, 1)])
         self.assertEqual(status[1], {"index": 1, "pid": 302, "generation": 1, "state": "draining",
-                                     "started": 1700000000.25, "restarts": 0, "open_connections": 7})
+                                     "started": 1700000000.25, "restarts": 0, "open_connections": 7,
+                                     "last_exit": None})
+        self.assertEqual(status[0]["last_exit"], "exit status 1; last line on stderr: no key")
         self.assertEqual(json.loads(json.dumps(status)), status)
         self.assertIs(type(status[2]["started"]), float)
         self.assertEqual(workers_status([]), [])
 
     def test_state_vocabulary(self):
-        """Only starting, ready, draining and exited are states; a view is frozen."""
-        for state in ("starting", "ready", "draining", "exited"):
+        """Only starting, ready, draining, exited and waiting are states; a view is frozen."""
+        for state in ("starting", "ready", "draining", "exited", "waiting"):
             WorkerView(0, 1, 0, state, 0.0, 0, 0)
         e = self.assertRaises(ValueError, WorkerView, 0, 1, 0, "Ready", 0.0, 0, 0)
         self.assertIn("not 'Ready'", str(e))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import signal
 
 from prometheus_client import CollectorRegistry
-from twisted.internet import error
+from twisted.internet import defer, error
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
@@ -20,7 +20,9 @@ from shardtcp.workers import channel
 from shardtcp.workers.aggregate import RemoteLoad
 from shardtcp.workers.supervisor import (
     BACKOFF_FIRST,
+    ASK_TIMEOUT,
     BACKOFF_MAX,
+    SCRAPE_INTERVAL,
     STEADY,
     IWorkerSpawner,
     ProcessSpawner,
@@ -61,11 +63,21 @@ class FakeSpawner:
 
 
 class FakeChannel:
-    def __init__(self) -> None:
+    """Records what is sent; answers Metrics with ``text`` (None: never answers)."""
+
+    def __init__(self, text=None) -> None:
         self.sent: list = []
+        self.text = text
+        self.asked = 0
 
     def send(self, command, **arguments) -> None:
         self.sent.append((command, arguments))
+
+    def ask(self, command, timeout, clock):
+        self.asked += 1
+        if self.text is None:
+            return defer.Deferred().addTimeout(timeout, clock)
+        return defer.succeed({"text": self.text})
 
 
 def _set(count: int = 2, **kw):
@@ -403,3 +415,136 @@ class RelayTests(SynchronousTestCase):
             (channel.Health, {"shard_id": "a", "health": "healthy"}),
             (channel.Admin, {"shard_id": "a", "what": "weight", "value": 3.0}),
         ])
+
+
+def _exposition(accepted: float, active: float, seconds: float = 0.0) -> str:
+    """A worker's metrics: a counter, a gauge and a one-bucket histogram."""
+    return (
+        "# HELP shardtcp_connections_accepted_total Client connections accepted\n"
+        "# TYPE shardtcp_connections_accepted_total counter\n"
+        f'shardtcp_connections_accepted_total{{listener="edge"}} {accepted}\n'
+        "# HELP shardtcp_connections_active Client connections open now\n"
+        "# TYPE shardtcp_connections_active gauge\n"
+        f'shardtcp_connections_active{{listener="edge"}} {active}\n'
+        "# HELP shardtcp_upstream_connect_seconds Connect time\n"
+        "# TYPE shardtcp_upstream_connect_seconds histogram\n"
+        f'shardtcp_upstream_connect_seconds_bucket{{le="+Inf",service="api"}} {accepted}\n'
+        f'shardtcp_upstream_connect_seconds_count{{service="api"}} {accepted}\n'
+        f'shardtcp_upstream_connect_seconds_sum{{service="api"}} {seconds}\n'
+    )
+
+
+def _summed(workers, clock=None) -> dict:
+    """/metrics of a supervisor with no metrics of its own: (name, labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    d = workers.metrics("")
+    if clock is not None:
+        clock.advance(ASK_TIMEOUT)
+    text = SynchronousTestCase().successResultOf(d)
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+ACCEPTED = ("shardtcp_connections_accepted_total", (("listener", "edge"),))
+ACTIVE = ("shardtcp_connections_active", (("listener", "edge"),))
+COUNT = ("shardtcp_upstream_connect_seconds_count", (("service", "api"),))
+SUM = ("shardtcp_upstream_connect_seconds_sum", (("service", "api"),))
+
+
+class DepartedMetricsTests(SynchronousTestCase):
+    def _two(self):
+        workers, spawner, clock, _ = _set(2)
+        workers.start()
+        channels = [FakeChannel(_exposition(3, 2, 0.5)), FakeChannel(_exposition(5, 1, 1.0))]
+        for w, c in zip(workers.workers, channels):
+            workers.hello(w, c, w.pid)
+            workers.ready(w)
+        return workers, spawner, clock, channels
+
+    def test_counters_survive_a_retire_and_a_crash(self):
+        """
+        Workers counting 3 and 5 sum to 8.  A reload retires worker 0, which
+        sends Final (4 counted) and exits; worker 1 then dies (its last
+        answer, 5, is what is kept).  The new generation's 1 and 0 make the
+        sum 4 + 5 + 1 + 0 = 10 exactly, histogram _count and _sum alike; the
+        open-connections gauge is the live workers' alone (7 + 0), the dead
+        ones' 2 and 1 gone with them.
+        """
+        workers, spawner, clock, channels = self._two()
+        first = _summed(workers)
+        self.assertEqual((first[ACCEPTED], first[ACTIVE], first[COUNT], first[SUM]), (8.0, 3.0, 8.0, 1.5))
+        workers.replace()
+        new = [FakeChannel(_exposition(1, 7, 0.25)), FakeChannel(_exposition(0, 0))]
+        for w, c in zip(workers.workers[2:], new):
+            workers.hello(w, c, w.pid)
+        workers.ready(workers.workers[2])
+        self.assertEqual(channels[0].sent[-1], (channel.Retire, {}))
+        workers.final(workers.workers[0], _exposition(4, 0, 0.75))
+        during = _summed(workers)
+        self.assertEqual((during[ACCEPTED], during[ACTIVE]), (4.0 + 5 + 1 + 0, 0.0 + 1 + 7 + 0))
+        self.assertEqual(channels[0].asked, 1)
+        spawner.exit(0, "exit status 0")
+        spawner.exit(1, "signal 9")
+        self.assertEqual(workers.departed.added, 2)
+        after = _summed(workers)
+        self.assertEqual((after[ACCEPTED], after[ACTIVE], after[COUNT], after[SUM]), (10.0, 7.0, 10.0, 0.75 + 1.0 + 0.25))
+
+    def test_worker_that_does_not_answer_keeps_its_counters(self):
+        """
+        A worker that does not answer within ASK_TIMEOUT counts with the
+        counters it last reported (no dip), not with its gauge.
+        """
+        workers, spawner, clock, channels = self._two()
+        _summed(workers)
+        channels[1].text = None
+        later = _summed(workers, clock)
+        self.assertEqual((later[ACCEPTED], later[ACTIVE]), (8.0, 2.0))
+
+    def test_dead_worker_never_scraped_adds_nothing(self):
+        """A worker that dies before its metrics were ever seen adds nothing (and nothing fails)."""
+        workers, spawner, clock, channels = self._two()
+        spawner.exit(0)
+        self.assertEqual((workers.departed.added, workers.departed.text), (0, ""))
+        self.assertEqual(_summed(workers)[ACCEPTED], 5.0)
+
+    def test_scrape_every_interval(self):
+        """
+        A worker not asked for SCRAPE_INTERVAL seconds is asked then (not a
+        moment before), so a crash loses at most that much; one asked
+        meanwhile by /metrics is not asked again until its figures are that
+        old.  What it counted after its last answer is lost when it dies.
+        """
+        workers, spawner, clock, channels = self._two()
+        clock.advance(SCRAPE_INTERVAL - 0.001)
+        self.assertEqual([c.asked for c in channels], [0, 0])
+        clock.advance(0.001)
+        self.assertEqual([c.asked for c in channels], [1, 1])
+        clock.advance(1.0)
+        _summed(workers)
+        self.assertEqual([c.asked for c in channels], [2, 2])
+        clock.advance(SCRAPE_INTERVAL - 1.0)
+        self.assertEqual([c.asked for c in channels], [2, 2])
+        clock.advance(SCRAPE_INTERVAL)
+        self.assertEqual([c.asked for c in channels], [3, 3])
+        channels[0].text = _exposition(9, 0)
+        spawner.exit(0)
+        self.assertEqual(_summed(workers)[ACCEPTED], 3.0 + 5.0)
+
+    def test_bad_metrics_left_out_and_logged(self):
+        """A worker whose text does not parse is left out of /metrics (logged); the others count."""
+        workers, spawner, clock, channels = self._two()
+        channels[0].text = "shardtcp_x{ 1\n"
+        events = []
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.assertEqual(_summed(workers)[ACCEPTED], 5.0)
+        self.assertTrue(any("metrics of a worker left out" in e.get("log_format", "") for e in events))
+        spawner.exit(0)
+        self.assertEqual(workers.departed.added, 0)
+        self.assertEqual(_summed(workers)[ACCEPTED], 5.0)
