@@ -355,6 +355,74 @@ class WorkersTests(TestCase):
         self.assertEqual(len(held_lines), 2, held_lines)
         self.assertFalse(any("close=drain" in l for l in held_lines), held_lines)
 
+    async def test_counters_do_not_go_down_across_a_reload(self):
+        """
+        Six connections through the two workers: /metrics counts 6 accepted.
+        After SIGHUP, once the first generation has exited (each sent its
+        final figures), the count is still exactly 6 (not lower, not
+        doubled); the gauge of open connections is 0; one more connection
+        makes 7.
+        """
+        deployment = Deployment(self, reactor)
+        deployment.add_plain_shard("api-a", behaviour="source:0")
+        child, port, admin_port, path = await self.start(deployment, [("api-a", 1.0, "")])
+        old = [w["pid"] for w in await self.wait_workers(2)]
+        for n in range(3):
+            self.assertEqual(await self.through(old[0], [old[1]], _one_connection, port), "api-a")
+            self.assertEqual(await self.through(old[1], [old[0]], _one_connection, port), "api-a")
+
+        async def sample(name: str) -> float:
+            text = (await deferToThread(_get, admin_port, "/metrics")).decode()
+            found = re.findall(rf'^{name}{{listener="edge"}} (\S+)$', text, re.M)
+            self.assertEqual(len(found), 1, text[-3000:])
+            return float(found[0])
+
+        accepted = "shardtcp_connections_accepted_total"
+        before = await sample(accepted)
+        self.assertEqual(before, 6.0)
+        child.signal("HUP")
+        await self.wait_workers(2, lambda ws: all(w["generation"] == 2 for w in ws), timeout=30.0)
+        self.assertTrue(await e2e.wait_for(lambda: not any(_alive(p) for p in old), 20.0))
+        self.assertEqual(await sample(accepted), before)
+        self.assertEqual(await sample("shardtcp_connections_active"), 0.0)
+        self.assertEqual(await deferToThread(_one_connection, port), "api-a")
+        self.assertEqual(await sample(accepted), before + 1)
+
+    async def test_worker_that_cannot_start_is_shown(self):
+        """
+        With the configuration file moved away, a killed worker cannot be
+        started again: the supervisor keeps serving; /status lists its
+        index as waiting with its exit status and the worker's last line on
+        stderr, and counts the attempts.  Once the file is back, the next
+        attempt starts it.
+        """
+        deployment = Deployment(self, reactor)
+        deployment.add_plain_shard("api-a", behaviour="source:0")
+        child, port, admin_port, path = await self.start(deployment, [("api-a", 1.0, "")])
+        workers = await self.wait_workers(2)
+        os.rename(path, path + ".away")
+        os.kill(workers[0]["pid"], signal.SIGKILL)
+
+        async def waiting() -> list:
+            deadline = time.monotonic() + 20.0
+            while True:
+                found = [w for w in (await self.status())["workers"]
+                         if w["state"] == "waiting" and w["restarts"] >= 2]
+                if found:
+                    return found
+                self.assertLess(time.monotonic(), deadline, self.output()[-3000:])
+                await e2e.wait_for(lambda: False, 0.2)
+
+        entry = (await waiting())[0]
+        self.assertEqual(entry["index"], workers[0]["index"])
+        self.assertEqual(entry["pid"], 0)
+        self.assertRegex(entry["last_exit"], r"^exit status 1; last line on stderr: worker \d: .*shardtcp\.toml")
+        self.assertRegex(self.output(), r"exited unexpectedly after \d+\.\d s: exit status 1; last line on stderr: ")
+        self.assertEqual(await deferToThread(_one_connection, port), "api-a")
+        os.rename(path + ".away", path)
+        await self.wait_workers(2, timeout=20.0)
+        self.assertNotIn("Traceback", self.output())
+
     async def test_admin_drain_and_sigusr1_reach_every_worker(self):
         """
         POST /shards/api-a/drain on the supervisor's admin API: a connection
