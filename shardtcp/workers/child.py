@@ -206,6 +206,7 @@ class Retirement:
 def _parse(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="shardtcp-worker", description="A shardtcp worker (spawned by its supervisor).")
     parser.add_argument("--config", required=True)
+    parser.add_argument("--config-fd", type=int, default=None, help="the file's bytes as the supervisor loaded them")
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--generation", type=int, required=True)
     parser.add_argument("--channel", type=int, required=True)
@@ -244,7 +245,7 @@ def main(argv=None, reactor=None) -> int:
     if reactor is None:
         from twisted.internet import reactor
     _start_logging(args.index)
-    from shardtcp.config import ConfigError, load_config
+    from shardtcp.config import ConfigError
     from shardtcp.lifecycle import SignalHandlers
     from shardtcp.tap import ListenFailed, build_service
 
@@ -253,7 +254,7 @@ def main(argv=None, reactor=None) -> int:
         name, _, fd = item.rpartition("=")
         fds[name] = int(fd)
     try:
-        config = load_config(args.config)
+        config = load_snapshot(args.config, args.config_fd)
         root = build_service(config, reactor, listen_fds=fds, control_plane=False)
     except ConfigError as e:
         for line in e.problems:
@@ -301,6 +302,31 @@ def main(argv=None, reactor=None) -> int:
     reactor.callWhenRunning(running)
     reactor.run()
     return 0
+
+
+def load_snapshot(path: str, fd=None):
+    """
+    The configuration at ``path``; with ``fd``, from the bytes read there
+    (the supervisor's copy of the file as it last loaded it), relative
+    paths still resolved against ``path``'s folder.  ``ConfigError`` lists
+    the problems.
+    """
+    import tomllib
+
+    import attrs
+
+    from shardtcp.config import ConfigError, load_config, parse_config
+
+    if fd is None:
+        return load_config(path)
+    with os.fdopen(fd, "rb") as f:
+        raw = f.read()
+    absolute = os.path.abspath(path)
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError([f"{absolute} (as loaded by the supervisor): {e}"]) from None
+    return attrs.evolve(parse_config(data, os.path.dirname(absolute)), path=absolute)
 
 
 def _fatal(line: str) -> None:

@@ -616,12 +616,19 @@ class ProcessSpawner:
     stdout is the supervisor's own and stderr comes through a pipe (its last
     line is logged when the worker exits), unless ``log_file()`` gives
     twistd's log file (then ``_WorkerProcess`` writes both there).
+
+    ``snapshot()`` gives the configuration file's bytes as the supervisor
+    last loaded them: the worker reads them from an inherited descriptor
+    (``--config-fd``), so a worker started later runs the running
+    configuration, not a file edited since and not yet reloaded.
     """
 
-    def __init__(self, reactor, config_path: str, log_file: Callable[[], object] = lambda: None) -> None:
+    def __init__(self, reactor, config_path: str, log_file: Callable[[], object] = lambda: None,
+                 snapshot: Callable[[], Optional[bytes]] = lambda: None) -> None:
         self._reactor = reactor
         self._path = config_path
         self._log_file = log_file
+        self._snapshot = snapshot
 
     def spawn(self, index, generation, fds, channel_protocol, ended):
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -636,12 +643,23 @@ class ProcessSpawner:
         for number, (name, fd) in enumerate(sorted(fds.items()), start=4):
             child_fds[number] = fd
             argv += ["--listener", f"{name}={number}"]
+        snapshot = self._snapshot()
+        held = None
+        if snapshot is not None:
+            held = os.memfd_create("shardtcp-config")
+            os.write(held, snapshot)
+            os.lseek(held, 0, os.SEEK_SET)
+            number = 4 + len(fds)
+            child_fds[number] = held
+            argv += ["--config-fd", str(number)]
         try:
             process = self._reactor.spawnProcess(
                 _WorkerProcess(ended, log_file), sys.executable, argv, env=dict(os.environ), childFDs=child_fds
             )
         finally:
             theirs.close()
+            if held is not None:
+                os.close(held)
         factory = protocol.Factory.forProtocol(lambda: channel_protocol)
         self._reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX, factory)
         ours.close()
@@ -725,6 +743,8 @@ class SupervisorService(ProxyService):
 
     workers: WorkerSet
     relay: ShardStateRelay
+    #: The configuration file's bytes as last loaded (what workers start from).
+    snapshot: Optional[bytes] = None
 
     def listening_service(self, listener, factory) -> ListeningService:
         return HeldListeningService(
@@ -746,9 +766,12 @@ class SupervisorService(ProxyService):
             self.workers.start()
 
     def reload(self, path: Optional[str] = None, *, trigger: Optional[str] = None):
+        # Read just before the reload reads it: the new workers start from these bytes.
+        snapshot = _read_snapshot(path or self.config.path)
         d = super().reload(path, trigger=trigger)
 
         def replace(summary):
+            self.snapshot = snapshot
             self.workers.replace(worker_count(self.config))
             return summary
 
@@ -891,8 +914,10 @@ def build_supervisor(config, reactor=None, *, spawner=None) -> SupervisorService
     # and hands the other proxies' load on to them.
     fleet_load = (lambda: late["workers"].totals(), lambda counts: late["workers"].set_fleet(counts))
     root = build_service(config, reactor, root_type=SupervisorService, fleet_load=fleet_load)
+    root.snapshot = _read_snapshot(config.path)
     if spawner is None:
-        spawner = ProcessSpawner(reactor, os.path.abspath(config.path), lambda: _log_file(root))
+        spawner = ProcessSpawner(reactor, os.path.abspath(config.path), lambda: _log_file(root),
+                                 snapshot=lambda: root.snapshot)
     workers = late["workers"] = WorkerSet(
         worker_count(config), spawner, reactor, fds=root.held_fds, registry=root.metrics.registry,
         welcome=lambda worker: root.relay.replay(worker),
@@ -909,6 +934,15 @@ def build_supervisor(config, reactor=None, *, spawner=None) -> SupervisorService
         site_root.putChild(b"metrics", WorkersMetricsResource(site_root.children[b"metrics"], workers, reactor))
         site_root.putChild(b"status", WorkersStatusResource(site_root.children[b"status"], workers, reactor))
     return root
+
+
+def _read_snapshot(path: str) -> Optional[bytes]:
+    """The file's bytes, or None when it cannot be read (the worker then reads the file itself)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
 
 
 def _log_file(root):

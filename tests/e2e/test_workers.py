@@ -388,26 +388,37 @@ class WorkersTests(TestCase):
         self.assertEqual(await deferToThread(_one_connection, port), "api-a")
         self.assertEqual(await sample(accepted), before + 1)
 
-    async def test_worker_that_cannot_start_is_shown(self):
+    async def test_respawn_runs_the_running_configuration_or_is_shown_waiting(self):
         """
-        With the configuration file moved away, a killed worker cannot be
-        started again: the supervisor keeps serving; /status lists its
-        index as waiting with its exit status and the worker's last line on
-        stderr, and counts the attempts.  Once the file is back, the next
-        attempt starts it.
+        The file edited (api-a replaced by api-b) but not reloaded: a killed
+        worker comes back with the configuration the supervisor runs, so a
+        connection through it still reaches api-a.  With the signing key
+        moved away, a killed worker cannot start: the supervisor keeps
+        serving; /status lists its index as waiting with its exit status
+        and the worker's last line on stderr, and counts the attempts; once
+        the key is back, the next attempt starts it.
         """
         deployment = Deployment(self, reactor)
         deployment.add_plain_shard("api-a", behaviour="source:0")
+        deployment.add_plain_shard("api-b", behaviour="source:0")
         child, port, admin_port, path = await self.start(deployment, [("api-a", 1.0, "")])
         workers = await self.wait_workers(2)
-        os.rename(path, path + ".away")
+        _write(path, _config(deployment, port, admin_port, [("api-b", 1.0, "")]))
         os.kill(workers[0]["pid"], signal.SIGKILL)
+        workers = await self.wait_workers(2, lambda ws: workers[0]["pid"] not in [w["pid"] for w in ws])
+        pids = [w["pid"] for w in workers]
+        for n in range(2):
+            self.assertEqual(await self.through(pids[0], [pids[1]], _one_connection, port), "api-a")
+            self.assertEqual(await self.through(pids[1], [pids[0]], _one_connection, port), "api-a")
+        key = str(deployment.private_key)
+        os.rename(key, key + ".away")
+        os.kill(pids[0], signal.SIGKILL)
 
         async def waiting() -> list:
             deadline = time.monotonic() + 20.0
             while True:
                 found = [w for w in (await self.status())["workers"]
-                         if w["state"] == "waiting" and w["restarts"] >= 2]
+                         if w["state"] == "waiting" and w["restarts"] >= 3]
                 if found:
                     return found
                 self.assertLess(time.monotonic(), deadline, self.output()[-3000:])
@@ -416,10 +427,10 @@ class WorkersTests(TestCase):
         entry = (await waiting())[0]
         self.assertEqual(entry["index"], workers[0]["index"])
         self.assertEqual(entry["pid"], 0)
-        self.assertRegex(entry["last_exit"], r"^exit status 1; last line on stderr: worker \d: .*shardtcp\.toml")
+        self.assertRegex(entry["last_exit"], r"^exit status 1; last line on stderr: worker \d: .*private_key")
         self.assertRegex(self.output(), r"exited unexpectedly after \d+\.\d s: exit status 1; last line on stderr: ")
         self.assertEqual(await deferToThread(_one_connection, port), "api-a")
-        os.rename(path + ".away", path)
+        os.rename(key + ".away", key)
         await self.wait_workers(2, timeout=20.0)
         self.assertNotIn("Traceback", self.output())
 

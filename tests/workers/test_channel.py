@@ -283,3 +283,42 @@ class LogLineTests(SynchronousTestCase):
         line = worker_line(3)(event)
         self.assertRegex(line, r"^\S+ worker 3 \[sys\] hello there\n$")
         self.assertEqual(worker_line(3)({"log_format": None, "log_time": 0.0}), None)
+
+
+class SnapshotTests(SynchronousTestCase):
+    def test_worker_reads_the_supervisors_bytes(self) -> None:
+        """
+        load_snapshot with a descriptor uses its bytes, not the file as it
+        is now (edited since), resolving relative paths against the file's
+        folder; bad bytes are one ConfigError line naming the file.
+        """
+        from shardtcp.config import ConfigError
+        from shardtcp.workers.child import load_snapshot
+
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        keys.generate_keypair(os.path.join(directory, "keys"), kid="policy-1")
+        path = os.path.join(directory, "shardtcp.toml")
+        text = (
+            '[proxy]\nid = "edge-1"\n[signing]\nprivate_key = "keys/policy-1.pem"\nkid = "policy-1"\n'
+            '[[listener]]\nname = "edge"\nlisten = "tcp:0"\nmode = "plain"\nidentify = ["line"]\n'
+            '[service.api]\nnames = ["api.example.test"]\n'
+            '[[service.api.shard]]\nid = "api-a"\naddress = "127.0.0.1:1"\n'
+        )
+        with open(path, "w") as f:
+            f.write(text.replace("api-a", "api-b"))
+
+        def fd_of(data: bytes) -> int:
+            read, write = os.pipe()
+            os.write(write, data)
+            os.close(write)
+            return read
+
+        config = load_snapshot(path, fd_of(text.encode()))
+        self.assertEqual([s.id for s in config.services[0].shards], ["api-a"])
+        self.assertEqual(config.path, path)
+        self.assertEqual(config.signing.private_key, os.path.join(directory, "keys", "policy-1.pem"))
+        self.assertEqual([s.id for s in load_snapshot(path).services[0].shards], ["api-b"])
+        e = self.assertRaises(ConfigError, load_snapshot, path, fd_of(b"[proxy\n"))
+        self.assertEqual(len(e.problems), 1)
+        self.assertTrue(e.problems[0].startswith(f"{path} (as loaded by the supervisor): "), e.problems)

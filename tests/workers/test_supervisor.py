@@ -7,6 +7,7 @@ between workers, and ``ShardStateRelay``.
 
 from __future__ import annotations
 
+import os
 import signal
 
 from prometheus_client import CollectorRegistry
@@ -16,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from shardtcp.model import Health
-from shardtcp.workers import channel
+from shardtcp.workers import channel, supervisor
 from shardtcp.workers.aggregate import RemoteLoad
 from shardtcp.workers.supervisor import (
     BACKOFF_FIRST,
@@ -548,3 +549,123 @@ class DepartedMetricsTests(SynchronousTestCase):
         spawner.exit(0)
         self.assertEqual(workers.departed.added, 0)
         self.assertEqual(_summed(workers)[ACCEPTED], 5.0)
+
+
+class _Ended:
+    """A process's end as processEnded receives it."""
+
+    def __init__(self, code=None, signal_=None) -> None:
+        self.value = type("V", (), {"exitCode": code, "signal": signal_})()
+
+
+class WorkerProcessTests(SynchronousTestCase):
+    def test_stderr_lines_forwarded_whole_and_last_kept(self) -> None:
+        """
+        stderr comes out whole lines at a time to the supervisor's stderr;
+        stdout (inherited) is not touched; at the exit the unfinished last
+        line is flushed and handed on with the status as the last error,
+        cut to 500 characters.
+        """
+        written, ended = [], []
+        proto = supervisor._WorkerProcess(lambda status, error=None: ended.append((status, error)),
+                                          stderr=written.append)
+        proto.childDataReceived(2, b"Traceback (most recent call last):\n  File")
+        self.assertEqual(written, [b"Traceback (most recent call last):\n"])
+        proto.childDataReceived(2, b' "x.py"\n\n')
+        proto.childDataReceived(2, b"OSError: " + b"e" * 600)
+        proto.processEnded(_Ended(code=1))
+        self.assertEqual(written[1:], [b'  File "x.py"\n\n', b"OSError: " + b"e" * 600 + b"\n"])
+        self.assertEqual(ended, [("exit status 1", ("OSError: " + "e" * 600)[:500])])
+
+    def test_log_file_gets_both(self) -> None:
+        """With twistd's log file, stdout and stderr lines go there and nothing to stderr; a signal is named."""
+        import io
+
+        class File(io.BytesIO):
+            def flush(self) -> None:
+                pass
+
+        log_file, written, ended = File(), [], []
+        proto = supervisor._WorkerProcess(lambda status, error=None: ended.append((status, error)), log_file,
+                                          stderr=written.append)
+        proto.childDataReceived(1, b"a line\n")
+        proto.childDataReceived(2, b"worker 0: cannot start: no such file\n")
+        proto.processEnded(_Ended(signal_=9))
+        self.assertEqual(log_file.getvalue(), b"a line\nworker 0: cannot start: no such file\n")
+        self.assertEqual(written, [])
+        self.assertEqual(ended, [("signal 9", "worker 0: cannot start: no such file")])
+
+    def test_spawner_pipes_stderr(self) -> None:
+        """The spawned worker's stderr is a pipe to the supervisor; stdout is inherited unless logging to a file."""
+        from twisted.internet.testing import MemoryReactor
+
+        calls = []
+
+        class Reactor(MemoryReactor):
+            def spawnProcess(self, proto, executable, args, env=None, childFDs=None, **kw):
+                calls.append(dict(childFDs))
+                return FakeProcess(1)
+
+            def adoptStreamConnection(self, fd, family, factory):
+                pass
+
+        spawner = ProcessSpawner(Reactor(), "/x.toml")
+        spawner.spawn(0, 1, {}, None, lambda status, error=None: None)
+        self.assertEqual((calls[0][1], calls[0][2]), (1, "r"))
+
+    def test_snapshot_passed_on_a_descriptor(self) -> None:
+        """
+        With a snapshot, the worker gets ``--config-fd N`` (after the
+        listeners) on a descriptor holding exactly those bytes from the
+        start; the supervisor's copy is closed once spawned.
+        """
+        from twisted.internet.testing import MemoryReactor
+
+        seen = []
+
+        class Reactor(MemoryReactor):
+            def spawnProcess(self, proto, executable, args, env=None, childFDs=None, **kw):
+                fd = childFDs[int(args[args.index("--config-fd") + 1])]
+                seen.append((args[args.index("--listener") + 1], args[args.index("--config-fd") + 1],
+                             os.read(fd, 100), fd))
+                return FakeProcess(1)
+
+            def adoptStreamConnection(self, fd, family, factory):
+                pass
+
+        spawner = ProcessSpawner(Reactor(), "/x.toml", snapshot=lambda: b"[proxy]\nworkers = 2\n")
+        spawner.spawn(0, 1, {"edge": 0}, None, lambda status, error=None: None)
+        self.assertEqual(seen[0][:3], ("edge=4", "5", b"[proxy]\nworkers = 2\n"))
+        self.assertRaises(OSError, os.fstat, seen[0][3])
+
+
+class CannotStartTests(SynchronousTestCase):
+    def test_worker_that_exits_at_once(self) -> None:
+        """
+        A worker that exits at once every time: each attempt is logged once
+        with its exit status and last stderr line, counted, and waited for
+        (0.5, 1, 2 s ...); meanwhile /status lists its index as waiting
+        (pid 0, due time, restarts, last exit) beside the worker that runs.
+        """
+        events = []
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        workers, spawner, clock, registry = _set(2)
+        workers.start()
+        for attempt in range(3):
+            n = len(spawner.spawned) - 1 if attempt else 0
+            spawner.spawned[n][4]("exit status 1", error="worker 0: cannot start: no key")
+            status = workers.status()
+            self.assertEqual([(w["index"], w["state"], w["pid"]) for w in status], [(0, "waiting", 0), (1, "starting", 1002)])
+            self.assertEqual(status[0]["restarts"], attempt + 1)
+            self.assertEqual(status[0]["started"], clock.seconds() + BACKOFF_FIRST * 2 ** attempt)
+            self.assertEqual(status[0]["last_exit"], "exit status 1; last line on stderr: worker 0: cannot start: no key")
+            clock.advance(BACKOFF_FIRST * 2 ** attempt)
+            self.assertEqual([w["state"] for w in workers.status()], ["starting", "starting"])
+        lines = [formatEvent(e) for e in events if "exited unexpectedly" in e.get("log_format", "")]
+        self.assertEqual(len(lines), 3)
+        self.assertIn("exit status 1; last line on stderr: worker 0: cannot start: no key; spawning it again in 2.0 s",
+                      lines[2])
+        self.assertEqual(registry.get_sample_value("shardtcp_worker_restarts_total", {"index": "0"}), 3.0)
