@@ -3,7 +3,9 @@
 What a supervisor adds up from its worker processes (SPEC 8), as pure values:
 their Prometheus expositions (``merge_exposition``), their open connections
 per shard (``LoadBoard``), the remote load each process hands its resolver
-(``RemoteLoad``), and the workers' lines of ``/status`` (``workers_status``).
+(``RemoteLoad``), the counters of workers that have exited
+(``DepartedCounters``), and the workers' lines of ``/status``
+(``workers_status``).
 
 Nothing here does I/O or keeps time: the supervisor feeds in what the
 workers reported and sends on what comes out.
@@ -40,10 +42,28 @@ MAX_FAMILIES = frozenset(
     }
 )
 
-#: Gauge families whose name ends so hold a time or a constant 1 with labels
-#: (``prometheus_client`` puts a counter's or histogram's creation time in
-#: a ``<name>_created`` gauge): their maximum is kept, never their sum.
-MAX_SUFFIXES = ("_created", "_timestamp_seconds", "_info")
+#: Gauge families whose name ends so hold a time or a constant 1 with labels:
+#: their maximum is kept, never their sum.
+MAX_SUFFIXES = ("_timestamp_seconds", "_info")
+
+#: ``prometheus_client`` puts a counter's or histogram's creation time in a
+#: ``<name>_created`` gauge.  The summed counter never goes down (the
+#: supervisor keeps what exited workers counted), so it counts from the
+#: earliest of those times: their minimum is kept.
+MIN_SUFFIXES = ("_created",)
+
+#: The family types whose samples only go up (a summary's quantiles aside).
+MONOTONIC_TYPES = frozenset({"counter", "histogram", "summary"})
+
+
+def monotonic(name: str, kind: str) -> bool:
+    """
+    Whether a family's samples never go down while its process lives: a
+    counter, a histogram (buckets, ``_count``, ``_sum``), a summary's
+    ``_count`` and ``_sum``, and the ``_created`` gauge that dates one of
+    them.  What ``DepartedCounters`` keeps of a worker that exited.
+    """
+    return kind in MONOTONIC_TYPES or (kind == "gauge" and name.endswith(MIN_SUFFIXES))
 
 # The order of a family's samples within one label set, as generate_latest
 # writes them: the value (gauge, counter, untyped), buckets, count, sum.
@@ -72,7 +92,11 @@ class _Families:
         return iter(self._families)
 
 
-def merge_exposition(texts: Sequence[str], *, maximum: Collection[str] = MAX_FAMILIES) -> str:
+def merge_exposition(
+    texts: Sequence[str], *, maximum: Collection[str] = MAX_FAMILIES,
+    keep: Optional[Callable[[str, str], bool]] = None,
+    on_error: Optional[Callable[[int, str], None]] = None,
+) -> str:
     """
     One Prometheus text exposition from several processes' (each one
     ``generate_latest`` output, one per worker).
@@ -87,50 +111,51 @@ def merge_exposition(texts: Sequence[str], *, maximum: Collection[str] = MAX_FAM
 
     A sum would be wrong for a gauge that states one thing rather than
     counting, so these keep the largest value instead: a gauge family whose
-    name ends in ``_created`` (a counter's creation time: the merged counter
-    drops when any worker restarts, so its latest start is when it last
-    reset), ``_timestamp_seconds`` or ``_info`` (labels carried by a
+    name ends in ``_timestamp_seconds`` or ``_info`` (labels carried by a
     constant 1), and every family named in ``maximum`` (by default
     ``MAX_FAMILIES``: shardtcp's series of state every process sees alike).
+    A gauge family whose name ends in ``_created`` (a counter's creation
+    time) keeps the smallest value: the sum counts from the earliest start
+    (``MIN_SUFFIXES``).
     A summary's quantiles cannot be combined from quantiles, so they are
     left out.  Sample timestamps and exemplars are dropped: a sum has no
-    single time.
+    single time.  With ``keep``, only the families for which
+    ``keep(name, type)`` is true are kept (``monotonic``: what outlives a
+    worker).
 
     Raises ``ValueError`` naming the input (``texts[i]``) when a text does
     not parse, repeats a sample, or gives a family another type than an
-    earlier text did.
+    earlier text did.  With ``on_error``, such a text is left out whole
+    instead and ``on_error(i, message)`` is called.
     """
     helps: dict[str, str] = {}
     types: dict[str, str] = {}
     values: dict[str, dict[tuple, list]] = {}
     for index, text in enumerate(texts):
-        where = f"metrics input {index}"
         try:
-            parsed = list(text_string_to_metric_families(text))
-        except Exception as e:
-            # The parser's message names the bad token, not the line or text.
-            raise ValueError(f"{where} is not a Prometheus text exposition: {e}") from None
-        seen: set = set()
+            parsed = _checked(text, index, types, keep)
+        except ValueError as e:
+            if on_error is None:
+                raise
+            on_error(index, str(e))
+            continue
         for family in parsed:
             name = family.name
-            known = types.setdefault(name, family.type)
-            if known != family.type:
-                raise ValueError(f"{where}: {name} is a {family.type}, an earlier input had a {known}")
+            types.setdefault(name, family.type)
             helps.setdefault(name, family.documentation)
-            biggest = name in maximum or (
-                family.type in ("gauge", "unknown") and name.endswith(MAX_SUFFIXES)
-            )
+            gauge = family.type in ("gauge", "unknown")
+            smallest = gauge and name.endswith(MIN_SUFFIXES)
+            biggest = name in maximum or (gauge and name.endswith(MAX_SUFFIXES))
             samples = values.setdefault(name, {})
             for sample in family.samples:
                 if family.type == "summary" and "quantile" in sample.labels:
                     continue
                 labels = tuple(sorted(sample.labels.items()))
-                if (sample.name, labels) in seen:
-                    raise ValueError(f"{where}: the sample {sample.name}{dict(labels)} appears twice")
-                seen.add((sample.name, labels))
                 slot = samples.get((sample.name, labels))
                 if slot is None:
                     samples[(sample.name, labels)] = [sample.name, dict(labels), sample.value]
+                elif smallest:
+                    slot[2] = min(slot[2], sample.value)
                 elif biggest:
                     slot[2] = max(slot[2], sample.value)
                 else:
@@ -143,6 +168,65 @@ def merge_exposition(texts: Sequence[str], *, maximum: Collection[str] = MAX_FAM
             metric.add_sample(sample_name, labels, value)
         families.append(metric)
     return generate_latest(_Families(families)).decode("utf-8")
+
+
+def _checked(text: str, index: int, types: Mapping[str, str], keep) -> list:
+    """
+    ``text``'s families (those ``keep`` wants), checked whole before any is
+    added: it parses, repeats no sample, types no family unlike ``types``.
+    """
+    where = f"metrics input {index}"
+    try:
+        parsed = list(text_string_to_metric_families(text))
+    except Exception as e:
+        # The parser's message names the bad token, not the line or text.
+        raise ValueError(f"{where} is not a Prometheus text exposition: {e}") from None
+    kept = []
+    seen: set = set()
+    mine: dict[str, str] = {}
+    for family in parsed:
+        if keep is not None and not keep(family.name, family.type):
+            continue
+        name = family.name
+        known = types.get(name) or mine.setdefault(name, family.type)
+        if known != family.type:
+            raise ValueError(f"{where}: {name} is a {family.type}, an earlier input had a {known}")
+        for sample in family.samples:
+            key = (sample.name, tuple(sorted(sample.labels.items())))
+            if key in seen:
+                raise ValueError(f"{where}: the sample {sample.name}{dict(key[1])} appears twice")
+            seen.add(key)
+        kept.append(family)
+    return kept
+
+
+class DepartedCounters:
+    """
+    What the workers that exited had counted: one exposition holding the
+    sum of their last figures, of the families that only go up
+    (``monotonic``: counters, histograms, summaries' ``_count`` and
+    ``_sum``); their gauges leave with them.  The supervisor merges it into
+    every later ``/metrics``, so a summed counter does not go down when a
+    worker is retired, drained or replaced.
+
+    It holds one merged exposition however many workers exit: its size is
+    that of the label sets ever seen, as one process's registry would be.
+    """
+
+    def __init__(self) -> None:
+        #: The merged exposition ("" before any worker exited).
+        self.text = ""
+        #: How many workers' figures were added.
+        self.added = 0
+
+    def add(self, text: str) -> None:
+        """
+        Add one worker's last exposition (its gauges left out).  Raises
+        ``ValueError`` (and changes nothing) for a text that does not parse
+        or does not agree with what was added before.
+        """
+        self.text = merge_exposition([self.text, text], keep=monotonic)
+        self.added += 1
 
 
 def _counts(counts: Mapping[str, int], whose: str) -> dict[str, int]:
@@ -280,8 +364,9 @@ class RemoteLoad:
         self._apply(self.total())
 
 
-#: A worker's states, in the order of its life.
-WORKER_STATES = ("starting", "ready", "draining", "exited")
+#: A worker's states, in the order of its life; ``waiting``: an index whose
+#: worker exited unexpectedly, waiting out its back-off.
+WORKER_STATES = ("starting", "ready", "draining", "exited", "waiting")
 
 
 def _state(instance, attribute, value) -> None:
@@ -295,7 +380,10 @@ class WorkerView:
     One worker as the supervisor sees it: its slot (``index``), its process
     id, the ``generation`` that started it (one more at each reload that
     replaces the workers), its state, when it started (seconds since the
-    epoch), how many times its slot was restarted, and its open connections.
+    epoch; for a ``waiting`` index, when it is due to be spawned again), how
+    many times its slot was restarted, its open connections, and how the
+    last worker of its index that exited unexpectedly ended (its status and
+    last line on standard error), if one did.
     """
 
     index: int
@@ -305,6 +393,7 @@ class WorkerView:
     started: float
     restarts: int
     open_connections: int
+    last_exit: Optional[str] = None
 
 
 def workers_status(entries: Iterable[WorkerView]) -> list[dict]:
@@ -318,6 +407,7 @@ def workers_status(entries: Iterable[WorkerView]) -> list[dict]:
             "started": float(w.started),
             "restarts": int(w.restarts),
             "open_connections": int(w.open_connections),
+            "last_exit": None if w.last_exit is None else str(w.last_exit),
         }
         for w in sorted(entries, key=lambda w: (w.generation, w.index))
     ]

@@ -6,22 +6,31 @@ to the worker as a file descriptor.
 
 Worker to supervisor: ``Hello`` (who it is), ``Ready`` (it accepts on every
 listener), ``Load`` (its open connections by shard, sent when they change,
-at most every ``LOAD_INTERVAL``).  Supervisor to worker: ``PeerLoad`` (the
+at most every ``LOAD_INTERVAL``), ``Final`` (its last metrics, as it exits).  Supervisor to worker: ``PeerLoad`` (the
 other workers' open connections by shard), ``Health``, ``Agent``,
 ``Admin`` (the live shard state the supervisor's health checks and admin
-API decide), ``Retire`` (a reload replaced the worker), ``Metrics`` (the worker's Prometheus text) and ``Status``
-(a small JSON summary).
+API decide), ``Retire`` (a reload replaced the worker), ``Metrics`` (the worker's
+Prometheus text) and ``Status`` (a small JSON summary).
+
+Both ends are ``GuardedAMP``: a message that does not parse, names no known
+command or makes its responder fail is logged in one line, counted and
+answered with an error (when it asks for an answer); the channel stays up.
 """
 
 from __future__ import annotations
 
 import json
 
+from twisted.internet import defer
+from twisted.logger import Logger
 from twisted.protocols import amp
 
 __all__ = [
     "Admin",
     "Agent",
+    "BAD_MESSAGE",
+    "Final",
+    "GuardedAMP",
     "Health",
     "Hello",
     "Load",
@@ -34,8 +43,16 @@ __all__ = [
     "JSONArgument",
 ]
 
+log = Logger(namespace="shardtcp.workers")
+
 #: The shortest time between two ``Load`` messages of one worker (seconds).
 LOAD_INTERVAL = 0.1
+
+#: The error code answered to a message that was refused.
+BAD_MESSAGE = b"BAD_MESSAGE"
+
+#: The longest part of a refused message's problem that is logged.
+_PROBLEM_CHARS = 200
 
 
 class JSONArgument(amp.Argument):
@@ -66,6 +83,63 @@ class BigText(amp.Argument):
         objects[name.decode("ascii")] = data.decode("utf-8")
 
 
+class BigJSON(BigText):
+    """A JSON value of any length (a worker's load over thousands of shards)."""
+
+    def toBox(self, name, strings, objects, proto):
+        value = {name.decode("ascii"): json.dumps(objects[name.decode("ascii")], separators=(",", ":"), sort_keys=True)}
+        super().toBox(name, strings, value, proto)
+
+    def fromBox(self, name, strings, objects, proto):
+        super().fromBox(name, strings, objects, proto)
+        key = name.decode("ascii")
+        objects[key] = json.loads(objects[key])
+
+
+class GuardedAMP(amp.AMP):
+    """
+    AMP whose bad messages are refused one at a time: AMP itself drops the
+    connection on a message without answer that fails, and the channel's
+    loss makes a worker drain and exit.  ``refused`` counts them; each one
+    is logged in one line (the problem cut to 200 characters).
+    """
+
+    #: Who this end is, for the log line.
+    side = "channel"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refused = 0
+
+    def locateResponder(self, name):
+        responder = super().locateResponder(name)
+        if responder is None:
+            return lambda box: self._refuse(box, name.decode("ascii", "replace")[:40], "unknown command")
+        return responder
+
+    def _wrapWithSerialization(self, aCallable, command):
+        def guarded(box):
+            try:
+                arguments = command.parseArguments(box, self)
+            except Exception as e:
+                return self._refuse(box, command.__name__, f"does not parse: {e}")
+            d = defer.maybeDeferred(aCallable, **arguments)
+            d.addCallback(lambda objects: command.makeResponse(objects, self))
+            d.addErrback(lambda f: self._refuse(box, command.__name__, f"failed: {f.getErrorMessage()}"))
+            return d
+
+        return guarded
+
+    def _refuse(self, box, name: str, problem: str):
+        self.refused += 1
+        if len(problem) > _PROBLEM_CHARS:
+            problem = problem[:_PROBLEM_CHARS] + "..."
+        log.warn("{side}: message {command} refused: {problem}", side=self.side, command=name, problem=problem)
+        if amp.ASK in box:
+            return defer.fail(amp.RemoteAmpError(BAD_MESSAGE, f"{name} refused: {problem}"))
+        return defer.succeed(amp.AmpBox())
+
+
 class Hello(amp.Command):
     """A worker says who it is, once its channel is up."""
 
@@ -83,7 +157,7 @@ class Ready(amp.Command):
 class Load(amp.Command):
     """A worker's open connections by shard id (shards with none left out)."""
 
-    arguments = [(b"counts", JSONArgument())]
+    arguments = [(b"counts", BigJSON())]
     response: list = []
     requiresAnswer = False
 
@@ -91,7 +165,7 @@ class Load(amp.Command):
 class PeerLoad(amp.Command):
     """The open connections of every other worker, summed by shard id."""
 
-    arguments = [(b"counts", JSONArgument())]
+    arguments = [(b"counts", BigJSON())]
     response: list = []
     requiresAnswer = False
 
@@ -142,6 +216,16 @@ class Metrics(amp.Command):
 
     arguments: list = []
     response = [(b"text", BigText())]
+
+
+class Final(amp.Command):
+    """
+    A worker's metrics in the Prometheus text format as it exits (after its
+    drain or retirement), so the supervisor keeps its counters.
+    """
+
+    arguments = [(b"text", BigText())]
+    response: list = []
 
 
 class Status(amp.Command):

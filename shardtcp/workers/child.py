@@ -12,7 +12,9 @@ connections by shard (``Load``, when they change, at most every
 ``LOAD_INTERVAL``) and counts the other workers' as remote load.
 
 ``Retire`` (a reload replaced this worker): stop accepting, exit once the
-last connection has ended by itself.  Signals: SIGTERM/SIGINT drain as one
+last connection has ended by itself.  However it stops (retired, drained,
+its supervisor gone), it sends its metrics (``Final``) once its
+connections have ended, so the supervisor keeps its counters.  Signals: SIGTERM/SIGINT drain as one
 process does (stop accepting, let the connections finish within
 ``drain_timeout``; a second one closes them);
 SIGUSR1 reopens the log files; SIGHUP is the supervisor's business.  A
@@ -25,18 +27,22 @@ import argparse
 import os
 import socket
 import sys
-from twisted.internet import protocol, task
+from twisted.internet import defer, protocol, task
 from twisted.logger import Logger
-from twisted.protocols import amp
 
 from shardtcp.model import Health
 from shardtcp.workers import channel
 
 log = Logger(namespace="shardtcp.workers")
 
+#: How long an exiting worker waits for the supervisor to take its ``Final`` metrics.
+FINAL_TIMEOUT = 2.0
 
-class WorkerChannel(amp.AMP):
+
+class WorkerChannel(channel.GuardedAMP):
     """The worker's end of its channel; applies what the supervisor sends."""
+
+    side = "worker channel"
 
     def __init__(self, root, *, on_lost=None, remote_load=None, on_retire=None) -> None:
         super().__init__()
@@ -82,7 +88,7 @@ class WorkerChannel(amp.AMP):
         if what == "weight":
             if value is None:
                 return self._apply("weight", resolver.clear_weight, shard_id)
-            return self._apply("weight", resolver.set_weight, shard_id, float(value))
+            return self._apply("weight", lambda: resolver.set_weight(shard_id, float(value)))
         if what == "security":
             return self._apply("security score", resolver.set_security_score, shard_id, value)
         log.info("worker: unknown admin change {what!r}", what=what)
@@ -118,6 +124,19 @@ class WorkerChannel(amp.AMP):
         d = self.callRemote(command, **arguments)
         if d is not None:
             d.addErrback(lambda f: None)
+
+    def final(self, clock, timeout: float = FINAL_TIMEOUT) -> defer.Deferred:
+        """
+        Send the supervisor this worker's metrics as they are now (``Final``)
+        and fire once it has them, or after ``timeout`` seconds, or at once
+        without a channel: the process exits next.
+        """
+        if self.lost:
+            return defer.succeed(None)
+        d = self.callRemote(channel.Final, text=self._root.metrics.render().decode("utf-8"))
+        d.addTimeout(timeout, clock)
+        d.addErrback(lambda f: log.info("worker: final metrics not delivered: {error}", error=f.getErrorMessage()))
+        return d
 
     def connectionLost(self, reason) -> None:
         super().connectionLost(reason)
@@ -187,6 +206,7 @@ class Retirement:
 def _parse(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="shardtcp-worker", description="A shardtcp worker (spawned by its supervisor).")
     parser.add_argument("--config", required=True)
+    parser.add_argument("--config-fd", type=int, default=None, help="the file's bytes as the supervisor loaded them")
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--generation", type=int, required=True)
     parser.add_argument("--channel", type=int, required=True)
@@ -225,7 +245,7 @@ def main(argv=None, reactor=None) -> int:
     if reactor is None:
         from twisted.internet import reactor
     _start_logging(args.index)
-    from shardtcp.config import ConfigError, load_config
+    from shardtcp.config import ConfigError
     from shardtcp.lifecycle import SignalHandlers
     from shardtcp.tap import ListenFailed, build_service
 
@@ -234,14 +254,14 @@ def main(argv=None, reactor=None) -> int:
         name, _, fd = item.rpartition("=")
         fds[name] = int(fd)
     try:
-        config = load_config(args.config)
+        config = load_snapshot(args.config, args.config_fd)
         root = build_service(config, reactor, listen_fds=fds, control_plane=False)
     except ConfigError as e:
         for line in e.problems:
-            log.error("worker {index}: {problem}", index=args.index, problem=line)
+            _fatal(f"worker {args.index}: {line}")
         return 1
     except Exception as e:  # one line, then the supervisor's back-off
-        log.error("worker {index}: cannot start: {error}", index=args.index, error=str(e))
+        _fatal(f"worker {args.index}: cannot start: {e}")
         return 1
 
     def supervisor_gone() -> None:
@@ -255,9 +275,14 @@ def main(argv=None, reactor=None) -> int:
     try:
         root.startService()
     except ListenFailed as e:
-        log.error("worker {index}: {error}", index=args.index, error=str(e))
+        _fatal(f"worker {args.index}: {e}")
         return 1
-    reactor.addSystemEventTrigger("before", "shutdown", root.stopService)
+    # Drain (or finish retiring), then hand the supervisor the final figures.
+    reactor.addSystemEventTrigger(
+        "before", "shutdown", lambda: defer.maybeDeferred(root.stopService).addBoth(
+            lambda result: link.final(reactor).addBoth(lambda _: result)
+        )
+    )
     signals = SignalHandlers(
         reactor,
         reload=lambda: log.info("worker {index}: SIGHUP is handled by the supervisor", index=args.index),
@@ -277,6 +302,40 @@ def main(argv=None, reactor=None) -> int:
     reactor.callWhenRunning(running)
     reactor.run()
     return 0
+
+
+def load_snapshot(path: str, fd=None):
+    """
+    The configuration at ``path``; with ``fd``, from the bytes read there
+    (the supervisor's copy of the file as it last loaded it), relative
+    paths still resolved against ``path``'s folder.  ``ConfigError`` lists
+    the problems.
+    """
+    import tomllib
+
+    import attrs
+
+    from shardtcp.config import ConfigError, load_config, parse_config
+
+    if fd is None:
+        return load_config(path)
+    with os.fdopen(fd, "rb") as f:
+        raw = f.read()
+    absolute = os.path.abspath(path)
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError([f"{absolute} (as loaded by the supervisor): {e}"]) from None
+    return attrs.evolve(parse_config(data, os.path.dirname(absolute)), path=absolute)
+
+
+def _fatal(line: str) -> None:
+    """
+    A reason this worker cannot start, on standard error: the supervisor
+    keeps a worker's last line there and logs it with the exit status.
+    """
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def _stop(reactor) -> None:

@@ -24,6 +24,11 @@ change: every change is sent to the workers (``ShardStateRelay``), and a
 worker that starts gets the whole state first.  The workers' load is summed
 (``Load`` in, ``PeerLoad`` out): each worker counts the others' open
 connections as remote load, so ``capacity`` means the same with N workers.
+
+``/metrics`` sums the supervisor's metrics, every worker's and those of the
+workers that exited (``DepartedCounters``: a worker's ``Final`` figures, or
+for one that died, the last the supervisor saw; it asks a worker whose
+figures are ``SCRAPE_INTERVAL`` old), so a summed counter never goes down.
 """
 
 from __future__ import annotations
@@ -38,9 +43,8 @@ from typing import Callable, Optional
 import attrs
 from prometheus_client import Counter
 from twisted.application.service import MultiService
-from twisted.internet import defer, error, protocol
+from twisted.internet import defer, error, protocol, task
 from twisted.logger import Logger
-from twisted.protocols import amp
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import Interface, implementer
@@ -48,11 +52,20 @@ from zope.interface import Interface, implementer
 from shardtcp.model import Health
 from shardtcp.tap import ListeningService, ProxyService, build_service, worker_count
 from shardtcp.workers import channel
-from shardtcp.workers.aggregate import LoadBoard, RemoteLoad, WorkerView, merge_exposition, workers_status
+from shardtcp.workers.aggregate import (
+    DepartedCounters,
+    LoadBoard,
+    RemoteLoad,
+    WorkerView,
+    merge_exposition,
+    monotonic,
+    workers_status,
+)
 
 __all__ = [
     "BACKOFF_FIRST",
     "BACKOFF_MAX",
+    "SCRAPE_INTERVAL",
     "STEADY",
     "IWorkerSpawner",
     "ProcessSpawner",
@@ -75,6 +88,11 @@ STEADY = 10.0
 STOP_GRACE = 5.0
 #: How long a worker may take to answer ``Metrics`` or ``Status``.
 ASK_TIMEOUT = 2.0
+#: A worker whose metrics the supervisor has not seen for this long (seconds)
+#: is asked for them: what a worker that dies had counted since is lost.
+SCRAPE_INTERVAL = 5.0
+#: The longest part of a worker's last line on standard error that is kept.
+ERROR_LINE_CHARS = 500
 
 
 class IWorkerSpawner(Interface):
@@ -84,8 +102,9 @@ class IWorkerSpawner(Interface):
         """
         Start worker ``index`` of ``generation`` with the listening sockets
         ``fds`` (listener name -> descriptor).  ``channel_protocol`` is the
-        AMP protocol of the supervisor's end of its channel; ``ended(status)``
-        is called once the process has exited.  Returns a handle with ``pid``
+        AMP protocol of the supervisor's end of its channel;
+        ``ended(status, error=None)`` is called once the process has exited
+        (``error``: its last line on standard error, if any).  Returns a handle with ``pid``
         and ``signalProcess(name)`` (an ``IProcessTransport``).
         """
 
@@ -105,6 +124,11 @@ class Worker:
     process: object = None
     channel: Optional["SupervisorChannel"] = None
     load: dict = attrs.Factory(dict)
+    #: Its latest metrics text and when it came (``clock.seconds()``).
+    last_text: Optional[str] = None
+    last_at: Optional[float] = None
+    #: The metrics it sent as it exited (``Final``).
+    final_text: Optional[str] = None
 
     def open_connections(self) -> int:
         return sum(self.load.values())
@@ -139,8 +163,14 @@ class WorkerSet:
         #: Every worker alive (or being spawned again), all generations.
         self.workers: list[Worker] = []
         self.restarts: dict[int, int] = {}
+        #: Index -> how its last worker ended unexpectedly (status, last line on stderr).
+        self.last_exit: dict[int, str] = {}
         self._backoff: dict[int, float] = {}
         self._pending: dict[int, object] = {}
+        #: What the workers that exited had counted.
+        self.departed = DepartedCounters()
+        self._scraping = task.LoopingCall(self.scrape)
+        self._scraping.clock = clock
         self.stopping = False
         self._all_gone: list[defer.Deferred] = []
         self.restart_counter = Counter(
@@ -155,6 +185,7 @@ class WorkerSet:
         self.generation = 1
         for index in range(self.count):
             self._spawn(index)
+        self._scraping.start(SCRAPE_INTERVAL, now=False)
 
     def replace(self, count: Optional[int] = None) -> None:
         """
@@ -181,7 +212,8 @@ class WorkerSet:
         proto = SupervisorChannel(self, worker)
         try:
             worker.process = self._spawner.spawn(
-                index, self.generation, self._fds(), proto, lambda status: self._ended(worker, status)
+                index, self.generation, self._fds(), proto,
+                lambda status, error=None: self._ended(worker, status, error),
             )
         except Exception as e:  # out of descriptors or processes: try again after the back-off
             log.error("worker {index}: cannot spawn: {error}", index=index, error=str(e))
@@ -236,6 +268,67 @@ class WorkerSet:
     def channel_lost(self, worker: Worker) -> None:
         worker.channel = None
 
+    def final(self, worker: Worker, text: str) -> None:
+        """The worker is exiting: ``text`` is what it counted in all."""
+        worker.final_text = text
+
+    # -- metrics ------------------------------------------------------------
+
+    def record(self, worker: Worker, text: str) -> None:
+        """A worker's metrics as it answered ``Metrics``."""
+        worker.last_text = text
+        worker.last_at = self._clock.seconds()
+
+    def _ask_metrics(self, worker: Worker) -> defer.Deferred:
+        """Ask ``worker`` for its metrics; fires with whether it answered (recorded)."""
+        d = worker.channel.ask(channel.Metrics, ASK_TIMEOUT, self._clock)
+
+        def answered(result) -> bool:
+            if worker.final_text is None:
+                self.record(worker, result["text"])
+            return True
+
+        return d.addCallbacks(answered, lambda f: False)
+
+    def scrape(self) -> None:
+        """Ask every worker whose metrics are ``SCRAPE_INTERVAL`` old or more (bounds a crash's loss)."""
+        now = self._clock.seconds()
+        for worker in self.workers:
+            if worker.channel is None or worker.final_text is not None:
+                continue
+            if worker.last_at is None or now - worker.last_at >= SCRAPE_INTERVAL:
+                self._ask_metrics(worker)
+
+    def metrics(self, own: str) -> defer.Deferred:
+        """
+        ``own`` (the supervisor's exposition) merged with every worker's and
+        the departed workers': each worker with a channel is asked; one that
+        does not answer in ``ASK_TIMEOUT`` counts with the counters it last
+        reported, one that is exiting with its ``Final`` figures.  A text
+        that does not parse is left out and logged.
+        """
+        asked = [
+            (worker, self._ask_metrics(worker))
+            for worker in self.workers
+            if worker.channel is not None and worker.final_text is None
+        ]
+        d = defer.gatherResults([answer for _, answer in asked])
+
+        def merge(results) -> str:
+            answered = {worker.serial for (worker, _), ok in zip(asked, results) if ok}
+            texts = [own, self.departed.text]
+            for worker in self.workers:
+                if worker.final_text is not None:
+                    texts.append(worker.final_text)
+                elif worker.serial in answered:
+                    texts.append(worker.last_text)
+                elif worker.last_text is not None:
+                    # Its gauges may be stale; its counters only went up since.
+                    texts.append(_monotonic_part(worker.last_text))
+            return merge_exposition(texts, on_error=_bad_metrics)
+
+        return d.addCallback(merge)
+
     # -- load ---------------------------------------------------------------
 
     def totals(self) -> dict:
@@ -258,12 +351,19 @@ class WorkerSet:
 
     # -- exits and signals ------------------------------------------------
 
-    def _ended(self, worker: Worker, status) -> None:
+    def _ended(self, worker: Worker, status, error: Optional[str] = None) -> None:
         expected = worker.state == "draining" or self.stopping or worker.generation != self.generation
         previous = worker.state
         worker.state = "exited"
         if worker in self.workers:
             self.workers.remove(worker)
+        counted = worker.final_text if worker.final_text is not None else worker.last_text
+        if counted is not None:
+            try:
+                self.departed.add(counted)
+            except ValueError as e:
+                log.warn("worker {index} (pid {pid}): its metrics are lost: {error}",
+                         index=worker.index, pid=worker.pid, error=str(e))
         worker.load = {}
         if self.board.forget(worker.serial):
             self._send_peer_load()
@@ -282,10 +382,13 @@ class WorkerSet:
         self.restarts[worker.index] = self.restarts.get(worker.index, 0) + 1
         if self.restart_counter is not None:
             self.restart_counter.labels(str(worker.index)).inc()
+        said = f"; last line on stderr: {error}" if error else ""
+        self.last_exit[worker.index] = f"{status}{said}"
         log.warn(
-            "worker {index} (pid {pid}, {state}) exited unexpectedly after {lived:.1f} s: {status}; "
+            "worker {index} (pid {pid}, {state}) exited unexpectedly after {lived:.1f} s: {status}{said}; "
             "spawning it again in {delay} s",
-            index=worker.index, pid=worker.pid, state=previous, lived=lived, status=status, delay=delay,
+            index=worker.index, pid=worker.pid, state=previous, lived=lived, status=status, said=said,
+            delay=delay,
         )
         self._pending[worker.index] = self._clock.callLater(delay, self._respawn, worker.index)
 
@@ -324,6 +427,8 @@ class WorkerSet:
         killing those still alive after ``timeout`` seconds.
         """
         self.stopping = True
+        if self._scraping.running:
+            self._scraping.stop()
         for index in list(self._pending):
             self._pending.pop(index).cancel()
         for worker in list(self.workers):
@@ -347,14 +452,25 @@ class WorkerSet:
                 d.callback(None)
 
     def status(self) -> list:
-        """The ``workers`` list of ``/status``."""
-        return workers_status(
+        """
+        The ``workers`` list of ``/status``: every worker alive, and each
+        index waiting out its back-off (state ``waiting``, pid 0, ``started``
+        when it is due to be spawned again).
+        """
+        views = [
             WorkerView(
                 index=w.index, pid=w.pid or 0, generation=w.generation, state=w.state, started=w.started,
                 restarts=self.restarts.get(w.index, 0), open_connections=w.open_connections(),
+                last_exit=self.last_exit.get(w.index),
             )
             for w in self.workers
-        )
+        ]
+        for index, call in self._pending.items():
+            views.append(WorkerView(
+                index=index, pid=0, generation=self.generation, state="waiting", started=call.getTime(),
+                restarts=self.restarts.get(index, 0), open_connections=0, last_exit=self.last_exit.get(index),
+            ))
+        return workers_status(views)
 
 
 def _signal(worker: Worker, name: str) -> None:
@@ -366,6 +482,18 @@ def _signal(worker: Worker, name: str) -> None:
         pass
 
 
+def _monotonic_part(text: str) -> str:
+    """``text``'s families that only go up (a text that does not parse as it is: the merge leaves it out)."""
+    try:
+        return merge_exposition([text], keep=monotonic)
+    except ValueError:
+        return text
+
+
+def _bad_metrics(index: int, problem: str) -> None:
+    log.warn("metrics of a worker left out: {problem}", problem=problem)
+
+
 def _sum_counts(loads) -> dict:
     totals: dict = {}
     for counts in loads:
@@ -374,8 +502,10 @@ def _sum_counts(loads) -> dict:
     return totals
 
 
-class SupervisorChannel(amp.AMP):
+class SupervisorChannel(channel.GuardedAMP):
     """The supervisor's end of one worker's channel."""
+
+    side = "supervisor channel"
 
     def __init__(self, workers: WorkerSet, worker: Worker) -> None:
         super().__init__()
@@ -395,6 +525,11 @@ class SupervisorChannel(amp.AMP):
     @channel.Load.responder
     def _load(self, counts):
         self._workers.load(self._worker, counts if isinstance(counts, dict) else {})
+        return {}
+
+    @channel.Final.responder
+    def _final(self, text: str):
+        self._workers.final(self._worker, text)
         return {}
 
     def send(self, command, **arguments) -> None:
@@ -417,33 +552,60 @@ class SupervisorChannel(amp.AMP):
         self._workers.channel_lost(self._worker)
 
 
+def _stderr_writer(data: bytes) -> None:
+    # The supervisor's own standard error, below twistd's redirection of sys.stderr.
+    try:
+        os.write(2, data)
+    except OSError:
+        pass
+
+
 class _WorkerProcess(protocol.ProcessProtocol):
     """
-    Tells the ``WorkerSet`` when a worker exits.  With ``log_file`` (twistd
-    writes its log to a file), the worker's output comes through pipes and
-    is written there whole lines at a time: the file is the supervisor's,
-    and another writer would overwrite it at its own offset.
+    Tells the ``WorkerSet`` when a worker exits, with its last line on
+    standard error (a worker that cannot start says why there).  Its
+    standard error always comes through a pipe, whole lines at a time, to
+    the supervisor's (``stderr``); with ``log_file`` (twistd writes its log
+    to a file) its standard output does too, and both are written to that
+    file: the file is the supervisor's, and another writer would overwrite
+    it at its own offset.
     """
 
-    def __init__(self, ended: Callable, log_file=None) -> None:
+    def __init__(self, ended: Callable, log_file=None, stderr: Callable[[bytes], None] = _stderr_writer) -> None:
         self._ended = ended
         self._log_file = log_file
+        self._stderr = stderr
         self._partial = {1: b"", 2: b""}
+        #: The last non-empty line the worker wrote on standard error.
+        self.last_error: Optional[str] = None
 
     def childDataReceived(self, fd: int, data: bytes) -> None:
-        if self._log_file is None:
-            return
         data = self._partial.get(fd, b"") + data
         whole, _, rest = data.rpartition(b"\n")
         self._partial[fd] = rest[-65536:]
         if whole:
-            self._log_file.write(whole + b"\n")
+            self._write(fd, whole + b"\n")
+
+    def _write(self, fd: int, lines: bytes) -> None:
+        if fd == 2:
+            for line in reversed(lines.splitlines()):
+                if line.strip():
+                    self.last_error = line.strip()[:ERROR_LINE_CHARS].decode("utf-8", "replace")
+                    break
+        if self._log_file is not None:
+            self._log_file.write(lines)
             self._log_file.flush()
+        elif fd == 2:
+            self._stderr(lines)
 
     def processEnded(self, reason) -> None:
+        for fd in (1, 2):
+            if self._partial.get(fd):
+                rest, self._partial[fd] = self._partial[fd], b""
+                self._write(fd, rest + b"\n")
         value = reason.value
         status = f"signal {value.signal}" if getattr(value, "signal", None) else f"exit status {value.exitCode}"
-        self._ended(status)
+        self._ended(status, error=self.last_error)
 
 
 @implementer(IWorkerSpawner)
@@ -451,21 +613,29 @@ class ProcessSpawner:
     """
     Spawns ``python -m shardtcp.workers.child`` with the listening sockets
     and its end of an ``AF_UNIX`` socket pair as inherited descriptors;
-    stdout and stderr are the supervisor's own, unless ``log_file()`` gives
-    twistd's log file (then ``_WorkerProcess`` writes their lines there).
+    stdout is the supervisor's own and stderr comes through a pipe (its last
+    line is logged when the worker exits), unless ``log_file()`` gives
+    twistd's log file (then ``_WorkerProcess`` writes both there).
+
+    ``snapshot()`` gives the configuration file's bytes as the supervisor
+    last loaded them: the worker reads them from an inherited descriptor
+    (``--config-fd``), so a worker started later runs the running
+    configuration, not a file edited since and not yet reloaded.
     """
 
-    def __init__(self, reactor, config_path: str, log_file: Callable[[], object] = lambda: None) -> None:
+    def __init__(self, reactor, config_path: str, log_file: Callable[[], object] = lambda: None,
+                 snapshot: Callable[[], Optional[bytes]] = lambda: None) -> None:
         self._reactor = reactor
         self._path = config_path
         self._log_file = log_file
+        self._snapshot = snapshot
 
     def spawn(self, index, generation, fds, channel_protocol, ended):
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         log_file = self._log_file()
-        child_fds = {0: "w", 1: 1, 2: 2, 3: theirs.fileno()}
+        child_fds = {0: "w", 1: 1, 2: "r", 3: theirs.fileno()}
         if log_file is not None:
-            child_fds.update({1: "r", 2: "r"})
+            child_fds[1] = "r"
         argv = [
             sys.executable, "-m", "shardtcp.workers.child", "--config", self._path,
             "--index", str(index), "--generation", str(generation), "--channel", "3",
@@ -473,12 +643,23 @@ class ProcessSpawner:
         for number, (name, fd) in enumerate(sorted(fds.items()), start=4):
             child_fds[number] = fd
             argv += ["--listener", f"{name}={number}"]
+        snapshot = self._snapshot()
+        held = None
+        if snapshot is not None:
+            held = os.memfd_create("shardtcp-config")
+            os.write(held, snapshot)
+            os.lseek(held, 0, os.SEEK_SET)
+            number = 4 + len(fds)
+            child_fds[number] = held
+            argv += ["--config-fd", str(number)]
         try:
             process = self._reactor.spawnProcess(
                 _WorkerProcess(ended, log_file), sys.executable, argv, env=dict(os.environ), childFDs=child_fds
             )
         finally:
             theirs.close()
+            if held is not None:
+                os.close(held)
         factory = protocol.Factory.forProtocol(lambda: channel_protocol)
         self._reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX, factory)
         ours.close()
@@ -562,6 +743,8 @@ class SupervisorService(ProxyService):
 
     workers: WorkerSet
     relay: ShardStateRelay
+    #: The configuration file's bytes as last loaded (what workers start from).
+    snapshot: Optional[bytes] = None
 
     def listening_service(self, listener, factory) -> ListeningService:
         return HeldListeningService(
@@ -583,9 +766,12 @@ class SupervisorService(ProxyService):
             self.workers.start()
 
     def reload(self, path: Optional[str] = None, *, trigger: Optional[str] = None):
+        # Read just before the reload reads it: the new workers start from these bytes.
+        snapshot = _read_snapshot(path or self.config.path)
         d = super().reload(path, trigger=trigger)
 
         def replace(summary):
+            self.snapshot = snapshot
             self.workers.replace(worker_count(self.config))
             return summary
 
@@ -628,21 +814,35 @@ class WorkersMetricsResource(Resource):
 
     def render_GET(self, request):
         own = self._own.render_GET(request)
-        asked = [
-            w.channel.ask(channel.Metrics, ASK_TIMEOUT, self._clock)
-            for w in self._workers.workers
-            if w.channel is not None
-        ]
-        d = defer.DeferredList(asked, consumeErrors=True)
-
-        def answer(results):
-            texts = [own.decode("utf-8")] + [r["text"] for ok, r in results if ok]
-            request.write(merge_exposition(texts).encode("utf-8"))
-            request.finish()
-
-        d.addCallback(answer)
-        d.addErrback(lambda f: (log.failure("metrics of the workers", f), request.finish()))
+        done = _Answer(request)
+        d = self._workers.metrics(own.decode("utf-8"))
+        d.addCallback(lambda text: done.write(text.encode("utf-8")))
+        d.addErrback(done.failed, "metrics of the workers")
         return NOT_DONE_YET
+
+
+class _Answer:
+    """Finishes a deferred admin answer once, unless its client has gone."""
+
+    def __init__(self, request) -> None:
+        self._request = request
+        self._gone = False
+        request.notifyFinish().addBoth(self._finished)
+
+    def _finished(self, _) -> None:
+        self._gone = True
+
+    def write(self, body: bytes) -> None:
+        if not self._gone:
+            self._request.write(body)
+            self._request.finish()
+
+    def failed(self, failure, what: str) -> None:
+        log.failure(what, failure)
+        if not self._gone:
+            self._request.setResponseCode(500)
+            self._request.write(b"internal error: see the log\n")
+            self._request.finish()
 
 
 class WorkersStatusResource(Resource):
@@ -658,6 +858,7 @@ class WorkersStatusResource(Resource):
 
     def render_GET(self, request):
         document = json.loads(self._own.render_GET(request))
+        done = _Answer(request)
         asked = [
             w.channel.ask(channel.Status, ASK_TIMEOUT, self._clock)
             for w in self._workers.workers
@@ -668,12 +869,10 @@ class WorkersStatusResource(Resource):
             listeners: dict = {}
             for ok, r in results:
                 if ok:
-                    for name, counts in r["status"].get("listeners", {}).items():
-                        total = listeners.setdefault(name, {"accepted": 0, "active": 0, "refused": {}})
-                        total["accepted"] += counts.get("accepted", 0)
-                        total["active"] += counts.get("active", 0)
-                        for reason, n in counts.get("refused", {}).items():
-                            total["refused"][reason] = total["refused"].get(reason, 0) + n
+                    try:
+                        _add_listeners(listeners, r["status"]["listeners"])
+                    except (KeyError, TypeError, AttributeError, ValueError) as e:
+                        log.warn("status of a worker left out: {error!r}", error=e)
             for total in listeners.values():
                 total["refused"] = dict(sorted(total["refused"].items()))
             for listener in document.get("listeners", []):
@@ -684,13 +883,26 @@ class WorkersStatusResource(Resource):
                 for shard_id, shard in service.get("shards", {}).items():
                     shard["open_connections"] = totals.get(shard_id, 0)
             document["workers"] = self._workers.status()
-            request.write((json.dumps(document, separators=(",", ":"), allow_nan=False) + "\n").encode("utf-8"))
-            request.finish()
+            done.write((json.dumps(document, separators=(",", ":"), allow_nan=False) + "\n").encode("utf-8"))
 
         d = defer.DeferredList(asked, consumeErrors=True)
         d.addCallback(answer)
-        d.addErrback(lambda f: (log.failure("status of the workers", f), request.finish()))
+        d.addErrback(done.failed, "status of the workers")
         return NOT_DONE_YET
+
+
+def _add_listeners(listeners: dict, reported: dict) -> None:
+    """Add one worker's listener counts to ``listeners`` (checked whole first)."""
+    checked = {}
+    for name, counts in reported.items():
+        refused = {str(reason): int(n) for reason, n in counts.get("refused", {}).items()}
+        checked[str(name)] = (int(counts.get("accepted", 0)), int(counts.get("active", 0)), refused)
+    for name, (accepted, active, refused) in checked.items():
+        total = listeners.setdefault(name, {"accepted": 0, "active": 0, "refused": {}})
+        total["accepted"] += accepted
+        total["active"] += active
+        for reason, n in refused.items():
+            total["refused"][reason] = total["refused"].get(reason, 0) + n
 
 
 def build_supervisor(config, reactor=None, *, spawner=None) -> SupervisorService:
@@ -702,8 +914,10 @@ def build_supervisor(config, reactor=None, *, spawner=None) -> SupervisorService
     # and hands the other proxies' load on to them.
     fleet_load = (lambda: late["workers"].totals(), lambda counts: late["workers"].set_fleet(counts))
     root = build_service(config, reactor, root_type=SupervisorService, fleet_load=fleet_load)
+    root.snapshot = _read_snapshot(config.path)
     if spawner is None:
-        spawner = ProcessSpawner(reactor, os.path.abspath(config.path), lambda: _log_file(root))
+        spawner = ProcessSpawner(reactor, os.path.abspath(config.path), lambda: _log_file(root),
+                                 snapshot=lambda: root.snapshot)
     workers = late["workers"] = WorkerSet(
         worker_count(config), spawner, reactor, fds=root.held_fds, registry=root.metrics.registry,
         welcome=lambda worker: root.relay.replay(worker),
@@ -720,6 +934,15 @@ def build_supervisor(config, reactor=None, *, spawner=None) -> SupervisorService
         site_root.putChild(b"metrics", WorkersMetricsResource(site_root.children[b"metrics"], workers, reactor))
         site_root.putChild(b"status", WorkersStatusResource(site_root.children[b"status"], workers, reactor))
     return root
+
+
+def _read_snapshot(path: str) -> Optional[bytes]:
+    """The file's bytes, or None when it cannot be read (the worker then reads the file itself)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
 
 
 def _log_file(root):

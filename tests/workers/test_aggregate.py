@@ -14,10 +14,12 @@ from twisted.trial.unittest import SynchronousTestCase
 from shardtcp.metrics import ProxyMetrics
 from shardtcp.workers.aggregate import (
     MAX_FAMILIES,
+    DepartedCounters,
     LoadBoard,
     RemoteLoad,
     WorkerView,
     merge_exposition,
+    monotonic,
     workers_status,
 )
 
@@ -171,16 +173,17 @@ class MergeExpositionTests(SynchronousTestCase):
         )
 
     def test_max_rule_edges(self):
-        """Only gauges ending in _created, _timestamp_seconds or _info, and names in ``maximum``,
-        take the maximum: a gauge ending in _timestamp (no _seconds) is summed, and so is a
-        counter named like a timestamp; an empty ``maximum`` sums MAX_FAMILIES too."""
+        """Only gauges ending in _timestamp_seconds or _info, and names in ``maximum``,
+        take the maximum, and gauges ending in _created the minimum: a gauge ending in
+        _timestamp (no _seconds) is summed, and so is a counter named like a timestamp;
+        an empty ``maximum`` sums MAX_FAMILIES too."""
         a = "# TYPE t_timestamp gauge\nt_timestamp 4\n# TYPE c_created gauge\nc_created 9\n" \
             "# TYPE n_timestamp_seconds counter\nn_timestamp_seconds_total 2\n"
         b = "# TYPE t_timestamp gauge\nt_timestamp 6\n# TYPE c_created gauge\nc_created 7\n" \
             "# TYPE n_timestamp_seconds counter\nn_timestamp_seconds_total 3\n"
         merged = values(merge_exposition([a, b]))
         self.assertEqual(merged[("t_timestamp", ())], 10.0)
-        self.assertEqual(merged[("c_created", ())], 9.0)
+        self.assertEqual(merged[("c_created", ())], 7.0)
         self.assertEqual(merged[("n_timestamp_seconds_total", ())], 5.0)
         self.assertEqual(values(merge_exposition([SECOND, THIRD], maximum=()))[
             ("shardtcp_shard_capacity_connections", (("service", "api"), ("shard", "s1")))], 200.0)
@@ -222,7 +225,7 @@ class MergeExpositionTests(SynchronousTestCase):
         self.assertEqual(merged[("shardtcp_upstream_connect_seconds_count", (("service", "api"),))], 2.0)
         self.assertAlmostEqual(merged[("shardtcp_upstream_connect_seconds_sum", (("service", "api"),))], 0.303)
         created = ("shardtcp_connections_accepted_created", (("listener", "tls"),))
-        self.assertEqual(merged[created], max(values(a.render().decode())[created],
+        self.assertEqual(merged[created], min(values(a.render().decode())[created],
                                               values(b.render().decode())[created]))
 
     def test_label_values_escaped(self):
@@ -251,6 +254,62 @@ class MergeExpositionTests(SynchronousTestCase):
         e = self.assertRaises(ValueError, merge_exposition, ["x 1\n", "x 1\nx 2\n"])
         self.assertEqual(str(e), "metrics input 1: the sample x{} appears twice")
         self.assertEqual(merge_exposition(["x 1\n", "x 2\n"]), "# HELP x \n# TYPE x untyped\nx 3.0\n")
+
+
+class SkipBadInputTests(SynchronousTestCase):
+    def test_bad_input_left_out_whole(self):
+        """With on_error, a text that does not parse, or whose second family clashes in type
+        or repeats a sample, is left out whole (none of its samples count) and named."""
+        errors = []
+        clash = "# TYPE app_open gauge\napp_open 100\n# TYPE app_seconds gauge\napp_seconds 9\n"
+        merged = merge_exposition([FIRST, "x{ 1\n", clash, "app_open 1\napp_open 2\n", SECOND, THIRD],
+                                  on_error=lambda i, e: errors.append((i, e)))
+        self.assertEqual(merged, MERGED)
+        self.assertEqual([i for i, _ in errors], [1, 2, 3])
+        self.assertEqual(errors[1][1], "metrics input 2: app_seconds is a gauge, an earlier input had a histogram")
+
+
+class MonotonicTests(SynchronousTestCase):
+    def test_only_families_that_go_up(self):
+        """keep=monotonic keeps counters, histograms, a summary's _count and _sum and _created
+        gauges; gauges, timestamps, _info and untyped samples go."""
+        text = FIRST + "# TYPE c_created gauge\nc_created 5\n# TYPE u untyped\nu 3\n"
+        kept = values(merge_exposition([text], keep=monotonic))
+        self.assertEqual(sorted({name for name, _ in kept}), [
+            "app_latency_count", "app_latency_sum", "app_requests_total", "app_seconds_bucket",
+            "app_seconds_count", "app_seconds_sum", "c_created",
+        ])
+        self.assertFalse(monotonic("app_open", "gauge"))
+        self.assertFalse(monotonic("g", "gaugehistogram"))
+        self.assertTrue(monotonic("x_created", "gauge"))
+
+    def test_departed_sums_exactly_and_stays_one_exposition(self):
+        """Each added text's counters are summed into one exposition, gauges dropped; a
+        hundred more additions of the same text grow the values, not the text's lines."""
+        departed = DepartedCounters()
+        self.assertEqual(departed.text, "")
+        departed.add(FIRST)
+        departed.add(SECOND)
+        got = values(departed.text)
+        self.assertEqual(got[("app_requests_total", (("listener", "a"),))], 7.0)
+        self.assertEqual(got[("app_seconds_bucket", (("le", "+Inf"), ("service", "s")))], 5.0)
+        self.assertEqual(got[("app_latency_count", ())], 4.0)
+        self.assertNotIn(("app_open", (("listener", "a"),)), got)
+        self.assertNotIn(("shardtcp_shard_capacity_connections", (("service", "api"), ("shard", "s1"))), got)
+        lines = departed.text.count("\n")
+        for _ in range(100):
+            departed.add(FIRST)
+        self.assertEqual(departed.text.count("\n"), lines)
+        self.assertEqual(values(departed.text)[("app_requests_total", (("listener", "a"),))], 207.0)
+        self.assertEqual(departed.added, 102)
+
+    def test_departed_refuses_bad_text_unchanged(self):
+        """A text that does not parse is refused with ValueError and the total is unchanged."""
+        departed = DepartedCounters()
+        departed.add(FIRST)
+        before = departed.text
+        self.assertRaises(ValueError, departed.add, "x{ 1\n")
+        self.assertEqual((departed.text, departed.added), (before, 1))
 
 
 class LoadBoardTests(SynchronousTestCase):
@@ -371,19 +430,21 @@ class WorkersStatusTests(SynchronousTestCase):
             WorkerView(1, 402, 2, "ready", 1700000010.5, 0, 3),
             WorkerView(0, 401, 2, "starting", 1700000010, 1, 0),
             WorkerView(1, 302, 1, "draining", 1700000000.25, 0, 7),
-            WorkerView(0, 301, 1, "exited", 1700000000, 2, 0),
+            WorkerView(0, 301, 1, "exited", 1700000000, 2, 0, "exit status 1; last line on stderr: no key"),
         ]
         status = workers_status(views)
         self.assertEqual([(s["generation"], s["index"]) for s in status], [(1, 0), (1, 1), (2, 0), (2, 1)])
         self.assertEqual(status[1], {"index": 1, "pid": 302, "generation": 1, "state": "draining",
-                                     "started": 1700000000.25, "restarts": 0, "open_connections": 7})
+                                     "started": 1700000000.25, "restarts": 0, "open_connections": 7,
+                                     "last_exit": None})
+        self.assertEqual(status[0]["last_exit"], "exit status 1; last line on stderr: no key")
         self.assertEqual(json.loads(json.dumps(status)), status)
         self.assertIs(type(status[2]["started"]), float)
         self.assertEqual(workers_status([]), [])
 
     def test_state_vocabulary(self):
-        """Only starting, ready, draining and exited are states; a view is frozen."""
-        for state in ("starting", "ready", "draining", "exited"):
+        """Only starting, ready, draining, exited and waiting are states; a view is frozen."""
+        for state in ("starting", "ready", "draining", "exited", "waiting"):
             WorkerView(0, 1, 0, state, 0.0, 0, 0)
         e = self.assertRaises(ValueError, WorkerView, 0, 1, 0, "Ready", 0.0, 0, 0)
         self.assertIn("not 'Ready'", str(e))

@@ -12,6 +12,8 @@ import os
 
 from prometheus_client import CollectorRegistry
 from twisted.internet.task import Clock
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.protocols import amp
 from twisted.internet.testing import MemoryReactorClock
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
@@ -144,6 +146,111 @@ class ChannelTests(SynchronousTestCase):
         self.assertIsNone(self.worker.channel)
 
 
+class BadMessageTests(SynchronousTestCase):
+    """A message that does not parse is refused alone: logged in one line, counted, answered; the channel stays up."""
+
+    def setUp(self) -> None:
+        self.root = _worker_root(self)
+        self.workers = WorkerSet(2, FakeSpawner(), Clock(), fds=dict, registry=CollectorRegistry())
+        self.workers.start()
+        self.worker = self.workers.workers[0]
+        self.lost = []
+        self.supervisor_side = SupervisorChannel(self.workers, self.worker)
+        self.link = WorkerChannel(self.root, on_lost=lambda: self.lost.append(True))
+        _, _, self.pump = iosim.connectedServerAndClient(lambda: self.link, lambda: self.supervisor_side)
+        self.link.send(channel.Hello, index=0, generation=1, pid=4321)
+        self.pump.flush()
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def _raw(self, sender, box) -> None:
+        """Send an AMP box as it is, bypassing the command's own serialisation."""
+        box.serialize()
+        sender.transport.write(box.serialize())
+        self.pump.flush()
+
+    def _refusals(self) -> list:
+        return [formatEvent(e) for e in self.events if "refused" in e.get("log_format", "")]
+
+    def test_load_that_is_not_json(self) -> None:
+        """
+        A Load whose counts are not JSON: the supervisor logs one line
+        naming the command, counts it, keeps its load, and the next good
+        Load is applied.
+        """
+        self._raw(self.link, amp.AmpBox(_command=b"Load", **{"counts.n": b"1", "counts.0": b"{nope"}))
+        self.assertEqual(self.supervisor_side.refused, 1)
+        self.assertEqual(len(self._refusals()), 1)
+        self.assertIn("supervisor channel: message Load refused: does not parse: ", self._refusals()[0])
+        self.assertEqual(self.lost, [])
+        self.link.send(channel.Load, counts={"api-a": 2})
+        self.pump.flush()
+        self.assertEqual(self.worker.load, {"api-a": 2})
+
+    def test_unknown_command_with_answer(self) -> None:
+        """An unknown command that asks for an answer gets an error answer (BAD_MESSAGE), once, bounded."""
+        answers = []
+
+        class Nonsense(amp.Command):
+            commandName = b"Nonsense" + b"x" * 100
+            arguments: list = []
+            response: list = []
+
+        self.link.callRemote(Nonsense).addErrback(answers.append)
+        self.pump.flush()
+        self.assertIsInstance(answers[0].value, amp.UnknownRemoteError)
+        self.assertIn(": Nonsense" + "x" * 32 + " refused: unknown command", str(answers[0].value))
+        self.assertEqual(self.supervisor_side.refused, 1)
+        self.assertEqual(self._refusals(), [
+            "supervisor channel: message Nonsense" + "x" * 32 + " refused: unknown command"])
+        self.assertEqual(self.lost, [])
+
+    def test_long_problem_is_cut(self) -> None:
+        """A problem longer than 200 characters is logged cut to 200 and '...'."""
+        self._raw(self.link, amp.AmpBox(_command=b"Hello", index=b"x" * 300, generation=b"1", pid=b"2"))
+        self.assertEqual(self.supervisor_side.refused, 1)
+        line = self._refusals()[0]
+        self.assertTrue(line.startswith("supervisor channel: message Hello refused: does not parse: "), line)
+        self.assertEqual(len(line) - len("supervisor channel: message Hello refused: "), 203)
+        self.assertTrue(line.endswith("..."))
+
+    def test_weight_that_is_not_a_number(self) -> None:
+        """Admin weight "heavy" is not applied (logged); the channel and the weight stay as they were."""
+        self.supervisor_side.send(channel.Admin, shard_id="api-a", what="weight", value="heavy")
+        self.pump.flush()
+        self.assertEqual(_shard(self.root, "api-a")["weight"], 1.0)
+        self.assertEqual(self.lost, [])
+        self.assertTrue(any("weight not applied" in formatEvent(e) for e in self.events))
+
+    def test_final_reaches_the_supervisor(self) -> None:
+        """final() sends the worker's metrics and fires once the supervisor has them."""
+        self.root.metrics.accepted.labels("edge").inc(3)
+        d = self.link.final(Clock())
+        self.pump.flush()
+        self.successResultOf(d)
+        self.assertIn('shardtcp_connections_accepted_total{listener="edge"} 3.0', self.worker.final_text)
+
+    def test_final_without_supervisor(self) -> None:
+        """final() with the channel gone fires at once; with no answer it gives up after its timeout."""
+        clock = Clock()
+        self.link.lost = True
+        self.successResultOf(self.link.final(clock))
+        self.link.lost = False
+        d = self.link.final(clock, timeout=2.0)
+        clock.advance(1.999)
+        self.assertNoResult(d)
+        clock.advance(0.001)
+        self.successResultOf(d)
+
+    def test_load_over_many_shards(self) -> None:
+        """A Load of 20,000 shards (far over one AMP value's 65,535 bytes) arrives whole."""
+        counts = {f"shard-{n:05d}": n % 7 + 1 for n in range(20000)}
+        self.link.send(channel.Load, counts=counts)
+        self.pump.flush()
+        self.assertEqual(self.workers.totals(), counts)
+
+
 class RetirementTests(SynchronousTestCase):
     def test_retire_stops_accepting_then_exits_when_idle(self) -> None:
         """
@@ -176,3 +283,42 @@ class LogLineTests(SynchronousTestCase):
         line = worker_line(3)(event)
         self.assertRegex(line, r"^\S+ worker 3 \[sys\] hello there\n$")
         self.assertEqual(worker_line(3)({"log_format": None, "log_time": 0.0}), None)
+
+
+class SnapshotTests(SynchronousTestCase):
+    def test_worker_reads_the_supervisors_bytes(self) -> None:
+        """
+        load_snapshot with a descriptor uses its bytes, not the file as it
+        is now (edited since), resolving relative paths against the file's
+        folder; bad bytes are one ConfigError line naming the file.
+        """
+        from shardtcp.config import ConfigError
+        from shardtcp.workers.child import load_snapshot
+
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        keys.generate_keypair(os.path.join(directory, "keys"), kid="policy-1")
+        path = os.path.join(directory, "shardtcp.toml")
+        text = (
+            '[proxy]\nid = "edge-1"\n[signing]\nprivate_key = "keys/policy-1.pem"\nkid = "policy-1"\n'
+            '[[listener]]\nname = "edge"\nlisten = "tcp:0"\nmode = "plain"\nidentify = ["line"]\n'
+            '[service.api]\nnames = ["api.example.test"]\n'
+            '[[service.api.shard]]\nid = "api-a"\naddress = "127.0.0.1:1"\n'
+        )
+        with open(path, "w") as f:
+            f.write(text.replace("api-a", "api-b"))
+
+        def fd_of(data: bytes) -> int:
+            read, write = os.pipe()
+            os.write(write, data)
+            os.close(write)
+            return read
+
+        config = load_snapshot(path, fd_of(text.encode()))
+        self.assertEqual([s.id for s in config.services[0].shards], ["api-a"])
+        self.assertEqual(config.path, path)
+        self.assertEqual(config.signing.private_key, os.path.join(directory, "keys", "policy-1.pem"))
+        self.assertEqual([s.id for s in load_snapshot(path).services[0].shards], ["api-b"])
+        e = self.assertRaises(ConfigError, load_snapshot, path, fd_of(b"[proxy\n"))
+        self.assertEqual(len(e.problems), 1)
+        self.assertTrue(e.problems[0].startswith(f"{path} (as loaded by the supervisor): "), e.problems)

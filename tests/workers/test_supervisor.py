@@ -7,20 +7,23 @@ between workers, and ``ShardStateRelay``.
 
 from __future__ import annotations
 
+import os
 import signal
 
 from prometheus_client import CollectorRegistry
-from twisted.internet import error
+from twisted.internet import defer, error
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from shardtcp.model import Health
-from shardtcp.workers import channel
+from shardtcp.workers import channel, supervisor
 from shardtcp.workers.aggregate import RemoteLoad
 from shardtcp.workers.supervisor import (
     BACKOFF_FIRST,
+    ASK_TIMEOUT,
     BACKOFF_MAX,
+    SCRAPE_INTERVAL,
     STEADY,
     IWorkerSpawner,
     ProcessSpawner,
@@ -61,11 +64,21 @@ class FakeSpawner:
 
 
 class FakeChannel:
-    def __init__(self) -> None:
+    """Records what is sent; answers Metrics with ``text`` (None: never answers)."""
+
+    def __init__(self, text=None) -> None:
         self.sent: list = []
+        self.text = text
+        self.asked = 0
 
     def send(self, command, **arguments) -> None:
         self.sent.append((command, arguments))
+
+    def ask(self, command, timeout, clock):
+        self.asked += 1
+        if self.text is None:
+            return defer.Deferred().addTimeout(timeout, clock)
+        return defer.succeed({"text": self.text})
 
 
 def _set(count: int = 2, **kw):
@@ -403,3 +416,256 @@ class RelayTests(SynchronousTestCase):
             (channel.Health, {"shard_id": "a", "health": "healthy"}),
             (channel.Admin, {"shard_id": "a", "what": "weight", "value": 3.0}),
         ])
+
+
+def _exposition(accepted: float, active: float, seconds: float = 0.0) -> str:
+    """A worker's metrics: a counter, a gauge and a one-bucket histogram."""
+    return (
+        "# HELP shardtcp_connections_accepted_total Client connections accepted\n"
+        "# TYPE shardtcp_connections_accepted_total counter\n"
+        f'shardtcp_connections_accepted_total{{listener="edge"}} {accepted}\n'
+        "# HELP shardtcp_connections_active Client connections open now\n"
+        "# TYPE shardtcp_connections_active gauge\n"
+        f'shardtcp_connections_active{{listener="edge"}} {active}\n'
+        "# HELP shardtcp_upstream_connect_seconds Connect time\n"
+        "# TYPE shardtcp_upstream_connect_seconds histogram\n"
+        f'shardtcp_upstream_connect_seconds_bucket{{le="+Inf",service="api"}} {accepted}\n'
+        f'shardtcp_upstream_connect_seconds_count{{service="api"}} {accepted}\n'
+        f'shardtcp_upstream_connect_seconds_sum{{service="api"}} {seconds}\n'
+    )
+
+
+def _summed(workers, clock=None) -> dict:
+    """/metrics of a supervisor with no metrics of its own: (name, labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    d = workers.metrics("")
+    if clock is not None:
+        clock.advance(ASK_TIMEOUT)
+    text = SynchronousTestCase().successResultOf(d)
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+ACCEPTED = ("shardtcp_connections_accepted_total", (("listener", "edge"),))
+ACTIVE = ("shardtcp_connections_active", (("listener", "edge"),))
+COUNT = ("shardtcp_upstream_connect_seconds_count", (("service", "api"),))
+SUM = ("shardtcp_upstream_connect_seconds_sum", (("service", "api"),))
+
+
+class DepartedMetricsTests(SynchronousTestCase):
+    def _two(self):
+        workers, spawner, clock, _ = _set(2)
+        workers.start()
+        channels = [FakeChannel(_exposition(3, 2, 0.5)), FakeChannel(_exposition(5, 1, 1.0))]
+        for w, c in zip(workers.workers, channels):
+            workers.hello(w, c, w.pid)
+            workers.ready(w)
+        return workers, spawner, clock, channels
+
+    def test_counters_survive_a_retire_and_a_crash(self):
+        """
+        Workers counting 3 and 5 sum to 8.  A reload retires worker 0, which
+        sends Final (4 counted) and exits; worker 1 then dies (its last
+        answer, 5, is what is kept).  The new generation's 1 and 0 make the
+        sum 4 + 5 + 1 + 0 = 10 exactly, histogram _count and _sum alike; the
+        open-connections gauge is the live workers' alone (7 + 0), the dead
+        ones' 2 and 1 gone with them.
+        """
+        workers, spawner, clock, channels = self._two()
+        first = _summed(workers)
+        self.assertEqual((first[ACCEPTED], first[ACTIVE], first[COUNT], first[SUM]), (8.0, 3.0, 8.0, 1.5))
+        workers.replace()
+        new = [FakeChannel(_exposition(1, 7, 0.25)), FakeChannel(_exposition(0, 0))]
+        for w, c in zip(workers.workers[2:], new):
+            workers.hello(w, c, w.pid)
+        workers.ready(workers.workers[2])
+        self.assertEqual(channels[0].sent[-1], (channel.Retire, {}))
+        workers.final(workers.workers[0], _exposition(4, 0, 0.75))
+        during = _summed(workers)
+        self.assertEqual((during[ACCEPTED], during[ACTIVE]), (4.0 + 5 + 1 + 0, 0.0 + 1 + 7 + 0))
+        self.assertEqual(channels[0].asked, 1)
+        spawner.exit(0, "exit status 0")
+        spawner.exit(1, "signal 9")
+        self.assertEqual(workers.departed.added, 2)
+        after = _summed(workers)
+        self.assertEqual((after[ACCEPTED], after[ACTIVE], after[COUNT], after[SUM]), (10.0, 7.0, 10.0, 0.75 + 1.0 + 0.25))
+
+    def test_worker_that_does_not_answer_keeps_its_counters(self):
+        """
+        A worker that does not answer within ASK_TIMEOUT counts with the
+        counters it last reported (no dip), not with its gauge.
+        """
+        workers, spawner, clock, channels = self._two()
+        _summed(workers)
+        channels[1].text = None
+        later = _summed(workers, clock)
+        self.assertEqual((later[ACCEPTED], later[ACTIVE]), (8.0, 2.0))
+
+    def test_dead_worker_never_scraped_adds_nothing(self):
+        """A worker that dies before its metrics were ever seen adds nothing (and nothing fails)."""
+        workers, spawner, clock, channels = self._two()
+        spawner.exit(0)
+        self.assertEqual((workers.departed.added, workers.departed.text), (0, ""))
+        self.assertEqual(_summed(workers)[ACCEPTED], 5.0)
+
+    def test_scrape_every_interval(self):
+        """
+        A worker not asked for SCRAPE_INTERVAL seconds is asked then (not a
+        moment before), so a crash loses at most that much; one asked
+        meanwhile by /metrics is not asked again until its figures are that
+        old.  What it counted after its last answer is lost when it dies.
+        """
+        workers, spawner, clock, channels = self._two()
+        clock.advance(SCRAPE_INTERVAL - 0.001)
+        self.assertEqual([c.asked for c in channels], [0, 0])
+        clock.advance(0.001)
+        self.assertEqual([c.asked for c in channels], [1, 1])
+        clock.advance(1.0)
+        _summed(workers)
+        self.assertEqual([c.asked for c in channels], [2, 2])
+        clock.advance(SCRAPE_INTERVAL - 1.0)
+        self.assertEqual([c.asked for c in channels], [2, 2])
+        clock.advance(SCRAPE_INTERVAL)
+        self.assertEqual([c.asked for c in channels], [3, 3])
+        channels[0].text = _exposition(9, 0)
+        spawner.exit(0)
+        self.assertEqual(_summed(workers)[ACCEPTED], 3.0 + 5.0)
+
+    def test_bad_metrics_left_out_and_logged(self):
+        """A worker whose text does not parse is left out of /metrics (logged); the others count."""
+        workers, spawner, clock, channels = self._two()
+        channels[0].text = "shardtcp_x{ 1\n"
+        events = []
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.assertEqual(_summed(workers)[ACCEPTED], 5.0)
+        self.assertTrue(any("metrics of a worker left out" in e.get("log_format", "") for e in events))
+        spawner.exit(0)
+        self.assertEqual(workers.departed.added, 0)
+        self.assertEqual(_summed(workers)[ACCEPTED], 5.0)
+
+
+class _Ended:
+    """A process's end as processEnded receives it."""
+
+    def __init__(self, code=None, signal_=None) -> None:
+        self.value = type("V", (), {"exitCode": code, "signal": signal_})()
+
+
+class WorkerProcessTests(SynchronousTestCase):
+    def test_stderr_lines_forwarded_whole_and_last_kept(self) -> None:
+        """
+        stderr comes out whole lines at a time to the supervisor's stderr;
+        stdout (inherited) is not touched; at the exit the unfinished last
+        line is flushed and handed on with the status as the last error,
+        cut to 500 characters.
+        """
+        written, ended = [], []
+        proto = supervisor._WorkerProcess(lambda status, error=None: ended.append((status, error)),
+                                          stderr=written.append)
+        proto.childDataReceived(2, b"Traceback (most recent call last):\n  File")
+        self.assertEqual(written, [b"Traceback (most recent call last):\n"])
+        proto.childDataReceived(2, b' "x.py"\n\n')
+        proto.childDataReceived(2, b"OSError: " + b"e" * 600)
+        proto.processEnded(_Ended(code=1))
+        self.assertEqual(written[1:], [b'  File "x.py"\n\n', b"OSError: " + b"e" * 600 + b"\n"])
+        self.assertEqual(ended, [("exit status 1", ("OSError: " + "e" * 600)[:500])])
+
+    def test_log_file_gets_both(self) -> None:
+        """With twistd's log file, stdout and stderr lines go there and nothing to stderr; a signal is named."""
+        import io
+
+        class File(io.BytesIO):
+            def flush(self) -> None:
+                pass
+
+        log_file, written, ended = File(), [], []
+        proto = supervisor._WorkerProcess(lambda status, error=None: ended.append((status, error)), log_file,
+                                          stderr=written.append)
+        proto.childDataReceived(1, b"a line\n")
+        proto.childDataReceived(2, b"worker 0: cannot start: no such file\n")
+        proto.processEnded(_Ended(signal_=9))
+        self.assertEqual(log_file.getvalue(), b"a line\nworker 0: cannot start: no such file\n")
+        self.assertEqual(written, [])
+        self.assertEqual(ended, [("signal 9", "worker 0: cannot start: no such file")])
+
+    def test_spawner_pipes_stderr(self) -> None:
+        """The spawned worker's stderr is a pipe to the supervisor; stdout is inherited unless logging to a file."""
+        from twisted.internet.testing import MemoryReactor
+
+        calls = []
+
+        class Reactor(MemoryReactor):
+            def spawnProcess(self, proto, executable, args, env=None, childFDs=None, **kw):
+                calls.append(dict(childFDs))
+                return FakeProcess(1)
+
+            def adoptStreamConnection(self, fd, family, factory):
+                pass
+
+        spawner = ProcessSpawner(Reactor(), "/x.toml")
+        spawner.spawn(0, 1, {}, None, lambda status, error=None: None)
+        self.assertEqual((calls[0][1], calls[0][2]), (1, "r"))
+
+    def test_snapshot_passed_on_a_descriptor(self) -> None:
+        """
+        With a snapshot, the worker gets ``--config-fd N`` (after the
+        listeners) on a descriptor holding exactly those bytes from the
+        start; the supervisor's copy is closed once spawned.
+        """
+        from twisted.internet.testing import MemoryReactor
+
+        seen = []
+
+        class Reactor(MemoryReactor):
+            def spawnProcess(self, proto, executable, args, env=None, childFDs=None, **kw):
+                fd = childFDs[int(args[args.index("--config-fd") + 1])]
+                seen.append((args[args.index("--listener") + 1], args[args.index("--config-fd") + 1],
+                             os.read(fd, 100), fd))
+                return FakeProcess(1)
+
+            def adoptStreamConnection(self, fd, family, factory):
+                pass
+
+        spawner = ProcessSpawner(Reactor(), "/x.toml", snapshot=lambda: b"[proxy]\nworkers = 2\n")
+        spawner.spawn(0, 1, {"edge": 0}, None, lambda status, error=None: None)
+        self.assertEqual(seen[0][:3], ("edge=4", "5", b"[proxy]\nworkers = 2\n"))
+        self.assertRaises(OSError, os.fstat, seen[0][3])
+
+
+class CannotStartTests(SynchronousTestCase):
+    def test_worker_that_exits_at_once(self) -> None:
+        """
+        A worker that exits at once every time: each attempt is logged once
+        with its exit status and last stderr line, counted, and waited for
+        (0.5, 1, 2 s ...); meanwhile /status lists its index as waiting
+        (pid 0, due time, restarts, last exit) beside the worker that runs.
+        """
+        events = []
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        workers, spawner, clock, registry = _set(2)
+        workers.start()
+        for attempt in range(3):
+            n = len(spawner.spawned) - 1 if attempt else 0
+            spawner.spawned[n][4]("exit status 1", error="worker 0: cannot start: no key")
+            status = workers.status()
+            self.assertEqual([(w["index"], w["state"], w["pid"]) for w in status], [(0, "waiting", 0), (1, "starting", 1002)])
+            self.assertEqual(status[0]["restarts"], attempt + 1)
+            self.assertEqual(status[0]["started"], clock.seconds() + BACKOFF_FIRST * 2 ** attempt)
+            self.assertEqual(status[0]["last_exit"], "exit status 1; last line on stderr: worker 0: cannot start: no key")
+            clock.advance(BACKOFF_FIRST * 2 ** attempt)
+            self.assertEqual([w["state"] for w in workers.status()], ["starting", "starting"])
+        lines = [formatEvent(e) for e in events if "exited unexpectedly" in e.get("log_format", "")]
+        self.assertEqual(len(lines), 3)
+        self.assertIn("exit status 1; last line on stderr: worker 0: cannot start: no key; spawning it again in 2.0 s",
+                      lines[2])
+        self.assertEqual(registry.get_sample_value("shardtcp_worker_restarts_total", {"index": "0"}), 3.0)
