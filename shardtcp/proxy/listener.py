@@ -28,7 +28,7 @@ from zope.interface import implementer
 
 from shardtcp.net import address_pair, format_address
 from shardtcp.policy import PolicyTooLarge, TLSFacts
-from shardtcp.proxy.connector import InOrder, ProxyConnectFailed, ShardConnectFailed
+from shardtcp.proxy.connector import ConnectedNotice, InOrder, ProxyConnectFailed, ShardConnectFailed
 from shardtcp.proxy.context import ListenerContext, log
 from shardtcp.proxy.header import build_header
 from shardtcp.proxy.inbound import ProxyHeaderFactory
@@ -48,7 +48,7 @@ __all__ = ["LATE_TIMEOUT", "LATE_TIMEOUT_MIN", "ListenerContext", "ProxyConnecti
 
 
 @implementer(IHandshakeListener)
-class UpstreamProtocol(SpliceSideMixin, Protocol):
+class UpstreamProtocol(ConnectedNotice, SpliceSideMixin, Protocol):
     """
     The shard side of a connection.
 
@@ -66,6 +66,7 @@ class UpstreamProtocol(SpliceSideMixin, Protocol):
 
     def connectionMade(self) -> None:
         _no_delay(self.transport)
+        self.announce_connected()
 
     def attach(self, splice: Splice) -> None:
         """From now on, this side's events go to ``splice``."""
