@@ -251,6 +251,26 @@ class FormTests(SynchronousTestCase):
         with open(path) as f:
             self.assertEqual([json.loads(line)["id"] for line in f], ["c3"])
 
+    def test_file_written_without_the_logger(self) -> None:
+        """
+        With a file, the line is written straight to it: no event reaches
+        twisted.logger's global publisher, and the file's bytes are the
+        text line.
+        """
+        from twisted.logger import globalLogPublisher
+
+        seen: list = []
+        globalLogPublisher.addObserver(seen.append)
+        self.addCleanup(globalLogPublisher.removeObserver, seen.append)
+        path = self.mktemp()
+        log = AccessLog("text", path)
+        self.patch(log._log, "emit", lambda *a, **kw: self.fail("the access line went through the logger"))
+        log.write(SAMPLE)
+        log.close()
+        self.assertEqual([e for e in seen if e.get("log_namespace") == "shardtcp.access"], [])
+        with open(path) as f:
+            self.assertEqual(f.read(), format_text(SAMPLE) + "\n")
+
     def test_file_text(self) -> None:
         """The text form in a file is the same line as in twistd's log, nothing around it."""
         path = self.mktemp()
