@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from time import time
 from typing import Optional
 
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import ILogObserver, Logger, globalLogPublisher
+from twisted.logger import ILogObserver, LogLevel, Logger, globalLogPublisher
 from zope.interface import implementer
 
 __all__ = [
@@ -178,9 +179,24 @@ class AccessLog:
         else:
             # The line is the event's format, escaped, and the event says it
             # is flattened with no fields: a log file renders it by splitting
-            # the format once, without string.Formatter's field lookups.
+            # the format once, without string.Formatter's field lookups.  The
+            # event is the one ``Logger.info`` would emit, handed to the same
+            # observer without its level check and keyword copying.
             line = format_json(fields) if self._json else format_text(fields)
-            self._log.info(_literal(line), line=line, access=fields, log_flattened={})
+            log = self._log
+            log.observer(
+                {
+                    "line": line,
+                    "access": fields,
+                    "log_flattened": {},
+                    "log_logger": log,
+                    "log_level": LogLevel.info,
+                    "log_namespace": log.namespace,
+                    "log_source": log.source,
+                    "log_format": _literal(line),
+                    "log_time": time(),
+                }
+            )
 
     def reopen(self) -> None:
         """Reopen the access file, if there is one (SIGUSR1)."""
