@@ -21,10 +21,16 @@ from __future__ import annotations
 from typing import Optional
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener, IPushProducer
+from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
+    IHandshakeListener,
+    ILoggingContext,
+    IProtocol,
+    IPushProducer,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import implementer, implementer_only
 
 from shardtcp.net import address_pair, format_address
 from shardtcp.policy import PolicyTooLarge, TLSFacts
@@ -47,7 +53,11 @@ LATE_TIMEOUT_MIN = 0.25
 __all__ = ["LATE_TIMEOUT", "LATE_TIMEOUT_MIN", "ListenerContext", "ProxyConnection", "ProxyFactory", "UpstreamProtocol"]
 
 
-@implementer(IHandshakeListener)
+# Not IHalfCloseableProtocol: the shard's EOF reaches this protocol as the
+# end of its connection (``connectionLost``), as it did behind Twisted's
+# client endpoint, whose wrapping protocol declared only IHandshakeListener
+# of the wrapped protocol's interfaces.
+@implementer_only(IProtocol, ILoggingContext, IHandshakeListener)
 class UpstreamProtocol(ConnectedNotice, SpliceSideMixin, Protocol):
     """
     The shard side of a connection.

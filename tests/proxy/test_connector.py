@@ -335,3 +335,26 @@ class DirectPathTests(SynchronousTestCase):
         failure = self.failureResultOf(d, ShardConnectFailed)
         self.assertIn("ConnectingCancelledError", str(failure.value))
         factory.clientConnectionFailed(connector, Failure(UserError()))
+
+
+class UpstreamInterfacesTests(SynchronousTestCase):
+    """The shard side offers the reactor what it offered behind Twisted's client endpoint."""
+
+    def test_same_interfaces_as_behind_the_endpoint(self) -> None:
+        """
+        Connected directly, ``UpstreamProtocol`` provides exactly the
+        interfaces the endpoint's wrapping protocol provided around it (so
+        the shard's EOF is still delivered as ``connectionLost``, not as a
+        half-close).
+        """
+        from twisted.internet.endpoints import _WrappingProtocol
+        from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener
+        from zope.interface import providedBy
+
+        from shardtcp.proxy.listener import UpstreamProtocol
+
+        direct = UpstreamProtocol()
+        wrapped = _WrappingProtocol(defer.Deferred(), UpstreamProtocol())
+        self.assertEqual(set(providedBy(direct)), set(providedBy(wrapped)))
+        self.assertTrue(IHandshakeListener.providedBy(direct))
+        self.assertFalse(IHalfCloseableProtocol.providedBy(direct))
