@@ -10,15 +10,26 @@ Counters are named without ``_total``: ``prometheus_client`` adds it in the
 text format.  The per-shard series (open connections, health, score) are
 read from the resolver's snapshot when scraped (``ShardCollector``), so the
 connection path does not update them; ``TimedResolver`` times ``resolve``.
+
+The series the connection path updates (about a dozen updates per
+connection) are ``PlainCounter``/``PlainGauge``/``PlainHistogram``: plain
+numbers in each label child, no lock, exported at scrape time by the family
+itself as a collector, byte for byte what ``prometheus_client``'s own
+``Counter``/``Gauge``/``Histogram`` write for the same events.  The proxy
+updates them from the reactor thread only; a scrape reads them there too.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import time
+from bisect import bisect_left
+from typing import Callable, Optional, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import metrics as _prometheus_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.utils import floatToGoString
+from prometheus_client.metrics_core import Metric
+from prometheus_client.utils import INF, floatToGoString
 from zope.interface import implementer
 
 from shardtcp.resolver.interfaces import IResolver
@@ -28,67 +39,256 @@ from shardtcp.resolver.interfaces import IResolver
 RESOLVE_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
 
 
-class ProxyMetrics:
-    """The counters, gauges and histograms the connection path updates."""
+def _use_created() -> bool:
+    # prometheus_client's own switch (``disable_created_metrics``), read at
+    # each scrape as its metrics do.
+    return _prometheus_metrics._use_created
 
-    def __init__(self, registry: Optional[CollectorRegistry] = None) -> None:
+
+class _PlainFamily:
+    """
+    A labelled metric family whose children keep plain numbers.
+
+    ``labels(*values)`` returns the child (built once per label values and
+    kept); ``collect`` builds the family's samples at scrape time in the
+    order and form ``prometheus_client``'s wrapper of the same type does.
+    ``wall`` gives a child's creation time (the ``_created`` sample).
+    """
+
+    _type = ""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        *,
+        registry: Optional[CollectorRegistry],
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._labelnames = tuple(labelnames)
+        self._wall = wall
+        # label values as given -> child, and the text values -> child
+        self._children: dict = {}
+        self._series: dict = {}
+        if registry is not None:
+            registry.register(self)
+
+    def labels(self, *values: object, **named: object):
+        child = self._children.get(values) if not named else None
+        if child is not None:
+            return child
+        if values and named:
+            raise ValueError("Can't pass both *args and **kwargs")
+        if named:
+            if sorted(named) != sorted(self._labelnames):
+                raise ValueError("Incorrect label names")
+            key = tuple(str(named[n]) for n in self._labelnames)
+        else:
+            if len(values) != len(self._labelnames):
+                raise ValueError("Incorrect label count")
+            key = tuple(str(v) for v in values)
+        child = self._series.get(key)
+        if child is None:
+            child = self._series[key] = self._child()
+        if not named:
+            self._children[values] = child
+        return child
+
+    def _child(self):  # pragma: no cover
+        raise NotImplementedError
+
+    def _metric(self) -> Metric:
+        return Metric(self._name, self._documentation, self._type)
+
+    def describe(self) -> list:
+        return [self._metric()]
+
+    def collect(self) -> list:
+        metric = self._metric()
+        created = _use_created()
+        names = self._labelnames
+        for key, child in list(self._series.items()):
+            child._add_samples(metric, self._name, dict(zip(names, key)), created)
+        return [metric]
+
+
+class _CounterChild:
+    __slots__ = ("value", "created")
+
+    def __init__(self, created: float) -> None:
+        self.value = 0.0
+        self.created = created
+
+    def inc(self, amount: float = 1) -> None:
+        if amount < 0:
+            raise ValueError("Counters can only be incremented by non-negative amounts.")
+        self.value += amount
+
+    def _add_samples(self, metric: Metric, name: str, labels: dict, created: bool) -> None:
+        metric.add_sample(name + "_total", labels, self.value)
+        if created:
+            metric.add_sample(name + "_created", dict(labels), self.created)
+
+
+class PlainCounter(_PlainFamily):
+    """A labelled counter of plain numbers (``prometheus_client.Counter``'s exposition)."""
+
+    _type = "counter"
+
+    def _child(self) -> _CounterChild:
+        return _CounterChild(self._wall())
+
+
+class _GaugeChild:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1) -> None:
+        self.value += amount
+
+    def dec(self, amount: float = 1) -> None:
+        self.value -= amount
+
+    def set(self, value: float) -> None:
+        self.value = float(value)
+
+    def _add_samples(self, metric: Metric, name: str, labels: dict, created: bool) -> None:
+        metric.add_sample(name, labels, self.value)
+
+
+class PlainGauge(_PlainFamily):
+    """A labelled gauge of plain numbers (``prometheus_client.Gauge``'s exposition)."""
+
+    _type = "gauge"
+
+    def _child(self) -> _GaugeChild:
+        return _GaugeChild()
+
+
+class _HistogramChild:
+    __slots__ = ("_bounds", "_counts", "sum", "created")
+
+    def __init__(self, bounds: tuple, created: float) -> None:
+        self._bounds = bounds
+        self._counts = [0.0] * len(bounds)
+        self.sum = 0.0
+        self.created = created
+
+    def observe(self, amount: float) -> None:
+        self.sum += amount
+        bounds = self._bounds
+        # the first bound at or above ``amount`` (none for NaN, as there)
+        i = bisect_left(bounds, amount)
+        if i < len(bounds) and amount <= bounds[i]:
+            self._counts[i] += 1
+
+    def _add_samples(self, metric: Metric, name: str, labels: dict, created: bool) -> None:
+        acc = 0.0
+        bucket = name + "_bucket"
+        for bound, count in zip(self._bounds, self._counts):
+            acc += count
+            metric.add_sample(bucket, dict(labels, le=floatToGoString(bound)), acc)
+        metric.add_sample(name + "_count", dict(labels), acc)
+        if self._bounds[0] >= 0:
+            metric.add_sample(name + "_sum", dict(labels), self.sum)
+        if created:
+            metric.add_sample(name + "_created", dict(labels), self.created)
+
+
+class PlainHistogram(_PlainFamily):
+    """A labelled histogram of plain numbers (``prometheus_client.Histogram``'s exposition)."""
+
+    _type = "histogram"
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str], *, buckets: Sequence[float], **kw):
+        bounds = [float(b) for b in buckets]
+        if bounds != sorted(bounds):
+            raise ValueError("Buckets not in sorted order")
+        if bounds and bounds[-1] != INF:
+            bounds.append(INF)
+        if len(bounds) < 2:
+            raise ValueError("Must have at least two buckets")
+        self._bounds = tuple(bounds)
+        super().__init__(name, documentation, labelnames, **kw)
+
+    def _child(self) -> _HistogramChild:
+        return _HistogramChild(self._bounds, self._wall())
+
+
+class ProxyMetrics:
+    """
+    The counters, gauges and histograms the connection path updates.
+
+    ``wall`` (default ``time.time``) stamps the ``_created`` sample of the
+    series the connection path updates.
+    """
+
+    def __init__(self, registry: Optional[CollectorRegistry] = None, *, wall: Callable[[], float] = time.time) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.accepted = Counter(
+        counter = _plain(PlainCounter, wall)
+        gauge = _plain(PlainGauge, wall)
+        histogram = _plain(PlainHistogram, wall)
+        self.accepted = counter(
             "shardtcp_connections_accepted", "Client connections accepted", ["listener"], registry=r
         )
-        self.active = Gauge(
+        self.active = gauge(
             "shardtcp_connections_active", "Client connections open now", ["listener"], registry=r
         )
-        self.rejected = Counter(
+        self.rejected = counter(
             "shardtcp_connections_rejected",
             "Client connections refused before splicing, by reason",
             ["listener", "reason"],
             registry=r,
         )
-        self.spliced = Counter(
+        self.spliced = counter(
             "shardtcp_connections_spliced",
             "Client connections spliced to a shard",
             ["listener", "service", "shard"],
             registry=r,
         )
-        self.kernel_spliced = Counter(
+        self.kernel_spliced = counter(
             "shardtcp_connections_kernel_spliced",
             "Spliced client connections whose bytes the kernel moves (splice(2))",
             ["listener"],
             registry=r,
         )
-        self.upstream_failures = Counter(
+        self.upstream_failures = counter(
             "shardtcp_upstream_connect_failures",
             "Failed connection attempts to shards, by reason",
             ["service", "shard", "reason"],
             registry=r,
         )
-        self.connect_seconds = Histogram(
+        self.connect_seconds = histogram(
             "shardtcp_upstream_connect_seconds",
             "Time to connect to a shard",
             ["service"],
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
             registry=r,
         )
-        self.bytes = Counter(
+        self.bytes = counter(
             "shardtcp_bytes", "Bytes spliced, by direction", ["listener", "direction"], registry=r
         )
-        self.ended = Counter(
+        self.ended = counter(
             "shardtcp_connections_ended",
             "Spliced connections ended, by the side or event that ended them",
             ["listener", "ended_by"],
             registry=r,
         )
 
-        self.proxy_errors = Counter(
+        self.proxy_errors = counter(
             "shardtcp_proxy_errors",
             "Connection attempts to shards that failed because of the proxy itself, by kind",
             ["kind"],
             registry=r,
         )
 
-        self.resolve_seconds = Histogram(
+        self.resolve_seconds = histogram(
             "shardtcp_resolve_seconds",
             "Time the resolver took to rank a service's shards for a connection",
             ["service"],
@@ -152,6 +352,15 @@ class ProxyMetrics:
         """One sample's value (0.0 when absent); for tests and status."""
         result = self.registry.get_sample_value(name, labels)
         return 0.0 if result is None else result
+
+
+def _plain(kind, wall):
+    """``kind`` with ``wall`` given: the constructor ``ProxyMetrics`` uses."""
+
+    def build(name, documentation, labelnames, *, registry, **kw):
+        return kind(name, documentation, labelnames, registry=registry, wall=wall, **kw)
+
+    return build
 
 
 class ShardCollector:

@@ -6,7 +6,8 @@ refusal lines.
 ``AccessLog`` turns a connection's end into one ``twisted.logger`` event in
 the ``shardtcp.access`` namespace: ``text`` events go to twistd's log like
 any other, ``json`` events carry the line as one JSON object, and with
-``[log] access_file`` they go to an ``AccessLogFile`` instead, whose
+``[log] access_file`` they are written straight to an ``AccessLogFile``
+instead (no logger event on the way: nothing else observes them), whose
 ``reopen()`` is what SIGUSR1 calls after logrotate moved the file.  The
 line is built once per connection from plain values; nothing is kept per
 event on the way.
@@ -22,10 +23,11 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from time import time
 from typing import Optional
 
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import ILogObserver, Logger, globalLogPublisher
+from twisted.logger import ILogObserver, LogLevel, Logger, globalLogPublisher
 from zope.interface import implementer
 
 __all__ = [
@@ -115,9 +117,13 @@ class AccessLogFile:
 
     def __call__(self, event: dict) -> None:
         fields = event.get("access")
-        if fields is None or self._file is None:
-            return
-        self._file.write(self._format(fields) + "\n")
+        if fields is not None:
+            self.write_fields(fields)
+
+    def write_fields(self, fields: dict) -> None:
+        """Write one access line (``ACCESS_FIELDS``) straight to the file."""
+        if self._file is not None:
+            self._file.write(self._format(fields) + "\n")
 
     def reopen(self) -> None:
         """
@@ -167,14 +173,30 @@ class AccessLog:
         if not self.enabled:
             return
         if self.file is not None:
-            # The file formats the line itself; no format string to render.
-            self._log.info("", access=fields)
+            # Only the file observes these lines: no logger event, no
+            # publisher, no time stamp it would not write.
+            self.file.write_fields(fields)
         else:
             # The line is the event's format, escaped, and the event says it
             # is flattened with no fields: a log file renders it by splitting
-            # the format once, without string.Formatter's field lookups.
+            # the format once, without string.Formatter's field lookups.  The
+            # event is the one ``Logger.info`` would emit, handed to the same
+            # observer without its level check and keyword copying.
             line = format_json(fields) if self._json else format_text(fields)
-            self._log.info(_literal(line), line=line, access=fields, log_flattened={})
+            log = self._log
+            log.observer(
+                {
+                    "line": line,
+                    "access": fields,
+                    "log_flattened": {},
+                    "log_logger": log,
+                    "log_level": LogLevel.info,
+                    "log_namespace": log.namespace,
+                    "log_source": log.source,
+                    "log_format": _literal(line),
+                    "log_time": time(),
+                }
+            )
 
     def reopen(self) -> None:
         """Reopen the access file, if there is one (SIGUSR1)."""

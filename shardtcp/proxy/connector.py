@@ -2,11 +2,12 @@
 """
 Connecting to shards.
 
-``ShardConnector`` (an ``IShardConnector``) turns a ``ShardInfo`` into a connected protocol through a
-Twisted client endpoint, bounded by a connect timeout.  IP literals go
-through ``TCP4ClientEndpoint``/``TCP6ClientEndpoint``; host names through
-``HostnameEndpoint`` (which resolves without blocking and races address
-families).  How a shard is reached (plain TCP today, TLS origination for
+``ShardConnector`` (an ``IShardConnector``) turns a ``ShardInfo`` into a connected protocol,
+bounded by a connect timeout.  IP literals go straight to ``connectTCP``
+with a small ``ClientFactory`` when the protocol says when it is connected
+(``ConnectedNotice``), else through ``TCP4ClientEndpoint``/``TCP6ClientEndpoint``;
+host names through ``HostnameEndpoint`` (which resolves without blocking and
+races address families).  How a shard is reached (plain TCP today, TLS origination for
 ``upstream_tls`` services) is decided here and nowhere else; ``InOrder``
 tries a connection's candidates one after the other until one answers.
 """
@@ -19,12 +20,20 @@ from typing import Callable, Optional, Sequence
 
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.error import ConnectError, ConnectionRefusedError, TimeoutError as TxTimeoutError
+from twisted.internet.error import (
+    ConnectError,
+    ConnectingCancelledError,
+    ConnectionRefusedError,
+    NoProtocol,
+    TimeoutError as TxTimeoutError,
+)
 from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import ClientFactory
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from shardtcp.model import ShardInfo
+from shardtcp.net import ip_literal
 from shardtcp.upstream import endpoint_for_address
 
 
@@ -81,6 +90,63 @@ class IShardConnector(Interface):
         """
 
 
+class ConnectedNotice:
+    """
+    A protocol that tells its connector when it is connected: its
+    ``connectionMade`` calls ``announce_connected()`` (after its own set-up).
+    ``ShardConnector`` then connects it with ``connectTCP`` and a small
+    ``ClientFactory`` instead of an endpoint, whose wrapping protocol would
+    stand between the transport and the protocol for every event.
+    """
+
+    _connected_notice: Optional[Callable[[object], None]] = None
+
+    def announce_connected(self) -> None:
+        notice = self._connected_notice
+        if notice is not None:
+            self._connected_notice = None
+            notice(self)
+
+
+class _DirectFactory(ClientFactory):
+    """
+    One attempt's factory on the direct path: builds the protocol of
+    ``factory``, fires ``deferred`` with it once it is connected (its
+    ``announce_connected``) or fails it as the endpoint's would (the
+    connector's failure; ``ConnectingCancelledError`` on cancel).
+    """
+
+    noisy = False
+
+    def __init__(self, factory) -> None:
+        self._factory = factory
+        self._connector = None
+        self.deferred: defer.Deferred = defer.Deferred(self._cancel)
+
+    def startedConnecting(self, connector) -> None:
+        self._connector = connector
+
+    def _cancel(self, deferred: defer.Deferred) -> None:
+        connector = self._connector
+        deferred.errback(ConnectingCancelledError(connector.getDestination()))
+        connector.stopConnecting()
+
+    def buildProtocol(self, addr):
+        try:
+            protocol = self._factory.buildProtocol(addr)
+            if protocol is None:
+                raise NoProtocol()
+        except BaseException:
+            self.deferred.errback()
+            return None
+        protocol._connected_notice = self.deferred.callback
+        return protocol
+
+    def clientConnectionFailed(self, connector, reason) -> None:
+        if not self.deferred.called:
+            self.deferred.errback(reason)
+
+
 @implementer(IShardConnector)
 class ShardConnector:
     """
@@ -103,6 +169,8 @@ class ShardConnector:
         # (host, port, timeout) -> its plain endpoint: an endpoint holds no
         # state of a connection, so one per shard address serves them all.
         self._endpoints: dict = {}
+        # host -> whether it is an IP literal (the direct path's condition)
+        self._literal: dict = {}
 
     def _plain_endpoint(self, shard: ShardInfo, timeout: float) -> IStreamClientEndpoint:
         key = (shard.address.host, shard.address.port, timeout)
@@ -120,12 +188,40 @@ class ShardConnector:
         The attempt is cancelled after ``timeout`` seconds whatever the
         endpoint does.
         """
+        if self._plain and _announces(factory):
+            address = shard.address
+            literal = self._literal.get(address.host)
+            if literal is None:
+                if len(self._literal) >= ENDPOINT_CACHE_SIZE:
+                    self._literal.clear()
+                literal = self._literal[address.host] = _is_literal(address.host)
+            if literal:
+                direct = _DirectFactory(factory)
+                try:
+                    self._reactor.connectTCP(address.host, address.port, direct, timeout=timeout)
+                except BaseException:
+                    return defer.fail().addErrback(_classify)
+                return direct.deferred.addErrback(_classify)
         endpoint = self._endpoint_factory(shard, timeout)
         d = endpoint.connect(factory)
         if not (self._plain and type(endpoint) in _SELF_TIMED):
             d.addTimeout(timeout, self._reactor)
         d.addErrback(_classify)
         return d
+
+
+def _is_literal(host: str) -> bool:
+    try:
+        ip_literal(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _announces(factory) -> bool:
+    """Whether ``factory`` builds ``ConnectedNotice`` protocols (``Factory.forProtocol``)."""
+    kind = getattr(factory, "protocol", None)
+    return isinstance(kind, type) and issubclass(kind, ConnectedNotice)
 
 
 # Plain TCP endpoints hand their timeout to ``connectTCP``, whose own timer

@@ -62,6 +62,7 @@ import struct
 from typing import Callable, Optional
 
 import attrs
+from twisted.internet.tcp import Connection as _TCPConnection
 from twisted.internet.interfaces import IReactorFDSet, IReactorTime, IReadDescriptor, IWriteDescriptor
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -258,10 +259,8 @@ def _close_pipe(pipe: Pipe) -> None:
 
 def can_detach(transport) -> bool:
     """Whether ``detach_transport`` can take ``transport``'s socket."""
-    from twisted.internet import tcp
-
     return (
-        isinstance(transport, tcp.Connection)
+        isinstance(transport, _TCPConnection)
         and bool(transport.connected)
         and not transport.disconnected
         and not transport.disconnecting
@@ -520,6 +519,7 @@ class _Side:
     __slots__ = (
         "_owner", "index", "fd", "open", "reading", "writing",
         "pipe", "pending", "in_pipe", "eof", "final", "drained", "dead", "stalled", "copy", "tried", "tried_out",
+        "ended",
     )
 
     def __init__(self, owner: "KernelSplice", index: int, fd: int, prefix: bytes) -> None:
@@ -541,6 +541,9 @@ class _Side:
         self.copy = False  # splice refused: copy through userspace
         self.tried = False  # a splice into a pipe has worked
         self.tried_out = False  # a splice out of a pipe has worked
+        # Set when this socket read its peer's FIN and was itself shut for
+        # writing: both ways are over, so closing it needs no shutdown first.
+        self.ended = 0
 
     def fileno(self) -> int:
         return self.fd if self.open else -1
@@ -809,7 +812,9 @@ class KernelSplice(IdleTimeout):
     # -- endings ----------------------------------------------------------
 
     def _eof(self, d: _Side) -> None:
+        # Called only when a read returned 0: the peer's FIN.
         d.eof = True
+        d.ended |= 1
         if all(x.eof for x in self._sides) and not self.stats.ended_by:
             self.stats.ended_by = _NAMES[d.index]
 
@@ -825,6 +830,7 @@ class KernelSplice(IdleTimeout):
             except OSError as e:
                 self._side_failed(dst.index, e)
                 return
+            dst.ended |= 2
         if other.drained and other.eof:
             # Both directions ended: close what is still open.
             for side in self._sides:
@@ -862,7 +868,7 @@ class KernelSplice(IdleTimeout):
         try:
             if reset:
                 _socket_call(side.fd, "setsockopt", socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-            else:
+            elif side.ended != 3:
                 _socket_call(side.fd, "shutdown", socket.SHUT_RDWR)
         except OSError:
             pass
@@ -900,7 +906,9 @@ class KernelSplice(IdleTimeout):
                 else side.in_pipe < side.pipe.capacity
             )
             write = not into.dead and not into.drained and (into.pending is not None or into.in_pipe > 0)
-            self._set(side, read=read, write=write)
+            # most events change neither: no call then
+            if read != side.reading or write != side.writing:
+                self._set(side, read=read, write=write)
 
     def _set(self, side: _Side, *, read: bool, write: bool) -> None:
         reactor = self._splicer._reactor

@@ -21,14 +21,20 @@ from __future__ import annotations
 from typing import Optional
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener, IPushProducer
+from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
+    IHandshakeListener,
+    ILoggingContext,
+    IProtocol,
+    IPushProducer,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import implementer, implementer_only
 
 from shardtcp.net import address_pair, format_address
 from shardtcp.policy import PolicyTooLarge, TLSFacts
-from shardtcp.proxy.connector import InOrder, ProxyConnectFailed, ShardConnectFailed
+from shardtcp.proxy.connector import ConnectedNotice, InOrder, ProxyConnectFailed, ShardConnectFailed
 from shardtcp.proxy.context import ListenerContext, log
 from shardtcp.proxy.header import build_header
 from shardtcp.proxy.inbound import ProxyHeaderFactory
@@ -47,8 +53,12 @@ LATE_TIMEOUT_MIN = 0.25
 __all__ = ["LATE_TIMEOUT", "LATE_TIMEOUT_MIN", "ListenerContext", "ProxyConnection", "ProxyFactory", "UpstreamProtocol"]
 
 
-@implementer(IHandshakeListener)
-class UpstreamProtocol(SpliceSideMixin, Protocol):
+# Not IHalfCloseableProtocol: the shard's EOF reaches this protocol as the
+# end of its connection (``connectionLost``), as it did behind Twisted's
+# client endpoint, whose wrapping protocol declared only IHandshakeListener
+# of the wrapped protocol's interfaces.
+@implementer_only(IProtocol, ILoggingContext, IHandshakeListener)
+class UpstreamProtocol(ConnectedNotice, SpliceSideMixin, Protocol):
     """
     The shard side of a connection.
 
@@ -66,6 +76,7 @@ class UpstreamProtocol(SpliceSideMixin, Protocol):
 
     def connectionMade(self) -> None:
         _no_delay(self.transport)
+        self.announce_connected()
 
     def attach(self, splice: Splice) -> None:
         """From now on, this side's events go to ``splice``."""

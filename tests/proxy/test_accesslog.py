@@ -12,7 +12,16 @@ import os
 
 from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock
-from twisted.logger import ILogObserver, LogLevel, eventAsJSON, eventFromJSON, formatEvent, formatEventAsClassicLogText
+from twisted.logger import (
+    ILogObserver,
+    LogLevel,
+    Logger,
+    eventAsJSON,
+    eventFromJSON,
+    formatEvent,
+    formatEventAsClassicLogText,
+)
+from twisted.logger import _logger as twisted_logger_module
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
@@ -250,6 +259,49 @@ class FormTests(SynchronousTestCase):
             self.assertEqual([json.loads(line)["id"] for line in f], ["c1", "c2"])
         with open(path) as f:
             self.assertEqual([json.loads(line)["id"] for line in f], ["c3"])
+
+    def test_event_as_logger_info_makes_it(self) -> None:
+        """
+        Without a file, the event handed to the observer has exactly the
+        keys and values ``Logger.info`` gives it (time fixed), in text and
+        JSON form.
+        """
+        from shardtcp.proxy import accesslog
+
+        self.patch(accesslog, "time", lambda: 1234.5)
+        for form, render in (("text", format_text), ("json", accesslog.format_json)):
+            events: list = []
+            log = AccessLog(form, observer=events.append)
+            log.write(SAMPLE)
+            line = render(SAMPLE)
+            expected: list = []
+            reference = Logger(namespace="shardtcp.access", observer=expected.append)
+            self.patch(twisted_logger_module, "time", lambda: 1234.5)
+            reference.info(accesslog._literal(line), line=line, access=SAMPLE, log_flattened={})
+            expected[0]["log_logger"] = log._log
+            self.assertEqual(events, expected)
+            self.assertEqual(list(events[0]), list(expected[0]))
+            self.assertEqual(formatEvent(events[0]), line)
+
+    def test_file_written_without_the_logger(self) -> None:
+        """
+        With a file, the line is written straight to it: no event reaches
+        twisted.logger's global publisher, and the file's bytes are the
+        text line.
+        """
+        from twisted.logger import globalLogPublisher
+
+        seen: list = []
+        globalLogPublisher.addObserver(seen.append)
+        self.addCleanup(globalLogPublisher.removeObserver, seen.append)
+        path = self.mktemp()
+        log = AccessLog("text", path)
+        self.patch(log._log, "emit", lambda *a, **kw: self.fail("the access line went through the logger"))
+        log.write(SAMPLE)
+        log.close()
+        self.assertEqual([e for e in seen if e.get("log_namespace") == "shardtcp.access"], [])
+        with open(path) as f:
+            self.assertEqual(f.read(), format_text(SAMPLE) + "\n")
 
     def test_file_text(self) -> None:
         """The text form in a file is the same line as in twistd's log, nothing around it."""

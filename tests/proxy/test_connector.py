@@ -5,6 +5,7 @@ Connecting to shards: ``InOrder`` tries candidates one at a time, in order.
 from __future__ import annotations
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from shardtcp.proxy.connector import InOrder, ShardConnectFailed
@@ -202,3 +203,158 @@ class TimeoutTests(SynchronousTestCase):
         self.assertNoResult(d)
         reactor.advance(0.001)
         self.assertEqual(self.failureResultOf(d, ShardConnectFailed).value.reason, "timeout")
+
+
+class DirectPathTests(SynchronousTestCase):
+    """
+    A factory of ``ConnectedNotice`` protocols and an IP literal: one
+    ``connectTCP`` with a small factory, no endpoint; the Deferred fires
+    once the protocol is connected, failures are classified as before.
+    """
+
+    def setUp(self) -> None:
+        from twisted.internet.protocol import Factory, Protocol
+        from twisted.internet.testing import MemoryReactorClock
+
+        from shardtcp.proxy.connector import ConnectedNotice, ShardConnector
+
+        class Announcing(ConnectedNotice, Protocol):
+            made = 0
+
+            def connectionMade(self) -> None:
+                self.made += 1
+                self.announce_connected()
+
+        self.reactor = MemoryReactorClock()
+        self.connector = ShardConnector(self.reactor)
+        self.factory = Factory.forProtocol(Announcing)
+
+    def shard(self, host: str = "127.0.0.1", port: int = 9):
+        from shardtcp.model import Address, ShardInfo
+
+        return ShardInfo("s1", "api", Address(host, port), None, 10, 90.0)
+
+    def connect(self, host: str = "127.0.0.1"):
+        d = self.connector.connect(self.shard(host), self.factory, 5.0)
+        [(h, port, factory, timeout, bind)] = self.reactor.tcpClients
+        self.assertEqual((h, port, timeout, bind), (host, 9, 5.0, None))
+        return d, factory
+
+    def test_fires_with_the_connected_protocol(self) -> None:
+        """No endpoint is built; the Deferred fires with the protocol after its connectionMade, once."""
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.testing import StringTransport
+
+        d, factory = self.connect()
+        self.assertEqual(self.connector._endpoints, {})
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 9))
+        self.assertIsInstance(protocol, self.factory.protocol)
+        self.assertNoResult(d)
+        protocol.makeConnection(StringTransport())
+        self.assertIs(self.successResultOf(d), protocol)
+        self.assertEqual(protocol.made, 1)
+        protocol.announce_connected()  # a second notice goes nowhere (no AlreadyCalledError)
+
+    def test_ipv6_literal_direct(self) -> None:
+        """An IPv6 literal takes the direct path too (connectTCP resolves numeric hosts itself)."""
+        self.connect("::1")
+        self.assertEqual(self.connector._endpoints, {})
+
+    def test_host_name_takes_the_endpoint(self) -> None:
+        """A host name still goes through HostnameEndpoint (no connectTCP of the name itself)."""
+        from twisted.internet.endpoints import HostnameEndpoint
+
+        self.connector.connect(self.shard("shard.example"), self.factory, 5.0)
+        [endpoint] = self.connector._endpoints.values()
+        self.assertIsInstance(endpoint, HostnameEndpoint)
+
+    def test_plain_protocol_takes_the_endpoint(self) -> None:
+        """A protocol that does not announce itself is connected through the endpoint's wrapper."""
+        from twisted.internet.endpoints import TCP4ClientEndpoint
+        from twisted.internet.protocol import Factory, Protocol
+
+        self.connector.connect(self.shard(), Factory.forProtocol(Protocol), 5.0)
+        [endpoint] = self.connector._endpoints.values()
+        self.assertIsInstance(endpoint, TCP4ClientEndpoint)
+
+    def test_failures_classified(self) -> None:
+        """Refused, timed out, other connect errors and the proxy's own errno keep their reasons."""
+        from twisted.internet import error
+        from twisted.python.failure import Failure
+
+        from shardtcp.proxy.connector import ProxyConnectFailed
+
+        cases = [
+            (error.ConnectionRefusedError(), "refused"),
+            (error.TimeoutError(), "timeout"),
+            (error.ConnectError("no route"), "connect_error"),
+            (error.ConnectError(osError=24), "proxy_fds"),
+        ]
+        for value, reason in cases:
+            self.reactor.tcpClients.clear()
+            d, factory = self.connect()
+            factory.clientConnectionFailed(None, Failure(value))
+            failure = self.failureResultOf(d, ShardConnectFailed)
+            self.assertEqual(failure.value.reason, reason)
+            self.assertEqual(isinstance(failure.value, ProxyConnectFailed), reason == "proxy_fds")
+
+    def test_no_protocol(self) -> None:
+        """A factory that builds nothing fails the attempt (``NoProtocol``, reason ``error``)."""
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.protocol import Factory
+
+        from shardtcp.proxy.connector import ConnectedNotice
+
+        class Nothing(Factory):
+            protocol = type("P", (ConnectedNotice,), {})
+
+            def buildProtocol(self, addr):
+                return None
+
+        d = self.connector.connect(self.shard(), Nothing(), 5.0)
+        factory = self.reactor.tcpClients[0][2]
+        self.assertIsNone(factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 9)))
+        failure = self.failureResultOf(d, ShardConnectFailed)
+        self.assertEqual(failure.value.reason, "error")
+        self.assertIn("NoProtocol", str(failure.value))
+        factory.clientConnectionFailed(None, Failure(RuntimeError("late")))  # ignored once failed
+
+    def test_cancel_stops_connecting(self) -> None:
+        """Cancelling stops the connector and fails as the endpoint's cancel did; a late failure is ignored."""
+        from twisted.internet.error import UserError
+        from twisted.python.failure import Failure
+
+        d, factory = self.connect()
+        connector = self.reactor.connectors[0]
+        stopped = []
+        self.patch(connector, "stopConnecting", lambda: stopped.append(True))
+        factory.startedConnecting(connector)
+        d.cancel()
+        self.assertEqual(stopped, [True])
+        failure = self.failureResultOf(d, ShardConnectFailed)
+        self.assertIn("ConnectingCancelledError", str(failure.value))
+        factory.clientConnectionFailed(connector, Failure(UserError()))
+
+
+class UpstreamInterfacesTests(SynchronousTestCase):
+    """The shard side offers the reactor what it offered behind Twisted's client endpoint."""
+
+    def test_same_interfaces_as_behind_the_endpoint(self) -> None:
+        """
+        Connected directly, ``UpstreamProtocol`` provides exactly the
+        interfaces the endpoint's wrapping protocol provided around it (so
+        the shard's EOF is still delivered as ``connectionLost``, not as a
+        half-close).
+        """
+        from twisted.internet.endpoints import _WrappingProtocol
+        from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener
+        from zope.interface import providedBy
+
+        from shardtcp.proxy.listener import UpstreamProtocol
+
+        direct = UpstreamProtocol()
+        wrapped = _WrappingProtocol(defer.Deferred(), UpstreamProtocol())
+        self.assertEqual(set(providedBy(direct)), set(providedBy(wrapped)))
+        self.assertTrue(IHandshakeListener.providedBy(direct))
+        self.assertFalse(IHalfCloseableProtocol.providedBy(direct))

@@ -437,6 +437,43 @@ class KernelSpliceTests(TestCase):
         self.assertEqual(clock.getDelayedCalls(), [])
 
     @defer.inlineCallbacks
+    def test_shutdowns_when_both_ways_ended(self):
+        """
+        Both peers half-close: the first drained direction's destination is
+        shut for writing, the second's is shut down fully as it closes, and
+        the socket whose FINs were both exchanged is closed without another
+        shutdown; ``close`` before the EOFs still shuts both sockets down.
+        """
+        calls = []
+        real = ksplice._socket_call
+
+        def record(fd, method, *args):
+            calls.append((method, args[0] if method == "shutdown" else None))
+            return real(fd, method, *args)
+
+        self.patch(ksplice, "_socket_call", record)
+        client_sock, shard_sock, splice, done = self.connect()
+        client, shard = Peer(client_sock, b"q" * 1000).start(), Peer(shard_sock, b"a" * 3000).start()
+        self.addCleanup(client.close)
+        self.addCleanup(shard.close)
+        stats = yield done
+        yield defer.gatherResults([client.ended, shard.ended])
+        self.assertEqual((client.how, shard.how), ("eof", "eof"))
+        self.assertEqual((client.received, shard.received), (3000, 1000))
+        self.assertTrue(stats.clean)
+        self.assertEqual(calls, [("shutdown", socket.SHUT_WR), ("shutdown", socket.SHUT_RDWR)])
+        del calls[:]
+        client_sock, shard_sock, splice, done = self.connect()
+        client, shard = Peer(client_sock, shut=False).start(), Peer(shard_sock, shut=False).start()
+        self.addCleanup(client.close)
+        self.addCleanup(shard.close)
+        splice.close()
+        yield done
+        yield defer.gatherResults([client.ended, shard.ended])
+        self.assertEqual((client.how, shard.how), ("eof", "eof"))
+        self.assertEqual(sorted(calls), [("shutdown", socket.SHUT_RDWR)] * 2)
+
+    @defer.inlineCallbacks
     def test_close_flushes_and_abort_resets(self):
         """``close`` ends both sides with a FIN; ``abort`` with a RST."""
         client_sock, shard_sock, splice, done = self.connect()
