@@ -33,17 +33,31 @@ class HalfCloseTLSProtocol(BufferingTLSTransport):
     ``close_notify``), and its ``loseConnection`` then completes the TLS
     shutdown and closes the transport.  Otherwise Twisted's behaviour is kept.
 
-    This overrides ``_flushReceiveBIO``, a private method of Twisted's TLS
-    layer (checked against Twisted 26.x); the tests exercise it through real
+    ``loseWriteConnection`` is the same half-close the other way: what was
+    written is flushed, a ``close_notify`` goes out, then the TCP write side
+    is shut down (``shutdown(SHUT_WR)``); later writes are dropped, and the
+    peer's bytes are still read until its own ``close_notify`` or EOF.
+
+    Once the connection is gone (``connectionLost`` may run synchronously
+    while this layer is still reading, when the transport's write side was
+    already shut down), OpenSSL's connection is released and no BIO is read
+    or written again.
+
+    This overrides ``_flushReceiveBIO``, ``_flushSendBIO`` and
+    ``_unbufferPendingWrites``, private methods of Twisted's TLS layer
+    (checked against Twisted 26.x); the tests exercise them through real
     in-memory TLS handshakes so that a change there shows.
     """
 
     _read_closed = False
     _transport_gone = False
+    # loseWriteConnection was called / its close_notify went out
+    _write_closed = False
+    _close_notify_sent = False
 
     def _flushReceiveBIO(self) -> None:
         # Twisted's loop, except for the ZeroReturnError branch.
-        while not self._lostTLSConnection and not self._read_closed:
+        while not self._lostTLSConnection and not self._read_closed and self._tlsConnection is not None:
             try:
                 data = self._tlsConnection.recv(2**15)
             except WantReadError:
@@ -68,6 +82,46 @@ class HalfCloseTLSProtocol(BufferingTLSTransport):
                     ProtocolWrapper.dataReceived(self, data)
         self._flushSendBIO()
 
+    def _flushSendBIO(self) -> None:
+        # Nothing to send once the connection is gone (its OpenSSL
+        # connection is released in connectionLost).
+        if self._tlsConnection is not None:
+            super()._flushSendBIO()
+
+    def loseWriteConnection(self) -> None:
+        """
+        Half-close our side: flush what was written, send ``close_notify``,
+        then shut the TCP write side down.  Writes from now on are dropped;
+        reading goes on.
+        """
+        if self._write_closed or self.disconnecting or self._lostTLSConnection or self._tlsConnection is None:
+            return
+        self._write_closed = True
+        self._aggregator.flush()
+        self._aggregator = _Discard()
+        self.write = self._aggregator.write
+        if not self._appSendBuffer:
+            self._send_close_notify()
+
+    def _unbufferPendingWrites(self) -> None:
+        super()._unbufferPendingWrites()
+        # Bytes OpenSSL could not take before go out first, then the alert.
+        if self._write_closed and not self._close_notify_sent and not self._appSendBuffer:
+            self._send_close_notify()
+
+    def _send_close_notify(self) -> None:
+        if self._lostTLSConnection or self._tlsConnection is None:
+            return
+        self._close_notify_sent = True
+        try:
+            self._tlsConnection.shutdown()
+        except SSLError:
+            # Mid-handshake OpenSSL may refuse; the TCP half-close still
+            # tells the peer we are done.
+            pass
+        self._flushSendBIO()
+        self.transport.loseWriteConnection()
+
     def readConnectionLost(self) -> None:
         """
         The peer closed its TCP write side.  After a ``close_notify`` that is
@@ -75,7 +129,7 @@ class HalfCloseTLSProtocol(BufferingTLSTransport):
         stream, which OpenSSL reports as an error and which ends the
         connection as Twisted's TLS layer would.
         """
-        if self._read_closed or self._lostTLSConnection:
+        if self._read_closed or self._lostTLSConnection or self._tlsConnection is None:
             return
         self._tlsConnection.bio_shutdown()
         self._flushReceiveBIO()
@@ -88,6 +142,19 @@ class HalfCloseTLSProtocol(BufferingTLSTransport):
         # half-close: there is no one left to answer.
         self._transport_gone = True
         super().connectionLost(reason)
+
+
+class _Discard:
+    """Stands in for the write aggregator once our side is half-closed."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class HalfCloseTLSFactory(TLSMemoryBIOFactory):
