@@ -30,7 +30,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
-from zope.interface import implementer, implementer_only
+from zope.interface import alsoProvides, implementer, implementer_only
 
 from shardtcp.net import address_pair, format_address
 from shardtcp.policy import PolicyTooLarge, TLSFacts
@@ -53,11 +53,10 @@ LATE_TIMEOUT_MIN = 0.25
 __all__ = ["LATE_TIMEOUT", "LATE_TIMEOUT_MIN", "ListenerContext", "ProxyConnection", "ProxyFactory", "UpstreamProtocol"]
 
 
-# Not IHalfCloseableProtocol: the shard's EOF reaches this protocol as the
-# end of its connection (``connectionLost``), as it did behind Twisted's
-# client endpoint, whose wrapping protocol declared only IHandshakeListener
-# of the wrapped protocol's interfaces.
-@implementer_only(IProtocol, ILoggingContext, IHandshakeListener)
+# IHalfCloseableProtocol: the shard's EOF (FIN) arrives as
+# ``readConnectionLost`` and the splice passes it on as a half-close of the
+# client side, while the client may still send to the shard.
+@implementer_only(IProtocol, ILoggingContext, IHandshakeListener, IHalfCloseableProtocol)
 class UpstreamProtocol(ConnectedNotice, SpliceSideMixin, Protocol):
     """
     The shard side of a connection.
@@ -76,6 +75,12 @@ class UpstreamProtocol(ConnectedNotice, SpliceSideMixin, Protocol):
 
     def connectionMade(self) -> None:
         _no_delay(self.transport)
+        wrapper = getattr(self.transport, "protocol", None)
+        if getattr(wrapper, "_wrappedProtocol", None) is self:
+            # Twisted's client endpoint wrapper (shards by host name) has
+            # readConnectionLost but declares only the last interface it
+            # copies (IHandshakeListener): declare the half-close on it too.
+            alsoProvides(wrapper, IHalfCloseableProtocol)
         self.announce_connected()
 
     def attach(self, splice: Splice) -> None:

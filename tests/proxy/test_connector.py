@@ -338,23 +338,30 @@ class DirectPathTests(SynchronousTestCase):
 
 
 class UpstreamInterfacesTests(SynchronousTestCase):
-    """The shard side offers the reactor what it offered behind Twisted's client endpoint."""
+    """The shard side offers the reactor the same interfaces directly and behind Twisted's client endpoint."""
 
     def test_same_interfaces_as_behind_the_endpoint(self) -> None:
         """
         Connected directly, ``UpstreamProtocol`` provides exactly the
-        interfaces the endpoint's wrapping protocol provided around it (so
-        the shard's EOF is still delivered as ``connectionLost``, not as a
-        half-close).
+        interfaces the endpoint's wrapping protocol provides around it,
+        ``IHalfCloseableProtocol`` included: the shard's EOF arrives as
+        ``readConnectionLost`` (a half-close) on both paths.
         """
         from twisted.internet.endpoints import _WrappingProtocol
         from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener
         from zope.interface import providedBy
+        from zope.interface.verify import verifyObject
 
         from shardtcp.proxy.listener import UpstreamProtocol
 
+        from twisted.internet.testing import StringTransport
+
         direct = UpstreamProtocol()
         wrapped = _WrappingProtocol(defer.Deferred(), UpstreamProtocol())
+        transport = StringTransport()
+        transport.protocol = wrapped
+        wrapped.makeConnection(transport)
         self.assertEqual(set(providedBy(direct)), set(providedBy(wrapped)))
         self.assertTrue(IHandshakeListener.providedBy(direct))
-        self.assertFalse(IHalfCloseableProtocol.providedBy(direct))
+        self.assertTrue(verifyObject(IHalfCloseableProtocol, direct))
+        self.assertTrue(verifyObject(IHalfCloseableProtocol, wrapped))

@@ -329,6 +329,39 @@ class SpliceTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
         self.assertTrue(up.disconnecting)
 
+    def test_shard_half_close(self) -> None:
+        """
+        The shard's EOF half-closes the client side (its bytes first): the
+        client's bytes still reach the shard; the client's EOF then closes
+        both.
+        """
+        h, protocol, transport, upstream, up = self.spliced()
+        upstream.dataReceived(b"reply")
+        upstream.readConnectionLost()
+        self.assertEqual(transport.value(), b"reply")
+        self.assertTrue(transport.write_closed)
+        self.assertFalse(transport.disconnecting)
+        self.assertFalse(up.disconnecting)
+        protocol.dataReceived(b"more")
+        self.assertEqual(up.value(), b"more")
+        protocol.readConnectionLost()
+        self.assertTrue(transport.disconnecting)
+        self.assertTrue(up.disconnecting)
+
+    def test_shard_half_close_bounded_by_idle_timeout(self) -> None:
+        """A client that never closes after the shard's EOF is dropped at the idle timeout, not before."""
+        h, protocol, transport, upstream, up = self.spliced(
+            listener=ListenerConfig(name="edge", listen="tcp:0", idle_timeout=10.0)
+        )
+        upstream.dataReceived(b"reply")
+        upstream.readConnectionLost()
+        self.assertTrue(transport.write_closed)
+        h.clock.advance(9.9)
+        self.assertFalse(transport.aborted)
+        h.clock.advance(0.2)
+        self.assertTrue(transport.aborted)
+        self.assertTrue(up.aborted)
+
     def test_shard_dies(self) -> None:
         """A shard that dies (after answering) closes the client promptly and frees the lease."""
         h, protocol, transport, upstream, up = self.spliced()
