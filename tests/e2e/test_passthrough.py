@@ -47,6 +47,8 @@ from tests.e2e.harness import (
     Deployment,
     TLSClient,
 )
+from tests.e2e.test_plain_halfclose import HalfClosingShard, run_half_close, start_proxy
+from tests.e2e.test_plain_halfclose import tls_client as half_close_tls_client
 from tests.support import client_hello
 
 # Fatal alerts as the proxy must send them (TLS 1.2 record version, level 2).
@@ -759,3 +761,31 @@ class KernelSpliceTests(_EndToEnd):
         self.assertEqual(self.kernel_spliced(deployment), 0.0)
         self.assertEqual(deployment.metric("shardtcp_connections_spliced_total", listener="edge",
                                            service="api", shard="api-fra-1"), 1.0)
+
+
+class ShardHalfCloseTests(TestCase):
+    """A TLS shard's close_notify and FIN pass through to the client as a half-close."""
+
+    timeout = 30
+
+    async def _exchange(self, splice: str):
+        deployment = Deployment(self, reactor)
+        cert = deployment.ca.issue_server([SERVICE_NAME], common_name="api-fra-1").write(
+            deployment.cert_dir, "api-fra-1"
+        )
+        shard = HalfClosingShard(self, deployment, "api-fra-1", cert)
+        port = start_proxy(
+            deployment, e2e.listener_toml("passthrough") + e2e.service_toml([("api-fra-1", shard.port, "")]), splice
+        )
+        await run_half_close(self, shard, half_close_tls_client, port, deployment.ca_path)
+
+    async def test_userspace_splice(self):
+        """
+        Userspace splice: the client gets the shard's answer and close_notify,
+        then still sends bytes the shard reads before the client's EOF.
+        """
+        await self._exchange("userspace")
+
+    async def test_kernel_splice_or_fallback(self):
+        """With ``splice = "auto"`` the same exchange holds."""
+        await self._exchange("auto")

@@ -20,6 +20,8 @@ from tests.e2e.harness import run_child
 from tests.e2e.harness import service_toml as _service
 from tests.e2e.harness import terminate_listener_toml as _terminate_listener
 from tests.e2e.harness import tls_client
+from tests.e2e.test_plain_halfclose import HalfClosingShard, run_half_close, start_proxy
+from tests.e2e.test_plain_halfclose import tls_client as half_close_tls_client
 
 
 async def _s_client(case, port, *args, data=b"ping\n"):
@@ -222,3 +224,22 @@ class AcceptProxyTests(TestCase):
         line = await deferToThread(through_lb, "127.0.0.9")
         self.assertNotIn(b"SHARD", line)
         self.assertEqual(fx.rejected("untrusted_proxy"), 1.0)
+
+
+class ShardHalfCloseTests(TestCase):
+    """A plain shard's FIN reaches a terminated client as close_notify and a half-close."""
+
+    timeout = 30
+
+    async def test_shard_half_close_reaches_client(self):
+        """
+        The shard answers, then shuts its write side down while reading: the
+        client gets the answer and a close_notify, then sends more, which the
+        shard reads before the client's own close_notify and EOF.
+        """
+        fx = Fixture(self)
+        shard = HalfClosingShard(self, fx.deployment, "api-1")
+        port = start_proxy(
+            fx.deployment, _terminate_listener() + _service([("api-1", shard.port, "")]), "userspace"
+        )
+        await run_half_close(self, shard, half_close_tls_client, port, fx.server_ca_path)
