@@ -64,7 +64,9 @@ class UpstreamProtocol(ConnectedNotice, SpliceSideMixin, Protocol):
     For ``upstream_tls`` services, ``start_tls`` begins TLS on the same
     connection after the PROXY header went out in clear (as HAProxy's
     ``send-proxy-v2`` on an ``ssl`` server does) and fires once the shard's
-    certificate has been verified, or fails when it is not.
+    certificate has been verified, or fails when it is not.  The TLS layer
+    is the half-closeable one: the shard's ``close_notify`` is its
+    half-close, and ``transport.loseWriteConnection`` sends ours.
     """
 
     _side = UPSTREAM
@@ -74,6 +76,9 @@ class UpstreamProtocol(ConnectedNotice, SpliceSideMixin, Protocol):
     _watcher = None
 
     def connectionMade(self) -> None:
+        if self._handshake is not None:
+            # The TLS layer of ``start_tls`` connecting this protocol again.
+            return
         _no_delay(self.transport)
         wrapper = getattr(self.transport, "protocol", None)
         if getattr(wrapper, "_wrappedProtocol", None) is self:
@@ -87,9 +92,13 @@ class UpstreamProtocol(ConnectedNotice, SpliceSideMixin, Protocol):
         """From now on, this side's events go to ``splice``."""
         self._splice = splice
 
-    def start_tls(self, options) -> Deferred:
+    def start_tls(self, options, clock=None) -> Deferred:
+        raw = self.transport
         self._handshake = Deferred(lambda _: self.transport.abortConnection())
-        self.transport.startTLS(options)
+        tls = HalfCloseTLSFactory(options, True, _OneProtocol(self), clock=clock).buildProtocol(raw.getPeer())
+        # The TLS layer takes the socket's events; this protocol is its inside.
+        raw.protocol = tls
+        tls.makeConnection(raw)
         return self._handshake
 
     def handshakeCompleted(self) -> None:
@@ -520,7 +529,7 @@ class ProxyConnection(SpliceSideMixin, Protocol):
             self._header = header
             return upstream
         upstream.transport.write(header)
-        d = upstream.start_tls(ctx.upstream_tls.options_for(service, shard))
+        d = upstream.start_tls(ctx.upstream_tls.options_for(service, shard), ctx.clock)
         d.addTimeout(ctx.config.connect_timeout, ctx.clock)
         d.addErrback(self._upstream_tls_failed, upstream, candidate)
         return d

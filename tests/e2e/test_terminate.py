@@ -8,6 +8,7 @@ every PolicyContext.
 from __future__ import annotations
 
 import datetime
+import os
 import socket
 import ssl
 
@@ -16,7 +17,7 @@ from twisted.trial.unittest import TestCase
 
 from tests.e2e.harness import SERVICE_NAME as NAME
 from tests.e2e.harness import EdgeFixture as Fixture
-from tests.e2e.harness import run_child
+from tests.e2e.harness import half_close_exchange, run_child, sha256_hex
 from tests.e2e.harness import service_toml as _service
 from tests.e2e.harness import terminate_listener_toml as _terminate_listener
 from tests.e2e.harness import tls_client
@@ -243,3 +244,46 @@ class ShardHalfCloseTests(TestCase):
             fx.deployment, _terminate_listener() + _service([("api-1", shard.port, "")]), "userspace"
         )
         await run_half_close(self, shard, half_close_tls_client, port, fx.server_ca_path)
+
+
+class UpstreamTLSHalfCloseTests(TestCase):
+    """upstream_tls: a close_notify is a half-close on the hop to the shard, both ways."""
+
+    timeout = 30
+
+    def _service(self, fx, port: int) -> str:
+        return _service(
+            [("api-1", port, 'server_name = "api-1.shards.test"')],
+            upstream='upstream_tls = true\nupstream_ca = "certs/ca.pem"',
+        )
+
+    async def test_shard_half_close_reaches_client(self):
+        """
+        A TLS shard answers, then sends close_notify and FIN while reading:
+        the client gets the answer and a close_notify, then sends more,
+        which the shard reads before the client's own EOF.
+        """
+        fx = Fixture(self)
+        cert = fx.deployment.ca.issue_server(["api-1.shards.test"], common_name="api-1").write(
+            fx.deployment.cert_dir, "api-1"
+        )
+        shard = HalfClosingShard(self, fx.deployment, "api-1", cert)
+        port = start_proxy(fx.deployment, _terminate_listener() + self._service(fx, shard.port), "userspace")
+        await run_half_close(self, shard, half_close_tls_client, port, fx.server_ca_path)
+
+    async def test_client_half_close_reaches_shard(self):
+        """
+        The client sends 64 KiB then close_notify and FIN: the ``hello``
+        shard sees a half-close (not the end of the connection) and its
+        echo and ``BYE <count> <sha256>`` still reach the client.
+        """
+        fx = Fixture(self)
+        shard_port = fx.start_shard("api-1", tls_names=["api-1.shards.test"])
+        port = start_proxy(fx.deployment, _terminate_listener() + self._service(fx, shard_port), "userspace")
+        payload = os.urandom(64 * 1024)
+        got = await deferToThread(half_close_exchange, port, fx.server_ca_path, payload)
+        self.assertTrue(got["hello"].startswith(b"SHARD api-1 "), got["hello"])
+        bye = f"BYE {len(payload)} {sha256_hex(payload)}\n".encode()
+        self.assertEqual(got["data"], payload + bye)
+        self.assertTrue(got["clean"], "the client's TLS stream did not end with close_notify")
+        self.assertEqual(fx.shards["api-1"].counts["half_closed"], 1)
