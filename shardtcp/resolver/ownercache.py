@@ -21,20 +21,26 @@ member, the best few picked, and those few put in order with
 (``tests.resolver.test_ownercache`` checks it against ``owner_order``).
 numpy is imported on the first key worked out, so a proxy without keyed
 services never loads it.
+
+The kept keys are dropped by "second chance" (the clock algorithm): the
+oldest key goes first unless it was used since it was kept or last passed
+over, in which case it is passed over once more.  That is close to least
+recently used at a fraction of its cost per key: a hit only marks the key,
+and a miss appends to a queue instead of reordering a linked dict.
 """
 
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
+from collections import deque
 from typing import Optional, Sequence
 
 from shardtcp.resolver import ownership
 
 __all__ = ["DEPTH", "KEYS_KEPT", "OwnerCache", "SMALL"]
 
-#: How many keys one service keeps the owners of (least recently used
-#: dropped first): about 5 MiB at most.
+#: How many keys one service keeps the owners of (the oldest not used
+#: lately dropped first): about 5 MiB at most.
 KEYS_KEPT = 16384
 
 #: How many owners a key keeps: the taker and two retries, with room for
@@ -81,7 +87,11 @@ class OwnerCache:
         self.misses = 0
         self._members = frozenset(self.ids)
         self._seeds = [ownership.shard_seed(i) for i in self.ids]
-        self._entries: OrderedDict[str, tuple[str, ...]] = OrderedDict()
+        self._entries: dict[str, tuple[str, ...]] = {}
+        # The kept keys, oldest first, and those used since kept or last
+        # passed over (the clock's marks).
+        self._queue: deque[str] = deque()
+        self._used: set[str] = set()
         self._arrays: Optional[_Arrays] = None
 
     def __len__(self) -> int:
@@ -104,23 +114,49 @@ class OwnerCache:
         """
         entries = self._entries
         kept = entries.get(key)
-        want = max(self.depth, at_least)
-        if kept is not None and (len(kept) >= want or len(kept) == len(self.ids)):
-            self.hits += 1
-            entries.move_to_end(key)
-            return kept
+        want = self.depth if at_least <= self.depth else at_least
+        if kept is not None:
+            self._used.add(key)
+            if len(kept) >= want or len(kept) == len(self.ids):
+                self.hits += 1
+                return kept
+            self.misses += 1
+            found = entries[key] = self.compute(key, want)
+            return found
         self.misses += 1
         found = self.compute(key, want)
-        if kept is not None:
-            entries.move_to_end(key)
+        # Room is made before the new key is queued, so that the sweep
+        # never drops the key being kept.
+        if len(entries) >= self.keep:
+            self._drop_one()
         entries[key] = found
-        if len(entries) > self.keep:
-            entries.popitem(last=False)
+        self._queue.append(key)
         return found
+
+    def _drop_one(self) -> None:
+        """Drop the oldest kept key not used since kept or last passed over."""
+        queue, used = self._queue, self._used
+        while True:
+            oldest = queue.popleft()
+            if oldest in used:
+                # Its second chance: unmarked, and back at the end.
+                used.discard(oldest)
+                queue.append(oldest)
+                continue
+            del self._entries[oldest]
+            return
 
     def compute(self, key: str, count: int) -> tuple[str, ...]:
         """The first ``count`` owners of ``key`` (all when fewer), not kept."""
         ids = self.ids
+        if not self.owners and len(ids) > SMALL and count * 2 < len(ids):
+            # The usual case of a service routing by key: no pins, many
+            # more members than owners wanted.
+            arrays = self._arrays
+            if arrays is None:
+                arrays = self._arrays = _Arrays(self._seeds, self.weights)
+            best = arrays.best(ownership.key_hash(key.encode("utf-8")), count, ids, self.weights)
+            return tuple(map(ids.__getitem__, best))
         present = self._members
         pinned: list[str] = []
         if self.owners:
@@ -182,19 +218,27 @@ class _Arrays:
         self.distinct = len(set(seeds)) == len(seeds)
         self.x = np.empty(len(self.seeds), dtype=np.uint64)
         self.t = np.empty(len(self.seeds), dtype=np.uint64)
-        self.c1 = np.uint64(0xBF58476D1CE4E5B9)
-        self.c2 = np.uint64(0x94D049BB133111EB)
-        self.s12, self.s32 = np.uint64(12), np.uint64(32)
+        # Operands as 0-d arrays: a ufunc takes them at about half the
+        # price of a numpy scalar or a Python int.
+        self.k = np.zeros((), dtype=np.uint64)
+        self.c1 = np.array(0xBF58476D1CE4E5B9, dtype=np.uint64)
+        self.c2 = np.array(0x94D049BB133111EB, dtype=np.uint64)
+        self.s12 = np.array(12, dtype=np.uint64)
+        self.s32 = np.array(32, dtype=np.uint64)
+        self._xor, self._multiply, self._shift = np.bitwise_xor, np.multiply, np.right_shift
+        # Equal weights, distinct seeds, few members: a full sort by hash.
+        self.sorted_by_hash = self.uniform and self.distinct and len(weight) <= _SORTED
 
     def hashes(self, key_h: int):
         """``ownership.rendezvous_hash`` of the key at every member (uint64)."""
-        np, x, t = self.np, self.x, self.t
-        # A Python int under 2**64 is taken as uint64, cheaper than np.uint64().
-        np.bitwise_xor(self.seeds, key_h, out=x)
-        np.multiply(x, self.c1, out=x)
-        np.right_shift(x, self.s32, out=t)
-        np.bitwise_xor(x, t, out=x)
-        np.multiply(x, self.c2, out=x)
+        x, t, xor, multiply = self.x, self.t, self._xor, self._multiply
+        k = self.k
+        k[()] = key_h
+        xor(self.seeds, k, x)
+        multiply(x, self.c1, x)
+        self._shift(x, self.s32, t)
+        xor(x, t, x)
+        multiply(x, self.c2, x)
         return x
 
     def _highest(self, values, count: int):
@@ -208,14 +252,14 @@ class _Arrays:
 
     def best(self, key_h: int, count: int, ids: Sequence[str], weights: Sequence[float]) -> list[int]:
         """The positions of the first ``count`` members in rendezvous order."""
-        np = self.np
         x = self.hashes(key_h)
+        if self.sorted_by_hash:
+            # Distinct seeds never tie (the mix is a bijection): the order
+            # is the hash's, descending.
+            return x.argsort()[: -count - 1 : -1].tolist()
+        np = self.np
         if self.uniform:
             if self.distinct:
-                # Distinct seeds never tie (the mix is a bijection): the
-                # order is the hash's, descending.
-                if len(x) <= _SORTED:
-                    return np.argsort(x)[: -count - 1 : -1].tolist()
                 chosen = np.argpartition(x, len(x) - count)[len(x) - count:]
                 return chosen[np.argsort(x[chosen])[::-1]].tolist()
             chosen = self._highest(x, count)

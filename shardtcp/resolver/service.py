@@ -1055,9 +1055,9 @@ class ShardResolver(Service):
         total_open, total_weight = index.totals.of(panic)
         bounded_load = config.bounded_load
         cache = self._owner_cache(config, index)
-        ranked = bucket.ranked
+        shard_at = bucket.ranked.get
         owners = cache.owners_of(key)
-        members = len(cache)
+        members = len(cache.ids)
         taker: Optional[ranking.Ranked] = None
         skipped: list[ranking.Ranked] = []
         after: list[ranking.Ranked] = []
@@ -1067,7 +1067,7 @@ class ShardResolver(Service):
                 if i >= members:
                     break
                 owners = cache.owners_of(key, at_least=4 * i)
-            r = ranked.get(owners[i])
+            r = shard_at(owners[i])
             i += 1
             if r is None or (r.set_aside and not panic):
                 continue
@@ -1089,7 +1089,9 @@ class ShardResolver(Service):
             # first one takes the key rather than nobody.
             taker = skipped.pop(0)
         order = [taker, *skipped, *after][: 1 + retries]
-        recent = self._recent_keys.setdefault(config.id, OrderedDict())
+        recent = self._recent_keys.get(config.id)
+        if recent is None:
+            recent = self._recent_keys[config.id] = OrderedDict()
         recent[key] = taker.info.shard_id
         recent.move_to_end(key)
         while len(recent) > _RECENT_KEYS:

@@ -140,8 +140,8 @@ class KeptTests(SynchronousTestCase):
         self.assertIs(cache.owners_of("a", at_least=5), deeper)
         self.assertEqual((cache.hits, cache.misses), (1, 2))
 
-    def test_least_recently_used_dropped(self) -> None:
-        """With room for 3 keys, the least recently used is dropped: 3 kept at most, the used one stays."""
+    def test_used_key_stays(self) -> None:
+        """With room for 3 keys, a key used since it was kept is not the one dropped: 3 kept at most."""
         cache = OwnerCache([f"s{i}" for i in range(5)], [1.0] * 5, keep=3)
         for key in ("a", "b", "c"):
             cache.owners_of(key)
@@ -154,6 +154,48 @@ class KeptTests(SynchronousTestCase):
         self.assertEqual(cache.misses, misses)
         cache.owners_of("b")
         self.assertEqual(cache.misses, misses + 1)
+
+    def test_second_chance(self) -> None:
+        """
+        A used key is passed over once, then dropped in its turn unless
+        used again; exactly ``keep`` keys stay kept, and hits and misses
+        count as before.
+        """
+        cache = OwnerCache([f"s{i}" for i in range(20)], [1.0] * 20, keep=3)
+        for key in ("a", "b", "c"):
+            cache.owners_of(key)
+        cache.owners_of("a")
+        cache.owners_of("d")
+        self.assertEqual(set(cache._entries), {"a", "c", "d"})
+        cache.owners_of("e")
+        self.assertEqual(set(cache._entries), {"a", "d", "e"})
+        # "a" was passed over and not used since: in its turn it goes.
+        cache.owners_of("f")
+        self.assertEqual(set(cache._entries), {"d", "e", "f"})
+        self.assertEqual((cache.hits, cache.misses), (1, 6))
+        self.assertEqual(len(cache._queue), 3)
+
+    def test_every_key_used(self) -> None:
+        """When every kept key was used, one sweep unmarks them and the oldest goes: 2 kept of 2."""
+        cache = OwnerCache([f"s{i}" for i in range(20)], [1.0] * 20, keep=2)
+        for key in ("a", "b", "a", "b"):
+            cache.owners_of(key)
+        cache.owners_of("c")
+        self.assertEqual(set(cache._entries), {"b", "c"})
+        self.assertEqual(cache._used, set())
+        self.assertEqual((cache.hits, cache.misses), (2, 3))
+
+    def test_deeper_order_keeps_one_place(self) -> None:
+        """A key worked out deeper is replaced in place, not queued twice: with room for 2, 2 kept."""
+        cache = OwnerCache([f"s{i}" for i in range(40)], [1.0] * 40, depth=4, keep=2)
+        cache.owners_of("a")
+        self.assertEqual(len(cache.owners_of("a", at_least=10)), 10)
+        cache.owners_of("b")
+        self.assertEqual(len(cache._queue), 2)
+        cache.owners_of("c")
+        # "a" was used (worked out deeper): "b" goes first.
+        self.assertEqual(set(cache._entries), {"a", "c"})
+        self.assertEqual(len(cache.owners_of("a")), 10)
 
     def test_fits(self) -> None:
         """A cache fits only the very members, weights and owners it was made for."""
