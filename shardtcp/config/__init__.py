@@ -27,7 +27,6 @@ from typing import Optional
 import attrs
 
 from shardtcp.config._checks import (
-    NOT_YET_AVAILABLE,
     POLICY_TLV_LIMIT,
     TokenSizer,
     default_token_size,
@@ -49,7 +48,6 @@ from shardtcp.model import Config
 __all__ = [
     "ConfigError",
     "FileProblem",
-    "NOT_YET_AVAILABLE",
     "POLICY_TLV_LIMIT",
     "check_config",
     "config_notes",

@@ -2,13 +2,8 @@
 """
 Checks that span tables of a configuration, run on the model once every
 table has been read: what a listener can route to, the PolicyContext size
-bound, health-check trust, the published JWKS against the signing key, and
-the keys accepted but not available yet.
-
-``NOT_YET_AVAILABLE`` lists every key whose meaning SPEC section 3 fixes but
-this version does not implement: a non-default value there is refused with
-``"<path>: not available in this version"``, so nothing is accepted
-silently.  An entry is deleted when its feature lands.
+bound, health-check trust, the published JWKS against the signing key,
+per-source limits, admin exposure and shard-key owners.
 """
 
 from __future__ import annotations
@@ -29,35 +24,6 @@ KEY_LENGTHS = {"client-ip": 39, "sni-label": 63, "authority": 253, "line-arg": 2
 
 #: Signature of ``shardtcp.policy.worst_case_token_size``.
 TokenSizer = Callable[..., int]
-
-#: (table, key) -> the default value; any other value is refused for now.
-NOT_YET_AVAILABLE: dict[tuple[str, str], Any] = {
-}
-
-# Said instead of the plain line where an operator needs to know more.
-_NOT_AVAILABLE_WHY = {
-}
-
-def _tables(config: Config, table: str) -> Iterator[tuple[str, Any]]:
-    """``(key path, model value)`` for each instance of ``table`` in ``config``."""
-    if table == "listener":
-        for index, listener in enumerate(config.listeners):
-            yield f"listener[{index}]", listener
-    elif table == "service":
-        for service in config.services:
-            yield join("service", service.id), service
-    else:
-        yield table, getattr(config, table)
-
-
-def check_not_yet_available(reader: Reader, config: Config) -> None:
-    """Refuse every non-default value of a key listed in ``NOT_YET_AVAILABLE``."""
-    for (table, key), default in NOT_YET_AVAILABLE.items():
-        for path, value in _tables(config, table):
-            if getattr(value, key) != default:
-                message = _NOT_AVAILABLE_WHY.get((table, key), "not available in this version")
-                reader.add(join(path, key), message)
-
 
 def glob_problem(pattern: str) -> Optional[str]:
     """
@@ -216,7 +182,6 @@ def run_checks(reader: Reader, config: Config, token_size: Optional[TokenSizer])
     check_listener_routes(reader, config)
     check_per_source(reader, config)
     check_admin_exposure(reader, config)
-    check_not_yet_available(reader, config)
     check_signing_jwks(reader, config.signing)
     check_owners(reader, config)
     check_token_sizes(

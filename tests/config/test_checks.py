@@ -1,7 +1,7 @@
 """
 Tests for ``shardtcp.config._checks`` and the further keys of SPEC section 3:
-what a listener may route to, tls health checks without a CA, and keys that
-are read and bounded but refused while their feature is not available.
+what a listener may route to, tls health checks without a CA, and the
+bounds and defaults of the further keys.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from shardtcp.config import (
-    NOT_YET_AVAILABLE,
     ConfigError,
     config_notes,
     parse_config,
@@ -20,8 +19,6 @@ from shardtcp.config import (
 )
 from shardtcp.model import PerSourceConfig
 from tests.config.test_sections import minimal, no_size
-
-_NOT_AVAILABLE = "not available in this version"
 
 
 class _Helpers:
@@ -49,37 +46,8 @@ def _set(data: dict, where: str, key: str, value: Any) -> None:
         data.setdefault(where, {})[key] = value
 
 
-class NotYetAvailableTests(_Helpers, SynchronousTestCase):
-    """Each key of NOT_YET_AVAILABLE: its default passes, anything else is refused."""
-
-    # A valid non-default value for each key, as TOML decodes it.
-    OTHER: dict = {
-    }
-    DEFAULT = {
-    }
-    PATH = {"listener": "listener[0]", "service": "service.api"}
-
-    def test_every_entry_is_exercised(self) -> None:
-        """The test covers exactly the table's keys."""
-        self.assertEqual(set(self.OTHER), set(NOT_YET_AVAILABLE))
-
-    def test_defaults_accepted(self) -> None:
-        """Each key written with its default value is valid."""
-        for (where, key), default in NOT_YET_AVAILABLE.items():
-            if default is None or default == ():
-                continue  # only absent is the default
-            data = minimal()
-            _set(data, where, key, self.DEFAULT.get((where, key), default))
-            self.parse(data)
-
-    def test_other_values_refused(self) -> None:
-        """Each key with another valid value is one line: "<path>: not available in this version"."""
-        for (where, key), value in self.OTHER.items():
-            data = minimal()
-            _set(data, where, key, value)
-            problems = self.problems(data)
-            path = f"{self.PATH.get(where, where)}.{key}"
-            self.assertEqual(problems, [f"{path}: {_NOT_AVAILABLE}"])
+class DefaultsTests(_Helpers, SynchronousTestCase):
+    """What the further keys of SPEC section 3 are when left out."""
 
     def test_model(self) -> None:
         """Absent keys give the model's defaults."""
@@ -95,7 +63,7 @@ class NotYetAvailableTests(_Helpers, SynchronousTestCase):
 
 
 class BoundsTests(_Helpers, SynchronousTestCase):
-    """Each new key is bounded: the edges are valid values (refused only as not available)."""
+    """Each new key is bounded: the edges are valid values, one step past them is refused."""
 
     def outcome(self, where: str, key: str, value: Any) -> list[str]:
         data = minimal()
@@ -108,16 +76,11 @@ class BoundsTests(_Helpers, SynchronousTestCase):
 
     def assertInBounds(self, where: str, key: str, value: Any) -> None:
         problems = self.outcome(where, key, value)
-        self.assertTrue(
-            all(p.endswith(_NOT_AVAILABLE) for p in problems), f"{key}={value!r}: {problems}"
-        )
+        self.assertEqual(problems, [], f"{key}={value!r}")
 
     def assertOutOfBounds(self, where: str, key: str, value: Any, fragment: str = "") -> None:
         problems = self.outcome(where, key, value)
-        self.assertTrue(
-            any(not p.endswith(_NOT_AVAILABLE) and fragment in p for p in problems),
-            f"{key}={value!r}: {problems}",
-        )
+        self.assertTrue(any(fragment in p for p in problems), f"{key}={value!r}: {problems}")
 
     def test_workers(self) -> None:
         """workers: 1..1024 or "auto"."""
