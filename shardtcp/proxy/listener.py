@@ -433,22 +433,9 @@ class ProxyConnection(SpliceSideMixin, Protocol):
         # listener terminates the client's TLS.
         self._kernel_ok = bool(header) and self._tls is None and ctx.splicer is not None
         if self._kernel_ok and not retryable:
-            kernel = ctx.splicer.take_transports(
-                self._client,
-                upstream.transport,
-                on_done=self._spliced_done,
-                prefix_up=first,
-                prefix_down=reply,
-                idle_timeout=ctx.config.idle_timeout,
-            )
-            if kernel is not None:
+            # Bytes the client sent with its preamble are bytes up.
+            if self._kernel_take_over(upstream, first, reply, len(payload), 0) is not None:
                 self._attempts = None
-                ctx.child(ctx.metrics.kernel_spliced, ctx.config.name).inc()
-                # Bytes the client sent with its preamble are bytes up.
-                kernel.stats.bytes_up += len(payload)
-                # The transports are inert now: let them go.
-                self._splice = kernel
-                self._kernel_taken()
                 return
         if first:
             upstream.transport.write(first)
@@ -636,27 +623,43 @@ class ProxyConnection(SpliceSideMixin, Protocol):
         ctx = self._ctx
         splice = self._splice
         if self._kernel_ok and isinstance(splice, Splice):
-            kernel = ctx.splicer.take_transports(
-                self._client,
-                upstream.transport,
-                on_done=self._spliced_done,
-                prefix_up=up,
-                prefix_down=down,
-                idle_timeout=ctx.config.idle_timeout,
+            kernel = self._kernel_take_over(
+                upstream, up, down, splice.stats.bytes_up + len(up), splice.stats.bytes_down + len(down)
             )
             if kernel is not None:
                 splice.detach()
-                kernel.stats.bytes_up += splice.stats.bytes_up + len(up)
-                kernel.stats.bytes_down += splice.stats.bytes_down + len(down)
-                ctx.child(ctx.metrics.kernel_spliced, ctx.config.name).inc()
                 upstream._splice = None
-                self._splice = kernel
-                self._kernel_taken()
                 return True
         transport = upstream.transport
         transport.unregisterProducer()
         transport.registerProducer(self._client, True)
         return False
+
+    def _kernel_take_over(self, upstream: UpstreamProtocol, up: bytes, down: bytes, counted_up: int,
+                          counted_down: int):
+        """
+        Hand both sockets to the kernel splice, ``up`` and ``down`` (bytes
+        already read and not yet forwarded) first; ``counted_up`` and
+        ``counted_down`` are bytes already moved or to be counted as moved.
+        The kernel splice, or None when it cannot take them (no pipes).
+        """
+        ctx = self._ctx
+        kernel = ctx.splicer.take_transports(
+            self._client,
+            upstream.transport,
+            on_done=self._spliced_done,
+            prefix_up=up,
+            prefix_down=down,
+            idle_timeout=ctx.config.idle_timeout,
+        )
+        if kernel is None:
+            return None
+        kernel.stats.bytes_up += counted_up
+        kernel.stats.bytes_down += counted_down
+        ctx.child(ctx.metrics.kernel_spliced, ctx.config.name).inc()
+        self._splice = kernel
+        self._kernel_taken()
+        return kernel
 
     def _kernel_taken(self) -> None:
         """

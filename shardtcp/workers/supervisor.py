@@ -801,8 +801,8 @@ class SupervisorService(ProxyService):
         self.workers.signal_all("USR1")
 
 
-class WorkersMetricsResource(Resource):
-    """``GET /metrics``: the supervisor's metrics and every worker's, summed."""
+class _WorkersResource(Resource):
+    """An admin page answered from the supervisor's own page (``own``) and its workers'."""
 
     isLeaf = True
 
@@ -811,6 +811,10 @@ class WorkersMetricsResource(Resource):
         self._own = own
         self._workers = workers
         self._clock = clock
+
+
+class WorkersMetricsResource(_WorkersResource):
+    """``GET /metrics``: the supervisor's metrics and every worker's, summed."""
 
     def render_GET(self, request):
         own = self._own.render_GET(request)
@@ -845,16 +849,8 @@ class _Answer:
             self._request.finish()
 
 
-class WorkersStatusResource(Resource):
+class WorkersStatusResource(_WorkersResource):
     """``GET /status``: the supervisor's document with the workers' listeners and the ``workers`` list."""
-
-    isLeaf = True
-
-    def __init__(self, own, workers: WorkerSet, clock) -> None:
-        super().__init__()
-        self._own = own
-        self._workers = workers
-        self._clock = clock
 
     def render_GET(self, request):
         document = json.loads(self._own.render_GET(request))
