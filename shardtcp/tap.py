@@ -35,6 +35,7 @@ from zope.interface import implementer
 
 from shardtcp.admin.interfaces import IReloader
 from shardtcp.config import ConfigError, load_config
+from shardtcp.eventloop import adopt as adopt_lean_dispatch
 from shardtcp.identify.names import NameTable
 from shardtcp.keys import load_private_key
 from shardtcp.lifecycle import Drain, SignalHandlers
@@ -567,6 +568,9 @@ def makeService(options: Options, reactor=None) -> ProxyService:
         raise SystemExit(1)
     from shardtcp.admin import AdminError
 
+    if reactor is None:
+        from twisted.internet import reactor
+    adopt_lean_dispatch(reactor)
     try:
         if worker_count(config) > 1:
             from shardtcp.workers.supervisor import build_supervisor

@@ -20,6 +20,7 @@ PACKAGE_DIR = os.path.dirname(os.path.abspath(shardtcp.__file__))
 # The floor: values, codecs and pure parsers that import nothing of the project.
 FLOOR = {
     "shardtcp.net",
+    "shardtcp.eventloop",
     "shardtcp.jws",
     "shardtcp.tlslayer",
     "shardtcp.identify.types",

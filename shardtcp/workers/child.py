@@ -247,8 +247,10 @@ def main(argv=None, reactor=None) -> int:
     _start_logging(args.index)
     from shardtcp.config import ConfigError
     from shardtcp.lifecycle import SignalHandlers
+    from shardtcp.eventloop import adopt
     from shardtcp.tap import ListenFailed, build_service
 
+    adopt(reactor)
     fds = {}
     for item in args.listener:
         name, _, fd = item.rpartition("=")

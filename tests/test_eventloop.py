@@ -1,0 +1,212 @@
+"""
+The lean epoll dispatch (``shardtcp.eventloop``): which reactors it takes
+over, and that events still reach readers and writers with Twisted's
+semantics (a handler's exception loses that connection only, a peer's
+close reaches a reader as a clean end).
+"""
+
+from __future__ import annotations
+
+import socket
+
+from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from shardtcp.eventloop import LeanEPollReactor, adopt
+
+
+def _reactor(case: SynchronousTestCase) -> EPollReactor:
+    """A fresh, not running epoll reactor whose descriptors the test closes."""
+    reactor = EPollReactor()
+
+    def close() -> None:
+        # The test closes its own sockets; the poller and waker are the reactor's.
+        reactor._poller.close()
+        waker = getattr(reactor, "waker", None)
+        if waker is not None and hasattr(waker, "i"):
+            waker.connectionLost(None)
+
+    case.addCleanup(close)
+    return reactor
+
+
+class _Side:
+    """A reader/writer over one end of a socket pair, recording its events."""
+
+    def __init__(self, sock: socket.socket, *, fail_on_read: bool = False) -> None:
+        self.sock = sock
+        self.fail_on_read = fail_on_read
+        self.read: list[bytes] = []
+        self.writes = 0
+        self.lost: list[Failure] = []
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def logPrefix(self) -> str:
+        return "side"
+
+    def doRead(self):
+        if self.fail_on_read:
+            raise RuntimeError("handler bug")
+        data = self.sock.recv(4096)
+        if not data:
+            return ConnectionDone()
+        self.read.append(data)
+        return None
+
+    def doWrite(self):
+        self.writes += 1
+        return None
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.lost.append(reason)
+
+
+class AdoptTests(SynchronousTestCase):
+    def test_epoll_reactor_adopted(self) -> None:
+        """Twisted's own epoll reactor gets the lean dispatch."""
+        reactor = _reactor(self)
+        self.assertTrue(adopt(reactor))
+        self.assertIs(type(reactor), LeanEPollReactor)
+        self.assertTrue(adopt(reactor), "adopting twice keeps it")
+
+    def test_other_reactors_untouched(self) -> None:
+        """A reactor of another kind (here the in-memory one) is left as it is."""
+        for reactor in (MemoryReactorClock(), Clock()):
+            kind = type(reactor)
+            self.assertFalse(adopt(reactor))
+            self.assertIs(type(reactor), kind)
+
+    def test_subclass_untouched(self) -> None:
+        """A subclass of the epoll reactor may dispatch its own way: not taken over."""
+
+        class Own(EPollReactor):
+            pass
+
+        reactor = Own()
+        self.addCleanup(reactor._poller.close)
+        if getattr(reactor, "waker", None) is not None and hasattr(reactor.waker, "i"):
+            self.addCleanup(reactor.waker.connectionLost, None)
+        self.assertFalse(adopt(reactor))
+        self.assertIs(type(reactor), Own)
+
+
+class DispatchTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.reactor = _reactor(self)
+        adopt(self.reactor)
+
+    def _pair(self) -> tuple[socket.socket, socket.socket]:
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        b.setblocking(False)
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        return a, b
+
+    def test_read_and_write_events(self) -> None:
+        """Bytes waiting reach ``doRead``; a writable descriptor gets ``doWrite``."""
+        a, b = self._pair()
+        side = _Side(a)
+        self.reactor.addReader(side)
+        self.reactor.addWriter(side)
+        b.send(b"hello")
+        self.reactor.doIteration(0)
+        self.assertEqual(side.read, [b"hello"])
+        self.assertEqual(side.writes, 1)
+        self.assertEqual(side.lost, [])
+
+    def test_handler_exception_loses_that_descriptor_only(self) -> None:
+        """
+        An exception in one handler becomes that descriptor's
+        ``connectionLost`` with the error; another descriptor ready in the
+        same wake-up is still served.
+        """
+        a, b = self._pair()
+        c, d = self._pair()
+        broken, fine = _Side(a, fail_on_read=True), _Side(c)
+        self.reactor.addReader(broken)
+        self.reactor.addReader(fine)
+        b.send(b"x")
+        d.send(b"y")
+        self.reactor.doIteration(0)
+        self.flushLoggedErrors(RuntimeError)
+        self.assertEqual(len(broken.lost), 1)
+        self.assertTrue(broken.lost[0].check(RuntimeError))
+        self.assertNotIn(broken, self.reactor.getReaders())
+        self.assertEqual(fine.read, [b"y"])
+        self.assertEqual(fine.lost, [])
+
+    def test_peer_close_is_a_clean_end(self) -> None:
+        """The peer's close reaches the reader as ``ConnectionDone``, and it is removed."""
+        a, b = self._pair()
+        side = _Side(a)
+        self.reactor.addReader(side)
+        b.close()
+        self.reactor.doIteration(0)
+        self.assertEqual(len(side.lost), 1)
+        self.assertTrue(side.lost[0].check(ConnectionDone))
+        self.assertNotIn(side, self.reactor.getReaders())
+
+    def test_removed_in_same_wakeup_not_called(self) -> None:
+        """A descriptor removed by an earlier event of the same wake-up gets no event."""
+        a, b = self._pair()
+        c, d = self._pair()
+        second = _Side(c)
+        reactor = self.reactor
+
+        class Remover(_Side):
+            def doRead(self):
+                reactor.removeReader(second)
+                return super().doRead()
+
+        first = Remover(a)
+        reactor.addReader(first)
+        reactor.addReader(second)
+        b.send(b"1")
+        d.send(b"2")
+        reactor.doIteration(0)
+        # epoll reports descriptors in the order they became ready.
+        self.assertEqual(first.read, [b"1"])
+        self.assertEqual(second.read, [])
+        self.assertNotIn(second, reactor.getReaders())
+
+
+class DaemonTests(SynchronousTestCase):
+    def test_make_service_adopts_the_reactor(self) -> None:
+        """
+        ``twistd shardtcp`` switches Twisted's epoll reactor to the lean
+        dispatch before it builds anything (here the build then stops on
+        an empty admin token file).
+        """
+        import io
+        import os
+        from contextlib import redirect_stderr
+
+        from shardtcp.keys import generate_keypair
+        from shardtcp.tap import Options, makeService
+
+        folder = os.path.abspath(self.mktemp())
+        keys = generate_keypair(os.path.join(folder, "keys"), kid="policy-1")
+        with open(os.path.join(folder, "admin.token"), "w") as f:
+            f.write("\n")
+        path = os.path.join(folder, "shardtcp.toml")
+        with open(path, "w") as f:
+            f.write(
+                f'[proxy]\nid = "edge-1"\n[signing]\nprivate_key = "{keys.private_key}"\nkid = "policy-1"\n'
+                '[[listener]]\nname = "edge"\nlisten = "tcp:0:interface=127.0.0.1"\n'
+                '[service.api]\nnames = ["api.example.test"]\n'
+                '[[service.api.shard]]\nid = "api-1"\naddress = "127.0.0.1:9001"\n'
+                '[admin]\nlisten = "tcp:0:interface=127.0.0.1"\ntoken_file = "admin.token"\n'
+            )
+        options = Options()
+        options.parseOptions(["--config", path])
+        reactor = _reactor(self)
+        with redirect_stderr(io.StringIO()), self.assertRaises(SystemExit):
+            makeService(options, reactor)
+        self.assertIs(type(reactor), LeanEPollReactor)
