@@ -191,7 +191,7 @@ def report(r: dict) -> str:
     out = table(f"Connection rate: wrk, {r['connections']} connections, {r['seconds']:.0f} s, "
                 "TLS handshake + GET + Connection: close", ["", *TARGETS], rows)
     ra = r["ratios"]
-    out += (f"\n\nproxy CPU per connection (median of {r.get('rounds', 1)} rounds): "
+    out += (f"\n\nproxy CPU per connection (median of {r.get('rounds', 1)} round{'' if r.get('rounds', 1) == 1 else 's'}): "
             f"shardtcp/portforward {ra['shardtcp/portforward']:.2f}, shardtcp/haproxy {ra['shardtcp/haproxy']:.2f}")
     if len(r.get("by_round", ())) > 1:
         out += "; by round, shardtcp/portforward " + ", ".join(
