@@ -22,6 +22,7 @@ finish), ``SIGUSR1`` reopens the log file.
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import sys
 
@@ -203,6 +204,9 @@ class ProxyService(MultiService):
         self.context_resolver = resolver
         #: Set by ``makeService``: handle SIGHUP/SIGTERM/SIGINT/SIGUSR1 once running.
         self.handle_signals = False
+        #: Settle the heap once running and after each reload (``settle_heap``):
+        #: set for the daemon's own tree only, never in a test process.
+        self.settle_heap = False
         self.lifecycle = LifecycleMetrics(metrics.registry)
         #: Connection sets of listeners removed by a reload, still draining.
         self.retired_connections: list = []
@@ -246,6 +250,8 @@ class ProxyService(MultiService):
             # it installs its own SIGTERM/SIGINT handlers as it starts.
             self.signals.install()
             self._reactor.callWhenRunning(self.signals.install)
+        if self.settle_heap:
+            self._reactor.callWhenRunning(settle_heap)
 
     def _stop_reactor(self) -> None:
         from twisted.internet.error import ReactorNotRunning
@@ -299,6 +305,9 @@ class ProxyService(MultiService):
             return self._refused(list(e.problems), trigger)
         if trigger is not None:
             self.metrics.record_reload(trigger, True)
+        if self.settle_heap:
+            # Once the old configuration's objects are let go.
+            self._reactor.callLater(0, settle_heap)
         _log.info(
             "configuration reloaded from {path}: {changes}",
             path=summary.path,
@@ -352,6 +361,24 @@ class ProxyService(MultiService):
     def listening_port(self, listener: str):
         """The bound port of a listener (``getHost()`` tells its address)."""
         return self.getServiceNamed(f"listener:{listener}").port
+
+
+def settle_heap() -> None:
+    """
+    Collect what start-up or a reload left behind, then take every object
+    alive now out of the cyclic collector's sight (``gc.freeze``).
+
+    The configuration, the resolver's tables, Twisted and the libraries are
+    tens of thousands of long-lived objects; a full collection walks all of
+    them (20 ms with a 3-shard configuration on the bench machine, more
+    with thousands of shards), stalling every connection meanwhile.  Frozen
+    objects are still freed by reference counting; before settling again
+    the frozen ones are handed back, so that a reload's cyclic garbage is
+    collected once instead of kept.
+    """
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 def build_registry(config: Config, reactor):
@@ -587,6 +614,7 @@ def makeService(options: Options, reactor=None) -> ProxyService:
         sys.stderr.write("shardtcp: not starting\n")
         raise SystemExit(1)
     root.handle_signals = True
+    root.settle_heap = True
     parent = getattr(options, "parent", None)
     if parent is None or parent.get("nodaemon"):
         root.on_listen_failure = _exit_not_listening

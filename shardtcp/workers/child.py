@@ -275,6 +275,7 @@ def main(argv=None, reactor=None) -> int:
     reactor.adoptStreamConnection(args.channel, socket.AF_UNIX, protocol.Factory.forProtocol(lambda: link))
     os.close(args.channel)
     try:
+        root.settle_heap = True
         root.startService()
     except ListenFailed as e:
         _fatal(f"worker {args.index}: {e}")

@@ -1,0 +1,88 @@
+"""
+``tap.settle_heap``: the daemon collects what start-up and each reload
+left behind, then freezes the live heap, so that the cyclic collector no
+longer walks the configuration's objects on every full collection.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from shardtcp.tap import settle_heap
+from tests.test_reload import _listener, _Proxy
+
+
+class _Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+def _frozen(case: SynchronousTestCase) -> None:
+    case.addCleanup(gc.unfreeze)
+
+
+class SettleHeapTests(SynchronousTestCase):
+    def test_collects_then_freezes(self) -> None:
+        """Cyclic garbage is collected first; what is alive is frozen after."""
+        _frozen(self)
+        dead = _Cycle()
+        gone = weakref.ref(dead)
+        alive = _Cycle()
+        del dead
+        settle_heap()
+        self.assertIsNone(gone(), "cyclic garbage kept")
+        self.assertGreater(gc.get_freeze_count(), 0)
+        self.assertTrue(gc.is_tracked(alive))
+
+    def test_garbage_of_frozen_objects_collected_at_next_settle(self) -> None:
+        """
+        An object frozen while alive and dropped later (a reload's old
+        configuration) is collected by the next settle, not kept forever.
+        """
+        _frozen(self)
+        old = _Cycle()
+        gone = weakref.ref(old)
+        settle_heap()
+        del old
+        gc.collect()
+        self.assertIsNotNone(gone(), "a frozen cycle is out of the collector's sight")
+        settle_heap()
+        self.assertIsNone(gone())
+
+
+class DaemonHeapTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.proxy = _Proxy(self)
+        self.proxy.write(_listener("edge", 7000), [("api-1", 9001, 1.0)])
+
+    def test_daemon_settles_when_running_and_after_reload(self) -> None:
+        """
+        With ``settle_heap`` set (the daemon's tree), the heap is settled
+        once the reactor runs and again just after a reload.
+        """
+        from shardtcp.config import load_config
+        from shardtcp.tap import build_service
+
+        proxy = self.proxy
+        root = proxy.root = build_service(load_config(proxy.path), proxy.reactor, connector=proxy.connector)
+        root.settle_heap = True
+        root.startService()
+        self.addCleanup(root.stopService)
+        self.assertIn(settle_heap, [hook[0] for hook in proxy.reactor.whenRunningHooks])
+        calls = len(proxy.reactor.getDelayedCalls())
+        self.assertIsInstance(proxy.reload(), dict)
+        later = [c for c in proxy.reactor.getDelayedCalls() if c.func is settle_heap]
+        self.assertEqual(len(later), 1)
+        self.assertEqual(later[0].getTime(), proxy.reactor.seconds())
+        self.assertEqual(len(proxy.reactor.getDelayedCalls()), calls + 1)
+
+    def test_not_in_a_test_tree(self) -> None:
+        """A tree built without the flag (tests, tools) never touches the collector."""
+        root = self.proxy.start()
+        self.addCleanup(root.stopService)
+        self.assertNotIn(settle_heap, [hook[0] for hook in self.proxy.reactor.whenRunningHooks])
+        self.proxy.reload()
+        self.assertEqual([c for c in self.proxy.reactor.getDelayedCalls() if c.func is settle_heap], [])
