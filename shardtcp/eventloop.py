@@ -24,10 +24,41 @@ other reactor is left alone.
 from __future__ import annotations
 
 from twisted.internet.epollreactor import EPollReactor
+from twisted.logger import Logger
+
+_log = Logger()
+
+# epoll_wait takes its timeout in milliseconds as a C int.
+_LONGEST_SLEEP = 2147483.0
 
 
 class LeanEPollReactor(EPollReactor):
-    """``EPollReactor`` dispatching ready descriptors without a log context."""
+    """
+    ``EPollReactor`` dispatching ready descriptors without a log context,
+    and working out each sleep inline.
+    """
+
+    def mainLoop(self) -> None:
+        # Twisted's loop (timed calls due, then sleep until the next one or
+        # an event), with ``timeout()`` and the shared failure handler's
+        # two calls per turn folded in.  The order per turn and the
+        # handling of an exception (logged, the loop goes on) are Twisted's.
+        while self._started:
+            try:
+                self.runUntilCurrent()
+                if self._newTimedCalls:
+                    self._insertNewDelayedCalls()
+                if not self.running:
+                    sleep = 0.0
+                elif self._pendingTimedCalls:
+                    sleep = self._pendingTimedCalls[0].time - self.seconds()
+                    sleep = 0.0 if sleep < 0.0 else _LONGEST_SLEEP if sleep > _LONGEST_SLEEP else sleep
+                else:
+                    sleep = None
+                self.doPoll(sleep)
+            except BaseException:
+                _log.failure("Unexpected error in main loop")
+        _log.info("Main loop terminated.")
 
     def doPoll(self, timeout):
         try:

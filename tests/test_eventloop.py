@@ -210,3 +210,80 @@ class DaemonTests(SynchronousTestCase):
         with redirect_stderr(io.StringIO()), self.assertRaises(SystemExit):
             makeService(options, reactor)
         self.assertIs(type(reactor), LeanEPollReactor)
+
+
+class MainLoopTests(SynchronousTestCase):
+    """One turn of the lean main loop: timed calls, then the sleep it asks epoll for."""
+
+    def setUp(self) -> None:
+        self.reactor = _reactor(self)
+        adopt(self.reactor)
+        self.now = 100.0
+        self.reactor.seconds = lambda: self.now
+        self.sleeps: list = []
+        self.reactor._started = True
+        self.reactor.running = True
+
+    def _turns(self, count: int, fail_first: bool = False) -> list:
+        reactor = self.reactor
+
+        def poll(sleep) -> None:
+            self.sleeps.append(sleep)
+            if len(self.sleeps) >= count:
+                reactor._started = False
+            if fail_first and len(self.sleeps) == 1:
+                raise RuntimeError("poll broke")
+
+        reactor.doPoll = poll
+        reactor.mainLoop()
+        return self.sleeps
+
+    def test_no_timed_call_sleeps_until_an_event(self) -> None:
+        """Nothing scheduled: epoll waits without a timeout."""
+        self.assertEqual(self._turns(1), [None])
+
+    def test_sleeps_until_the_next_timed_call(self) -> None:
+        """A call due in 5 s: a 5 s sleep; one just scheduled counts too."""
+        self.reactor.callLater(5, lambda: None)
+        self.assertEqual(self._turns(1), [5.0])
+
+    def test_due_call_runs_before_a_zero_sleep(self) -> None:
+        """
+        A call already due runs first; one it schedules in the past (a
+        negative delay) gives a zero sleep, never a negative one.
+        """
+        ran: list = []
+
+        def due() -> None:
+            ran.append("due")
+            self.reactor.callLater(-1, lambda: None)
+
+        self.reactor.callLater(1, due)
+        self.now = 102.5
+        self.assertEqual(self._turns(1), [0.0])
+        self.assertEqual(ran, ["due"])
+
+    def test_longest_sleep(self) -> None:
+        """Past epoll's limit (2**31 ms), the sleep is that limit: 2147483 s, and exactly it stays."""
+        self.reactor.callLater(10**9, lambda: None)
+        self.assertEqual(self._turns(1), [2147483.0])
+        self.sleeps.clear()
+        self.reactor._started = True
+        reactor = _reactor(self)
+        adopt(reactor)
+        reactor.seconds = lambda: 0.0
+        reactor.callLater(2147483.0, lambda: None)
+        reactor._started = reactor.running = True
+        self.reactor = reactor
+        self.assertEqual(self._turns(1), [2147483.0])
+
+    def test_stopping_reactor_does_not_sleep(self) -> None:
+        """Once stopping (``running`` false), a turn polls without waiting."""
+        self.reactor.running = False
+        self.reactor.callLater(5, lambda: None)
+        self.assertEqual(self._turns(1), [0.0])
+
+    def test_error_in_a_turn_is_logged_and_the_loop_goes_on(self) -> None:
+        """An exception escaping a turn is logged; the next turn runs."""
+        self.assertEqual(self._turns(2, fail_first=True), [None, None])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
