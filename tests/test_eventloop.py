@@ -249,14 +249,16 @@ class MainLoopTests(SynchronousTestCase):
 
     def test_due_call_runs_before_a_zero_sleep(self) -> None:
         """
-        A call already due runs first; one it schedules in the past (a
-        negative delay) gives a zero sleep, never a negative one.
+        A call already due runs first; one it schedules that is already
+        past when the loop looks (the clock moved on meanwhile) gives a
+        zero sleep, never a negative one.
         """
         ran: list = []
 
         def due() -> None:
             ran.append("due")
-            self.reactor.callLater(-1, lambda: None)
+            self.reactor.callLater(1, lambda: None)
+            self.now += 5
 
         self.reactor.callLater(1, due)
         self.now = 102.5
