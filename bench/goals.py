@@ -70,4 +70,12 @@ def report(results: dict) -> str:
                  "not measured" if workers is None else "measured (no bound)"])
     rows.append(_row("5. memory per idle spliced connection <= 4 KiB",
                      _kernel_memory(results), 4.0, "KiB", ".1f"))
+    held = [c for c in _get(results, "memory", "cases") or () if "kib_per_conn" in c]
+    if held:
+        most = max(held, key=lambda c: c["count"])
+        how = f"{most['count']:,}" + (f" ({most['workers']} workers)" if most.get("workers") else "")
+        rows.append(["5. 10,000 idle spliced connections held", how, "10,000", "-",
+                     "met" if most["count"] >= 10000 else f"missed: {most['count']:,} held"])
+    else:
+        rows.append(["5. 10,000 idle spliced connections held", "-", "-", "-", "not measured"])
     return table("Issue 10 goals in this run", ["goal", "measured", "goal", "share", "verdict"], rows)

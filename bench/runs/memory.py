@@ -21,7 +21,10 @@ under ``prlimit --nofile`` with 2 descriptors per connection plus
 ``FDS_SPARE``; the bench process raises its own limit as far.  A count
 those limits do not allow is reported as not measured, with the limit it
 needs; a path not taken, a connection the shard never sees or a proxy that
-dies stops the bench.
+dies stops the bench.  When ten times ``hold`` does not fit one process's
+descriptor limit, it is also held by ``[proxy] workers = 2``: two worker
+processes, each under its own limit, the memory and descriptors being
+those of the supervisor and its workers together.
 """
 
 from __future__ import annotations
@@ -109,6 +112,20 @@ def _kernel_spliced(admin_port: int) -> float:
     return float(found.group(1)) if found else 0.0
 
 
+def _settled_counter(admin_port: int, expected) -> float:
+    """
+    The kernel-spliced counter; with ``expected``, read until it reaches
+    that (a supervisor's figure lags its workers' by a scrape), for at
+    most 15 s.
+    """
+    deadline = time.monotonic() + 15.0
+    while True:
+        value = _kernel_spliced(admin_port)
+        if expected is None or value >= expected or time.monotonic() > deadline:
+            return value
+        time.sleep(0.5)
+
+
 def _fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -125,6 +142,30 @@ def _pipe_fds(pid: int) -> int:
     return count
 
 
+def _family(pid: int) -> list[int]:
+    """``pid`` and its descendants (a supervisor and its workers)."""
+    found = [pid]
+    for each in found:
+        try:
+            with open(f"/proc/{each}/task/{each}/children") as f:
+                found.extend(int(child) for child in f.read().split())
+        except OSError:
+            pass
+    return found
+
+
+def _family_rss_kib(pid: int) -> int:
+    return sum(measure.rss_kib(each) for each in _family(pid))
+
+
+def _family_fds(pid: int) -> int:
+    return sum(_fds(each) for each in _family(pid))
+
+
+def _family_pipe_fds(pid: int) -> int:
+    return sum(_pipe_fds(each) for each in _family(pid))
+
+
 def _raise_own_limit(need: int) -> str:
     """Raise this process's descriptor limit to ``need``; "" or why not."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -137,23 +178,38 @@ def _raise_own_limit(need: int) -> str:
     return ""
 
 
-def _case(lab: Lab, mode: str, count: int, time_limit: float, idle_timeout: str = "") -> dict:
+def _case(lab: Lab, mode: str, count: int, time_limit: float, idle_timeout: str = "", workers: int = 0) -> dict:
+    """
+    One reading.  With ``workers``, the proxy runs ``[proxy] workers``
+    processes sharing the listener: each holds its share of the
+    connections under its own descriptor limit (the limit given is the
+    hard limit, as a worker's share is up to the kernel's accept queue),
+    and the memory and descriptors are those of the supervisor and its
+    workers together.
+    """
     nofile = count * FDS_PER_CONNECTION + FDS_SPARE
-    result = {"mode": mode, "count": count, "nofile": nofile, "idle_timeout": idle_timeout}
+    result = {"mode": mode, "count": count, "nofile": nofile, "idle_timeout": idle_timeout, "workers": workers}
     why_not = _raise_own_limit(count + FDS_SPARE)
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    if not why_not and nofile > hard:
+    if workers:
+        # A worker may take a little more than its share; the hard limit
+        # leaves it room.
+        per_worker = -(-count // workers) * FDS_PER_CONNECTION + FDS_SPARE
+        nofile = result["nofile"] = hard
+        if not why_not and per_worker > hard:
+            why_not = f"needs RLIMIT_NOFILE {per_worker} per worker, hard limit here {hard} (not raisable)"
+    elif not why_not and nofile > hard:
         why_not = f"needs RLIMIT_NOFILE {nofile}, hard limit here {hard} (not raisable)"
     if why_not:
         result["skipped"] = why_not
         say(f"memory {mode} {count}: not measured, {why_not}")
         return result
-    name = f"shardtcp-memory-{mode}-{count}" + ("-idle" if idle_timeout else "")
+    name = f"shardtcp-memory-{mode}-{count}" + ("-idle" if idle_timeout else "") + (f"-w{workers}" if workers else "")
     holder = _Holder(lab, name + "-shard")
     port, admin = free_port(), free_port()
     text = targets.shardtcp_config(lab, [targets.listener("edge", port, "plain")],
                                    [targets.Shard("bench-shard-1", f"127.0.0.1:{holder.port}")])
-    keys = f'splice = "{mode}"\nmax_pipes = {2 * count + 16}\n'
+    keys = f'splice = "{mode}"\nmax_pipes = {2 * count + 16}\n' + (f"workers = {workers}\n" if workers else "")
     text = text.replace('id = "edge-bench-1"\n', 'id = "edge-bench-1"\n' + keys, 1)
     if idle_timeout:
         text = text.replace('connect_timeout = "5s"\n', f'connect_timeout = "5s"\nidle_timeout = "{idle_timeout}"\n', 1)
@@ -169,10 +225,11 @@ def _case(lab: Lab, mode: str, count: int, time_limit: float, idle_timeout: str 
         for sock in warm:
             sock.close()
         holder.held("close")
-        time.sleep(2.0)
-        kernel_before = _kernel_spliced(admin)
-        before = measure.rss_kib(target.pid)
-        fds_before = _fds(target.pid)
+        # A supervisor sums its workers' counters as it scrapes them (every
+        # 5 s): wait for the warm-up's to show.
+        kernel_before = _settled_counter(admin, WARM_UP if workers else None)
+        before = _family_rss_kib(target.pid)
+        fds_before = _family_fds(target.pid)
         t0 = time.perf_counter()
         while len(held) < count:
             if time.perf_counter() - t0 > time_limit:
@@ -185,10 +242,11 @@ def _case(lab: Lab, mode: str, count: int, time_limit: float, idle_timeout: str 
                 raise BenchError(f"{name}: the shard saw {seen} of {len(held)} connections")
         time.sleep(1.0)
         lab.alive(name, target.process)
-        during = measure.rss_kib(target.pid)
-        pipes = _pipe_fds(target.pid)
-        fds = _fds(target.pid)
-        kernel = _kernel_spliced(admin) - kernel_before
+        during = _family_rss_kib(target.pid)
+        pipes = _family_pipe_fds(target.pid)
+        fds = _family_fds(target.pid)
+        processes = len(_family(target.pid))
+        kernel = _settled_counter(admin, kernel_before + count if workers else None) - kernel_before
     except OSError as e:
         raise BenchError(f"{name}: holding connection {len(held) + 1}: {e}") from e
     finally:
@@ -200,9 +258,9 @@ def _case(lab: Lab, mode: str, count: int, time_limit: float, idle_timeout: str 
     if mode == "userspace" and kernel:
         raise BenchError(f"{name}: {kernel:.0f} connections kernel-spliced with the userspace splice")
     time.sleep(2.0)
-    after = measure.rss_kib(target.pid)
+    after = _family_rss_kib(target.pid)
     lab.stop(target.process)
-    result.update({"rss_before_kib": before, "rss_held_kib": during, "rss_after_kib": after,
+    result.update({"rss_before_kib": before, "rss_held_kib": during, "rss_after_kib": after, "processes": processes,
                    "kib_per_conn": (during - before) / count, "pipe_fds": pipes,
                    "fds_per_conn": (fds - fds_before) / count, "fds_before": fds_before, "kernel_spliced": int(kernel)})
     say(f"memory {mode} {count}: {result['kib_per_conn']:.2f} KiB per held connection, "
@@ -222,8 +280,12 @@ def run(lab: Lab, settings: dict) -> dict:
         most = (hard - FDS_SPARE) // FDS_PER_CONNECTION // 100 * 100
         if most > 3 * hold:
             results["cases"].append(_case(lab, "auto", most, 180.0))
+        # Ten times ``hold`` with two worker processes: each holds its share
+        # under its own descriptor limit.
+        results["workers_case"] = _case(lab, "auto", 10 * hold, 240.0, workers=2)
+        results["cases"].append(results["workers_case"])
     kernel = sorted((c for c in results["cases"]
-                     if c["mode"] == "auto" and not c["idle_timeout"] and "kib_per_conn" in c),
+                     if c["mode"] == "auto" and not c["idle_timeout"] and not c.get("workers") and "kib_per_conn" in c),
                     key=lambda c: c["count"])
     for smaller, larger in zip(kernel, kernel[1:]):
         # What each further connection costs, the start-up growth aside.
@@ -237,7 +299,8 @@ def run(lab: Lab, settings: dict) -> dict:
 def report(r: dict) -> str:
     cases = r["cases"]
     heads = [f"{'kernel' if c['mode'] == 'auto' else 'userspace'} {c['count']}"
-             + (f" idle_timeout {c['idle_timeout']}" if c.get("idle_timeout") else "") for c in cases]
+             + (f" idle_timeout {c['idle_timeout']}" if c.get("idle_timeout") else "")
+             + (f", {c['workers']} workers" if c.get("workers") else "") for c in cases]
 
     def cell(c: dict, key: str, spec: str) -> str:
         return c["skipped"] if key == "kib_per_conn" and "skipped" in c else fmt(c.get(key), spec)
@@ -252,6 +315,7 @@ def report(r: dict) -> str:
         ["descriptors per held connection"] + [cell(c, "fds_per_conn", ".2f") for c in cases],
         ["pipe descriptors while held"] + [cell(c, "pipe_fds", "d") for c in cases],
         ["kernel-spliced (counter)"] + [cell(c, "kernel_spliced", "d") for c in cases],
-        ["RLIMIT_NOFILE given"] + [str(c["nofile"]) for c in cases],
+        ["RLIMIT_NOFILE given (per process)"] + [str(c["nofile"]) for c in cases],
+        ["processes (supervisor + workers)"] + [cell(c, "processes", "d") for c in cases],
     ]
     return table("Proxy memory per idle spliced connection (plain listener, resident set)", ["", *heads], rows)
