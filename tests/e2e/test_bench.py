@@ -1,0 +1,55 @@
+"""
+``python bench/run.py``, as README.rst and docs/performance.rst tell a
+reader to run it: here its quickest run (``--quick --only micro``), which
+measures the per-connection codecs in process, writes every figure as
+JSON and ends with the issue 10 goals table.  The longer runs (wrk,
+HAProxy, callgrind) share its driver, report and goals table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from twisted.trial.unittest import TestCase
+
+from tests.e2e import harness as e2e
+
+
+class BenchRunTests(TestCase):
+    timeout = 180
+
+    async def test_quick_micro_run(self) -> None:
+        """
+        The run exits 0, its JSON holds positive timings for each codec on
+        the connection path, the ClientHello and header sizes it measured,
+        and its output ends with the goals table, every goal it did not
+        measure said so.
+        """
+        out = os.path.abspath(self.mktemp())
+        child = e2e.spawn(
+            self, [sys.executable, os.path.join(e2e.REPO_ROOT, "bench", "run.py"), "--quick", "--only", "micro",
+                   "--json", out],
+            env=e2e.child_environment(), cwd=e2e.REPO_ROOT, timeout=170,
+        )
+        self.assertEqual(await child.ended, 0, child.err[-2000:])
+        with open(out) as f:
+            results = json.load(f)
+        micro = results["micro"]
+        for key in ("clienthello_parse", "policy_sign", "ed25519_sign", "proxyv2_encode", "proxyv2_parse",
+                    "verify_bytes", "ed25519_verify"):
+            self.assertGreater(micro[key], 0, key)
+            self.assertLess(micro[key], 100_000, key)
+        self.assertEqual(micro["client_hello_bytes"], 517)
+        self.assertGreater(micro["proxyv2_header_bytes"], 16)
+        self.assertTrue(results["settings"]["quick"])
+        text = child.out.decode()
+        self.assertIn("Issue 10 goals in this run", text)
+        goals = text[text.index("Issue 10 goals in this run"):]
+        self.assertIn("1. CPU/GiB client -> shard <= HAProxy with splice", goals)
+        self.assertIn("5. memory per idle spliced connection <= 4 KiB", goals)
+        rows = [line for line in goals.splitlines() if line[:1].isdigit()]
+        self.assertGreaterEqual(len(rows), 12)
+        # The micro run measures no goal: each row says so rather than guess.
+        self.assertEqual([row for row in rows if not row.rstrip().endswith("not measured")], [])
