@@ -310,14 +310,55 @@ def score(
     ``factors`` (explain asks for every shard's factors).
     """
     path = _latency_path(info.location, client.location, expected_ms, measured_ms)
-    latency = path[3]
+    return _scored(
+        info, state, weights, expected_ms, measured_ms, reasons, set_aside, path[3],
+        (client.location, path) if keep_path else None,
+    )
+
+
+def geo_rtt_ms(shard: Optional[Location], client: Optional[Location]) -> Optional[float]:
+    """The client-to-shard estimate ``score`` works out (None without both locations)."""
+    if shard is None or client is None:
+        return None
+    return scoring.estimated_rtt_ms(scoring.great_circle_km(client, shard))
+
+
+def score_geo(
+    info: ShardInfo,
+    state: Optional[ShardState],
+    geo_ms: Optional[float],
+    weights: Weights,
+    expected_ms: Optional[float],
+    measured_ms: Optional[float],
+    set_aside: tuple[str, ...],
+) -> Ranked:
+    """
+    ``score`` for a client whose estimate to the shard (``geo_rtt_ms``) is
+    already known: the same value, without working out the distance again
+    (the incremental orderings keep it per client location and shard).
+    """
+    rtt = scoring.path_rtt_ms(geo_ms, expected_ms, measured_ms)
+    latency = scoring.latency_factor(rtt) if rtt is not None else scoring.NEUTRAL_LATENCY
+    return _scored(info, state, weights, expected_ms, measured_ms, (), set_aside, latency, None)
+
+
+def _scored(
+    info: ShardInfo,
+    state: Optional[ShardState],
+    weights: Weights,
+    expected_ms: Optional[float],
+    measured_ms: Optional[float],
+    reasons: tuple[str, ...],
+    set_aside: tuple[str, ...],
+    latency: float,
+    path: Optional[tuple],
+) -> Ranked:
     security = scoring.security_factor(info.security_score)
     spare = scoring.spare_factor(info.load)
     base = scoring.total_score(weights, latency, security, spare)
     return Ranked(
         state, info, latency, security, spare, base, base * info.weight,
-        measured_ms, expected_ms, reasons, set_aside,
-        (client.location, path) if keep_path else None,
+        measured_ms, expected_ms, reasons, set_aside, path,
     )
 
 

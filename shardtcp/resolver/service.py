@@ -1004,12 +1004,14 @@ class ShardResolver(Service):
         client = self._locate(request.client[0])
         now = self._now()
         for row in index.refresh(now):
-            self._note_ejection_ended(row.state, now)
+            if row.state.ejection_open:
+                self._note_ejection_ended(row.state, now)
         denied = self._admit(service_id, table, client)
         if denied is not None:
             raise AccessDenied(service_id, request.client[0], denied)
         bucket = index.bucket(client.location)
-        self._note_panic(service_id, index.panic, index.healthy, index.passing)
+        if self._panic.get(service_id, False) is not index.panic:
+            self._note_panic(service_id, index.panic, index.healthy, index.passing)
         retries = max(0, retries)
         source = table.config.shard_key
         if source != "none":

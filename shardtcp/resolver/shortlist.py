@@ -37,11 +37,10 @@ import heapq
 import math
 from bisect import bisect_left, bisect_right, insort
 from itertools import accumulate
-from collections import OrderedDict
 from typing import Iterable, Optional
 
 from shardtcp.model import Health, Location
-from shardtcp.resolver import choice, ranking
+from shardtcp.resolver import choice, ranking, scoring
 from shardtcp.resolver.state import ShardState
 
 #: Client locations whose orderings are kept per service.
@@ -56,7 +55,7 @@ class Row:
 
     __slots__ = (
         "state", "position", "expected_ms", "hard", "soft", "info",
-        "measured_ms", "version", "kept",
+        "measured_ms", "version", "kept", "filtered", "health", "until", "queued", "loaded",
     )
 
     def __init__(self, state: ShardState, position: int, expected_ms: Optional[float]) -> None:
@@ -71,6 +70,16 @@ class Row:
         # What the resolver's snapshot made of this row, and for which
         # version of it (``ShardResolver.snapshot``).
         self.kept: Optional[tuple] = None
+        # The inputs the filters were last worked out from (``_filter_inputs``)
+        # and the health they gave.
+        self.filtered: Optional[tuple] = None
+        # The inputs ``info`` was last made from (``ServiceIndex._read``).
+        self.loaded: Optional[tuple] = None
+        self.health = Health.HEALTHY
+        # Until when the time-dependent inputs stay as read (``_deadline``),
+        # and the time of this row's one live entry in the deadline heap.
+        self.until: Optional[float] = None
+        self.queued: Optional[float] = None
 
     @property
     def passing(self) -> bool:
@@ -227,6 +236,12 @@ class Bucket:
         # figures have not taken in yet.
         self.view: Optional[View] = None
         self.deferred: set[Row] = set()
+        # Per shard ranked here: its Ranked value and its keys in the lists
+        # (rank key, base key, group).
+        self.keys: dict[Row, tuple[ranking.Ranked, tuple, tuple, int]] = {}
+        # Per shard: the client-to-shard estimate (``ranking.geo_rtt_ms``),
+        # which only the records change.
+        self.geo: dict[Row, Optional[float]] = {}
 
 
 def _base_key(r: ranking.Ranked) -> tuple[float, str, float]:
@@ -332,13 +347,19 @@ class ServiceIndex:
             for i, (state, expected) in enumerate(zip(table.shards, table.expected_ms))
         }
         self._ordered_rows = list(self._rows.values())
-        self._deadlines: list[tuple[float, int, int, Row]] = []
+        self._deadlines: list[tuple[float, int, Row]] = []
         self._volatile: set[Row] = set()
-        self._buckets: OrderedDict[Optional[Location], Bucket] = OrderedDict()
+        # Least recently used first (a plain dict: iterating over an
+        # OrderedDict's values hashes every key, a Location).
+        self._buckets: dict[Optional[Location], Bucket] = {}
         self._sequence = 0
         self._last_now: Optional[float] = None
         self.passing = 0
         self.healthy = 0
+        #: Whether panic mode is in force, as ``ranking.select`` decides.
+        self.panic = False
+        # The bucket asked for last, and its location.
+        self._last: Optional[tuple[Optional[Location], Bucket]] = None
         self.totals = EligibleTotals()
         self._fresh = False
         for state in table.shards:
@@ -348,6 +369,65 @@ class ServiceIndex:
 
     def _read(self, row: Row, now: float) -> None:
         """Read a shard's filters, info and measurement again at ``now``."""
+        state = row.state
+        outlier = state.outlier
+        ejected_until = outlier.ejected_until
+        ejected = ejected_until is not None and now < ejected_until
+        # Everything the filters read: most writes (a lease, a connect
+        # result, a measurement) leave them as they were.
+        inputs = (
+            state.health, state.admin_state, state.agent_admin, state.security_override,
+            state.config, ejected_until if ejected else None,
+            outlier.consecutive if ejected else None,
+        )
+        if inputs != row.filtered or row.info is None:
+            self._filter(row, now)
+            row.filtered = inputs
+        # Everything ``ShardState.info`` reads; the same ``ShardInfo`` is
+        # kept while they stay as they were (a lease taken and given back),
+        # so that the buckets see at a glance that no score can have moved.
+        since = state.back_since
+        config = state.config
+        loaded = (
+            row.health, config, state.weight_override, state.agent_weight_percent,
+            state.security_override, state.open_connections, state.remote_connections,
+            state.agent_load, since,
+            None if since is None else scoring.slow_start_factor(since, now, config.slow_start),
+        )
+        if loaded != row.loaded or row.info is None:
+            row.info = state.info(now, row.health)
+            row.loaded = loaded
+        # ``ShardState.measured_ms``, inline.
+        rtt_ms, rtt_at = state.rtt_ms, state.rtt_at
+        max_age = self.settings.rtt_max_age
+        if rtt_ms is None or rtt_at is None or now - rtt_at > max_age:
+            row.measured_ms = None
+        else:
+            row.measured_ms = rtt_ms
+        row.version += 1
+        self.totals.read(row)
+        if (
+            ejected_until is None and state.back_since is None and rtt_at is None
+        ):
+            until = None
+        else:
+            until = _deadline(state, now, max_age)
+        row.until = until
+        if until is not None and until <= now:
+            self._volatile.add(row)
+            return
+        self._volatile.discard(row)
+        if until is not None:
+            queued = row.queued
+            # One live heap entry per row, at or before its deadline: an
+            # earlier one is taken again for the later time when it comes.
+            if queued is None or queued > until:
+                row.queued = until
+                self._sequence += 1
+                heapq.heappush(self._deadlines, (until, self._sequence, row))
+
+    def _filter(self, row: Row, now: float) -> None:
+        """Work out a shard's filters (as ``ranking.consider``) and its health."""
         table, state = self.table, row.state
         if row.info is not None:
             self.passing -= row.passing
@@ -363,22 +443,12 @@ class ServiceIndex:
             )
         else:
             hard = drains
-        health = Health.UNHEALTHY if soft else Health.DRAINING if drains else Health.HEALTHY
+        row.health = Health.UNHEALTHY if soft else Health.DRAINING if drains else Health.HEALTHY
         row.hard, row.soft = tuple(hard), tuple(soft)
-        row.info = state.info(now, health)
-        row.measured_ms = state.measured_ms(now, self.settings.rtt_max_age)
         self.passing += row.passing
         self.healthy += row.healthy
-        row.version += 1
-        self.totals.read(row)
-        self._volatile.discard(row)
-        until = _deadline(state, now, self.settings.rtt_max_age)
-        if until is not None:
-            if until <= now:
-                self._volatile.add(row)
-            else:
-                self._sequence += 1
-                heapq.heappush(self._deadlines, (until, self._sequence, row.version, row))
+        passing = self.passing
+        self.panic = bool(passing) and self.healthy < self.settings.panic_threshold * passing
 
     def refresh(self, now: float) -> list[Row]:
         """
@@ -392,8 +462,11 @@ class ServiceIndex:
             self._deadlines.clear()
             self._volatile.clear()
             self.passing = self.healthy = 0
+            self.panic = False
+            self._last = None
             for row in self._ordered_rows:
                 row.info = None
+                row.filtered = row.until = row.queued = None
             for row in self._ordered_rows:
                 self._read(row, now)
             self._buckets.clear()
@@ -410,9 +483,19 @@ class ServiceIndex:
         touched |= self._volatile
         deadlines = self._deadlines
         while deadlines and deadlines[0][0] <= now:
-            _, _, version, row = heapq.heappop(deadlines)
-            if version == row.version:
+            when, _, row = heapq.heappop(deadlines)
+            if when != row.queued:
+                continue  # an entry a nearer deadline replaced
+            row.queued = None
+            until = row.until
+            if until is None:
+                continue
+            if until <= now:
                 touched.add(row)
+            else:
+                row.queued = until
+                self._sequence += 1
+                heapq.heappush(deadlines, (until, self._sequence, row))
         for row in touched:
             self._read(row, now)
         if touched:
@@ -423,36 +506,46 @@ class ServiceIndex:
     # -- per client location ----------------------------------------------------
 
     def _rank_one(self, bucket: Bucket, row: Row) -> ranking.Ranked:
-        return ranking.score(
-            row.info, row.state, bucket.client, self.table.config.weights,
-            row.expected_ms, row.measured_ms, (), row.soft,
+        geo = bucket.geo
+        try:
+            geo_ms = geo[row]
+        except KeyError:
+            geo_ms = geo[row] = ranking.geo_rtt_ms(row.info.location, bucket.client.location)
+        return ranking.score_geo(
+            row.info, row.state, geo_ms, self.table.config.weights,
+            row.expected_ms, row.measured_ms, row.soft,
         )
 
-    def _place(self, bucket: Bucket, row: Row, r: ranking.Ranked) -> None:
+    def _place(self, bucket: Bucket, row: Row, r: ranking.Ranked, moved: set) -> None:
+        key = r.rank_key()
+        base = _base_key(r)
+        group = _group(r)
         bucket.ranked[r.info.shard_id] = r
-        key = r.rank_key()
-        base = _base_key(r)
-        group = _group(r)
+        bucket.keys[row] = (r, key, base, group)
         insort(bucket.by_rank[1], key)
-        bucket.by_base[1][group].add(base)
-        if not row.soft:
+        ordered = bucket.by_base[1][group]
+        ordered.add(base)
+        moved.add(ordered)
+        if not r.set_aside:
             insort(bucket.by_rank[0], key)
-            bucket.by_base[0][group].add(base)
+            ordered = bucket.by_base[0][group]
+            ordered.add(base)
+            moved.add(ordered)
 
-    def _remove(self, bucket: Bucket, row: Row) -> None:
-        r = bucket.ranked.pop(row.state.config.id, None)
-        if r is None:
+    def _remove(self, bucket: Bucket, row: Row, moved: set) -> None:
+        kept = bucket.keys.pop(row, None)
+        if kept is None:
             return
-        key = r.rank_key()
-        base = _base_key(r)
-        group = _group(r)
-        panics = (1,) if r.set_aside else (0, 1)
-        for panic in panics:
+        r, key, base, group = kept
+        del bucket.ranked[r.info.shard_id]
+        for panic in ((1,) if r.set_aside else (0, 1)):
             items = bucket.by_rank[panic]
             i = bisect_left(items, key)
             if i < len(items) and items[i] == key:
                 del items[i]
-            bucket.by_base[panic][group].discard(base)
+            ordered = bucket.by_base[panic][group]
+            ordered.discard(base)
+            moved.add(ordered)
 
     def _build(self, bucket: Bucket) -> None:
         bucket.pending.clear()
@@ -460,6 +553,7 @@ class ServiceIndex:
         bucket.deferred.clear()
         bucket.view = None
         bucket.ranked.clear()
+        bucket.keys.clear()
         keyed: tuple[list, list] = ([], [])
         based: tuple[list[list], list[list]] = ([[], [], [], []], [[], [], [], []])
         for row in self._ordered_rows:
@@ -470,6 +564,7 @@ class ServiceIndex:
             key = r.rank_key()
             base = _base_key(r)
             group = _group(r)
+            bucket.keys[row] = (r, key, base, group)
             keyed[1].append(key)
             based[1][group].append(base)
             if not row.soft:
@@ -482,6 +577,53 @@ class ServiceIndex:
             [Ordered(items) for items in based[0]], [Ordered(items) for items in based[1]],
         )
 
+    def _update(self, bucket: Bucket) -> None:
+        """
+        Take in the bucket's pending shards: each scored again, and moved
+        in the lists only when one of its keys moved; the pool (``View``)
+        kept when none did.
+        """
+        pending = bucket.pending
+        keys = bucket.keys
+        moved: set[Ordered] = set()
+        for row in pending:
+            kept = keys.get(row)
+            if row.hard:
+                if kept is not None:
+                    self._remove(bucket, row, moved)
+                continue
+            if kept is not None:
+                old = kept[0]
+                if (
+                    old.info is row.info and old.measured_ms == row.measured_ms
+                    and old.set_aside == row.soft
+                ):
+                    # Nothing the score reads moved (a lease taken and
+                    # given back, a connect's counters).
+                    continue
+            r = self._rank_one(bucket, row)
+            if kept is not None and kept[0].set_aside == r.set_aside:
+                key = r.rank_key()
+                base = _base_key(r)
+                group = _group(r)
+                if key == kept[1] and base == kept[2] and group == kept[3]:
+                    # The same place everywhere, and the same draw weight:
+                    # only the value changes (a measurement that leaves
+                    # the latency factor as it was, say).
+                    keys[row] = (r, key, base, group)
+                    bucket.ranked[r.info.shard_id] = r
+                    view = bucket.view
+                    if view is not None:
+                        view.replace(kept[0], r)
+                    continue
+            self._remove(bucket, row, moved)
+            self._place(bucket, row, r, moved)
+        pending.clear()
+        if moved:
+            bucket.view = None
+            for ordered in moved:
+                ordered.settle()
+
     def drawn(self, row_state: ShardState) -> None:
         """Note that the draw moved a shard's ledger."""
         row = self._rows.get(row_state)
@@ -491,30 +633,29 @@ class ServiceIndex:
 
     def bucket(self, location: Optional[Location]) -> Bucket:
         """The up-to-date orderings for clients at ``location``."""
-        buckets = self._buckets
-        bucket = buckets.get(location)
-        if bucket is None:
-            bucket = Bucket(location)
-            self._build(bucket)
+        last = self._last
+        if last is not None and last[0] is location:
+            # The same location as last time: already the most recent.
+            bucket = last[1]
+        else:
+            buckets = self._buckets
+            bucket = buckets.get(location)
+            if bucket is None:
+                bucket = Bucket(location)
+                self._build(bucket)
+                buckets[location] = bucket
+                if len(buckets) > MAX_BUCKETS:
+                    del buckets[next(iter(buckets))]
+                self._last = (location, bucket)
+                return bucket
+            del buckets[location]
             buckets[location] = bucket
-            if len(buckets) > MAX_BUCKETS:
-                buckets.popitem(last=False)
-            return bucket
-        buckets.move_to_end(location)
-        pending = bucket.pending
-        if pending:
-            bucket.view = None
-            if len(pending) > _REBUILD_SHARE * len(self._ordered_rows) + 8:
+            self._last = (location, bucket)
+        if bucket.pending:
+            if len(bucket.pending) > _REBUILD_SHARE * len(self._ordered_rows) + 8:
                 self._build(bucket)
             else:
-                for row in pending:
-                    self._remove(bucket, row)
-                    if not row.hard:
-                        self._place(bucket, row, self._rank_one(bucket, row))
-                pending.clear()
-                for lists in bucket.by_base:
-                    for ordered in lists:
-                        ordered.settle()
+                self._update(bucket)
         if bucket.ledgers:
             # Ledgers only grow (the draw writes them), so the pool's
             # highest one is raised in place; the blocks' figures take
@@ -529,12 +670,15 @@ class ServiceIndex:
 
     def _touch_deferred(self, bucket: Bucket) -> None:
         """Let the blocks' figures take in the ledgers drawn meanwhile."""
+        keys = bucket.keys
         for row in bucket.deferred:
-            r = bucket.ranked.get(row.state.config.id)
-            if r is not None:
-                base = _base_key(r)
-                for lists in bucket.by_base:
-                    lists[_group(r)].touch(base, row.state.ledger)
+            kept = keys.get(row)
+            if kept is not None:
+                r, _, base, group = kept
+                ledger = row.state.ledger
+                bucket.by_base[1][group].touch(base, ledger)
+                if not r.set_aside:
+                    bucket.by_base[0][group].touch(base, ledger)
         bucket.deferred.clear()
 
     def view(self, bucket: Bucket, band: float) -> View:
@@ -549,11 +693,6 @@ class ServiceIndex:
         return view
 
     # -- what resolve asks ----------------------------------------------------------
-
-    @property
-    def panic(self) -> bool:
-        """Whether panic mode is in force, as ``ranking.select`` decides."""
-        return bool(self.passing) and self.healthy < self.settings.panic_threshold * self.passing
 
     def _group_of_pool(self, bucket: Bucket) -> tuple[Optional[Ordered], int]:
         groups = bucket.by_base[1 if self.panic else 0]
@@ -725,19 +864,47 @@ class View:
         ranked = self.ranked
         if end <= SMALL_POOL:
             # As choice.draw sees the pool: members in rank order.
+            # As choice.draw sees the pool (``_entry`` of each member),
+            # in one pass.
             members = [ranked[key[1]] for key in items[:end]]
-            members.sort(key=ranking.Ranked.rank_key)
-            entries = [_entry(r) for r in members]
-            uniform = self.uniform = all(e.weight <= 0 for e in entries)
-            weights = self.weights = [1.0 if uniform else max(0.0, e.weight) for e in entries]
-            self.entry_weights = [e.weight for e in entries]
+            if end > 1:
+                members.sort(key=ranking.Ranked.rank_key)
+            entry_weights = []
+            states = []
+            ids = set()
+            top = None
+            uniform = True
+            for r in members:
+                total = r.total
+                weight = total if total > 0.0 else 0.0
+                if weight > 0:
+                    uniform = False
+                entry_weights.append(weight)
+                state = r.state
+                states.append(state)
+                ids.add(r.info.shard_id)
+                ledger = state.ledger if state is not None else 0.0
+                if top is None or ledger > top:
+                    top = ledger
+            self.uniform = uniform
+            if uniform:
+                weights = self.weights = [1.0] * end
+                spread = 1.0
+            else:
+                weights = self.weights = entry_weights
+                spread = None
+                for weight in entry_weights:
+                    stride = 1.0 / weight
+                    if spread is None or stride > spread:
+                        spread = stride
+            self.entry_weights = entry_weights
             self.members = members
-            self.states = [r.state for r in members]
-            self.ids = {r.info.shard_id for r in members}
+            self.states = states
+            self.ids = ids
             self.running = list(accumulate(weights))
             self.total = sum(weights)
-            self.top = max(e.ledger for e in entries)
-            self.spread = max(1.0 if uniform else 1.0 / e.weight for e in entries)
+            self.top = top
+            self.spread = spread
             self.rests: dict[int, tuple[list[int], list[float], list[float], float]] = {}
             return
         uniform = self.uniform = group in (1, 3)
@@ -757,6 +924,20 @@ class View:
         self.top = max(tops)
         self.spread = 1.0 if uniform else 1.0 / min(lows)
         self.inner: dict[int, list[float]] = {}
+
+    def replace(self, old: ranking.Ranked, new: ranking.Ranked) -> None:
+        """Put ``new`` where ``old`` stood: a shard's value, its place unchanged."""
+        members = self.members
+        if members is not None:
+            for i, r in enumerate(members):
+                if r is old:
+                    members[i] = new
+                    break
+        for got in self.leading.values():
+            for i, r in enumerate(got):
+                if r is old:
+                    got[i] = new
+                    break
 
     def raise_top(self, bucket: Bucket, row: Row) -> None:
         """Take in the new, higher ledger of a shard the draw chose."""
