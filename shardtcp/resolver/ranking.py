@@ -323,22 +323,23 @@ def geo_rtt_ms(shard: Optional[Location], client: Optional[Location]) -> Optiona
     return scoring.estimated_rtt_ms(scoring.great_circle_km(client, shard))
 
 
-def score_geo(
+def score_rtt(
     info: ShardInfo,
     state: Optional[ShardState],
-    geo_ms: Optional[float],
+    rtt_ms: Optional[float],
     weights: Weights,
     expected_ms: Optional[float],
     measured_ms: Optional[float],
     set_aside: tuple[str, ...],
 ) -> Ranked:
     """
-    ``score`` for a client whose estimate to the shard (``geo_rtt_ms``) is
-    already known: the same value, without working out the distance again
-    (the incremental orderings keep it per client location and shard).
+    ``score`` for a client whose path to the shard is already worked out:
+    ``rtt_ms`` is ``scoring.path_rtt_ms`` of ``geo_rtt_ms`` (the client's
+    estimate to the shard), ``expected_ms`` and ``measured_ms``.  The same
+    value, without working out the distance again (the incremental
+    orderings keep the estimate per client location and shard).
     """
-    rtt = scoring.path_rtt_ms(geo_ms, expected_ms, measured_ms)
-    latency = scoring.latency_factor(rtt) if rtt is not None else scoring.NEUTRAL_LATENCY
+    latency = scoring.latency_factor(rtt_ms) if rtt_ms is not None else scoring.NEUTRAL_LATENCY
     return _scored(info, state, weights, expected_ms, measured_ms, (), set_aside, latency, None)
 
 

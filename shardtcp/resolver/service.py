@@ -807,7 +807,9 @@ class ShardResolver(Service):
                 last_seconds=stats.last_seconds,
                 last_at=now,
             )
-        duration = state.outlier.record(ok, now, self._outlier)
+        outlier = state.outlier
+        # A success after a success changes nothing in the tracker.
+        duration = outlier.record(ok, now, self._outlier) if not ok or outlier.consecutive else None
         if duration is not None:
             # The ramp starts when the ejection ends.
             state.back_since = state.outlier.ejected_until
@@ -832,7 +834,10 @@ class ShardResolver(Service):
 
     def _observe_rtt(self, state: ShardState, seconds: float, now: float) -> None:
         sample = max(0.0, seconds) * 1000.0
-        previous = state.measured_ms(now, self._rtt_max_age)
+        # ``state.measured_ms(now, self._rtt_max_age)``, inline.
+        previous, at = state.rtt_ms, state.rtt_at
+        if previous is None or at is None or now - at > self._rtt_max_age:
+            previous = None
         state.rtt_ms = scoring.peak_ewma(
             previous, state.rtt_at if previous is not None else None,
             sample, now, self._rtt_decay,

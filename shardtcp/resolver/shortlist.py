@@ -140,23 +140,35 @@ class Ordered:
         self._delta = 0
         self._swing = 0
 
-    def _moved(self, i: int, delta: int) -> None:
-        self._lo = i if self._lo is None else min(self._lo, i)
-        self._hi = max(self._hi, i)
-        self._delta += delta
-        self._swing = max(self._swing, abs(self._delta))
+    # ``add`` and ``discard`` note where keys moved: the lowest and highest
+    # positions, the net shift and the largest net shift on the way.
 
     def add(self, key: tuple) -> None:
-        i = bisect_left(self.items, key)
-        self.items.insert(i, key)
-        self._moved(i, 1)
+        items = self.items
+        i = bisect_left(items, key)
+        items.insert(i, key)
+        lo = self._lo
+        if lo is None or i < lo:
+            self._lo = i
+        if i > self._hi:
+            self._hi = i
+        delta = self._delta = self._delta + 1
+        if delta > self._swing or -delta > self._swing:
+            self._swing = delta if delta > 0 else -delta
 
     def discard(self, key: tuple) -> None:
         items = self.items
         i = bisect_left(items, key)
         if i < len(items) and items[i] == key:
             del items[i]
-            self._moved(i, -1)
+            lo = self._lo
+            if lo is None or i < lo:
+                self._lo = i
+            if i > self._hi:
+                self._hi = i
+            delta = self._delta = self._delta - 1
+            if delta > self._swing or -delta > self._swing:
+                self._swing = delta if delta > 0 else -delta
 
     def touch(self, key: tuple, ledger: float) -> None:
         """
@@ -183,9 +195,11 @@ class Ordered:
         if self._lo is None:
             return
         blocks = -(-len(self.items) // BLOCK)
-        for figures in (self.sums, self.tops, self.lows):
-            del figures[blocks:]
-            figures.extend([0.0] * (blocks - len(figures)))
+        known = len(self.sums)
+        if known != blocks:
+            for figures in (self.sums, self.tops, self.lows):
+                del figures[blocks:]
+                figures.extend([0.0] * (blocks - known))
         first = self._lo // BLOCK
         if self._delta:
             # Everything after the first change shifted.
@@ -194,8 +208,10 @@ class Ordered:
             # Keys past every change (and past how far the changes ever
             # shifted them) are back where they were.
             last = min(blocks - 1, (self._hi + self._swing) // BLOCK)
-        self.stale = {b for b in self.stale if b < blocks}
-        self.stale.update(range(first, last + 1))
+        stale = self.stale
+        if stale and max(stale) >= blocks:
+            stale = self.stale = {b for b in stale if b < blocks}
+        stale.update(range(first, last + 1))
         self.tail = None
         self._lo, self._hi, self._delta, self._swing = None, -1, 0, 0
 
@@ -236,9 +252,11 @@ class Bucket:
         # figures have not taken in yet.
         self.view: Optional[View] = None
         self.deferred: set[Row] = set()
-        # Per shard ranked here: its Ranked value and its keys in the lists
-        # (rank key, base key, group).
-        self.keys: dict[Row, tuple[ranking.Ranked, tuple, tuple, int]] = {}
+        # Per shard ranked here: its Ranked value, its keys in the lists
+        # (rank key, base key, group) and the path RTT it was scored on.
+        self.keys: dict[Row, tuple[ranking.Ranked, tuple, tuple, int, Optional[float]]] = {}
+        # Shard id -> rank key, of the shards in ``ranked``.
+        self.rank_keys: dict[str, tuple] = {}
         # Per shard: the client-to-shard estimate (``ranking.geo_rtt_ms``),
         # which only the records change.
         self.geo: dict[Row, Optional[float]] = {}
@@ -298,7 +316,14 @@ class EligibleTotals:
     def read(self, row: Row) -> None:
         """Count a shard as it was just read, in place of how it was counted."""
         state = row.state
-        now = (row.healthy, row.passing, state.open_connections + state.remote_connections, state.weight)
+        passing = not row.hard
+        weight = state.weight_override
+        now = (
+            passing and not row.soft, passing,
+            state.open_connections + state.remote_connections,
+            # ``ShardState.weight``, inline.
+            weight if weight is not None else state.config.weight,
+        )
         before = self._counted.get(row)
         if before == now:
             return
@@ -406,10 +431,12 @@ class ServiceIndex:
             row.measured_ms = rtt_ms
         row.version += 1
         self.totals.read(row)
-        if (
-            ejected_until is None and state.back_since is None and rtt_at is None
-        ):
-            until = None
+        if ejected_until is None and since is None:
+            # ``_deadline`` when only a measurement can age out.
+            if rtt_ms is None or rtt_at is None or now > rtt_at + max_age:
+                until = None
+            else:
+                until = rtt_at + max_age
         else:
             until = _deadline(state, now, max_age)
         row.until = until
@@ -478,7 +505,11 @@ class ServiceIndex:
         ):
             return []
         rows = self._rows
-        touched = {rows[s] for s in self.changed if s in rows}
+        touched = set()
+        for state in self.changed:
+            row = rows.get(state)
+            if row is not None:
+                touched.add(row)
         self.changed.clear()
         touched |= self._volatile
         deadlines = self._deadlines
@@ -505,23 +536,29 @@ class ServiceIndex:
 
     # -- per client location ----------------------------------------------------
 
-    def _rank_one(self, bucket: Bucket, row: Row) -> ranking.Ranked:
+    def _rtt(self, bucket: Bucket, row: Row) -> Optional[float]:
+        """The path RTT a score for the bucket's clients reads (``ranking.score``)."""
         geo = bucket.geo
         try:
             geo_ms = geo[row]
         except KeyError:
             geo_ms = geo[row] = ranking.geo_rtt_ms(row.info.location, bucket.client.location)
-        return ranking.score_geo(
-            row.info, row.state, geo_ms, self.table.config.weights,
+        return scoring.path_rtt_ms(geo_ms, row.expected_ms, row.measured_ms)
+
+    def _rank_one(self, bucket: Bucket, row: Row, rtt: Optional[float]) -> ranking.Ranked:
+        return ranking.score_rtt(
+            row.info, row.state, rtt, self.table.config.weights,
             row.expected_ms, row.measured_ms, row.soft,
         )
 
-    def _place(self, bucket: Bucket, row: Row, r: ranking.Ranked, moved: set) -> None:
-        key = r.rank_key()
-        base = _base_key(r)
-        group = _group(r)
-        bucket.ranked[r.info.shard_id] = r
-        bucket.keys[row] = (r, key, base, group)
+    def _place(
+        self, bucket: Bucket, row: Row, r: ranking.Ranked, rtt: Optional[float], moved: set,
+        key: tuple, base: tuple, group: int,
+    ) -> None:
+        shard_id = r.info.shard_id
+        bucket.ranked[shard_id] = r
+        bucket.rank_keys[shard_id] = key
+        bucket.keys[row] = (r, key, base, group, rtt)
         insort(bucket.by_rank[1], key)
         ordered = bucket.by_base[1][group]
         ordered.add(base)
@@ -536,8 +573,9 @@ class ServiceIndex:
         kept = bucket.keys.pop(row, None)
         if kept is None:
             return
-        r, key, base, group = kept
+        r, key, base, group, _ = kept
         del bucket.ranked[r.info.shard_id]
+        del bucket.rank_keys[r.info.shard_id]
         for panic in ((1,) if r.set_aside else (0, 1)):
             items = bucket.by_rank[panic]
             i = bisect_left(items, key)
@@ -553,18 +591,21 @@ class ServiceIndex:
         bucket.deferred.clear()
         bucket.view = None
         bucket.ranked.clear()
+        bucket.rank_keys.clear()
         bucket.keys.clear()
         keyed: tuple[list, list] = ([], [])
         based: tuple[list[list], list[list]] = ([[], [], [], []], [[], [], [], []])
         for row in self._ordered_rows:
             if row.hard:
                 continue
-            r = self._rank_one(bucket, row)
+            rtt = self._rtt(bucket, row)
+            r = self._rank_one(bucket, row, rtt)
             bucket.ranked[r.info.shard_id] = r
             key = r.rank_key()
             base = _base_key(r)
             group = _group(r)
-            bucket.keys[row] = (r, key, base, group)
+            bucket.keys[row] = (r, key, base, group, rtt)
+            bucket.rank_keys[r.info.shard_id] = key
             keyed[1].append(key)
             based[1][group].append(base)
             if not row.soft:
@@ -585,6 +626,7 @@ class ServiceIndex:
         """
         pending = bucket.pending
         keys = bucket.keys
+        ranked = bucket.ranked
         moved: set[Ordered] = set()
         for row in pending:
             kept = keys.get(row)
@@ -592,32 +634,41 @@ class ServiceIndex:
                 if kept is not None:
                     self._remove(bucket, row, moved)
                 continue
+            rtt = self._rtt(bucket, row) if kept is None or kept[0].measured_ms != row.measured_ms else kept[4]
             if kept is not None:
                 old = kept[0]
-                if (
-                    old.info is row.info and old.measured_ms == row.measured_ms
-                    and old.set_aside == row.soft
-                ):
-                    # Nothing the score reads moved (a lease taken and
-                    # given back, a connect's counters).
+                if old.info is row.info and old.set_aside == row.soft and rtt == kept[4]:
+                    # Nothing the score reads moved (a lease taken and given
+                    # back, a measurement within what geography predicts):
+                    # the same value but for the measurement it carries.
+                    if old.measured_ms != row.measured_ms:
+                        r = ranking.Ranked(
+                            old.state, old.info, old.latency, old.security, old.spare,
+                            old.base, old.total, row.measured_ms, old.expected_ms,
+                            old.reasons, old.set_aside,
+                        )
+                        keys[row] = (r, kept[1], kept[2], kept[3], rtt)
+                        ranked[r.info.shard_id] = r
+                        view = bucket.view
+                        if view is not None:
+                            view.replace(old, r)
                     continue
-            r = self._rank_one(bucket, row)
+            r = self._rank_one(bucket, row, rtt)
+            key = r.rank_key()
+            base = _base_key(r)
+            group = _group(r)
             if kept is not None and kept[0].set_aside == r.set_aside:
-                key = r.rank_key()
-                base = _base_key(r)
-                group = _group(r)
                 if key == kept[1] and base == kept[2] and group == kept[3]:
                     # The same place everywhere, and the same draw weight:
-                    # only the value changes (a measurement that leaves
-                    # the latency factor as it was, say).
-                    keys[row] = (r, key, base, group)
-                    bucket.ranked[r.info.shard_id] = r
+                    # only the value changes.
+                    keys[row] = (r, key, base, group, rtt)
+                    ranked[r.info.shard_id] = r
                     view = bucket.view
                     if view is not None:
                         view.replace(kept[0], r)
                     continue
             self._remove(bucket, row, moved)
-            self._place(bucket, row, r, moved)
+            self._place(bucket, row, r, rtt, moved, key, base, group)
         pending.clear()
         if moved:
             bucket.view = None
@@ -668,26 +719,12 @@ class ServiceIndex:
             bucket.ledgers.clear()
         return bucket
 
-    def _touch_deferred(self, bucket: Bucket) -> None:
-        """Let the blocks' figures take in the ledgers drawn meanwhile."""
-        keys = bucket.keys
-        for row in bucket.deferred:
-            kept = keys.get(row)
-            if kept is not None:
-                r, _, base, group = kept
-                ledger = row.state.ledger
-                bucket.by_base[1][group].touch(base, ledger)
-                if not r.set_aside:
-                    bucket.by_base[0][group].touch(base, ledger)
-        bucket.deferred.clear()
 
     def view(self, bucket: Bucket, band: float) -> View:
         """The draw's pool for ``bucket`` now (built when first asked for)."""
         panic = self.panic
         view = bucket.view
         if view is None or view.panic != panic or view.band != band:
-            if bucket.deferred:
-                self._touch_deferred(bucket)
             ordered, group = self._group_of_pool(bucket)
             view = bucket.view = View(bucket, panic, band, ordered, group)
         return view
@@ -759,6 +796,20 @@ class ServiceIndex:
     def rows(self) -> Iterable[Row]:
         """Every row, in record order."""
         return iter(self._ordered_rows)
+
+
+def _touch_deferred(bucket: Bucket) -> None:
+    """Let the blocks' figures take in the ledgers drawn meanwhile."""
+    keys = bucket.keys
+    for row in bucket.deferred:
+        kept = keys.get(row)
+        if kept is not None:
+            r, _, base, group, _ = kept
+            ledger = row.state.ledger
+            bucket.by_base[1][group].touch(base, ledger)
+            if not r.set_aside:
+                bucket.by_base[0][group].touch(base, ledger)
+    bucket.deferred.clear()
 
 
 def _pool_end(items: list, band: float) -> int:
@@ -866,9 +917,14 @@ class View:
             # As choice.draw sees the pool: members in rank order.
             # As choice.draw sees the pool (``_entry`` of each member),
             # in one pass.
-            members = [ranked[key[1]] for key in items[:end]]
-            if end > 1:
-                members.sort(key=ranking.Ranked.rank_key)
+            if end == 1:
+                members = [ranked[items[0][1]]]
+            else:
+                rank_keys = bucket.rank_keys
+                ranks = [rank_keys[key[1]] for key in items[:end]]
+                ranks.sort()
+                # A rank key ends with the shard id.
+                members = [ranked[key[-1]] for key in ranks]
             entry_weights = []
             states = []
             ids = set()
@@ -908,6 +964,10 @@ class View:
             self.rests: dict[int, tuple[list[int], list[float], list[float], float]] = {}
             return
         uniform = self.uniform = group in (1, 3)
+        # Only a pool this large reads the blocks' figures: the ledgers
+        # drawn meanwhile are taken in now.
+        if bucket.deferred:
+            _touch_deferred(bucket)
         full = end // BLOCK
         ordered.figures(full, ranked, uniform)
         sums = ordered.sums[:full]
@@ -948,10 +1008,13 @@ class View:
             return
         if self.end == 0:
             return
-        r = self.ranked.get(state.config.id)
-        if r is None or _group(r) != self.group or (r.set_aside and not self.panic):
+        kept = bucket.keys.get(row)
+        if kept is None:
             return
-        if _base_key(r) <= self.last:
+        r, _, base, group, _ = kept
+        if group != self.group or (r.set_aside and not self.panic):
+            return
+        if base <= self.last:
             self.top = max(self.top, state.ledger)
 
     def draw(self, rng: choice.RandomSource) -> Optional[tuple[ranking.Ranked, float]]:
