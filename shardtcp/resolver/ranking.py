@@ -310,9 +310,9 @@ def score(
     ``factors`` (explain asks for every shard's factors).
     """
     path = _latency_path(info.location, client.location, expected_ms, measured_ms)
-    return _scored(
-        info, state, weights, expected_ms, measured_ms, reasons, set_aside, path[3],
-        (client.location, path) if keep_path else None,
+    return score_rtt(
+        info, state, path[2], weights, expected_ms, measured_ms, set_aside,
+        reasons, (client.location, path) if keep_path else None,
     )
 
 
@@ -331,6 +331,8 @@ def score_rtt(
     expected_ms: Optional[float],
     measured_ms: Optional[float],
     set_aside: tuple[str, ...],
+    reasons: tuple[str, ...] = (),
+    path: Optional[tuple] = None,
 ) -> Ranked:
     """
     ``score`` for a client whose path to the shard is already worked out:
@@ -340,20 +342,6 @@ def score_rtt(
     orderings keep the estimate per client location and shard).
     """
     latency = scoring.latency_factor(rtt_ms) if rtt_ms is not None else scoring.NEUTRAL_LATENCY
-    return _scored(info, state, weights, expected_ms, measured_ms, (), set_aside, latency, None)
-
-
-def _scored(
-    info: ShardInfo,
-    state: Optional[ShardState],
-    weights: Weights,
-    expected_ms: Optional[float],
-    measured_ms: Optional[float],
-    reasons: tuple[str, ...],
-    set_aside: tuple[str, ...],
-    latency: float,
-    path: Optional[tuple],
-) -> Ranked:
     security = scoring.security_factor(info.security_score)
     spare = scoring.spare_factor(info.load)
     base = scoring.total_score(weights, latency, security, spare)

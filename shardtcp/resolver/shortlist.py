@@ -255,6 +255,8 @@ class Bucket:
         # Per shard ranked here: its Ranked value, its keys in the lists
         # (rank key, base key, group) and the path RTT it was scored on.
         self.keys: dict[Row, tuple[ranking.Ranked, tuple, tuple, int, Optional[float]]] = {}
+        # The lists whose keys moved since their figures were last settled.
+        self.unsettled: set[Ordered] = set()
         # Shard id -> rank key, of the shards in ``ranked``.
         self.rank_keys: dict[str, tuple] = {}
         # Per shard: the client-to-shard estimate (``ranking.geo_rtt_ms``),
@@ -328,6 +330,17 @@ class EligibleTotals:
         if before == now:
             return
         self._counted[row] = now
+        if (
+            before is not None and before[0] == now[0] and before[1] == now[1]
+            and before[3] == now[3]
+        ):
+            # Only the open connections moved.
+            moved = now[2] - before[2]
+            if now[0]:
+                self._open[0] += moved
+            if now[1]:
+                self._open[1] += moved
+            return
         if before is not None:
             self._add(before, -1, weight=before[:2] != now[:2] or before[3] != now[3])
             if before[3] != now[3]:
@@ -592,6 +605,7 @@ class ServiceIndex:
         bucket.view = None
         bucket.ranked.clear()
         bucket.rank_keys.clear()
+        bucket.unsettled.clear()
         bucket.keys.clear()
         keyed: tuple[list, list] = ([], [])
         based: tuple[list[list], list[list]] = ([[], [], [], []], [[], [], [], []])
@@ -627,6 +641,7 @@ class ServiceIndex:
         pending = bucket.pending
         keys = bucket.keys
         ranked = bucket.ranked
+        weights = self.table.config.weights
         moved: set[Ordered] = set()
         for row in pending:
             kept = keys.get(row)
@@ -653,10 +668,16 @@ class ServiceIndex:
                         if view is not None:
                             view.replace(old, r)
                     continue
-            r = self._rank_one(bucket, row, rtt)
-            key = r.rank_key()
-            base = _base_key(r)
-            group = _group(r)
+            info = row.info
+            r = ranking.score_rtt(
+                info, row.state, rtt, weights, row.expected_ms, row.measured_ms, row.soft,
+            )
+            # ``Ranked.rank_key``, ``_base_key`` and ``_group``, inline.
+            total = r.total
+            full = info.load >= 1.0
+            key = (full, -total, info.open_connections, info.shard_id)
+            base = (-r.base, info.shard_id, max(0.0, total))
+            group = (2 if full else 0) + (0 if total > 0 else 1)
             if kept is not None and kept[0].set_aside == r.set_aside:
                 if key == kept[1] and base == kept[2] and group == kept[3]:
                     # The same place everywhere, and the same draw weight:
@@ -672,8 +693,8 @@ class ServiceIndex:
         pending.clear()
         if moved:
             bucket.view = None
-            for ordered in moved:
-                ordered.settle()
+            # Settled when the blocks' figures are next read (``View``).
+            bucket.unsettled |= moved
 
     def drawn(self, row_state: ShardState) -> None:
         """Note that the draw moved a shard's ledger."""
@@ -964,8 +985,13 @@ class View:
             self.rests: dict[int, tuple[list[int], list[float], list[float], float]] = {}
             return
         uniform = self.uniform = group in (1, 3)
-        # Only a pool this large reads the blocks' figures: the ledgers
-        # drawn meanwhile are taken in now.
+        # Only a pool this large reads the blocks' figures: the moves and
+        # the ledgers drawn meanwhile are taken in now.
+        unsettled = bucket.unsettled
+        if unsettled:
+            for moved in unsettled:
+                moved.settle()
+            unsettled.clear()
         if bucket.deferred:
             _touch_deferred(bucket)
         full = end // BLOCK
