@@ -790,7 +790,7 @@ class ShardResolver(Service):
         stats = state.stats
         now = self._now()
         if ok:
-            state.stats = ConnectStats(
+            stats = ConnectStats(
                 ok=stats.ok + 1,
                 failed=stats.failed,
                 consecutive_failures=0,
@@ -798,7 +798,9 @@ class ShardResolver(Service):
                 last_at=now,
             )
             if seconds is not None:
-                self._observe_rtt(state, seconds, now)
+                self._observe_rtt(state, seconds, now, stats)
+            else:
+                state.stats = stats
         else:
             state.stats = ConnectStats(
                 ok=stats.ok,
@@ -832,18 +834,20 @@ class ShardResolver(Service):
         if state is not None:
             self._observe_rtt(state, seconds, self._now())
 
-    def _observe_rtt(self, state: ShardState, seconds: float, now: float) -> None:
+    def _observe_rtt(
+        self, state: ShardState, seconds: float, now: float,
+        stats: Optional[ConnectStats] = None,
+    ) -> None:
+        """Fold a sample into the measured latency (and write ``stats`` with it)."""
         sample = max(0.0, seconds) * 1000.0
         # ``state.measured_ms(now, self._rtt_max_age)``, inline.
         previous, at = state.rtt_ms, state.rtt_at
         if previous is None or at is None or now - at > self._rtt_max_age:
             previous = None
-        state.rtt_ms = scoring.peak_ewma(
-            previous, state.rtt_at if previous is not None else None,
-            sample, now, self._rtt_decay,
+        value = scoring.peak_ewma(
+            previous, at if previous is not None else None, sample, now, self._rtt_decay,
         )
-        state.rtt_at = now
-        state.rtt_samples += 1
+        state.take_sample(value, now, stats)
 
     def connect_stats(self, shard_id: str) -> ConnectStats:
         """Return what ``record_connect_result`` has gathered for a shard."""

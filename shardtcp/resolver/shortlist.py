@@ -170,6 +170,23 @@ class Ordered:
             if delta > self._swing or -delta > self._swing:
                 self._swing = delta if delta > 0 else -delta
 
+    def replace(self, old: tuple, new: tuple) -> None:
+        """``discard(old)`` then ``add(new)``, in place when ``new`` sorts where ``old`` stood."""
+        items = self.items
+        i = bisect_left(items, old)
+        if i < len(items) and items[i] == old:
+            if (i == 0 or items[i - 1] < new) and (i + 1 == len(items) or new < items[i + 1]):
+                items[i] = new
+                # Its block's figures change; nothing shifts.
+                lo = self._lo
+                if lo is None or i < lo:
+                    self._lo = i
+                if i > self._hi:
+                    self._hi = i
+                return
+            self.discard(old)
+        self.add(new)
+
     def touch(self, key: tuple, ledger: float) -> None:
         """
         Take in that the ledger of the shard at ``key`` is now ``ledger``.
@@ -649,7 +666,10 @@ class ServiceIndex:
                 if kept is not None:
                     self._remove(bucket, row, moved)
                 continue
-            rtt = self._rtt(bucket, row) if kept is None or kept[0].measured_ms != row.measured_ms else kept[4]
+            if kept is None or kept[0].measured_ms != row.measured_ms:
+                rtt = self._rtt(bucket, row)
+            else:
+                rtt = kept[4]  # the same inputs as last time
             if kept is not None:
                 old = kept[0]
                 if old.info is row.info and old.set_aside == row.soft and rtt == kept[4]:
@@ -687,6 +707,20 @@ class ServiceIndex:
                     view = bucket.view
                     if view is not None:
                         view.replace(kept[0], r)
+                    continue
+                if group == kept[3]:
+                    # The same lists: each key moves within its own (in
+                    # place when it keeps its rank, as a shard whose only
+                    # change is its load or latency often does).
+                    for panic in ((1,) if r.set_aside else (0, 1)):
+                        _swap(bucket.by_rank[panic], kept[1], key)
+                        ordered = bucket.by_base[panic][group]
+                        ordered.replace(kept[2], base)
+                        moved.add(ordered)
+                    shard_id = info.shard_id
+                    keys[row] = (r, key, base, group, rtt)
+                    ranked[shard_id] = r
+                    bucket.rank_keys[shard_id] = key
                     continue
             self._remove(bucket, row, moved)
             self._place(bucket, row, r, rtt, moved, key, base, group)
@@ -817,6 +851,17 @@ class ServiceIndex:
     def rows(self) -> Iterable[Row]:
         """Every row, in record order."""
         return iter(self._ordered_rows)
+
+
+def _swap(items: list, old: tuple, new: tuple) -> None:
+    """In a sorted list, ``old`` taken out and ``new`` put in (in place when it fits there)."""
+    i = bisect_left(items, old)
+    if i < len(items) and items[i] == old:
+        if (i == 0 or items[i - 1] < new) and (i + 1 == len(items) or new < items[i + 1]):
+            items[i] = new
+            return
+        del items[i]
+    insort(items, new)
 
 
 def _touch_deferred(bucket: Bucket) -> None:

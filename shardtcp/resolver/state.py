@@ -109,6 +109,24 @@ class ShardState:
             if changed is not None:
                 changed.add(self)
 
+    def take_sample(
+        self, rtt_ms: float, at: float, stats: Optional[ConnectStats] = None
+    ) -> None:
+        """
+        Take in a new measured latency ``rtt_ms`` (its value after the
+        sample taken at ``at``) and count the sample; with ``stats``, the
+        connect counters that came with it.  The same writes as setting
+        each attribute, noted as one change.
+        """
+        _set(self, "rtt_ms", rtt_ms)
+        _set(self, "rtt_at", at)
+        _set(self, "rtt_samples", self.rtt_samples + 1)
+        if stats is not None:
+            _set(self, "stats", stats)
+        changed = self.changed
+        if changed is not None:
+            changed.add(self)
+
     @property
     def security_score(self) -> float:
         """The feed's score when one is in force, else the record's."""
