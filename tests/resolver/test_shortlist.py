@@ -23,7 +23,7 @@ from shardtcp.model import Health, PolicyConfig
 from shardtcp.resolver import AccessDenied, NoShardAvailable, ShardResolver, choice, ranking
 from shardtcp.resolver import shortlist
 from shardtcp.resolver.outlier import OutlierPolicy
-from shardtcp.resolver.state import _UNRANKED, ShardState
+from shardtcp.resolver.state import _UNRANKED, ConnectStats, ShardState
 
 from tests.resolver.test_resolver import (
     AP_CLIENT,
@@ -223,6 +223,29 @@ class DifferentialTests(SynchronousTestCase):
                 continue
             self.assertEqual(bool(index.changed), field.name not in _UNRANKED, field.name)
         self.assertEqual(_UNRANKED, {"ledger", "changed", "rtt_samples", "ejection_open"})
+
+    def test_a_sample_is_one_noticed_change(self) -> None:
+        """
+        ``ShardState.take_sample`` writes the measurement, its time, the
+        sample count and the connect counters given, and puts the state in
+        its index's ``changed`` set; without counters it leaves them.
+        """
+        resolver, _, _, shards = build([(0, 100, 1.0, 90.0)])
+        state = resolver._states[shards[0].id]
+        index = resolver._indexes["api"]
+        index.changed.clear()
+        stats = ConnectStats(ok=4, last_seconds=0.002, last_at=50.0)
+        state.take_sample(2.0, 50.0, stats)
+        self.assertEqual(
+            (state.rtt_ms, state.rtt_at, state.rtt_samples, state.stats), (2.0, 50.0, 1, stats)
+        )
+        self.assertEqual(index.changed, {state})
+        index.changed.clear()
+        state.take_sample(3.0, 51.0)
+        self.assertEqual(
+            (state.rtt_ms, state.rtt_at, state.rtt_samples, state.stats), (3.0, 51.0, 2, stats)
+        )
+        self.assertEqual(index.changed, {state})
 
 
 class LargePoolDrawTests(SynchronousTestCase):
