@@ -8,11 +8,14 @@ reference (``explain`` uses it).  A ``ServiceIndex`` keeps what ``rank``
 would compute, and recomputes only what changed:
 
 * per shard, its filters, its ``ShardInfo`` and its measured latency
-  (``Row``), recomputed when the shard's live state is written (every
+  (``Row``), read again when the shard's live state is written (every
   ``ShardState`` attribute write but the draw's ledger lands in the
   index's ``changed`` set) or when time changes it: an ejection ends, a
-  measurement ages out, a slow-start ramp begins (a heap of deadlines), or
-  a ramp is under way (re-read on every call while it lasts);
+  measurement ages out, a slow-start ramp begins (a heap of deadlines, one
+  entry per shard), or a ramp is under way (re-read on every call while it
+  lasts); the filters and the ``ShardInfo`` are made again only when what
+  they read moved (a lease, a connect result or a measurement leaves the
+  filters as they were);
 * per client location (``Bucket``, at most ``MAX_BUCKETS`` of them, the
   least recently used dropped), the eligible shards' ``Ranked`` values in
   sorted lists: by ``Ranked.rank_key`` (the retry order) and by base score
@@ -20,8 +23,11 @@ would compute, and recomputes only what changed:
   shards and for all shards passing the hard filters (panic mode);
 * per bucket, the draw's pool (``View``): its members, running weights,
   highest ledger and longest stride, and the retry order, kept until a
-  shard of the bucket changes; meanwhile only the highest ledger moves,
-  raised as the draw writes ledgers (they only grow).
+  shard's key in the bucket moves (a shard scored again to the same keys
+  only has its value replaced); meanwhile only the highest ledger moves,
+  raised as the draw writes ledgers (they only grow).  A shard scored
+  again moves within its lists; the blocks' figures are settled when a
+  pool large enough to read them is next worked out.
 
 A call then touches only the shards that changed since the previous one,
 the draw's pool and the ``retries`` after it.  The contract, which
@@ -948,11 +954,12 @@ def _position(
 
 class View:
     """
-    The draw's pool of one bucket, worked out once and kept while no shard
-    of the bucket changes (``ServiceIndex.bucket`` drops it then): its
+    The draw's pool of one bucket, worked out once and kept while no key
+    of the bucket moves (``ServiceIndex.bucket`` drops it then): its
     members, running weights, highest ledger and longest stride.  Only
     the highest ledger moves meanwhile, raised as the draw writes ledgers
-    (``raise_top``), so that a draw reads two random numbers, two
+    (``raise_top``), and a shard's value when it is scored again to the
+    same keys (``replace``), so that a draw reads two random numbers, two
     positions and two ledgers, whatever the size of the pool.
     """
 
