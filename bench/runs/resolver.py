@@ -11,22 +11,35 @@ commands an operator runs: ``twistd -n shardtcp`` until it listens,
 and what connections to that service cost and do to an open connection of
 another service on the same proxy.  The package is byte-compiled first,
 as an installed one is (``compile_package``).
+
+What the resolver costs a connection (``cycle_cost``) is measured at 1, 3
+and 100 shards as one cycle of what the connection path asks of it:
+``resolve``, ``lease`` on the first candidate, ``record_connect_result``
+with a connect time, then ``release``, on a clock that moves 13 ms per
+cycle; once with each connection closed before the next one, and once
+with five held open.  Per cycle: CPU µs, Python calls (``cProfile``)
+and, where ``valgrind`` is installed, instructions (``callgrind``, the
+difference between two counts of cycles, so that start-up cancels out).
 """
 
 from __future__ import annotations
 
 import os
 import resource
+import shutil
 import subprocess
+import sys
 import threading
 import time
 
 from bench import clients, measure, targets
 from bench.clients import percentile
-from bench.lab import SERVICE_NAME, BenchError, Lab, bin_path, free_port, recv_exact, say
+from bench.lab import REPO_ROOT, SERVICE_NAME, BenchError, Lab, bin_path, free_port, recv_exact, say
 from bench.report import fmt, table
 
 SIZES = (3, 100, 1000, 10000)
+CYCLE_SIZES = (1, 3, 100)
+CYCLE_HELD = (0, 5)
 CLIENT = "198.51.100.7"
 BUDGET = 2.0  # seconds of timing per size, at most a few times over
 
@@ -86,6 +99,99 @@ def resolve_cost(lab: Lab, shards: int, quick: bool) -> dict:
             resolver.resolve(request)
         best = min(best, (time.process_time() - t0) / number)
     return {"us_per_call": best * 1e6, "calls_per_batch": number, "candidates": len(candidates)}
+
+
+def cycles(config_path: str, count: int, held: int = 0):
+    """
+    A resolver over ``config_path`` and a function running ``count``
+    connection cycles (see the module docstring) with ``held`` leases
+    kept open.
+    """
+    import random
+
+    from twisted.internet.task import Clock
+
+    from shardtcp.config import load_config
+    from shardtcp.model import ConnectionRequest
+    from shardtcp.resolver import ShardResolver
+
+    clock = Clock()
+    clock.advance(1.8e9)
+    resolver = ShardResolver(load_config(config_path), clock=clock, random=random.Random(1))
+    request = ConnectionRequest(service_id="api", client=(CLIENT, 51515), destination=("127.0.0.1", 8443),
+                                sni=SERVICE_NAME, alpn=(), listener="edge")
+    open_leases: list = []
+
+    def run() -> None:
+        for _ in range(count):
+            shard_id = resolver.resolve(request, 2)[0].shard.shard_id
+            lease = resolver.lease(shard_id)
+            clock.advance(0.003)
+            resolver.record_connect_result(shard_id, True, 0.0011)
+            clock.advance(0.01)
+            open_leases.append(lease)
+            if len(open_leases) > held:
+                open_leases.pop(0).release()
+
+    return run
+
+
+def _cycle_instructions(path: str, counts: tuple[int, int]) -> float:
+    """Instructions per cycle under callgrind: two counts of cycles, their difference."""
+    totals = []
+    for count in counts:
+        out = path + f".{count}.callgrind"
+        code = ("import sys; sys.path.insert(0, sys.argv[1]); from bench.runs.resolver import cycles; "
+                "cycles(sys.argv[2], int(sys.argv[3]))()")
+        try:
+            done = subprocess.run(
+                ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+                 sys.executable, "-c", code, REPO_ROOT, path, str(count)],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=900,
+            )
+        except subprocess.TimeoutExpired as e:
+            raise BenchError(f"callgrind over {count} cycles took more than 900 s") from e
+        if done.returncode != 0:
+            raise BenchError(f"callgrind over {count} cycles exited with {done.returncode}: "
+                             f"{done.stderr[-2000:].decode('utf-8', 'replace')}")
+        total = 0
+        with open(out, errors="replace") as f:
+            for line in f:
+                if line.startswith(("summary:", "totals:")):
+                    total = max(total, int(line.split()[1]))
+        if not total:
+            raise BenchError(f"callgrind counted nothing over {count} cycles")
+        totals.append(total)
+    return (totals[1] - totals[0]) / (counts[1] - counts[0])
+
+
+def cycle_cost(lab: Lab, shards: int, quick: bool) -> dict:
+    """What a connection's calls into the resolver cost at ``shards`` shards."""
+    import cProfile
+    import pstats
+
+    path = lab.path(f"cycle-{shards}.toml")
+    with open(path, "w") as f:
+        f.write(_config_text(lab, shards, 1))
+    result: dict = {}
+    for held in CYCLE_HELD:
+        count = 2000 if quick else 5000
+        run = cycles(path, count, held)
+        run()  # warm-up: every bucket and ordering built
+        best = float("inf")
+        for _ in range(2 if quick else 3):
+            t0 = time.process_time()
+            run()
+            best = min(best, (time.process_time() - t0) / count)
+        profile = cProfile.Profile()
+        profile.enable()
+        run()
+        profile.disable()
+        result[held] = {"us_per_cycle": best * 1e6,
+                        "calls_per_cycle": pstats.Stats(profile).total_calls / count}
+    if shutil.which("valgrind"):
+        result["instructions_per_cycle"] = _cycle_instructions(path, (100, 600) if quick else (200, 1200))
+    return result
 
 
 def large_service(lab: Lab, target: targets.Target, count: int) -> dict:
@@ -191,10 +297,14 @@ def compile_package() -> None:
 
 
 def run(lab: Lab, settings: dict) -> dict:
-    results: dict = {"resolve": {}}
+    results: dict = {"resolve": {}, "cycle": {}}
     for shards in SIZES:
         results["resolve"][shards] = resolve_cost(lab, shards, settings["quick"])
         say(f"resolve at {shards} shards: {results['resolve'][shards]['us_per_call']:.1f} µs")
+    for shards in CYCLE_SIZES:
+        cycle = results["cycle"][shards] = cycle_cost(lab, shards, settings["quick"])
+        say(f"connection cycle at {shards} shards: {cycle[0]['us_per_cycle']:.1f} µs, "
+            f"{cycle[0]['calls_per_cycle']:.0f} Python calls")
     compile_package()
     shards = SIZES[-1]
     backend = targets.start_backend(lab, "backend-echo", tls=False)
@@ -222,6 +332,15 @@ def report(r: dict) -> str:
             for n, v in r["resolve"].items()]
     out = table("Resolver: ShardResolver.resolve, one service, CPU per call",
                 ["", "µs per call", "µs per shard"], rows)
+    if r.get("cycle"):
+        rows = []
+        for n, v in r["cycle"].items():
+            rows.append([f"{n:,} shards", fmt(v[0]["us_per_cycle"], ".1f"), fmt(v[0]["calls_per_cycle"], ".0f"),
+                         fmt(v.get("instructions_per_cycle"), ",.0f"),
+                         fmt(v[5]["us_per_cycle"], ".1f"), fmt(v[5]["calls_per_cycle"], ".0f")])
+        out += "\n\n" + table(
+            "Resolver per connection: resolve + lease + connect result + release",
+            ["", "µs", "Python calls", "instructions", "µs, 5 open", "calls, 5 open"], rows)
     rows = [
         ["twistd -n shardtcp until listening", fmt(r["startup"]["seconds"], ".2f"), fmt(r["startup"]["cpu_s"], ".2f")],
         ["shardtcp check-config", fmt(r["check_config"]["seconds"], ".2f"), fmt(r["check_config"]["cpu_s"], ".2f")],

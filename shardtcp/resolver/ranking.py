@@ -310,14 +310,44 @@ def score(
     ``factors`` (explain asks for every shard's factors).
     """
     path = _latency_path(info.location, client.location, expected_ms, measured_ms)
-    latency = path[3]
+    return score_rtt(
+        info, state, path[2], weights, expected_ms, measured_ms, set_aside,
+        reasons, (client.location, path) if keep_path else None,
+    )
+
+
+def geo_rtt_ms(shard: Optional[Location], client: Optional[Location]) -> Optional[float]:
+    """The client-to-shard estimate ``score`` works out (None without both locations)."""
+    if shard is None or client is None:
+        return None
+    return scoring.estimated_rtt_ms(scoring.great_circle_km(client, shard))
+
+
+def score_rtt(
+    info: ShardInfo,
+    state: Optional[ShardState],
+    rtt_ms: Optional[float],
+    weights: Weights,
+    expected_ms: Optional[float],
+    measured_ms: Optional[float],
+    set_aside: tuple[str, ...],
+    reasons: tuple[str, ...] = (),
+    path: Optional[tuple] = None,
+) -> Ranked:
+    """
+    ``score`` for a client whose path to the shard is already worked out:
+    ``rtt_ms`` is ``scoring.path_rtt_ms`` of ``geo_rtt_ms`` (the client's
+    estimate to the shard), ``expected_ms`` and ``measured_ms``.  The same
+    value, without working out the distance again (the incremental
+    orderings keep the estimate per client location and shard).
+    """
+    latency = scoring.latency_factor(rtt_ms) if rtt_ms is not None else scoring.NEUTRAL_LATENCY
     security = scoring.security_factor(info.security_score)
     spare = scoring.spare_factor(info.load)
     base = scoring.total_score(weights, latency, security, spare)
     return Ranked(
         state, info, latency, security, spare, base, base * info.weight,
-        measured_ms, expected_ms, reasons, set_aside,
-        (client.location, path) if keep_path else None,
+        measured_ms, expected_ms, reasons, set_aside, path,
     )
 
 

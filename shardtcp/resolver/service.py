@@ -790,7 +790,7 @@ class ShardResolver(Service):
         stats = state.stats
         now = self._now()
         if ok:
-            state.stats = ConnectStats(
+            stats = ConnectStats(
                 ok=stats.ok + 1,
                 failed=stats.failed,
                 consecutive_failures=0,
@@ -798,7 +798,9 @@ class ShardResolver(Service):
                 last_at=now,
             )
             if seconds is not None:
-                self._observe_rtt(state, seconds, now)
+                self._observe_rtt(state, seconds, now, stats)
+            else:
+                state.stats = stats
         else:
             state.stats = ConnectStats(
                 ok=stats.ok,
@@ -807,7 +809,9 @@ class ShardResolver(Service):
                 last_seconds=stats.last_seconds,
                 last_at=now,
             )
-        duration = state.outlier.record(ok, now, self._outlier)
+        outlier = state.outlier
+        # A success after a success changes nothing in the tracker.
+        duration = outlier.record(ok, now, self._outlier) if not ok or outlier.consecutive else None
         if duration is not None:
             # The ramp starts when the ejection ends.
             state.back_since = state.outlier.ejected_until
@@ -830,15 +834,20 @@ class ShardResolver(Service):
         if state is not None:
             self._observe_rtt(state, seconds, self._now())
 
-    def _observe_rtt(self, state: ShardState, seconds: float, now: float) -> None:
+    def _observe_rtt(
+        self, state: ShardState, seconds: float, now: float,
+        stats: Optional[ConnectStats] = None,
+    ) -> None:
+        """Fold a sample into the measured latency (and write ``stats`` with it)."""
         sample = max(0.0, seconds) * 1000.0
-        previous = state.measured_ms(now, self._rtt_max_age)
-        state.rtt_ms = scoring.peak_ewma(
-            previous, state.rtt_at if previous is not None else None,
-            sample, now, self._rtt_decay,
+        # ``state.measured_ms(now, self._rtt_max_age)``, inline.
+        previous, at = state.rtt_ms, state.rtt_at
+        if previous is None or at is None or now - at > self._rtt_max_age:
+            previous = None
+        value = scoring.peak_ewma(
+            previous, at if previous is not None else None, sample, now, self._rtt_decay,
         )
-        state.rtt_at = now
-        state.rtt_samples += 1
+        state.take_sample(value, now, stats)
 
     def connect_stats(self, shard_id: str) -> ConnectStats:
         """Return what ``record_connect_result`` has gathered for a shard."""
@@ -1004,12 +1013,14 @@ class ShardResolver(Service):
         client = self._locate(request.client[0])
         now = self._now()
         for row in index.refresh(now):
-            self._note_ejection_ended(row.state, now)
+            if row.state.ejection_open:
+                self._note_ejection_ended(row.state, now)
         denied = self._admit(service_id, table, client)
         if denied is not None:
             raise AccessDenied(service_id, request.client[0], denied)
         bucket = index.bucket(client.location)
-        self._note_panic(service_id, index.panic, index.healthy, index.passing)
+        if self._panic.get(service_id, False) is not index.panic:
+            self._note_panic(service_id, index.panic, index.healthy, index.passing)
         retries = max(0, retries)
         source = table.config.shard_key
         if source != "none":

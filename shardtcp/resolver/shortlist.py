@@ -8,11 +8,14 @@ reference (``explain`` uses it).  A ``ServiceIndex`` keeps what ``rank``
 would compute, and recomputes only what changed:
 
 * per shard, its filters, its ``ShardInfo`` and its measured latency
-  (``Row``), recomputed when the shard's live state is written (every
+  (``Row``), read again when the shard's live state is written (every
   ``ShardState`` attribute write but the draw's ledger lands in the
   index's ``changed`` set) or when time changes it: an ejection ends, a
-  measurement ages out, a slow-start ramp begins (a heap of deadlines), or
-  a ramp is under way (re-read on every call while it lasts);
+  measurement ages out, a slow-start ramp begins (a heap of deadlines, one
+  entry per shard), or a ramp is under way (re-read on every call while it
+  lasts); the filters and the ``ShardInfo`` are made again only when what
+  they read moved (a lease, a connect result or a measurement leaves the
+  filters as they were);
 * per client location (``Bucket``, at most ``MAX_BUCKETS`` of them, the
   least recently used dropped), the eligible shards' ``Ranked`` values in
   sorted lists: by ``Ranked.rank_key`` (the retry order) and by base score
@@ -20,8 +23,11 @@ would compute, and recomputes only what changed:
   shards and for all shards passing the hard filters (panic mode);
 * per bucket, the draw's pool (``View``): its members, running weights,
   highest ledger and longest stride, and the retry order, kept until a
-  shard of the bucket changes; meanwhile only the highest ledger moves,
-  raised as the draw writes ledgers (they only grow).
+  shard's key in the bucket moves (a shard scored again to the same keys
+  only has its value replaced); meanwhile only the highest ledger moves,
+  raised as the draw writes ledgers (they only grow).  A shard scored
+  again moves within its lists; the blocks' figures are settled when a
+  pool large enough to read them is next worked out.
 
 A call then touches only the shards that changed since the previous one,
 the draw's pool and the ``retries`` after it.  The contract, which
@@ -37,11 +43,10 @@ import heapq
 import math
 from bisect import bisect_left, bisect_right, insort
 from itertools import accumulate
-from collections import OrderedDict
 from typing import Iterable, Optional
 
 from shardtcp.model import Health, Location
-from shardtcp.resolver import choice, ranking
+from shardtcp.resolver import choice, ranking, scoring
 from shardtcp.resolver.state import ShardState
 
 #: Client locations whose orderings are kept per service.
@@ -56,7 +61,7 @@ class Row:
 
     __slots__ = (
         "state", "position", "expected_ms", "hard", "soft", "info",
-        "measured_ms", "version", "kept",
+        "measured_ms", "version", "kept", "filtered", "health", "until", "queued", "loaded",
     )
 
     def __init__(self, state: ShardState, position: int, expected_ms: Optional[float]) -> None:
@@ -71,6 +76,16 @@ class Row:
         # What the resolver's snapshot made of this row, and for which
         # version of it (``ShardResolver.snapshot``).
         self.kept: Optional[tuple] = None
+        # The inputs the filters were last worked out from (``_filter_inputs``)
+        # and the health they gave.
+        self.filtered: Optional[tuple] = None
+        # The inputs ``info`` was last made from (``ServiceIndex._read``).
+        self.loaded: Optional[tuple] = None
+        self.health = Health.HEALTHY
+        # Until when the time-dependent inputs stay as read (``_deadline``),
+        # and the time of this row's one live entry in the deadline heap.
+        self.until: Optional[float] = None
+        self.queued: Optional[float] = None
 
     @property
     def passing(self) -> bool:
@@ -131,23 +146,52 @@ class Ordered:
         self._delta = 0
         self._swing = 0
 
-    def _moved(self, i: int, delta: int) -> None:
-        self._lo = i if self._lo is None else min(self._lo, i)
-        self._hi = max(self._hi, i)
-        self._delta += delta
-        self._swing = max(self._swing, abs(self._delta))
+    # ``add`` and ``discard`` note where keys moved: the lowest and highest
+    # positions, the net shift and the largest net shift on the way.
 
     def add(self, key: tuple) -> None:
-        i = bisect_left(self.items, key)
-        self.items.insert(i, key)
-        self._moved(i, 1)
+        items = self.items
+        i = bisect_left(items, key)
+        items.insert(i, key)
+        lo = self._lo
+        if lo is None or i < lo:
+            self._lo = i
+        if i > self._hi:
+            self._hi = i
+        delta = self._delta = self._delta + 1
+        if delta > self._swing or -delta > self._swing:
+            self._swing = delta if delta > 0 else -delta
 
     def discard(self, key: tuple) -> None:
         items = self.items
         i = bisect_left(items, key)
         if i < len(items) and items[i] == key:
             del items[i]
-            self._moved(i, -1)
+            lo = self._lo
+            if lo is None or i < lo:
+                self._lo = i
+            if i > self._hi:
+                self._hi = i
+            delta = self._delta = self._delta - 1
+            if delta > self._swing or -delta > self._swing:
+                self._swing = delta if delta > 0 else -delta
+
+    def replace(self, old: tuple, new: tuple) -> None:
+        """``discard(old)`` then ``add(new)``, in place when ``new`` sorts where ``old`` stood."""
+        items = self.items
+        i = bisect_left(items, old)
+        if i < len(items) and items[i] == old:
+            if (i == 0 or items[i - 1] < new) and (i + 1 == len(items) or new < items[i + 1]):
+                items[i] = new
+                # Its block's figures change; nothing shifts.
+                lo = self._lo
+                if lo is None or i < lo:
+                    self._lo = i
+                if i > self._hi:
+                    self._hi = i
+                return
+            self.discard(old)
+        self.add(new)
 
     def touch(self, key: tuple, ledger: float) -> None:
         """
@@ -174,9 +218,11 @@ class Ordered:
         if self._lo is None:
             return
         blocks = -(-len(self.items) // BLOCK)
-        for figures in (self.sums, self.tops, self.lows):
-            del figures[blocks:]
-            figures.extend([0.0] * (blocks - len(figures)))
+        known = len(self.sums)
+        if known != blocks:
+            for figures in (self.sums, self.tops, self.lows):
+                del figures[blocks:]
+                figures.extend([0.0] * (blocks - known))
         first = self._lo // BLOCK
         if self._delta:
             # Everything after the first change shifted.
@@ -185,8 +231,10 @@ class Ordered:
             # Keys past every change (and past how far the changes ever
             # shifted them) are back where they were.
             last = min(blocks - 1, (self._hi + self._swing) // BLOCK)
-        self.stale = {b for b in self.stale if b < blocks}
-        self.stale.update(range(first, last + 1))
+        stale = self.stale
+        if stale and max(stale) >= blocks:
+            stale = self.stale = {b for b in stale if b < blocks}
+        stale.update(range(first, last + 1))
         self.tail = None
         self._lo, self._hi, self._delta, self._swing = None, -1, 0, 0
 
@@ -227,6 +275,16 @@ class Bucket:
         # figures have not taken in yet.
         self.view: Optional[View] = None
         self.deferred: set[Row] = set()
+        # Per shard ranked here: its Ranked value, its keys in the lists
+        # (rank key, base key, group) and the path RTT it was scored on.
+        self.keys: dict[Row, tuple[ranking.Ranked, tuple, tuple, int, Optional[float]]] = {}
+        # The lists whose keys moved since their figures were last settled.
+        self.unsettled: set[Ordered] = set()
+        # Shard id -> rank key, of the shards in ``ranked``.
+        self.rank_keys: dict[str, tuple] = {}
+        # Per shard: the client-to-shard estimate (``ranking.geo_rtt_ms``),
+        # which only the records change.
+        self.geo: dict[Row, Optional[float]] = {}
 
 
 def _base_key(r: ranking.Ranked) -> tuple[float, str, float]:
@@ -283,11 +341,29 @@ class EligibleTotals:
     def read(self, row: Row) -> None:
         """Count a shard as it was just read, in place of how it was counted."""
         state = row.state
-        now = (row.healthy, row.passing, state.open_connections + state.remote_connections, state.weight)
+        passing = not row.hard
+        weight = state.weight_override
+        now = (
+            passing and not row.soft, passing,
+            state.open_connections + state.remote_connections,
+            # ``ShardState.weight``, inline.
+            weight if weight is not None else state.config.weight,
+        )
         before = self._counted.get(row)
         if before == now:
             return
         self._counted[row] = now
+        if (
+            before is not None and before[0] == now[0] and before[1] == now[1]
+            and before[3] == now[3]
+        ):
+            # Only the open connections moved.
+            moved = now[2] - before[2]
+            if now[0]:
+                self._open[0] += moved
+            if now[1]:
+                self._open[1] += moved
+            return
         if before is not None:
             self._add(before, -1, weight=before[:2] != now[:2] or before[3] != now[3])
             if before[3] != now[3]:
@@ -332,13 +408,19 @@ class ServiceIndex:
             for i, (state, expected) in enumerate(zip(table.shards, table.expected_ms))
         }
         self._ordered_rows = list(self._rows.values())
-        self._deadlines: list[tuple[float, int, int, Row]] = []
+        self._deadlines: list[tuple[float, int, Row]] = []
         self._volatile: set[Row] = set()
-        self._buckets: OrderedDict[Optional[Location], Bucket] = OrderedDict()
+        # Least recently used first (a plain dict: iterating over an
+        # OrderedDict's values hashes every key, a Location).
+        self._buckets: dict[Optional[Location], Bucket] = {}
         self._sequence = 0
         self._last_now: Optional[float] = None
         self.passing = 0
         self.healthy = 0
+        #: Whether panic mode is in force, as ``ranking.select`` decides.
+        self.panic = False
+        # The bucket asked for last, and its location.
+        self._last: Optional[tuple[Optional[Location], Bucket]] = None
         self.totals = EligibleTotals()
         self._fresh = False
         for state in table.shards:
@@ -348,6 +430,67 @@ class ServiceIndex:
 
     def _read(self, row: Row, now: float) -> None:
         """Read a shard's filters, info and measurement again at ``now``."""
+        state = row.state
+        outlier = state.outlier
+        ejected_until = outlier.ejected_until
+        ejected = ejected_until is not None and now < ejected_until
+        # Everything the filters read: most writes (a lease, a connect
+        # result, a measurement) leave them as they were.
+        inputs = (
+            state.health, state.admin_state, state.agent_admin, state.security_override,
+            state.config, ejected_until if ejected else None,
+            outlier.consecutive if ejected else None,
+        )
+        if inputs != row.filtered or row.info is None:
+            self._filter(row, now)
+            row.filtered = inputs
+        # Everything ``ShardState.info`` reads; the same ``ShardInfo`` is
+        # kept while they stay as they were (a lease taken and given back),
+        # so that the buckets see at a glance that no score can have moved.
+        since = state.back_since
+        config = state.config
+        loaded = (
+            row.health, config, state.weight_override, state.agent_weight_percent,
+            state.security_override, state.open_connections, state.remote_connections,
+            state.agent_load, since,
+            None if since is None else scoring.slow_start_factor(since, now, config.slow_start),
+        )
+        if loaded != row.loaded or row.info is None:
+            row.info = state.info(now, row.health)
+            row.loaded = loaded
+        # ``ShardState.measured_ms``, inline.
+        rtt_ms, rtt_at = state.rtt_ms, state.rtt_at
+        max_age = self.settings.rtt_max_age
+        if rtt_ms is None or rtt_at is None or now - rtt_at > max_age:
+            row.measured_ms = None
+        else:
+            row.measured_ms = rtt_ms
+        row.version += 1
+        self.totals.read(row)
+        if ejected_until is None and since is None:
+            # ``_deadline`` when only a measurement can age out.
+            if rtt_ms is None or rtt_at is None or now > rtt_at + max_age:
+                until = None
+            else:
+                until = rtt_at + max_age
+        else:
+            until = _deadline(state, now, max_age)
+        row.until = until
+        if until is not None and until <= now:
+            self._volatile.add(row)
+            return
+        self._volatile.discard(row)
+        if until is not None:
+            queued = row.queued
+            # One live heap entry per row, at or before its deadline: an
+            # earlier one is taken again for the later time when it comes.
+            if queued is None or queued > until:
+                row.queued = until
+                self._sequence += 1
+                heapq.heappush(self._deadlines, (until, self._sequence, row))
+
+    def _filter(self, row: Row, now: float) -> None:
+        """Work out a shard's filters (as ``ranking.consider``) and its health."""
         table, state = self.table, row.state
         if row.info is not None:
             self.passing -= row.passing
@@ -363,22 +506,12 @@ class ServiceIndex:
             )
         else:
             hard = drains
-        health = Health.UNHEALTHY if soft else Health.DRAINING if drains else Health.HEALTHY
+        row.health = Health.UNHEALTHY if soft else Health.DRAINING if drains else Health.HEALTHY
         row.hard, row.soft = tuple(hard), tuple(soft)
-        row.info = state.info(now, health)
-        row.measured_ms = state.measured_ms(now, self.settings.rtt_max_age)
         self.passing += row.passing
         self.healthy += row.healthy
-        row.version += 1
-        self.totals.read(row)
-        self._volatile.discard(row)
-        until = _deadline(state, now, self.settings.rtt_max_age)
-        if until is not None:
-            if until <= now:
-                self._volatile.add(row)
-            else:
-                self._sequence += 1
-                heapq.heappush(self._deadlines, (until, self._sequence, row.version, row))
+        passing = self.passing
+        self.panic = bool(passing) and self.healthy < self.settings.panic_threshold * passing
 
     def refresh(self, now: float) -> list[Row]:
         """
@@ -392,8 +525,11 @@ class ServiceIndex:
             self._deadlines.clear()
             self._volatile.clear()
             self.passing = self.healthy = 0
+            self.panic = False
+            self._last = None
             for row in self._ordered_rows:
                 row.info = None
+                row.filtered = row.until = row.queued = None
             for row in self._ordered_rows:
                 self._read(row, now)
             self._buckets.clear()
@@ -405,14 +541,28 @@ class ServiceIndex:
         ):
             return []
         rows = self._rows
-        touched = {rows[s] for s in self.changed if s in rows}
+        touched = set()
+        for state in self.changed:
+            row = rows.get(state)
+            if row is not None:
+                touched.add(row)
         self.changed.clear()
         touched |= self._volatile
         deadlines = self._deadlines
         while deadlines and deadlines[0][0] <= now:
-            _, _, version, row = heapq.heappop(deadlines)
-            if version == row.version:
+            when, _, row = heapq.heappop(deadlines)
+            if when != row.queued:
+                continue  # an entry a nearer deadline replaced
+            row.queued = None
+            until = row.until
+            if until is None:
+                continue
+            if until <= now:
                 touched.add(row)
+            else:
+                row.queued = until
+                self._sequence += 1
+                heapq.heappush(deadlines, (until, self._sequence, row))
         for row in touched:
             self._read(row, now)
         if touched:
@@ -422,37 +572,54 @@ class ServiceIndex:
 
     # -- per client location ----------------------------------------------------
 
-    def _rank_one(self, bucket: Bucket, row: Row) -> ranking.Ranked:
-        return ranking.score(
-            row.info, row.state, bucket.client, self.table.config.weights,
-            row.expected_ms, row.measured_ms, (), row.soft,
+    def _rtt(self, bucket: Bucket, row: Row) -> Optional[float]:
+        """The path RTT a score for the bucket's clients reads (``ranking.score``)."""
+        geo = bucket.geo
+        try:
+            geo_ms = geo[row]
+        except KeyError:
+            geo_ms = geo[row] = ranking.geo_rtt_ms(row.info.location, bucket.client.location)
+        return scoring.path_rtt_ms(geo_ms, row.expected_ms, row.measured_ms)
+
+    def _rank_one(self, bucket: Bucket, row: Row, rtt: Optional[float]) -> ranking.Ranked:
+        return ranking.score_rtt(
+            row.info, row.state, rtt, self.table.config.weights,
+            row.expected_ms, row.measured_ms, row.soft,
         )
 
-    def _place(self, bucket: Bucket, row: Row, r: ranking.Ranked) -> None:
-        bucket.ranked[r.info.shard_id] = r
-        key = r.rank_key()
-        base = _base_key(r)
-        group = _group(r)
+    def _place(
+        self, bucket: Bucket, row: Row, r: ranking.Ranked, rtt: Optional[float], moved: set,
+        key: tuple, base: tuple, group: int,
+    ) -> None:
+        shard_id = r.info.shard_id
+        bucket.ranked[shard_id] = r
+        bucket.rank_keys[shard_id] = key
+        bucket.keys[row] = (r, key, base, group, rtt)
         insort(bucket.by_rank[1], key)
-        bucket.by_base[1][group].add(base)
-        if not row.soft:
+        ordered = bucket.by_base[1][group]
+        ordered.add(base)
+        moved.add(ordered)
+        if not r.set_aside:
             insort(bucket.by_rank[0], key)
-            bucket.by_base[0][group].add(base)
+            ordered = bucket.by_base[0][group]
+            ordered.add(base)
+            moved.add(ordered)
 
-    def _remove(self, bucket: Bucket, row: Row) -> None:
-        r = bucket.ranked.pop(row.state.config.id, None)
-        if r is None:
+    def _remove(self, bucket: Bucket, row: Row, moved: set) -> None:
+        kept = bucket.keys.pop(row, None)
+        if kept is None:
             return
-        key = r.rank_key()
-        base = _base_key(r)
-        group = _group(r)
-        panics = (1,) if r.set_aside else (0, 1)
-        for panic in panics:
+        r, key, base, group, _ = kept
+        del bucket.ranked[r.info.shard_id]
+        del bucket.rank_keys[r.info.shard_id]
+        for panic in ((1,) if r.set_aside else (0, 1)):
             items = bucket.by_rank[panic]
             i = bisect_left(items, key)
             if i < len(items) and items[i] == key:
                 del items[i]
-            bucket.by_base[panic][group].discard(base)
+            ordered = bucket.by_base[panic][group]
+            ordered.discard(base)
+            moved.add(ordered)
 
     def _build(self, bucket: Bucket) -> None:
         bucket.pending.clear()
@@ -460,16 +627,22 @@ class ServiceIndex:
         bucket.deferred.clear()
         bucket.view = None
         bucket.ranked.clear()
+        bucket.rank_keys.clear()
+        bucket.unsettled.clear()
+        bucket.keys.clear()
         keyed: tuple[list, list] = ([], [])
         based: tuple[list[list], list[list]] = ([[], [], [], []], [[], [], [], []])
         for row in self._ordered_rows:
             if row.hard:
                 continue
-            r = self._rank_one(bucket, row)
+            rtt = self._rtt(bucket, row)
+            r = self._rank_one(bucket, row, rtt)
             bucket.ranked[r.info.shard_id] = r
             key = r.rank_key()
             base = _base_key(r)
             group = _group(r)
+            bucket.keys[row] = (r, key, base, group, rtt)
+            bucket.rank_keys[r.info.shard_id] = key
             keyed[1].append(key)
             based[1][group].append(base)
             if not row.soft:
@@ -482,6 +655,87 @@ class ServiceIndex:
             [Ordered(items) for items in based[0]], [Ordered(items) for items in based[1]],
         )
 
+    def _update(self, bucket: Bucket) -> None:
+        """
+        Take in the bucket's pending shards: each scored again, and moved
+        in the lists only when one of its keys moved; the pool (``View``)
+        kept when none did.
+        """
+        pending = bucket.pending
+        keys = bucket.keys
+        ranked = bucket.ranked
+        weights = self.table.config.weights
+        moved: set[Ordered] = set()
+        for row in pending:
+            kept = keys.get(row)
+            if row.hard:
+                if kept is not None:
+                    self._remove(bucket, row, moved)
+                continue
+            if kept is None or kept[0].measured_ms != row.measured_ms:
+                rtt = self._rtt(bucket, row)
+            else:
+                rtt = kept[4]  # the same inputs as last time
+            if kept is not None:
+                old = kept[0]
+                if old.info is row.info and old.set_aside == row.soft and rtt == kept[4]:
+                    # Nothing the score reads moved (a lease taken and given
+                    # back, a measurement within what geography predicts):
+                    # the same value but for the measurement it carries.
+                    if old.measured_ms != row.measured_ms:
+                        r = ranking.Ranked(
+                            old.state, old.info, old.latency, old.security, old.spare,
+                            old.base, old.total, row.measured_ms, old.expected_ms,
+                            old.reasons, old.set_aside,
+                        )
+                        keys[row] = (r, kept[1], kept[2], kept[3], rtt)
+                        ranked[r.info.shard_id] = r
+                        view = bucket.view
+                        if view is not None:
+                            view.replace(old, r)
+                    continue
+            info = row.info
+            r = ranking.score_rtt(
+                info, row.state, rtt, weights, row.expected_ms, row.measured_ms, row.soft,
+            )
+            # ``Ranked.rank_key``, ``_base_key`` and ``_group``, inline.
+            total = r.total
+            full = info.load >= 1.0
+            key = (full, -total, info.open_connections, info.shard_id)
+            base = (-r.base, info.shard_id, max(0.0, total))
+            group = (2 if full else 0) + (0 if total > 0 else 1)
+            if kept is not None and kept[0].set_aside == r.set_aside:
+                if key == kept[1] and base == kept[2] and group == kept[3]:
+                    # The same place everywhere, and the same draw weight:
+                    # only the value changes.
+                    keys[row] = (r, key, base, group, rtt)
+                    ranked[r.info.shard_id] = r
+                    view = bucket.view
+                    if view is not None:
+                        view.replace(kept[0], r)
+                    continue
+                if group == kept[3]:
+                    # The same lists: each key moves within its own (in
+                    # place when it keeps its rank, as a shard whose only
+                    # change is its load or latency often does).
+                    for panic in ((1,) if r.set_aside else (0, 1)):
+                        _swap(bucket.by_rank[panic], kept[1], key)
+                        ordered = bucket.by_base[panic][group]
+                        ordered.replace(kept[2], base)
+                        moved.add(ordered)
+                    shard_id = info.shard_id
+                    keys[row] = (r, key, base, group, rtt)
+                    ranked[shard_id] = r
+                    bucket.rank_keys[shard_id] = key
+                    continue
+            self._remove(bucket, row, moved)
+            self._place(bucket, row, r, rtt, moved, key, base, group)
+        pending.clear()
+        if moved:
+            bucket.view = None
+            # Settled when the blocks' figures are next read (``View``).
+            bucket.unsettled |= moved
+
     def drawn(self, row_state: ShardState) -> None:
         """Note that the draw moved a shard's ledger."""
         row = self._rows.get(row_state)
@@ -491,30 +745,29 @@ class ServiceIndex:
 
     def bucket(self, location: Optional[Location]) -> Bucket:
         """The up-to-date orderings for clients at ``location``."""
-        buckets = self._buckets
-        bucket = buckets.get(location)
-        if bucket is None:
-            bucket = Bucket(location)
-            self._build(bucket)
+        last = self._last
+        if last is not None and last[0] is location:
+            # The same location as last time: already the most recent.
+            bucket = last[1]
+        else:
+            buckets = self._buckets
+            bucket = buckets.get(location)
+            if bucket is None:
+                bucket = Bucket(location)
+                self._build(bucket)
+                buckets[location] = bucket
+                if len(buckets) > MAX_BUCKETS:
+                    del buckets[next(iter(buckets))]
+                self._last = (location, bucket)
+                return bucket
+            del buckets[location]
             buckets[location] = bucket
-            if len(buckets) > MAX_BUCKETS:
-                buckets.popitem(last=False)
-            return bucket
-        buckets.move_to_end(location)
-        pending = bucket.pending
-        if pending:
-            bucket.view = None
-            if len(pending) > _REBUILD_SHARE * len(self._ordered_rows) + 8:
+            self._last = (location, bucket)
+        if bucket.pending:
+            if len(bucket.pending) > _REBUILD_SHARE * len(self._ordered_rows) + 8:
                 self._build(bucket)
             else:
-                for row in pending:
-                    self._remove(bucket, row)
-                    if not row.hard:
-                        self._place(bucket, row, self._rank_one(bucket, row))
-                pending.clear()
-                for lists in bucket.by_base:
-                    for ordered in lists:
-                        ordered.settle()
+                self._update(bucket)
         if bucket.ledgers:
             # Ledgers only grow (the draw writes them), so the pool's
             # highest one is raised in place; the blocks' figures take
@@ -527,33 +780,17 @@ class ServiceIndex:
             bucket.ledgers.clear()
         return bucket
 
-    def _touch_deferred(self, bucket: Bucket) -> None:
-        """Let the blocks' figures take in the ledgers drawn meanwhile."""
-        for row in bucket.deferred:
-            r = bucket.ranked.get(row.state.config.id)
-            if r is not None:
-                base = _base_key(r)
-                for lists in bucket.by_base:
-                    lists[_group(r)].touch(base, row.state.ledger)
-        bucket.deferred.clear()
 
     def view(self, bucket: Bucket, band: float) -> View:
         """The draw's pool for ``bucket`` now (built when first asked for)."""
         panic = self.panic
         view = bucket.view
         if view is None or view.panic != panic or view.band != band:
-            if bucket.deferred:
-                self._touch_deferred(bucket)
             ordered, group = self._group_of_pool(bucket)
             view = bucket.view = View(bucket, panic, band, ordered, group)
         return view
 
     # -- what resolve asks ----------------------------------------------------------
-
-    @property
-    def panic(self) -> bool:
-        """Whether panic mode is in force, as ``ranking.select`` decides."""
-        return bool(self.passing) and self.healthy < self.settings.panic_threshold * self.passing
 
     def _group_of_pool(self, bucket: Bucket) -> tuple[Optional[Ordered], int]:
         groups = bucket.by_base[1 if self.panic else 0]
@@ -620,6 +857,31 @@ class ServiceIndex:
     def rows(self) -> Iterable[Row]:
         """Every row, in record order."""
         return iter(self._ordered_rows)
+
+
+def _swap(items: list, old: tuple, new: tuple) -> None:
+    """In a sorted list, ``old`` taken out and ``new`` put in (in place when it fits there)."""
+    i = bisect_left(items, old)
+    if i < len(items) and items[i] == old:
+        if (i == 0 or items[i - 1] < new) and (i + 1 == len(items) or new < items[i + 1]):
+            items[i] = new
+            return
+        del items[i]
+    insort(items, new)
+
+
+def _touch_deferred(bucket: Bucket) -> None:
+    """Let the blocks' figures take in the ledgers drawn meanwhile."""
+    keys = bucket.keys
+    for row in bucket.deferred:
+        kept = keys.get(row)
+        if kept is not None:
+            r, _, base, group, _ = kept
+            ledger = row.state.ledger
+            bucket.by_base[1][group].touch(base, ledger)
+            if not r.set_aside:
+                bucket.by_base[0][group].touch(base, ledger)
+    bucket.deferred.clear()
 
 
 def _pool_end(items: list, band: float) -> int:
@@ -692,11 +954,12 @@ def _position(
 
 class View:
     """
-    The draw's pool of one bucket, worked out once and kept while no shard
-    of the bucket changes (``ServiceIndex.bucket`` drops it then): its
+    The draw's pool of one bucket, worked out once and kept while no key
+    of the bucket moves (``ServiceIndex.bucket`` drops it then): its
     members, running weights, highest ledger and longest stride.  Only
     the highest ledger moves meanwhile, raised as the draw writes ledgers
-    (``raise_top``), so that a draw reads two random numbers, two
+    (``raise_top``), and a shard's value when it is scored again to the
+    same keys (``replace``), so that a draw reads two random numbers, two
     positions and two ledgers, whatever the size of the pool.
     """
 
@@ -725,22 +988,64 @@ class View:
         ranked = self.ranked
         if end <= SMALL_POOL:
             # As choice.draw sees the pool: members in rank order.
-            members = [ranked[key[1]] for key in items[:end]]
-            members.sort(key=ranking.Ranked.rank_key)
-            entries = [_entry(r) for r in members]
-            uniform = self.uniform = all(e.weight <= 0 for e in entries)
-            weights = self.weights = [1.0 if uniform else max(0.0, e.weight) for e in entries]
-            self.entry_weights = [e.weight for e in entries]
+            # As choice.draw sees the pool (``_entry`` of each member),
+            # in one pass.
+            if end == 1:
+                members = [ranked[items[0][1]]]
+            else:
+                rank_keys = bucket.rank_keys
+                ranks = [rank_keys[key[1]] for key in items[:end]]
+                ranks.sort()
+                # A rank key ends with the shard id.
+                members = [ranked[key[-1]] for key in ranks]
+            entry_weights = []
+            states = []
+            ids = set()
+            top = None
+            uniform = True
+            for r in members:
+                total = r.total
+                weight = total if total > 0.0 else 0.0
+                if weight > 0:
+                    uniform = False
+                entry_weights.append(weight)
+                state = r.state
+                states.append(state)
+                ids.add(r.info.shard_id)
+                ledger = state.ledger if state is not None else 0.0
+                if top is None or ledger > top:
+                    top = ledger
+            self.uniform = uniform
+            if uniform:
+                weights = self.weights = [1.0] * end
+                spread = 1.0
+            else:
+                weights = self.weights = entry_weights
+                spread = None
+                for weight in entry_weights:
+                    stride = 1.0 / weight
+                    if spread is None or stride > spread:
+                        spread = stride
+            self.entry_weights = entry_weights
             self.members = members
-            self.states = [r.state for r in members]
-            self.ids = {r.info.shard_id for r in members}
+            self.states = states
+            self.ids = ids
             self.running = list(accumulate(weights))
             self.total = sum(weights)
-            self.top = max(e.ledger for e in entries)
-            self.spread = max(1.0 if uniform else 1.0 / e.weight for e in entries)
+            self.top = top
+            self.spread = spread
             self.rests: dict[int, tuple[list[int], list[float], list[float], float]] = {}
             return
         uniform = self.uniform = group in (1, 3)
+        # Only a pool this large reads the blocks' figures: the moves and
+        # the ledgers drawn meanwhile are taken in now.
+        unsettled = bucket.unsettled
+        if unsettled:
+            for moved in unsettled:
+                moved.settle()
+            unsettled.clear()
+        if bucket.deferred:
+            _touch_deferred(bucket)
         full = end // BLOCK
         ordered.figures(full, ranked, uniform)
         sums = ordered.sums[:full]
@@ -758,6 +1063,20 @@ class View:
         self.spread = 1.0 if uniform else 1.0 / min(lows)
         self.inner: dict[int, list[float]] = {}
 
+    def replace(self, old: ranking.Ranked, new: ranking.Ranked) -> None:
+        """Put ``new`` where ``old`` stood: a shard's value, its place unchanged."""
+        members = self.members
+        if members is not None:
+            for i, r in enumerate(members):
+                if r is old:
+                    members[i] = new
+                    break
+        for got in self.leading.values():
+            for i, r in enumerate(got):
+                if r is old:
+                    got[i] = new
+                    break
+
     def raise_top(self, bucket: Bucket, row: Row) -> None:
         """Take in the new, higher ledger of a shard the draw chose."""
         state = row.state
@@ -767,10 +1086,13 @@ class View:
             return
         if self.end == 0:
             return
-        r = self.ranked.get(state.config.id)
-        if r is None or _group(r) != self.group or (r.set_aside and not self.panic):
+        kept = bucket.keys.get(row)
+        if kept is None:
             return
-        if _base_key(r) <= self.last:
+        r, _, base, group, _ = kept
+        if group != self.group or (r.set_aside and not self.panic):
+            return
+        if base <= self.last:
             self.top = max(self.top, state.ledger)
 
     def draw(self, rng: choice.RandomSource) -> Optional[tuple[ranking.Ranked, float]]:

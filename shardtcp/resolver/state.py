@@ -52,17 +52,10 @@ def timestamp(seconds: float) -> str:
 _UNRANKED = frozenset({"ledger", "changed", "rtt_samples", "ejection_open"})
 
 
-def _note_change(state: "ShardState", attribute: "attrs.Attribute", value: object) -> object:
-    # Every write that a ranking reads tells the service's index, which
-    # then reads this shard again on the next resolve (and only this one).
-    if attribute.name not in _UNRANKED:
-        changed = state.changed
-        if changed is not None:
-            changed.add(state)
-    return value
+_set = object.__setattr__
 
 
-@attrs.define(eq=False, on_setattr=_note_change)
+@attrs.define(eq=False)
 class ShardState:
     """
     The live, mutable state of one shard, kept across record reloads.
@@ -102,6 +95,37 @@ class ShardState:
     back_since: Optional[float] = None
     ledger: float = 0.0
     changed: Optional[set] = attrs.field(default=None, repr=False)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        # Every write that a ranking reads tells the service's index, which
+        # then reads this shard again on the next resolve (and only this
+        # one).  One plain method: a lease and a connect write several.
+        _set(self, name, value)
+        if name not in _UNRANKED:
+            try:
+                changed = self.changed
+            except AttributeError:
+                return  # still in __init__, before ``changed`` is set
+            if changed is not None:
+                changed.add(self)
+
+    def take_sample(
+        self, rtt_ms: float, at: float, stats: Optional[ConnectStats] = None
+    ) -> None:
+        """
+        Take in a new measured latency ``rtt_ms`` (its value after the
+        sample taken at ``at``) and count the sample; with ``stats``, the
+        connect counters that came with it.  The same writes as setting
+        each attribute, noted as one change.
+        """
+        _set(self, "rtt_ms", rtt_ms)
+        _set(self, "rtt_at", at)
+        _set(self, "rtt_samples", self.rtt_samples + 1)
+        if stats is not None:
+            _set(self, "stats", stats)
+        changed = self.changed
+        if changed is not None:
+            changed.add(self)
 
     @property
     def security_score(self) -> float:

@@ -23,7 +23,7 @@ from shardtcp.model import Health, PolicyConfig
 from shardtcp.resolver import AccessDenied, NoShardAvailable, ShardResolver, choice, ranking
 from shardtcp.resolver import shortlist
 from shardtcp.resolver.outlier import OutlierPolicy
-from shardtcp.resolver.state import _UNRANKED, ShardState
+from shardtcp.resolver.state import _UNRANKED, ConnectStats, ShardState
 
 from tests.resolver.test_resolver import (
     AP_CLIENT,
@@ -224,6 +224,29 @@ class DifferentialTests(SynchronousTestCase):
             self.assertEqual(bool(index.changed), field.name not in _UNRANKED, field.name)
         self.assertEqual(_UNRANKED, {"ledger", "changed", "rtt_samples", "ejection_open"})
 
+    def test_a_sample_is_one_noticed_change(self) -> None:
+        """
+        ``ShardState.take_sample`` writes the measurement, its time, the
+        sample count and the connect counters given, and puts the state in
+        its index's ``changed`` set; without counters it leaves them.
+        """
+        resolver, _, _, shards = build([(0, 100, 1.0, 90.0)])
+        state = resolver._states[shards[0].id]
+        index = resolver._indexes["api"]
+        index.changed.clear()
+        stats = ConnectStats(ok=4, last_seconds=0.002, last_at=50.0)
+        state.take_sample(2.0, 50.0, stats)
+        self.assertEqual(
+            (state.rtt_ms, state.rtt_at, state.rtt_samples, state.stats), (2.0, 50.0, 1, stats)
+        )
+        self.assertEqual(index.changed, {state})
+        index.changed.clear()
+        state.take_sample(3.0, 51.0)
+        self.assertEqual(
+            (state.rtt_ms, state.rtt_at, state.rtt_samples, state.stats), (3.0, 51.0, 2, stats)
+        )
+        self.assertEqual(index.changed, {state})
+
 
 class LargePoolDrawTests(SynchronousTestCase):
     """The block-based draw samples as the reference does."""
@@ -384,6 +407,96 @@ class ViewTests(SynchronousTestCase):
                 [r.info.shard_id for r in view.members], [m.item.info.shard_id for m in members]
             )
             kept = view
+
+    def assert_values_match_reference(self, resolver, candidates) -> None:
+        """Every candidate's ranked values are the reference ranking's."""
+        result, _ = reference(resolver, request(US_CLIENT))
+        by_id = {r.info.shard_id: r for r in result.eligible}
+        for c in candidates:
+            want = by_id[c.shard.shard_id]
+            self.assertEqual(c.shard, want.info)
+            self.assertEqual(
+                (c.ranked.latency, c.ranked.base, c.ranked.total, c.ranked.measured_ms,
+                 c.ranked.set_aside),
+                (want.latency, want.base, want.total, want.measured_ms, want.set_aside),
+            )
+
+    def test_a_change_that_moves_no_key_keeps_the_pool(self) -> None:
+        """
+        A lease taken and given back, or a measurement within what
+        geography predicts (0.5 ms against the 1 ms a shard next to the
+        client is expected to take), leaves every key where it was: the
+        next resolve keeps the pool, yet its candidates carry the new
+        measurement, as the reference ranking does.  A measurement past the
+        prediction (30 ms) moves the shard and drops the pool.
+        """
+        resolver, _, _, shards = build([(0, 100, 1.0, 90.0)] * 3)
+        index = resolver._indexes["api"]
+        resolver.resolve(request(US_CLIENT))
+        kept = index.bucket(NEW_YORK).view
+        self.assertIsNotNone(kept)
+        resolver.lease(shards[0].id).release()
+        resolver.record_rtt(shards[1].id, 0.0005)
+        candidates = resolver.resolve(request(US_CLIENT), 2)
+        self.assertIs(index.bucket(NEW_YORK).view, kept)
+        measured = {c.shard.shard_id: c.ranked.measured_ms for c in candidates}
+        self.assertEqual(measured, {shards[0].id: None, shards[1].id: 0.5, shards[2].id: None})
+        self.assertIn(0.5, [r.measured_ms for r in kept.members])
+        self.assert_values_match_reference(resolver, candidates)
+        resolver.record_rtt(shards[1].id, 0.030)
+        candidates = resolver.resolve(request(US_CLIENT), 2)
+        view = index.bucket(NEW_YORK).view
+        self.assertIsNot(view, kept)
+        self.assertEqual(
+            {c.shard.shard_id: c.ranked.measured_ms for c in candidates}[shards[1].id], 30.0
+        )
+        self.assert_values_match_reference(resolver, candidates)
+
+    def test_one_deadline_per_shard_however_often_it_is_measured(self) -> None:
+        """
+        A shard measured on every connection keeps one entry in the
+        deadline heap (not one per measurement), over 1,000 connections
+        spanning more than a measurement's life; its last measurement is
+        still used at exactly its age limit and gone just after, as in the
+        reference ranking.
+        """
+        resolver, clock, _, shards = build([(0, 100, 1.0, 90.0)])
+        index = resolver._indexes["api"]
+        for _ in range(1000):
+            resolver.resolve(request(US_CLIENT))
+            resolver.record_connect_result(shards[0].id, True, 0.002)
+            clock.advance(0.1)
+        resolver.resolve(request(US_CLIENT))
+        self.assertEqual(len(index._deadlines), 1)
+        age = resolver._settings.rtt_max_age
+        clock.advance(age - 0.1)
+        first = resolver.resolve(request(US_CLIENT))[0]
+        self.assertEqual(first.ranked.measured_ms, 2.0)
+        self.assert_values_match_reference(resolver, [first])
+        clock.advance(0.001)
+        first = resolver.resolve(request(US_CLIENT))[0]
+        self.assertIsNone(first.ranked.measured_ms)
+        self.assert_values_match_reference(resolver, [first])
+        self.assertEqual(index._deadlines, [])
+
+    def test_failures_during_an_ejection_update_its_reason(self) -> None:
+        """
+        A failure reported while a shard is ejected changes the count its
+        ejection reason gives (the only shard: panic mode routes to it,
+        the reason set aside), although nothing else about it moved.
+        """
+        resolver, _, _, shards = build([(0, 100, 1.0, 90.0)])
+        shard_id = shards[0].id
+        resolver.record_connect_result(shard_id, False)
+        resolver.record_connect_result(shard_id, False)
+        first = resolver.resolve(request(US_CLIENT))[0]
+        self.assertEqual(len(first.ranked.set_aside), 1)
+        self.assertIn("(2 consecutive failures)", first.ranked.set_aside[0])
+        self.assert_values_match_reference(resolver, [first])
+        resolver.record_connect_result(shard_id, False)
+        first = resolver.resolve(request(US_CLIENT))[0]
+        self.assertIn("(3 consecutive failures)", first.ranked.set_aside[0])
+        self.assert_values_match_reference(resolver, [first])
 
     def test_highest_ledger_follows_draws_from_every_location(self) -> None:
         """
