@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
@@ -270,8 +271,7 @@ class ProxyConnection(SpliceSideMixin, Protocol):
         else:
             self._start = self._accepted_at
             peek = max(0.0, peek - (ctx.clock.seconds() - self._accepted_at))
-        peer, host = transport.getPeer(), transport.getHost()
-        client, destination = address_pair((peer.host, peer.port), (host.host, host.port))
+        client, destination = _addresses(transport)
         self.machine = ConnectionMachine(ctx, self, client, destination)
         self.machine.start(peek)
 
@@ -829,6 +829,24 @@ class _WatchedClient:
     def stopProducing(self) -> None:
         if self._upstream._watcher is None:
             self._client.stopProducing()
+
+
+def _addresses(transport) -> tuple[tuple, tuple]:
+    """
+    ``(client, destination)`` of an accepted connection, as the PROXY
+    header names them (``address_pair``).
+
+    A Twisted TCP server transport on an IPv4 socket already holds the
+    client's ``(ip, port)`` from accept, and the kernel's dotted quads are
+    canonical and of one family: the pair is read straight from the socket,
+    without building two address objects and parsing them back.
+    """
+    if type(transport) is tcp.Server:
+        client = transport.client
+        if len(client) == 2:
+            return client, transport.socket.getsockname()
+    peer, host = transport.getPeer(), transport.getHost()
+    return address_pair((peer.host, peer.port), (host.host, host.port))
 
 
 def _no_delay(transport) -> None:

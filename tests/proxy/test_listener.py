@@ -501,3 +501,55 @@ class KernelSpliceFallbackTests(SynchronousTestCase):
         protocol.dataReceived(b"ping")
         upstream.dataReceived(b"pong")
         self.assertEqual((up.value(), transport.value()), (b"ping", b"pong"))
+
+
+class AcceptedAddressTests(SynchronousTestCase):
+    """How a connection's (client, destination) pair is read at accept."""
+
+    def test_tcp_server_over_ipv4(self) -> None:
+        """
+        A Twisted TCP server transport on an IPv4 socket: the pair is the
+        accepted client address and the socket's own, exactly what
+        getPeer/getHost name.
+        """
+        import socket
+
+        from twisted.internet import tcp
+        from twisted.internet.protocol import Protocol
+
+        from shardtcp.proxy import listener as listener_module
+
+        server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(server.close)
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        client = socket.create_connection(server.getsockname())
+        self.addCleanup(client.close)
+        accepted, address = server.accept()
+        transport = tcp.Server(accepted, Protocol(), address, None, 1, MemoryReactorClock())
+        self.addCleanup(accepted.close)
+        pair = listener_module._addresses(transport)
+        self.assertEqual(pair, (client.getsockname(), server.getsockname()))
+        peer, host = transport.getPeer(), transport.getHost()
+        self.assertEqual(pair, ((peer.host, peer.port), (host.host, host.port)))
+
+    def test_other_transports(self) -> None:
+        """
+        Any other transport goes through getPeer/getHost and address_pair:
+        an IPv4 client of an IPv6 destination is mapped, a mapped client of
+        an IPv4 destination unmapped.
+        """
+        from twisted.internet.testing import StringTransport
+
+        from shardtcp.proxy import listener as listener_module
+
+        mixed = StringTransport(
+            hostAddress=IPv6Address("TCP", "2001:db8::1", 443), peerAddress=IPv4Address("TCP", "192.0.2.7", 5000)
+        )
+        self.assertEqual(
+            listener_module._addresses(mixed), (("::ffff:192.0.2.7", 5000), ("2001:db8::1", 443))
+        )
+        mapped = StringTransport(
+            hostAddress=IPv4Address("TCP", "192.0.2.1", 443), peerAddress=IPv6Address("TCP", "::ffff:192.0.2.7", 5000)
+        )
+        self.assertEqual(listener_module._addresses(mapped), (("192.0.2.7", 5000), ("192.0.2.1", 443)))
