@@ -472,13 +472,39 @@ class ProxyConnection(SpliceSideMixin, Protocol):
 
     # -- one attempt at a shard -----------------------------------------------
 
-    def _attempt(self, candidate) -> Deferred:
-        """Connect to ``candidate``'s shard, write its header, verify its TLS."""
+    def _attempt(self, candidate):
+        """
+        Connect to ``candidate``'s shard, write its header, verify its TLS:
+        a Deferred, or a direct attempt (no Deferred on the way) reporting
+        to ``self._attempts`` when the connector has one for this shard.
+        """
         ctx = self._ctx
         shard = candidate.shard
         self._lease = ctx.resolver.lease(shard.shard_id)
         self._attempt_started = ctx.clock.seconds()
-        d = ctx.connector.connect(shard, _UPSTREAM_FACTORY, ctx.config.connect_timeout)
+        connector = ctx.connector
+        start_direct = getattr(connector, "start_direct", None)
+        if start_direct is not None:
+            attempts = self._attempts
+
+            def connected(upstream) -> None:
+                try:
+                    result = self._connected(upstream, candidate)
+                except BaseException:
+                    attempts.lost(candidate, Failure())
+                    return
+                if isinstance(result, Deferred):
+                    attempts.follow(candidate, result)
+                else:
+                    attempts.won(candidate, result)
+
+            def failed(failure: Failure) -> None:
+                attempts.lost(candidate, failure)
+
+            attempt = start_direct(shard, _UPSTREAM_FACTORY, ctx.config.connect_timeout, connected, failed)
+            if attempt is not None:
+                return attempt
+        d = connector.connect(shard, _UPSTREAM_FACTORY, ctx.config.connect_timeout)
         d.addCallback(self._connected, candidate)
         return d
 

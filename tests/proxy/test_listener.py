@@ -5,6 +5,7 @@ header, splice, refusals.  No sockets, no wall clock.
 
 from __future__ import annotations
 
+from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
@@ -21,6 +22,7 @@ from shardtcp.resolver import ShardResolver
 
 from tests.support import (
     NEW_YORK,
+    DirectFakeConnector,
     FakeConnector,
     HalfCloseTransport,
     client_hello,
@@ -281,8 +283,12 @@ class RefusalTests(SynchronousTestCase):
         d = h.connector.attempts[0][3]
         protocol.connectionLost(None)
         # Cancelled (no canceller here, so it fired with CancelledError,
-        # handled), and no further shard was tried.
-        self.assertTrue(d.called)
+        # handled; a direct attempt stopped its connector), and no further
+        # shard was tried.
+        if isinstance(d, defer.Deferred):
+            self.assertTrue(d.called)
+        else:
+            self.assertEqual((d.settled, d._connector.stopped), (True, 1))
         self.assertEqual(len(h.connector.attempts), 1)
         self.assertEqual(sum(i.open_connections for i in h.resolver.get_shard_info("api")), 0)
         self.assertEqual(
@@ -553,3 +559,34 @@ class AcceptedAddressTests(SynchronousTestCase):
             hostAddress=IPv4Address("TCP", "192.0.2.1", 443), peerAddress=IPv6Address("TCP", "::ffff:192.0.2.7", 5000)
         )
         self.assertEqual(listener_module._addresses(mapped), (("192.0.2.7", 5000), ("192.0.2.1", 443)))
+
+
+class _Direct:
+    """The same tests, with a connector whose attempts report directly (``start_direct``, no Deferred)."""
+
+    def setUp(self) -> None:
+        import sys
+
+        self.patch(sys.modules[__name__], "FakeConnector", DirectFakeConnector)
+        super().setUp()
+
+    def test_attempts_are_direct(self) -> None:
+        """The harness's connector really takes the direct path: its attempt is a DirectAttempt."""
+        from shardtcp.proxy.connector import DirectAttempt
+
+        h = Harness()
+        protocol, _ = h.connect_client()
+        protocol.dataReceived(client_hello("api.example.test"))
+        self.assertIsInstance(h.connector.attempts[0][3], DirectAttempt)
+
+
+class DirectRoutingTests(_Direct, RoutingTests):
+    __doc__ = RoutingTests.__doc__ + " (direct attempts)"
+
+
+class DirectRefusalTests(_Direct, RefusalTests):
+    __doc__ = RefusalTests.__doc__ + " (direct attempts)"
+
+
+class DirectSpliceTests(_Direct, SpliceTests):
+    __doc__ = SpliceTests.__doc__ + " (direct attempts)"
