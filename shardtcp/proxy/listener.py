@@ -537,7 +537,8 @@ class ProxyConnection(SpliceSideMixin, Protocol):
         # The TCP connect time is the latency sample; a TLS handshake on top
         # would add the shard's CPU time to its distance.
         self._connect_seconds = ctx.clock.seconds() - self._attempt_started
-        service = ctx.resolver.service_config(machine.service)
+        # The service's configuration as the shards were chosen under it.
+        service = machine.service_config
         if not service.upstream_tls:
             self._header = header
             return upstream
