@@ -40,6 +40,7 @@ It imports nothing of the project.
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import math
 import re
@@ -57,10 +58,10 @@ try:
     # libsodium's Ed25519 gives the same signatures (Ed25519 is
     # deterministic) at less than half the CPU of the OpenSSL build in
     # ``cryptography``: it signs once per connection.
-    from nacl.bindings import crypto_sign as _sodium_sign
+    from nacl._sodium import ffi as _sodium_ffi, lib as _sodium_lib
     from nacl.bindings import crypto_sign_seed_keypair as _sodium_keypair
 except ImportError:  # pragma: no cover - PyNaCl is a dependency
-    _sodium_sign = None
+    _sodium_ffi = _sodium_lib = None
     _sodium_keypair = None
 
 __all__ = [
@@ -153,7 +154,14 @@ def _show(value: Any, limit: int = 60) -> str:
 
 def b64url_encode(data: bytes) -> bytes:
     """The canonical base64url of ``data``: URL-safe alphabet, no padding."""
-    return base64.urlsafe_b64encode(data).rstrip(b"=")
+    # base64.urlsafe_b64encode's own steps, without its two Python frames.
+    return _b2a_base64(data, newline=False).translate(_URLSAFE).rstrip(b"=")
+
+
+_b2a_base64 = binascii.b2a_base64
+# The signer's first output buffer: a PolicyContext token and its signature.
+_SIGNED_BUFFER = 2048
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
 
 
 def _canonical(segment: bytes) -> bool:
@@ -240,7 +248,7 @@ class Signer:
     once: ``sign_json`` takes the claims already serialised.
     """
 
-    __slots__ = ("_prefix", "_sign", "_sodium_key")
+    __slots__ = ("_prefix", "_sign", "_sodium_key", "_signed", "_signature_view")
 
     def __init__(self, private_key: Ed25519PrivateKey, *, kid: str, sodium: bool = True) -> None:
         if not isinstance(private_key, Ed25519PrivateKey):
@@ -253,6 +261,10 @@ class Signer:
         if sodium and _sodium_keypair is not None:
             seed = private_key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
             self._sodium_key = _sodium_keypair(seed)[1]
+            # One output buffer per signer (signature, then the message),
+            # grown when a message does not fit: no allocation per token.
+            self._signed = _sodium_ffi.new("unsigned char[]", _SIGNED_BUFFER)
+            self._signature_view = _sodium_ffi.buffer(self._signed, SIGNATURE_SIZE)
 
     @property
     def backend(self) -> str:
@@ -263,7 +275,15 @@ class Signer:
         """The compact JWS of the claims JSON ``payload`` (not checked here)."""
         signing_input = self._prefix + b64url_encode(payload)
         if self._sodium_key is not None:
-            signature = _sodium_sign(signing_input, self._sodium_key)[:SIGNATURE_SIZE]
+            size = len(signing_input)
+            if size + SIGNATURE_SIZE > len(self._signed):
+                self._signed = _sodium_ffi.new("unsigned char[]", size + SIGNATURE_SIZE)
+                self._signature_view = _sodium_ffi.buffer(self._signed, SIGNATURE_SIZE)
+            if _sodium_lib.crypto_sign(
+                self._signed, _sodium_ffi.NULL, signing_input, size, self._sodium_key
+            ):  # pragma: no cover - libsodium's Ed25519 signing does not fail
+                raise RuntimeError("libsodium failed to sign")
+            signature = self._signature_view[:]
         else:
             signature = self._sign(signing_input)
         return signing_input + b"." + b64url_encode(signature)

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from shardtcp import jws
-from shardtcp.net import canonical_ip, format_hostport, parse_port
+from shardtcp.net import canonical_ip, parse_port
 
 __all__ = [
     "ALGORITHM",
@@ -177,16 +177,21 @@ def format_address(address: tuple) -> str:
     that is not an IP literal or a port outside 0..65535.
     """
     host, port = address
-    if not isinstance(host, str):
+    if type(host) is not str and not isinstance(host, str):
         raise ValueError(f"host must be an IP literal, not {host!r}")
+    if "%" in host:
+        host = host.split("%", 1)[0]
     # Not net.parse_ip: an IPv4-mapped address stays IPv6 here, because the
     # header it must match carries it that way.
-    host = canonical_ip(host.split("%", 1)[0])
-    if isinstance(port, str):
+    host = canonical_ip(host)
+    if type(port) is not int:
+        if not isinstance(port, str):
+            raise ValueError(f"port out of range: {port!r}")
         port = parse_port(port)
-    elif type(port) is not int or not 0 <= port <= 65535:
+    elif not 0 <= port <= 65535:
         raise ValueError(f"port out of range: {port!r}")
-    return format_hostport(host, port)
+    # net.format_hostport, written out: twice per connection.
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def new_connection_id() -> str:
@@ -611,8 +616,24 @@ def admit(service: Any, facts: TLSFacts) -> PolicyContext:
             "policy_authentication",
             f"service {service.id!r} requires authentication {policy.authentication!r}",
         )
-    return PolicyContext(
-        encryption_level=facts.encryption,
-        authentication_method=tuple(facts.authentication),
-        access_control_list=tuple(policy.acl),
-    )
+    # The grant depends on these three values only, and connections of one
+    # service and client kind all get the same one: build it once (it is
+    # immutable, so sharing it is safe).
+    key = (facts.encryption, tuple(facts.authentication), tuple(policy.acl))
+    granted = _GRANTED.get(key)
+    if granted is None:
+        if len(_GRANTED) >= GRANTED_CACHE_SIZE:
+            _GRANTED.clear()
+        granted = _GRANTED[key] = PolicyContext(
+            encryption_level=key[0],
+            authentication_method=key[1],
+            access_control_list=key[2],
+        )
+    return granted
+
+
+#: How many distinct grants ``admit`` keeps (forgotten all at once when
+#: full; a proxy has one per service policy and client kind).
+GRANTED_CACHE_SIZE = 1024
+
+_GRANTED: dict = {}

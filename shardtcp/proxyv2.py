@@ -41,7 +41,7 @@ import functools
 import ipaddress
 import re
 import struct
-from typing import Iterable, Literal
+from typing import Iterable, Literal, Sequence
 
 import attrs
 import google_crc32c
@@ -72,6 +72,7 @@ __all__ = [
     "SSLInfo",
     "ProxyHeader",
     "encode",
+    "encode_proxy",
     "local_header",
     "HeaderParser",
     "parse",
@@ -399,33 +400,43 @@ def _tlv_problem(tlvs: Iterable[tuple[int, bytes]]) -> str | None:
     return None
 
 
-def _pack_address_block(header: ProxyHeader) -> tuple[int, bytes]:
-    """Return the family byte and the address block for ``header``."""
-    source, destination = header.source, header.destination
+def _address_block(source, destination) -> tuple[int, bytes]:
+    """The family byte and the address block of a source/destination pair."""
     if source is None and destination is None:
         return 0x00, b""
     if source is None or destination is None:
         raise ValueError("source and destination must be both set or both None")
-    packed = []
-    versions = set()
-    for name, (host, port) in (("source", source), ("destination", destination)):
+    src_version, src, sport = _packed_address("source", source)
+    dst_version, dst, dport = _packed_address("destination", destination)
+    if src_version != dst_version:
+        raise ValueError("source and destination mix IPv4 and IPv6")
+    family = _FAMILY_INET if src_version == 4 else _FAMILY_INET6
+    return (family << 4) | _TRANSPORT_STREAM, src + dst + _PORTS.pack(sport, dport)
+
+
+def _packed_address(name: str, address) -> tuple[int, bytes, int]:
+    """``(version, packed address, port)`` of one ``(ip, port)``; ``ValueError`` naming ``name``."""
+    host, port = address
+    if type(host) is not str:
         if not isinstance(host, str):
             raise ValueError(f"{name} host must be an IP literal string, not {host!r}")
-        try:
-            version, raw, scoped = _address_bytes(host)
-        except ValueError:
-            raise ValueError(f"{name} host {host!r} is not an IP address") from None
-        if scoped:
-            raise ValueError(f"{name} host {host!r} has a scope id, which v2 cannot carry")
+    try:
+        version, raw, scoped = _address_bytes(host)
+    except ValueError:
+        raise ValueError(f"{name} host {host!r} is not an IP address") from None
+    if scoped:
+        raise ValueError(f"{name} host {host!r} has a scope id, which v2 cannot carry")
+    if type(port) is not int or not 0 <= port <= 0xFFFF:
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 0xFFFF:
             raise ValueError(f"{name} port {port!r} is not in 0..65535")
-        versions.add(version)
-        packed.append((raw, port))
-    if len(versions) != 1:
-        raise ValueError("source and destination mix IPv4 and IPv6")
-    family = _FAMILY_INET if versions == {4} else _FAMILY_INET6
-    (src, sport), (dst, dport) = packed
-    return (family << 4) | _TRANSPORT_STREAM, src + dst + struct.pack("!HH", sport, dport)
+    return version, raw, port
+
+
+_PROXY = int(Command.PROXY)
+_PORTS = struct.Struct("!HH")
+_TLV_HEAD = struct.Struct("!BH")
+_FIXED = struct.Struct("!BBH")
+_CRC = struct.Struct("!I")
 
 
 @functools.lru_cache(maxsize=IP_CACHE_SIZE)
@@ -451,17 +462,34 @@ def encode(header: ProxyHeader, *, crc32c: bool = True) -> bytes:
     invalid value for a TLV of fixed meaning, or a CRC32C TLV already in
     ``header.tlvs`` while ``crc32c=True``.
     """
-    family_byte, body = _pack_address_block(header)
+    return _encode(int(header.command), header.source, header.destination, header.tlvs, crc32c)
+
+
+def encode_proxy(source: tuple, destination: tuple, tlvs: Sequence[tuple[int, bytes]]) -> bytes:
+    """
+    ``encode(ProxyHeader(command=Command.PROXY, source=source,
+    destination=destination, tlvs=tlvs))``, byte for byte and with the same
+    checks, without building the ``ProxyHeader``: the form the connection
+    path writes once per shard connection.  ``tlvs`` are ``(type, bytes)``
+    pairs; a CRC32C TLV is appended.
+    """
+    return _encode(_PROXY, source, destination, tlvs, True)
+
+
+def _encode(command: int, source, destination, tlvs, crc32c: bool) -> bytes:
+    family_byte, body = _address_block(source, destination)
     parts = [body]
-    for tlv_type, value in header.tlvs:
+    head = _TLV_HEAD.pack
+    for tlv_type, value in tlvs:
         if not 0 <= tlv_type <= 0xFF:
             raise ValueError(f"TLV type {tlv_type!r} is not in 0..255")
         if len(value) > _V2_MAX_BODY:
             raise ValueError(f"TLV 0x{tlv_type:02X} value is {len(value)} bytes, over 65535")
         if tlv_type == PP2_TYPE_CRC32C and crc32c:
             raise ValueError("header.tlvs already holds a CRC32C TLV; pass crc32c=False")
-        parts.append(struct.pack("!BH", tlv_type, len(value)) + value)
-    problem = _tlv_problem(header.tlvs)
+        parts.append(head(tlv_type, len(value)))
+        parts.append(value)
+    problem = _tlv_problem(tlvs)
     if problem is not None:
         raise ValueError(problem)
     if crc32c:
@@ -469,10 +497,9 @@ def encode(header: ProxyHeader, *, crc32c: bool = True) -> bytes:
     body = b"".join(parts)
     if len(body) > _V2_MAX_BODY:
         raise ValueError(f"header body is {len(body)} bytes, over 65535")
-    fixed = struct.pack("!BBH", 0x20 | int(header.command), family_byte, len(body))
-    data = SIGNATURE + fixed + body
+    data = b"".join((SIGNATURE, _FIXED.pack(0x20 | command, family_byte, len(body)), body))
     if crc32c:
-        data = data[:-4] + struct.pack("!I", google_crc32c.value(data))
+        data = data[:-4] + _CRC.pack(google_crc32c.value(data))
     return data
 
 

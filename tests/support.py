@@ -141,3 +141,53 @@ class FakeConnector:
         from shardtcp.proxy.connector import ShardConnectFailed
 
         self.attempts[index][3].errback(ShardConnectFailed(reason, f"connection {reason}"))
+
+
+class DirectFakeConnector(FakeConnector):
+    """
+    A ``FakeConnector`` that also has ``start_direct``: each attempt is a
+    real ``DirectAttempt`` (no Deferred), which ``succeed`` connects and
+    ``fail`` fails as a Twisted connector would.
+    """
+
+    class _Connector:
+        """What a ``DirectAttempt`` is told it is connecting through."""
+
+        def __init__(self, shard) -> None:
+            self.shard = shard
+            self.stopped = 0
+
+        def getDestination(self):
+            from twisted.internet.address import IPv4Address
+
+            return IPv4Address("TCP", self.shard.address.host, self.shard.address.port)
+
+        def stopConnecting(self) -> None:
+            self.stopped += 1
+
+    def start_direct(self, shard, factory, timeout, succeeded, failed):
+        from shardtcp.proxy.connector import DirectAttempt
+
+        attempt = DirectAttempt(factory, succeeded, failed)
+        attempt.startedConnecting(self._Connector(shard))
+        self.attempts.append((shard, factory, timeout, attempt))
+        return attempt
+
+    def succeed(self, index: int = -1, peer=("127.0.0.1", 40000)):
+        from twisted.internet.address import IPv4Address
+
+        shard, factory, timeout, attempt = self.attempts[index]
+        protocol = attempt.buildProtocol(None)
+        transport = HalfCloseTransport(
+            hostAddress=IPv4Address("TCP", *peer),
+            peerAddress=IPv4Address("TCP", shard.address.host, shard.address.port),
+        )
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def fail(self, index: int = -1, reason: str = "refused"):
+        from twisted.python.failure import Failure
+
+        from shardtcp.proxy.connector import ShardConnectFailed
+
+        self.attempts[index][3].clientConnectionFailed(None, Failure(ShardConnectFailed(reason, f"connection {reason}")))

@@ -341,6 +341,29 @@ class SignerTests(SynchronousTestCase):
             signature = b64url_decode(token.rsplit(b".", 1)[1])
             key.public_key().verify(signature, token.rsplit(b".", 1)[0])
 
+    def test_signing_buffer_grows(self) -> None:
+        """
+        A libsodium signer's output buffer fits signing inputs up to its
+        size and grows for longer ones: payloads just under, at and over
+        the first buffer, then a short one again, all sign as OpenSSL does.
+        """
+        key = Ed25519PrivateKey.generate()
+        fast, slow = jws.Signer(key, kid="k-1"), jws.Signer(key, kid="k-1", sodium=False)
+        room = jws._SIGNED_BUFFER - jws.SIGNATURE_SIZE - len(fast.sign_json(b"{}").rsplit(b".", 1)[0])
+        # base64url: 3 payload bytes per 4 characters of signing input
+        for size in (room * 3 // 4 - 3, room * 3 // 4, room * 3 // 4 + 3, 4000, 1):
+            payload = b'{"a":"' + b"x" * size + b'"}'
+            self.assertEqual(fast.sign_json(payload), slow.sign_json(payload), size)
+        self.assertGreater(len(fast._signed), jws._SIGNED_BUFFER)
+
+    def test_b64url_encode(self) -> None:
+        """b64url_encode is unpadded base64url for every length modulo 3, URL alphabet only."""
+        import base64
+
+        for data in (b"", b"\xfb", b"\xfb\xff", b"\xfb\xff\xfe", bytes(range(256))):
+            self.assertEqual(jws.b64url_encode(data), base64.urlsafe_b64encode(data).rstrip(b"="))
+        self.assertEqual(jws.b64url_encode(b"\xfb\xff"), b"-_8")
+
     def test_without_pynacl(self) -> None:
         """Where PyNaCl cannot be imported, the signer uses OpenSSL and signs the same token."""
         key = Ed25519PrivateKey.generate()

@@ -581,3 +581,61 @@ class PiecewiseClaimsTests(TokenTestsMixin, SynchronousTestCase):
         self.assertTrue(policy._all_text("a", None, "b"))
         self.assertFalse(policy._all_text("a", 1))
         self.assertFalse(policy._all_text(b"a"))
+
+
+class AdmitGrantTests(SynchronousTestCase):
+    """admit() builds each distinct grant once and shares it."""
+
+    def setUp(self) -> None:
+        from shardtcp.model import PolicyConfig, ServiceConfig
+
+        self.service = lambda **policy_fields: ServiceConfig(id="s", policy=PolicyConfig(**policy_fields))
+        self.patch(policy, "_GRANTED", {})
+
+    def test_shared_while_equal(self) -> None:
+        """
+        Two connections with the same facts and ACL get the very same
+        PolicyContext; another encryption, authentication or ACL gets its own,
+        with the values it stands for.
+        """
+        first = policy.admit(self.service(acl=("a",)), policy.PASSTHROUGH_TLS)
+        self.assertIs(policy.admit(self.service(acl=("a",)), policy.TLSFacts(encryption="tls")), first)
+        self.assertEqual(first, policy.PolicyContext("tls", ("none",), ("a",)))
+        others = [
+            policy.admit(self.service(acl=("b",)), policy.PASSTHROUGH_TLS),
+            policy.admit(self.service(acl=("a",)), policy.NO_TLS),
+            policy.admit(self.service(acl=("a",)), policy.TLSFacts(encryption="mtls", authentication=("mtls",))),
+        ]
+        self.assertEqual(
+            others,
+            [
+                policy.PolicyContext("tls", ("none",), ("b",)),
+                policy.PolicyContext("none", ("none",), ("a",)),
+                policy.PolicyContext("mtls", ("mtls",), ("a",)),
+            ],
+        )
+
+    def test_refusals_not_kept(self) -> None:
+        """A refused connection leaves no grant behind; the next allowed one still gets its grant."""
+        with self.assertRaises(policy.PolicyRefused):
+            policy.admit(self.service(encryption="tls"), policy.NO_TLS)
+        self.assertEqual(policy._GRANTED, {})
+        self.assertEqual(
+            policy.admit(self.service(encryption="tls"), policy.PASSTHROUGH_TLS),
+            policy.PolicyContext("tls", ("none",), ()),
+        )
+
+    def test_bounded(self) -> None:
+        """
+        At most GRANTED_CACHE_SIZE grants are kept: the one after the last
+        that fits empties the table first, and a forgotten grant is built
+        again equal.
+        """
+        self.patch(policy, "GRANTED_CACHE_SIZE", 3)
+        grants = [policy.admit(self.service(acl=(str(i),)), policy.NO_TLS) for i in range(3)]
+        self.assertEqual(len(policy._GRANTED), 3)
+        policy.admit(self.service(acl=("3",)), policy.NO_TLS)
+        self.assertEqual(len(policy._GRANTED), 1)
+        again = policy.admit(self.service(acl=("0",)), policy.NO_TLS)
+        self.assertIsNot(again, grants[0])
+        self.assertEqual(again, grants[0])

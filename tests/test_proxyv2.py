@@ -10,6 +10,7 @@ is only ever compared with itself.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import struct
 from ipaddress import IPv4Address, IPv6Address
@@ -347,6 +348,59 @@ class EncodeErrorTests(SynchronousTestCase):
         for info in [SSLInfo(client=256), SSLInfo(verify=2**32), SSLInfo(version="TLSv1.3\u00e9")]:
             with self.assertRaises(ValueError, msg=repr(info)):
                 info.to_bytes()
+
+
+class EncodeProxyTests(SynchronousTestCase):
+    """encode_proxy() is encode() of a PROXY header, without the header value."""
+
+    def test_same_bytes(self) -> None:
+        """
+        For IPv4 and IPv6 pairs, ports 0 and 65535, with and without TLVs,
+        encode_proxy writes exactly what encode writes of the same header.
+        """
+        pairs = [
+            (("192.0.2.1", 0), ("198.51.100.2", 65535)),
+            (("2001:db8::1", 65535), ("2001:db8::2", 0)),
+            (("::ffff:192.0.2.1", 443), ("2001:db8::2", 8443)),
+        ]
+        tlv_sets = [
+            [],
+            [(PP2_TYPE_UNIQUE_ID, b"u" * 24), (CUSTOM, b"token")],
+            [(PP2_TYPE_ALPN, b"h2"), (PP2_TYPE_AUTHORITY, "b\u00fccher.test".encode()), (PP2_TYPE_UNIQUE_ID, b"u" * 128)],
+        ]
+        for source, destination in pairs:
+            for tlvs in tlv_sets:
+                expected = encode(ProxyHeader(source=source, destination=destination, tlvs=tlvs))
+                self.assertEqual(proxyv2.encode_proxy(source, destination, tlvs), expected, (source, tlvs))
+                canonical = (str(ipaddress.ip_address(source[0])), source[1])
+                self.assertEqual(parse(expected)[0].source, canonical)
+
+    def test_same_refusals(self) -> None:
+        """
+        What encode refuses, encode_proxy refuses with the same message: a
+        name, a scoped address, ports -1 and 65536 and a bool, mixed
+        families, a fixed-meaning TLV its decoder would refuse, a CRC32C TLV.
+        """
+        good = ("192.0.2.2", 2)
+        cases = [
+            (("example.test", 1), good, []),
+            (("fe80::1%eth0", 1), ("fe80::2", 2), []),
+            (("192.0.2.1", -1), good, []),
+            (("192.0.2.1", 65536), good, []),
+            (("192.0.2.1", True), good, []),
+            (good, (b"192.0.2.1", 1), []),
+            (("192.0.2.1", 1), ("2001:db8::1", 2), []),
+            (("192.0.2.1", 1), good, [(PP2_TYPE_UNIQUE_ID, b"u" * 129)]),
+            (("192.0.2.1", 1), good, [(PP2_TYPE_AUTHORITY, b"\xff")]),
+            (("192.0.2.1", 1), good, [(PP2_TYPE_CRC32C, b"\x00" * 4)]),
+            (("192.0.2.1", 1), good, [(256, b"")]),
+        ]
+        for source, destination, tlvs in cases:
+            with self.assertRaises(ValueError) as theirs:
+                encode(ProxyHeader(source=source, destination=destination, tlvs=tlvs))
+            with self.assertRaises(ValueError) as ours:
+                proxyv2.encode_proxy(source, destination, tlvs)
+            self.assertEqual(str(ours.exception), str(theirs.exception))
 
 
 class TheirParserTests(SynchronousTestCase):

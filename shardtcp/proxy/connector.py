@@ -147,6 +147,67 @@ class _DirectFactory(ClientFactory):
             self.deferred.errback(reason)
 
 
+class DirectAttempt(ClientFactory):
+    """
+    One attempt on the direct path that reports without a Deferred:
+    ``succeeded(protocol)`` once the protocol announced it is connected, or
+    ``failed(failure)`` with the failure ``ShardConnector.connect``'s
+    Deferred would carry (classified, a ``ShardConnectFailed``), once.
+    ``cancel()`` fails it at once as cancelling that Deferred would.
+    """
+
+    noisy = False
+
+    def __init__(self, factory, succeeded: Callable[[object], None], failed: Callable[[Failure], None]) -> None:
+        self._factory = factory
+        self._succeeded = succeeded
+        self._failed = failed
+        self._connector = None
+        self.settled = False
+
+    def startedConnecting(self, connector) -> None:
+        self._connector = connector
+
+    def cancel(self) -> None:
+        """Give up on the attempt (no-op once it has reported)."""
+        if self.settled:
+            return
+        connector = self._connector
+        self.fail(Failure(ConnectingCancelledError(connector.getDestination())))
+        connector.stopConnecting()
+
+    def buildProtocol(self, addr):
+        try:
+            protocol = self._factory.buildProtocol(addr)
+            if protocol is None:
+                raise NoProtocol()
+        except BaseException:
+            self.fail(Failure())
+            return None
+        protocol._connected_notice = self._connected
+        return protocol
+
+    def _connected(self, protocol) -> None:
+        if not self.settled:
+            self.settled = True
+            self._succeeded(protocol)
+
+    def clientConnectionFailed(self, connector, reason) -> None:
+        if not self.settled:
+            self.fail(reason)
+
+    def fail(self, failure: Failure) -> None:
+        """Report ``failure``, classified, unless the attempt already reported."""
+        if self.settled:
+            return
+        self.settled = True
+        try:
+            failure = _classify(failure)
+        except BaseException:
+            failure = Failure()
+        self._failed(failure)
+
+
 @implementer(IShardConnector)
 class ShardConnector:
     """
@@ -180,6 +241,38 @@ class ShardConnector:
                 self._endpoints.clear()
             endpoint = self._endpoints[key] = endpoint_for_address(self._reactor, *key)
         return endpoint
+
+    def start_direct(
+        self,
+        shard: ShardInfo,
+        factory,
+        timeout: float,
+        succeeded: Callable[[object], None],
+        failed: Callable[[Failure], None],
+    ) -> Optional[DirectAttempt]:
+        """
+        ``connect`` without a Deferred, where it would take the direct path
+        (a ``ConnectedNotice`` protocol, a shard at an IP literal, plain
+        endpoints): the ``DirectAttempt`` reporting to ``succeeded`` or
+        ``failed`` (perhaps before this returns); None elsewhere, and the
+        caller uses ``connect``.
+        """
+        if not (self._plain and _announces(factory)):
+            return None
+        address = shard.address
+        literal = self._literal.get(address.host)
+        if literal is None:
+            if len(self._literal) >= ENDPOINT_CACHE_SIZE:
+                self._literal.clear()
+            literal = self._literal[address.host] = _is_literal(address.host)
+        if not literal:
+            return None
+        attempt = DirectAttempt(factory, succeeded, failed)
+        try:
+            self._reactor.connectTCP(address.host, address.port, attempt, timeout=timeout)
+        except BaseException:
+            attempt.fail(Failure())
+        return attempt
 
     def connect(self, shard: ShardInfo, factory, timeout: float) -> defer.Deferred:
         """
@@ -258,9 +351,14 @@ class InOrder:
     ``succeeded(candidate, result)``.  ``cancel()`` cancels the attempt in
     progress (its failure is still reported to ``failed``, which decides
     whether to go on).  No Deferred of its own: one per attempt is enough.
+
+    An attempt may also return an object with ``cancel()`` (a
+    ``DirectAttempt``) instead of a Deferred and report itself, with
+    ``won(candidate, result)`` or ``lost(candidate, failure)``, or hand
+    over to a Deferred with ``follow(candidate, d)``.
     """
 
-    __slots__ = ("_candidates", "_attempt", "_succeeded", "_failed", "_exhausted", "_pending", "_index")
+    __slots__ = ("_candidates", "_attempt", "_succeeded", "_failed", "_exhausted", "_pending", "_index", "_reports")
 
     def __init__(
         self,
@@ -276,8 +374,10 @@ class InOrder:
         self._succeeded = succeeded
         self._failed = failed
         self._exhausted = exhausted
-        self._pending: Optional[defer.Deferred] = None
+        self._pending = None
         self._index = 0
+        # attempts reported so far (``won``/``lost``)
+        self._reports = 0
 
     def start(self) -> None:
         """Begin with the first candidate."""
@@ -307,16 +407,36 @@ class InOrder:
 
     def _next(self) -> None:
         candidate = self._candidates[self._index]
+        reports = self._reports
         d = self._attempt(candidate)
+        if isinstance(d, defer.Deferred):
+            self.follow(candidate, d)
+        elif self._reports == reports:
+            # A direct attempt (anything with ``cancel()``): it reports
+            # through ``won``/``lost`` itself, unless it already has.
+            self._pending = d
+
+    def follow(self, candidate, d: defer.Deferred) -> None:
+        """The attempt at ``candidate`` goes on as ``d``: its result is the attempt's."""
         self._pending = d
         d.addCallbacks(self._won, self._lost, callbackArgs=(candidate,), errbackArgs=(candidate,))
 
+    def won(self, candidate, result) -> None:
+        """A direct attempt at ``candidate`` succeeded with ``result``."""
+        self._won(result, candidate)
+
+    def lost(self, candidate, failure: Failure) -> None:
+        """A direct attempt at ``candidate`` failed with ``failure``."""
+        self._lost(failure, candidate)
+
     def _won(self, result, candidate) -> None:
         self._pending = None
+        self._reports += 1
         self._succeeded(candidate, result)
 
     def _lost(self, failure: Failure, candidate) -> None:
         self._pending = None
+        self._reports += 1
         if not self._failed(candidate, failure):
             return
         self._index += 1

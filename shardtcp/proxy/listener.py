@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
@@ -270,8 +271,7 @@ class ProxyConnection(SpliceSideMixin, Protocol):
         else:
             self._start = self._accepted_at
             peek = max(0.0, peek - (ctx.clock.seconds() - self._accepted_at))
-        peer, host = transport.getPeer(), transport.getHost()
-        client, destination = address_pair((peer.host, peer.port), (host.host, host.port))
+        client, destination = _addresses(transport)
         self.machine = ConnectionMachine(ctx, self, client, destination)
         self.machine.start(peek)
 
@@ -472,13 +472,39 @@ class ProxyConnection(SpliceSideMixin, Protocol):
 
     # -- one attempt at a shard -----------------------------------------------
 
-    def _attempt(self, candidate) -> Deferred:
-        """Connect to ``candidate``'s shard, write its header, verify its TLS."""
+    def _attempt(self, candidate):
+        """
+        Connect to ``candidate``'s shard, write its header, verify its TLS:
+        a Deferred, or a direct attempt (no Deferred on the way) reporting
+        to ``self._attempts`` when the connector has one for this shard.
+        """
         ctx = self._ctx
         shard = candidate.shard
         self._lease = ctx.resolver.lease(shard.shard_id)
         self._attempt_started = ctx.clock.seconds()
-        d = ctx.connector.connect(shard, _UPSTREAM_FACTORY, ctx.config.connect_timeout)
+        connector = ctx.connector
+        start_direct = getattr(connector, "start_direct", None)
+        if start_direct is not None:
+            attempts = self._attempts
+
+            def connected(upstream) -> None:
+                try:
+                    result = self._connected(upstream, candidate)
+                except BaseException:
+                    attempts.lost(candidate, Failure())
+                    return
+                if isinstance(result, Deferred):
+                    attempts.follow(candidate, result)
+                else:
+                    attempts.won(candidate, result)
+
+            def failed(failure: Failure) -> None:
+                attempts.lost(candidate, failure)
+
+            attempt = start_direct(shard, _UPSTREAM_FACTORY, ctx.config.connect_timeout, connected, failed)
+            if attempt is not None:
+                return attempt
+        d = connector.connect(shard, _UPSTREAM_FACTORY, ctx.config.connect_timeout)
         d.addCallback(self._connected, candidate)
         return d
 
@@ -511,7 +537,8 @@ class ProxyConnection(SpliceSideMixin, Protocol):
         # The TCP connect time is the latency sample; a TLS handshake on top
         # would add the shard's CPU time to its distance.
         self._connect_seconds = ctx.clock.seconds() - self._attempt_started
-        service = ctx.resolver.service_config(machine.service)
+        # The service's configuration as the shards were chosen under it.
+        service = machine.service_config
         if not service.upstream_tls:
             self._header = header
             return upstream
@@ -829,6 +856,24 @@ class _WatchedClient:
     def stopProducing(self) -> None:
         if self._upstream._watcher is None:
             self._client.stopProducing()
+
+
+def _addresses(transport) -> tuple[tuple, tuple]:
+    """
+    ``(client, destination)`` of an accepted connection, as the PROXY
+    header names them (``address_pair``).
+
+    A Twisted TCP server transport on an IPv4 socket already holds the
+    client's ``(ip, port)`` from accept, and the kernel's dotted quads are
+    canonical and of one family: the pair is read straight from the socket,
+    without building two address objects and parsing them back.
+    """
+    if type(transport) is tcp.Server:
+        client = transport.client
+        if len(client) == 2:
+            return client, transport.socket.getsockname()
+    peer, host = transport.getPeer(), transport.getHost()
+    return address_pair((peer.host, peer.port), (host.host, host.port))
 
 
 def _no_delay(transport) -> None:

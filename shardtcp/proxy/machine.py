@@ -147,8 +147,9 @@ class ConnectionMachine:
 
     ``client`` and ``destination`` are ``(ip, port)`` as the shard's PROXY
     header will name them.  The public attributes (``state``, ``service``,
-    ``identified``, ``facts``, ``policy``) are what the adapter reads to
-    build the shard's header and to log.
+    ``identified``, ``facts``, ``policy``, ``service_config``: the
+    service's configuration the shards were chosen under) are what the
+    adapter reads to build the shard's header, connect and log.
     """
 
     __slots__ = (
@@ -159,6 +160,7 @@ class ConnectionMachine:
         "identified",
         "facts",
         "policy",
+        "service_config",
         "_rules",
         "_fx",
         "_buffer",
@@ -177,6 +179,8 @@ class ConnectionMachine:
         self.identified: Optional[Identified] = None
         self.facts: TLSFacts = NO_TLS
         self.policy: Optional[PolicyContext] = None
+        # the ServiceConfig the shards were chosen under (set with them)
+        self.service_config = None
         self._rules = rules
         self._fx = effects
         self._buffer: list = []
@@ -214,7 +218,8 @@ class ConnectionMachine:
                 return
         config = rules.config
         self._detector = Detector(config.identify, max_client_hello=config.max_client_hello)
-        self._go(State.PEEKING)
+        # ACCEPTED -> PEEKING (checked above; no _go on the per-connection path)
+        self.state = State.PEEKING
         if not config.identify:
             # Nothing to identify (identify = [] needs a default_service):
             # connect at once; server-speaks-first protocols need it.
@@ -318,7 +323,8 @@ class ConnectionMachine:
         if not self._tls:
             payload = payload[self.identified.consume :]
         reply = self.identified.reply_when_connected
-        self._go(State.SPLICED)
+        # CONNECTING -> SPLICED (checked above)
+        self.state = State.SPLICED
         # Until the shard sends its first byte, a shard that closes at once
         # can be replaced (``empty_response``) as long as nothing has
         # reached the client: keep what it sent (bounded by the peek).
@@ -357,7 +363,7 @@ class ConnectionMachine:
         """The splice is done: both sides are closed."""
         if self.state is State.SPLICED:
             self._held = None
-            self._go(State.CLOSED)
+            self.state = State.CLOSED
 
     @property
     def holds_bytes(self) -> bool:
@@ -472,6 +478,7 @@ class ConnectionMachine:
         except ResolverError as e:
             self._refuse("internal", str(e), protocol)
             return
+        self.service_config = service
         self._go(State.CONNECTING)
         self._fx.connect(candidates[: 1 + config.retries])
 

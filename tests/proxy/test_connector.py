@@ -205,12 +205,8 @@ class TimeoutTests(SynchronousTestCase):
         self.assertEqual(self.failureResultOf(d, ShardConnectFailed).value.reason, "timeout")
 
 
-class DirectPathTests(SynchronousTestCase):
-    """
-    A factory of ``ConnectedNotice`` protocols and an IP literal: one
-    ``connectTCP`` with a small factory, no endpoint; the Deferred fires
-    once the protocol is connected, failures are classified as before.
-    """
+class DirectSetUp:
+    """A memory reactor, a ``ShardConnector`` on it, a factory of announcing protocols."""
 
     def setUp(self) -> None:
         from twisted.internet.protocol import Factory, Protocol
@@ -233,6 +229,14 @@ class DirectPathTests(SynchronousTestCase):
         from shardtcp.model import Address, ShardInfo
 
         return ShardInfo("s1", "api", Address(host, port), None, 10, 90.0)
+
+
+class DirectPathTests(DirectSetUp, SynchronousTestCase):
+    """
+    A factory of ``ConnectedNotice`` protocols and an IP literal: one
+    ``connectTCP`` with a small factory, no endpoint; the Deferred fires
+    once the protocol is connected, failures are classified as before.
+    """
 
     def connect(self, host: str = "127.0.0.1"):
         d = self.connector.connect(self.shard(host), self.factory, 5.0)
@@ -335,6 +339,215 @@ class DirectPathTests(SynchronousTestCase):
         failure = self.failureResultOf(d, ShardConnectFailed)
         self.assertIn("ConnectingCancelledError", str(failure.value))
         factory.clientConnectionFailed(connector, Failure(UserError()))
+
+
+class StartDirectTests(DirectSetUp, SynchronousTestCase):
+    """
+    ``start_direct``: the direct path without a Deferred.  The attempt
+    reports once to ``succeeded`` or ``failed``, with the failures
+    ``connect``'s Deferred would carry; elsewhere it is None.
+    """
+
+    def start(self, host: str = "127.0.0.1", factory=None):
+        self.reports: list = []
+        attempt = self.connector.start_direct(
+            self.shard(host),
+            factory or self.factory,
+            5.0,
+            lambda protocol: self.reports.append(("up", protocol)),
+            lambda failure: self.reports.append(("failed", failure)),
+        )
+        return attempt
+
+    def test_succeeds_once_connected(self) -> None:
+        """One connectTCP with the attempt as factory; ``succeeded`` hears the protocol after its connectionMade, once."""
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.testing import StringTransport
+
+        attempt = self.start()
+        [(host, port, factory, timeout, bind)] = self.reactor.tcpClients
+        self.assertEqual((host, port, factory, timeout, bind), ("127.0.0.1", 9, attempt, 5.0, None))
+        self.assertEqual((self.connector._endpoints, self.reactor.getDelayedCalls()), ({}, []))
+        protocol = attempt.buildProtocol(IPv4Address("TCP", "127.0.0.1", 9))
+        self.assertEqual(self.reports, [])
+        protocol.makeConnection(StringTransport())
+        self.assertEqual(self.reports, [("up", protocol)])
+        self.assertEqual(protocol.made, 1)
+        protocol.announce_connected()
+        attempt.clientConnectionFailed(None, Failure(RuntimeError("late")))
+        attempt.cancel()
+        self.assertEqual(len(self.reports), 1)
+
+    def test_not_direct(self) -> None:
+        """A host name, a protocol that does not announce itself, an injected endpoint factory: None, nothing started."""
+        from twisted.internet.protocol import Factory, Protocol
+
+        from shardtcp.proxy.connector import ShardConnector
+
+        self.assertIsNone(self.start("shard.example"))
+        self.assertIsNone(self.start(factory=Factory.forProtocol(Protocol)))
+        self.connector = ShardConnector(self.reactor, endpoint_factory=lambda shard, timeout: None)
+        self.assertIsNone(self.start())
+        self.assertEqual((self.reactor.tcpClients, self.reports), ([], []))
+
+    def test_failures_classified(self) -> None:
+        """Refused, timed out, other connect errors and the proxy's own errno keep their reasons; reported once."""
+        from twisted.internet import error
+
+        from shardtcp.proxy.connector import ProxyConnectFailed
+
+        cases = [
+            (error.ConnectionRefusedError(), "refused"),
+            (error.TimeoutError(), "timeout"),
+            (error.ConnectError("no route"), "connect_error"),
+            (error.ConnectError(osError=24), "proxy_fds"),
+        ]
+        for value, reason in cases:
+            attempt = self.start()
+            attempt.clientConnectionFailed(None, Failure(value))
+            attempt.clientConnectionFailed(None, Failure(value))
+            [(kind, failure)] = self.reports
+            self.assertEqual((kind, failure.value.reason), ("failed", reason))
+            self.assertIsInstance(failure.value, ShardConnectFailed)
+            self.assertEqual(isinstance(failure.value, ProxyConnectFailed), reason == "proxy_fds")
+
+    def test_connect_raises(self) -> None:
+        """connectTCP raising (out of descriptors) fails the attempt before start_direct returns."""
+        def refuse(*args, **kw):
+            raise OSError(24, "Too many open files")
+
+        self.patch(self.reactor, "connectTCP", refuse)
+        attempt = self.start()
+        self.assertTrue(attempt.settled)
+        [(kind, failure)] = self.reports
+        self.assertEqual((kind, failure.value.reason), ("failed", "proxy_fds"))
+
+    def test_no_protocol(self) -> None:
+        """A factory that builds nothing fails the attempt (``NoProtocol``, reason ``error``)."""
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.protocol import Factory
+
+        from shardtcp.proxy.connector import ConnectedNotice
+
+        class Nothing(Factory):
+            protocol = type("P", (ConnectedNotice,), {})
+
+            def buildProtocol(self, addr):
+                return None
+
+        attempt = self.start(factory=Nothing())
+        self.assertIsNone(attempt.buildProtocol(IPv4Address("TCP", "127.0.0.1", 9)))
+        [(kind, failure)] = self.reports
+        self.assertEqual((kind, failure.value.reason), ("failed", "error"))
+        self.assertIn("NoProtocol", str(failure.value))
+
+    def test_cancel_stops_connecting(self) -> None:
+        """cancel() stops the connector and fails as cancelling connect's Deferred does; a late failure is ignored."""
+        from twisted.internet.error import UserError
+
+        attempt = self.start()
+        connector = self.reactor.connectors[0]
+        stopped = []
+        self.patch(connector, "stopConnecting", lambda: stopped.append(True))
+        attempt.startedConnecting(connector)
+        attempt.cancel()
+        self.assertEqual(stopped, [True])
+        [(kind, failure)] = self.reports
+        self.assertEqual(kind, "failed")
+        self.assertIn("ConnectingCancelledError", str(failure.value))
+        attempt.clientConnectionFailed(connector, Failure(UserError()))
+        self.assertEqual(len(self.reports), 1)
+
+
+class Handle:
+    """A direct attempt as ``InOrder`` sees it: something to cancel."""
+
+    def __init__(self, on_cancel=None) -> None:
+        self.cancelled = 0
+        self._on_cancel = on_cancel
+
+    def cancel(self) -> None:
+        self.cancelled += 1
+        if self._on_cancel is not None:
+            self._on_cancel()
+
+
+class InOrderDirectTests(SynchronousTestCase):
+    """Attempts that report themselves (``won``/``lost``/``follow``) instead of returning a Deferred."""
+
+    def setUp(self) -> None:
+        self.a = Attempts()
+        self.handles: list = []
+        self.in_order = None
+
+        def attempt(candidate):
+            self.a.started.append(candidate)
+            handle = Handle(lambda: self.in_order.lost(candidate, Failure(ShardConnectFailed("error", "cancelled"))))
+            self.handles.append(handle)
+            return handle
+
+        self.a.attempt = attempt
+
+    def test_won_and_lost(self) -> None:
+        """A lost attempt moves on to the next candidate; a won one ends it with its result."""
+        self.in_order = self.a.in_order(["a", "b", "c"])
+        self.in_order.start()
+        self.in_order.lost("a", Failure(ShardConnectFailed("refused", "no")))
+        self.assertEqual(self.a.started, ["a", "b"])
+        self.in_order.won("b", "proto")
+        self.assertEqual((self.a.failed, self.a.succeeded, self.a.exhausted), ([("a", "refused")], [("b", "proto")], []))
+        self.in_order.cancel()
+        self.assertEqual([h.cancelled for h in self.handles], [0, 0])
+
+    def test_cancel_the_attempt_in_progress(self) -> None:
+        """cancel() cancels the direct attempt in progress, once; its failure is reported as any other."""
+        self.a.go_on = False
+        self.in_order = self.a.in_order(["a", "b"])
+        self.in_order.start()
+        self.in_order.cancel()
+        self.in_order.cancel()
+        self.assertEqual([h.cancelled for h in self.handles], [1])
+        self.assertEqual(self.a.failed, [("a", "error")])
+        self.assertEqual(self.a.started, ["a"])
+
+    def test_reported_before_returning(self) -> None:
+        """
+        An attempt that fails before it returns (connect raised) is not kept
+        as the one in progress: the next candidate's is, and the last
+        failure exhausts the candidates.
+        """
+        in_order = None
+        handles = []
+
+        def attempt(candidate):
+            handle = Handle()
+            handles.append(handle)
+            if candidate == "a":
+                in_order.lost("a", Failure(ShardConnectFailed("proxy_fds", "no fds")))
+            return handle
+
+        self.a.attempt = attempt
+        in_order = self.a.in_order(["a", "b"])
+        in_order.start()
+        in_order.cancel()
+        self.assertEqual([h.cancelled for h in handles], [0, 1])
+        in_order.lost("b", Failure(ShardConnectFailed("refused", "no")))
+        self.assertEqual(self.a.failed, [("a", "proxy_fds"), ("b", "refused")])
+        self.assertEqual(self.a.exhausted, [["a", "b"]])
+
+    def test_follow(self) -> None:
+        """An attempt handed over to a Deferred (upstream TLS) ends as that Deferred does; cancel() cancels it."""
+        self.in_order = self.a.in_order(["a", "b"])
+        self.in_order.start()
+        d = defer.Deferred()
+        self.in_order.follow("a", d)
+        self.in_order.cancel()
+        self.assertEqual(self.a.failed, [("a", "CancelledError")])
+        self.assertEqual(self.a.started, ["a", "b"])
+        tls = defer.Deferred()
+        self.in_order.follow("b", tls)
+        tls.callback("verified")
+        self.assertEqual(self.a.succeeded, [("b", "verified")])
 
 
 class UpstreamInterfacesTests(SynchronousTestCase):

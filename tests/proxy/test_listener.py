@@ -5,6 +5,7 @@ header, splice, refusals.  No sockets, no wall clock.
 
 from __future__ import annotations
 
+from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
@@ -21,6 +22,7 @@ from shardtcp.resolver import ShardResolver
 
 from tests.support import (
     NEW_YORK,
+    DirectFakeConnector,
     FakeConnector,
     HalfCloseTransport,
     client_hello,
@@ -281,8 +283,12 @@ class RefusalTests(SynchronousTestCase):
         d = h.connector.attempts[0][3]
         protocol.connectionLost(None)
         # Cancelled (no canceller here, so it fired with CancelledError,
-        # handled), and no further shard was tried.
-        self.assertTrue(d.called)
+        # handled; a direct attempt stopped its connector), and no further
+        # shard was tried.
+        if isinstance(d, defer.Deferred):
+            self.assertTrue(d.called)
+        else:
+            self.assertEqual((d.settled, d._connector.stopped), (True, 1))
         self.assertEqual(len(h.connector.attempts), 1)
         self.assertEqual(sum(i.open_connections for i in h.resolver.get_shard_info("api")), 0)
         self.assertEqual(
@@ -501,3 +507,86 @@ class KernelSpliceFallbackTests(SynchronousTestCase):
         protocol.dataReceived(b"ping")
         upstream.dataReceived(b"pong")
         self.assertEqual((up.value(), transport.value()), (b"ping", b"pong"))
+
+
+class AcceptedAddressTests(SynchronousTestCase):
+    """How a connection's (client, destination) pair is read at accept."""
+
+    def test_tcp_server_over_ipv4(self) -> None:
+        """
+        A Twisted TCP server transport on an IPv4 socket: the pair is the
+        accepted client address and the socket's own, exactly what
+        getPeer/getHost name.
+        """
+        import socket
+
+        from twisted.internet import tcp
+        from twisted.internet.protocol import Protocol
+
+        from shardtcp.proxy import listener as listener_module
+
+        server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(server.close)
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        client = socket.create_connection(server.getsockname())
+        self.addCleanup(client.close)
+        accepted, address = server.accept()
+        transport = tcp.Server(accepted, Protocol(), address, None, 1, MemoryReactorClock())
+        self.addCleanup(accepted.close)
+        pair = listener_module._addresses(transport)
+        self.assertEqual(pair, (client.getsockname(), server.getsockname()))
+        peer, host = transport.getPeer(), transport.getHost()
+        self.assertEqual(pair, ((peer.host, peer.port), (host.host, host.port)))
+
+    def test_other_transports(self) -> None:
+        """
+        Any other transport goes through getPeer/getHost and address_pair:
+        an IPv4 client of an IPv6 destination is mapped, a mapped client of
+        an IPv4 destination unmapped.
+        """
+        from twisted.internet.testing import StringTransport
+
+        from shardtcp.proxy import listener as listener_module
+
+        mixed = StringTransport(
+            hostAddress=IPv6Address("TCP", "2001:db8::1", 443), peerAddress=IPv4Address("TCP", "192.0.2.7", 5000)
+        )
+        self.assertEqual(
+            listener_module._addresses(mixed), (("::ffff:192.0.2.7", 5000), ("2001:db8::1", 443))
+        )
+        mapped = StringTransport(
+            hostAddress=IPv4Address("TCP", "192.0.2.1", 443), peerAddress=IPv6Address("TCP", "::ffff:192.0.2.7", 5000)
+        )
+        self.assertEqual(listener_module._addresses(mapped), (("192.0.2.7", 5000), ("192.0.2.1", 443)))
+
+
+class _Direct:
+    """The same tests, with a connector whose attempts report directly (``start_direct``, no Deferred)."""
+
+    def setUp(self) -> None:
+        import sys
+
+        self.patch(sys.modules[__name__], "FakeConnector", DirectFakeConnector)
+        super().setUp()
+
+    def test_attempts_are_direct(self) -> None:
+        """The harness's connector really takes the direct path: its attempt is a DirectAttempt."""
+        from shardtcp.proxy.connector import DirectAttempt
+
+        h = Harness()
+        protocol, _ = h.connect_client()
+        protocol.dataReceived(client_hello("api.example.test"))
+        self.assertIsInstance(h.connector.attempts[0][3], DirectAttempt)
+
+
+class DirectRoutingTests(_Direct, RoutingTests):
+    __doc__ = RoutingTests.__doc__ + " (direct attempts)"
+
+
+class DirectRefusalTests(_Direct, RefusalTests):
+    __doc__ = RefusalTests.__doc__ + " (direct attempts)"
+
+
+class DirectSpliceTests(_Direct, SpliceTests):
+    __doc__ = SpliceTests.__doc__ + " (direct attempts)"

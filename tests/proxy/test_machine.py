@@ -506,3 +506,27 @@ class ShardKeyTests(SynchronousTestCase):
         m, fx = self.keyed("none")
         m.data(client_hello("tenant42.api.example.test"))
         self.assertIsNone(m.policy.shard_key)
+
+
+class ServiceConfigTests(SynchronousTestCase):
+    """The service's configuration the shards were chosen under is kept for the adapter."""
+
+    def test_set_with_the_candidates(self) -> None:
+        """
+        None until the shards are chosen; then the resolver's ServiceConfig
+        of the routed service, the one the adapter connects with (its
+        upstream_tls), and it stays while connecting and spliced.
+        """
+        m, fx = started()
+        self.assertIsNone(m.service_config)
+        m.data(client_hello())
+        self.assertEqual(fx.calls[-1][0], "connect")
+        self.assertIs(m.service_config, m._rules.resolver.service_config("api"))
+        self.assertEqual((m.service_config.id, m.service_config.upstream_tls), ("api", False))
+
+    def test_not_set_when_refused(self) -> None:
+        """A connection refused before any shard was chosen has none."""
+        m, fx = started()
+        m.data(client_hello("nobody.example.test"))
+        self.assertEqual(fx.calls[-1][:2], ("refuse", "unknown_service"))
+        self.assertIsNone(m.service_config)
