@@ -4,8 +4,13 @@ Kernel splice: move a connection's bytes with ``splice(2)``, below Twisted.
 
 Once the PROXY header is written, a passthrough or plain connection only
 copies bytes.  ``KernelSplice`` does that through one pipe per direction
-(socket -> pipe -> socket, the bytes never reach Python), driven by the
-reactor through two raw file descriptors.  It keeps the contract of the
+(socket -> pipe -> socket, the bytes never reach Python).  On Twisted's
+epoll reactor the sockets of all splices are registered once, edge-
+triggered, in one ``select.epoll`` of the splicer's that is a single
+reader of the reactor's (``_Poller``): an event runs one pump per
+direction (``KernelSplice._pump``) and flow control costs no
+``epoll_ctl``.  On another reactor each socket is the reactor's reader
+and writer as its flow control needs.  It keeps the contract of the
 userspace ``Splice``:
 
 * flow control: a direction reads from its source only while its pipe has
@@ -29,7 +34,8 @@ a direction only from the moment its source is readable until the pipe is
 drained, then takes it back for reuse: an idle spliced connection holds
 its two sockets and no pipe (2 descriptors instead of 6).  When the system
 gives no pipe (out of descriptors), that read is copied through userspace
-instead.  A splice keeps bare descriptors, not ``socket`` objects.
+instead.  A splice keeps the two ``socket`` objects it was given (a
+``shutdown`` or ``close`` is then one call, with no object made for it).
 
 Taking a socket over from Twisted (``detach_transport``).  A
 ``tcp.Connection`` closes its socket in ``connectionLost`` with
@@ -37,9 +43,10 @@ Taking a socket over from Twisted (``detach_transport``).  A
 on the descriptor: keeping an ``os.dup`` and letting Twisted close its own
 copy sends the peer a FIN in the middle of the connection.
 ``abortConnection`` sets ``SO_LINGER {1, 0}`` on the shared socket, so the
-dup's eventual close would reset the peer instead of ending cleanly.  Instead the transport is removed from the reactor, its unsent
-write buffer is taken out (it becomes the head of the prefix), and its
-socket object gives up the descriptor with ``socket.detach()``; the
+dup's eventual close would reset the peer instead of ending cleanly.
+Instead the transport is removed from the reactor, its unsent write buffer
+is taken out (it becomes the head of the prefix), and its socket object
+moves to the splice, the transport keeping an inert stand-in; the
 transport is then marked disconnected, so later ``write``,
 ``loseConnection`` or ``abortConnection`` calls on it are no-ops and
 nothing ever closes the descriptor behind our back.  Twisted never calls the
@@ -298,8 +305,10 @@ def _detach(transport) -> tuple[socket.socket, bytes]:
     ``detach_transport`` for a transport ``can_detach`` accepted (Twisted's
     sockets are already non-blocking).
     """
-    transport.stopReading()
-    transport.stopWriting()
+    # ``stopReading`` and ``stopWriting``, one call each fewer.
+    reactor = transport.reactor
+    reactor.removeReader(transport)
+    reactor.removeWriter(transport)
     if transport.offset or transport._tempDataBuffer:
         pending = bytes(transport.dataBuffer[transport.offset :]) + b"".join(transport._tempDataBuffer)
         transport.offset = 0
@@ -478,11 +487,11 @@ class KernelSplicer:
 
     # -- the edge-triggered poller ---------------------------------------
 
-    def _watch(self, side: "_Side") -> None:
+    def _watch(self, a: "_Side", b: "_Side") -> None:
         poller = self._poller
         if poller is None:
             poller = self._poller = _Poller(self)
-        poller.add(side)
+        poller.add(a, b)
 
     def _poller_lost(self, poller: "_Poller") -> None:
         """The reactor dropped the poller (shutting down): so do its splices."""
@@ -576,21 +585,24 @@ class _Poller:
         self._splicer = splicer
         self._reactor = splicer._reactor
         self._ep = select.epoll()
+        # The reactor asks for these on every wake-up: bound builtins, no
+        # Python frame.
+        self.fileno = self._ep.fileno
+        self.logPrefix = "ksplice".__str__
         #: Spliced sockets by descriptor.
         self.sides: dict[int, _Side] = {}
         self._registered = False
         self._again: list = []
         self._again_call = None
 
-    def fileno(self) -> int:
-        return -1 if self._ep.closed else self._ep.fileno()
-
-    def logPrefix(self) -> str:
-        return "ksplice"
-
-    def add(self, side: "_Side") -> None:
-        self._ep.register(side.fd, _WATCH)
-        self.sides[side.fd] = side
+    def add(self, a: "_Side", b: "_Side") -> None:
+        """Watch a splice's two sockets."""
+        register = self._ep.register
+        register(a.fd, _WATCH)
+        register(b.fd, _WATCH)
+        sides = self.sides
+        sides[a.fd] = a
+        sides[b.fd] = b
         if not self._registered:
             self._registered = True
             self._reactor.addReader(self)
@@ -764,8 +776,7 @@ class KernelSplice(IdleTimeout):
     def start(self) -> None:
         self._start_idle()
         if self._splicer.edge:
-            for side in self._sides:
-                self._splicer._watch(side)
+            self._splicer._watch(*self._sides)
             self._run()
             return
         for d in self._sides:
@@ -783,12 +794,10 @@ class KernelSplice(IdleTimeout):
         for d in self._sides:
             d.eof = True
             d.final = "close"
-        if self._splicer.edge:
-            self._run()
-            return
         for d in self._sides:
             self._kick(d)
-        self._update()
+        if not self._splicer.edge:
+            self._update()
 
     def abort(self, why: str) -> None:
         """Reset both sides at once, dropping what the pipes hold."""
@@ -807,8 +816,12 @@ class KernelSplice(IdleTimeout):
         if self._done:
             return
         a, b = self._sides
-        moved = self._pump(a, b, _MAX_ROUNDS)
-        if not self._done:
+        moved = False
+        # A direction with nothing to read and nothing to send has nothing
+        # to do (an end is passed on by the pump that saw it).
+        if (a.rd and not a.eof) or a.pending is not None or a.in_pipe:
+            moved = self._pump(a, b, _MAX_ROUNDS)
+        if not self._done and ((b.rd and not b.eof) or b.pending is not None or b.in_pipe):
             moved = self._pump(b, a, _MAX_ROUNDS) or moved
         if moved and self._idle_call is not None:
             self._last_activity = self._splicer._now()
@@ -1000,8 +1013,16 @@ class KernelSplice(IdleTimeout):
                             self._eof(d)
             if not progress:
                 break
-        if d.pipe is not None and not d.in_pipe:
-            self._give_back(d)
+        pipe = d.pipe
+        if pipe is not None and not d.in_pipe:
+            # ``_give_back``, inline: once per event.
+            d.pipe = None
+            pool = splicer.pool
+            if not pool._closed and len(pool._free) < pool._keep_free:
+                pool.lent -= 1
+                pool._free.append(pipe)
+            else:
+                pool.give_back(pipe, empty=True)
         return moved
 
     def _give_back(self, d: "_Side") -> None:
@@ -1064,7 +1085,8 @@ class KernelSplice(IdleTimeout):
         if other.drained and other.eof:
             # Both directions ended: close what is still open.
             for side in self._sides:
-                self._close_side(side, reset=False)
+                if side.open:
+                    self._close_side(side, reset=False)
         if not (self._sides[0].open or self._sides[1].open):
             self._finish()
 
@@ -1114,7 +1136,8 @@ class KernelSplice(IdleTimeout):
             return
         self._done = True
         for side in self._sides:
-            self._close_side(side, reset=False)
+            if side.open:
+                self._close_side(side, reset=False)
         pool = self._splicer.pool
         for d in self._sides:
             if d.pipe is not None:
