@@ -437,6 +437,8 @@ class KernelSplicer:
         """
         if not (self.enabled and can_detach(downstream) and can_detach(upstream)):
             return None
+        if self.edge and self._poller is None and not self._make_poller():
+            return None
         if not self.pool.reserve(2):
             return None
         down, down_pending = _detach(downstream)
@@ -469,6 +471,8 @@ class KernelSplicer:
         """
         if not self.enabled:
             return None
+        if self.edge and self._poller is None and not self._make_poller():
+            return None
         if not self.pool.reserve(2):
             return None
         downstream.setblocking(False)
@@ -487,19 +491,29 @@ class KernelSplicer:
 
     # -- the edge-triggered poller ---------------------------------------
 
-    def _watch(self, a: "_Side", b: "_Side") -> None:
-        poller = self._poller
-        if poller is None:
-            poller = self._poller = _Poller(self)
-        poller.add(a, b)
+    def close(self) -> None:
+        """
+        Close the splicer's epoll (made with its first splice, kept from
+        then on: one descriptor per process, not per connection); for a
+        splicer no splice uses any more.
+        """
+        poller, self._poller = self._poller, None
+        if poller is not None:
+            poller.close()
+
+    def _make_poller(self) -> bool:
+        try:
+            self._poller = _Poller(self)
+        except OSError as e:
+            # Out of descriptors: this connection is copied in userspace.
+            log.warn("kernel splice: no epoll: {error}", error=os.strerror(e.errno or 0))
+            return False
+        return True
 
     def _poller_lost(self, poller: "_Poller") -> None:
         """The reactor dropped the poller (shutting down): so do its splices."""
-        if self._poller is poller:
-            self._poller = None
         for splice in {side._owner for side in list(poller.sides.values())}:
             splice._reactor_dropped()
-        poller.close()
 
     # -- idle timeouts ---------------------------------------------------
 
@@ -615,15 +629,10 @@ class _Poller:
             self._ep.unregister(side.fd)
         except (OSError, ValueError):
             pass
-        if not sides:
-            # No splice left: nothing of the poller stays behind (no
-            # reader in the reactor, no descriptor).
-            if self._registered:
-                self._registered = False
-                self._reactor.removeReader(self)
-            if self._splicer._poller is self:
-                self._splicer._poller = None
-            self.close()
+        if not sides and self._registered:
+            # No splice left: no reader of the reactor's either.
+            self._registered = False
+            self._reactor.removeReader(self)
 
     def doRead(self) -> None:
         sides = self.sides
@@ -776,7 +785,7 @@ class KernelSplice(IdleTimeout):
     def start(self) -> None:
         self._start_idle()
         if self._splicer.edge:
-            self._splicer._watch(*self._sides)
+            self._splicer._poller.add(*self._sides)
             self._run()
             return
         for d in self._sides:

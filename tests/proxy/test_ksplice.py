@@ -531,6 +531,7 @@ class KernelSpliceTests(TestCase):
             self.assertLessEqual(pool.free, 8)
         self.assertEqual(pool.in_use, 0)
         pool.close()
+        splicer.close()
         gc.collect()
         after = sorted(os.listdir("/proc/self/fd"))
         self.assertEqual(after, before, [os.readlink(f"/proc/self/fd/{fd}") for fd in set(after) - set(before) if os.path.exists(f"/proc/self/fd/{fd}")])
@@ -755,8 +756,9 @@ class EdgeTriggeredOnlyTests(_DroppedByReactor, TestCase):
     def test_one_reader_for_all_splices(self):
         """
         Three live splices are one reader in the reactor (the splicer's
-        epoll), none of their sockets is; once they end the reader is gone
-        and so is the epoll.
+        epoll), none of their sockets is; once they end the reader is gone,
+        the epoll stays for the next splices (one descriptor per splicer,
+        made before any socket is taken) until the splicer is closed.
         """
         splicer = KernelSplicer(self.pool, reactor=global_reactor)
         ends = [self.connect(splicer) for _ in range(3)]
@@ -773,8 +775,46 @@ class EdgeTriggeredOnlyTests(_DroppedByReactor, TestCase):
             stats = yield done
             self.assertEqual((stats.bytes_up, stats.bytes_down), (100, 200))
         self.assertEqual(self._ours(), [])
-        self.assertIsNone(splicer._poller)
+        self.assertEqual(poller.sides, {})
+        self.assertFalse(poller._ep.closed)
+        more = self.connect(splicer)
+        self.assertIs(splicer._poller, poller)
+        self.assertEqual(self._ours(), [poller])
+        more[2].abort("test")
+        self.assertTrue(more[3].called)
+        self.assertEqual(self._ours(), [])
+        splicer.close()
         self.assertTrue(poller._ep.closed)
+        self.assertIsNone(splicer._poller)
+
+    def test_no_epoll_falls_back(self):
+        """
+        When the splicer's epoll cannot be made (the process is out of
+        descriptors), ``take_sockets`` says no and changes nothing: no pipe
+        reserved, the sockets still the caller's and blocking; the next
+        connection, with descriptors again, is taken.
+        """
+        def no_epoll(*args):
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        splicer = KernelSplicer(self.pool, reactor=global_reactor)
+        self.addCleanup(splicer.close)
+        a, b = _pair(self.srv)
+        c, d = _pair(self.srv)
+        for s in (a, b, c, d):
+            self.addCleanup(s.close)
+        real, ksplice.select.epoll = ksplice.select.epoll, no_epoll
+        try:
+            taken = splicer.take_sockets(b, c, on_done=lambda stats: None)
+        finally:
+            ksplice.select.epoll = real
+        self.assertIsNone(taken)
+        self.assertEqual((self.pool.in_use, b.getblocking(), c.getblocking()), (0, True, True))
+        self.assertIsNone(splicer._poller)
+        client_sock, shard_sock, splice, done = self.connect(splicer)
+        self.assertIsNotNone(splicer._poller)
+        splice.abort("test")
+        self.assertTrue(done.called)
 
     @defer.inlineCallbacks
     def test_reads_per_wake_up_are_bounded(self):
