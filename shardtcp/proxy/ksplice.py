@@ -4,8 +4,13 @@ Kernel splice: move a connection's bytes with ``splice(2)``, below Twisted.
 
 Once the PROXY header is written, a passthrough or plain connection only
 copies bytes.  ``KernelSplice`` does that through one pipe per direction
-(socket -> pipe -> socket, the bytes never reach Python), driven by the
-reactor through two raw file descriptors.  It keeps the contract of the
+(socket -> pipe -> socket, the bytes never reach Python).  On Twisted's
+epoll reactor the sockets of all splices are registered once, edge-
+triggered, in one ``select.epoll`` of the splicer's that is a single
+reader of the reactor's (``_Poller``): an event runs one pump per
+direction (``KernelSplice._pump``) and flow control costs no
+``epoll_ctl``.  On another reactor each socket is the reactor's reader
+and writer as its flow control needs.  It keeps the contract of the
 userspace ``Splice``:
 
 * flow control: a direction reads from its source only while its pipe has
@@ -29,7 +34,8 @@ a direction only from the moment its source is readable until the pipe is
 drained, then takes it back for reuse: an idle spliced connection holds
 its two sockets and no pipe (2 descriptors instead of 6).  When the system
 gives no pipe (out of descriptors), that read is copied through userspace
-instead.  A splice keeps bare descriptors, not ``socket`` objects.
+instead.  A splice keeps the two ``socket`` objects it was given (a
+``shutdown`` or ``close`` is then one call, with no object made for it).
 
 Taking a socket over from Twisted (``detach_transport``).  A
 ``tcp.Connection`` closes its socket in ``connectionLost`` with
@@ -37,9 +43,10 @@ Taking a socket over from Twisted (``detach_transport``).  A
 on the descriptor: keeping an ``os.dup`` and letting Twisted close its own
 copy sends the peer a FIN in the middle of the connection.
 ``abortConnection`` sets ``SO_LINGER {1, 0}`` on the shared socket, so the
-dup's eventual close would reset the peer instead of ending cleanly.  Instead the transport is removed from the reactor, its unsent
-write buffer is taken out (it becomes the head of the prefix), and its
-socket object gives up the descriptor with ``socket.detach()``; the
+dup's eventual close would reset the peer instead of ending cleanly.
+Instead the transport is removed from the reactor, its unsent write buffer
+is taken out (it becomes the head of the prefix), and its socket object
+moves to the splice, the transport keeping an inert stand-in; the
 transport is then marked disconnected, so later ``write``,
 ``loseConnection`` or ``abortConnection`` calls on it are no-ops and
 nothing ever closes the descriptor behind our back.  Twisted never calls the
@@ -57,12 +64,18 @@ import errno
 import fcntl
 import heapq
 import os
+import select
 import socket
 import struct
 from typing import Callable, Optional
 
 import attrs
 from twisted.internet.tcp import Connection as _TCPConnection
+
+try:
+    from twisted.internet.epollreactor import EPollReactor as _EPollReactor
+except ImportError:  # not Linux
+    _EPollReactor = None
 from twisted.internet.interfaces import IReactorFDSet, IReactorTime, IReadDescriptor, IWriteDescriptor
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -284,29 +297,33 @@ def detach_transport(transport) -> tuple[socket.socket, bytes]:
     """
     if not can_detach(transport):
         raise ValueError("not a plain, open Twisted TCP transport")
-    family, kind, proto = transport.socket.family, transport.socket.type, transport.socket.proto
-    fd, pending = _detach(transport)
-    # Family, type and protocol given: otherwise three getsockopt calls.
-    sock = socket.socket(family, kind, proto, fileno=fd)
-    sock.setblocking(False)
-    return sock, pending
+    return _detach(transport)
 
 
-def _detach(transport) -> tuple[int, bytes]:
+def _detach(transport) -> tuple[socket.socket, bytes]:
     """
-    ``detach_transport`` for a transport ``can_detach`` accepted, giving the
-    bare descriptor (Twisted's sockets are already non-blocking).
+    ``detach_transport`` for a transport ``can_detach`` accepted (Twisted's
+    sockets are already non-blocking).
     """
-    transport.stopReading()
-    transport.stopWriting()
-    pending = bytes(transport.dataBuffer[transport.offset :]) + b"".join(transport._tempDataBuffer)
+    # ``stopReading`` and ``stopWriting``, one call each fewer.
+    reactor = transport.reactor
+    reactor.removeReader(transport)
+    reactor.removeWriter(transport)
+    if transport.offset or transport._tempDataBuffer:
+        pending = bytes(transport.dataBuffer[transport.offset :]) + b"".join(transport._tempDataBuffer)
+        transport.offset = 0
+        transport._tempDataBuffer = []
+        transport._tempDataLen = 0
+    else:
+        pending = bytes(transport.dataBuffer)
     transport.dataBuffer = b""
-    transport.offset = 0
-    transport._tempDataBuffer = []
-    transport._tempDataLen = 0
     if transport.producer is not None:
         transport.unregisterProducer()
-    fd = transport.socket.detach()
+    # The socket object itself moves to the splice (cheaper than a new one
+    # for each shutdown or close later); the inert transport keeps a dummy
+    # that owns nothing, so no path left in it can close our descriptor.
+    sock = transport.socket
+    transport.socket = _GONE
     transport.connected = False
     transport.disconnected = True
     # Nothing calls into the inert transport again: break its reference
@@ -319,20 +336,33 @@ def _detach(transport) -> tuple[int, bytes]:
     if connector is not None:
         transport.connector = None
         connector.transport = None
-    return fd, pending
+    return sock, pending
 
 
-def _socket_call(fd: int, method: str, *args) -> None:
-    """
-    Call a ``socket`` method on a bare descriptor (``shutdown``,
-    ``setsockopt``): a splice keeps descriptors, not ``socket`` objects, to
-    stay small.  Neither call depends on the address family.
-    """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fileno=fd)
-    try:
-        getattr(sock, method)(*args)
-    finally:
-        sock.detach()
+class _Gone:
+    """What a detached transport holds instead of its socket."""
+
+    __slots__ = ()
+
+    def fileno(self) -> int:
+        return -1
+
+    def close(self) -> None:
+        pass
+
+    def shutdown(self, how: int) -> None:
+        pass
+
+    def setsockopt(self, *args) -> None:
+        pass
+
+
+_GONE = _Gone()
+
+
+def _socket_call(sock: socket.socket, method: str, *args) -> None:
+    """Call a ``socket`` method (``shutdown``, ``setsockopt``) on a side's socket."""
+    getattr(sock, method)(*args)
 
 
 # -- the pump -------------------------------------------------------------
@@ -347,6 +377,13 @@ class KernelSplicer:
     refused as unsupported (``EINVAL``, ``ENOSYS``) before any has worked
     disables the splicer: that connection finishes by copying, the next ones
     are refused.
+
+    ``edge`` (default: whether ``reactor`` is Twisted's epoll reactor)
+    drives the spliced sockets from one edge-triggered ``select.epoll`` of
+    the splicer's own, in the reactor as a single reader while any splice
+    is live (``_Poller``): no reactor call per flow-control change and
+    several sockets served per wake-up.  Otherwise each socket is a reader
+    and writer of the reactor's, registered as its flow control needs.
     """
 
     def __init__(
@@ -357,13 +394,19 @@ class KernelSplicer:
         clock: Optional[IReactorTime] = None,
         enabled: Optional[bool] = None,
         splice: Optional[Callable[..., int]] = None,
+        edge: Optional[bool] = None,
     ) -> None:
         self.pool = pool
         self._reactor = reactor
         self._clock = clock if clock is not None else reactor
+        self._now = self._clock.seconds
         self.enabled = kernel_splice_available() if enabled is None else enabled
         self._splice = splice if splice is not None else getattr(os, "splice", None)
         self._proven = False
+        if edge is None:
+            edge = _EPollReactor is not None and isinstance(reactor, _EPollReactor)
+        self.edge = edge
+        self._poller: Optional[_Poller] = None
         # The idle timeouts of all its splices: one heap of (due, seq,
         # splice) and one timer, instead of a DelayedCall per connection.
         self._idle: list = []
@@ -394,18 +437,23 @@ class KernelSplicer:
         """
         if not (self.enabled and can_detach(downstream) and can_detach(upstream)):
             return None
+        if self.edge and self._poller is None and not self._make_poller():
+            return None
         if not self.pool.reserve(2):
             return None
-        down_fd, down_pending = _detach(downstream)
-        up_fd, up_pending = _detach(upstream)
-        return self._start(
-            down_fd,
-            up_fd,
+        down, down_pending = _detach(downstream)
+        up, up_pending = _detach(upstream)
+        splice = KernelSplice(
+            down,
+            up,
+            splicer=self,
             on_done=on_done,
             prefix_up=up_pending + prefix_up if up_pending else prefix_up,
             prefix_down=down_pending + prefix_down if down_pending else prefix_down,
             idle_timeout=idle_timeout,
         )
+        splice.start()
+        return splice
 
     def take_sockets(
         self,
@@ -419,28 +467,53 @@ class KernelSplicer:
     ) -> Optional["KernelSplice"]:
         """
         As ``take_transports`` for two connected sockets the caller owns;
-        on success the splice owns their descriptors (the ``socket``
-        objects are detached from them) and will close them.
+        on success the splice owns them and will close them.
         """
         if not self.enabled:
+            return None
+        if self.edge and self._poller is None and not self._make_poller():
             return None
         if not self.pool.reserve(2):
             return None
         downstream.setblocking(False)
         upstream.setblocking(False)
-        return self._start(
-            downstream.detach(),
-            upstream.detach(),
+        splice = KernelSplice(
+            downstream,
+            upstream,
+            splicer=self,
             on_done=on_done,
             prefix_up=prefix_up,
             prefix_down=prefix_down,
             idle_timeout=idle_timeout,
         )
-
-    def _start(self, down_fd: int, up_fd: int, **kw) -> "KernelSplice":
-        splice = KernelSplice(down_fd, up_fd, splicer=self, **kw)
         splice.start()
         return splice
+
+    # -- the edge-triggered poller ---------------------------------------
+
+    def close(self) -> None:
+        """
+        Close the splicer's epoll (made with its first splice, kept from
+        then on: one descriptor per process, not per connection); for a
+        splicer no splice uses any more.
+        """
+        poller, self._poller = self._poller, None
+        if poller is not None:
+            poller.close()
+
+    def _make_poller(self) -> bool:
+        try:
+            self._poller = _Poller(self)
+        except OSError as e:
+            # Out of descriptors: this connection is copied in userspace.
+            log.warn("kernel splice: no epoll: {error}", error=os.strerror(e.errno or 0))
+            return False
+        return True
+
+    def _poller_lost(self, poller: "_Poller") -> None:
+        """The reactor dropped the poller (shutting down): so do its splices."""
+        for splice in {side._owner for side in list(poller.sides.values())}:
+            splice._reactor_dropped()
 
     # -- idle timeouts ---------------------------------------------------
 
@@ -490,10 +563,7 @@ class KernelSplicer:
         if heap and self._idle_timer is None:
             self._idle_timer = self._clock.callLater(max(0.0, heap[0][0] - now), self._idle_sweep)
 
-    # Called by the splices.
-    def _splice_worked(self) -> None:
-        self._proven = True
-
+    # Called by the splices (which also set ``_proven`` once a splice call worked).
     def _splice_unsupported(self, error: OSError) -> None:
         if not self._proven and self.enabled:
             self.enabled = False
@@ -505,6 +575,100 @@ class KernelSplicer:
 
 _PREFIXES = ("ksplice-client", "ksplice-shard")
 
+# Edge-triggered registration of a spliced socket: every readiness change,
+# once.  A side's ``rd``/``wr`` flag is set by an event and cleared only
+# by an EAGAIN that proves the socket not ready (see ``_pump``).
+_WATCH = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+_READY_IN = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+_READY_OUT = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
+_MAX_EVENTS = 256
+# Splices into a pipe per direction and wake-up: a connection that could
+# go on for ever (a fast sender, a fast receiver) yields to the others and
+# goes on at the reactor's next turn.
+_MAX_ROUNDS = 16
+
+
+@implementer(IReadDescriptor)
+class _Poller:
+    """
+    The splicer's edge-triggered epoll: every spliced socket registered
+    once, the whole set one reader of the reactor's while it is not empty.
+    """
+
+    def __init__(self, splicer: KernelSplicer) -> None:
+        self._splicer = splicer
+        self._reactor = splicer._reactor
+        self._ep = select.epoll()
+        # The reactor asks for these on every wake-up: bound builtins, no
+        # Python frame.
+        self.fileno = self._ep.fileno
+        self.logPrefix = "ksplice".__str__
+        #: Spliced sockets by descriptor.
+        self.sides: dict[int, _Side] = {}
+        self._registered = False
+        self._again: list = []
+        self._again_call = None
+
+    def add(self, a: "_Side", b: "_Side") -> None:
+        """Watch a splice's two sockets."""
+        register = self._ep.register
+        register(a.fd, _WATCH)
+        register(b.fd, _WATCH)
+        sides = self.sides
+        sides[a.fd] = a
+        sides[b.fd] = b
+        if not self._registered:
+            self._registered = True
+            self._reactor.addReader(self)
+
+    def forget(self, side: "_Side") -> None:
+        sides = self.sides
+        if sides.pop(side.fd, None) is None:
+            return
+        try:
+            self._ep.unregister(side.fd)
+        except (OSError, ValueError):
+            pass
+        if not sides and self._registered:
+            # No splice left: no reader of the reactor's either.
+            self._registered = False
+            self._reactor.removeReader(self)
+
+    def doRead(self) -> None:
+        sides = self.sides
+        for fd, events in self._ep.poll(0, _MAX_EVENTS):
+            side = sides.get(fd)
+            if side is None:
+                continue
+            if events & _READY_IN:
+                side.rd = True
+            if events & _READY_OUT:
+                side.wr = True
+            side._owner._run()
+
+    def again(self, splice: "KernelSplice") -> None:
+        """Run ``splice`` again at the reactor's next turn."""
+        self._again.append(splice)
+        if self._again_call is None:
+            self._again_call = self._reactor.callLater(0, self._run_again)
+
+    def _run_again(self) -> None:
+        self._again_call = None
+        again, self._again = self._again, []
+        for splice in again:
+            splice._run()
+
+    def connectionLost(self, reason: Failure) -> None:
+        # Only the reactor calls this (shutting down, removeAll).
+        self._registered = False
+        self._splicer._poller_lost(self)
+
+    def close(self) -> None:
+        call, self._again_call = self._again_call, None
+        if call is not None and call.active():
+            call.cancel()
+        self._ep.close()
+
 
 @implementer(IReadDescriptor, IWriteDescriptor)
 class _Side:
@@ -515,20 +679,26 @@ class _Side:
     """
 
     # Slots keep an idle spliced connection small: two of these and the
-    # ``KernelSplice`` are all it holds besides its two descriptors.
+    # ``KernelSplice`` are all it holds besides its two sockets.
     __slots__ = (
-        "_owner", "index", "fd", "open", "reading", "writing",
+        "_owner", "index", "sock", "fd", "open", "reading", "writing", "rd", "wr",
         "pipe", "pending", "in_pipe", "eof", "final", "drained", "dead", "stalled", "copy", "tried", "tried_out",
         "ended",
     )
 
-    def __init__(self, owner: "KernelSplice", index: int, fd: int, prefix: bytes) -> None:
+    def __init__(self, owner: "KernelSplice", index: int, sock: socket.socket, prefix: bytes) -> None:
         self._owner = owner
         self.index = index
-        self.fd = fd
+        self.sock = sock
+        self.fd = sock.fileno()
         self.open = True
+        # Registered with the reactor (level-triggered path).
         self.reading = False
         self.writing = False
+        # Readiness seen and not yet used up (edge-triggered path): a
+        # socket is writable until a write says otherwise.
+        self.rd = False
+        self.wr = True
         # -- the direction out of this side
         self.pipe: Optional[Pipe] = None  # lent while bytes are in it
         self.pending = memoryview(prefix) if prefix else None  # bytes to send before the pipe's
@@ -575,8 +745,8 @@ class KernelSplice(IdleTimeout):
 
     def __init__(
         self,
-        downstream: int,
-        upstream: int,
+        downstream: socket.socket,
+        upstream: socket.socket,
         *,
         splicer: KernelSplicer,
         on_done: Callable[[SpliceStats], None],
@@ -601,9 +771,9 @@ class KernelSplice(IdleTimeout):
 
     def _start_idle(self) -> None:
         # The splicer watches the idle timeout; ``_idle_call`` is only a
-        # flag here (True while watched), so that ``_touch`` stays cheap.
+        # flag here (True while watched), so that activity stays cheap.
         if self._idle_timeout > 0:
-            self._last_activity = self._splicer._clock.seconds()
+            self._last_activity = self._splicer._now()
             self._idle_call = True
             self._splicer._idle_add(self)
 
@@ -614,8 +784,12 @@ class KernelSplice(IdleTimeout):
 
     def start(self) -> None:
         self._start_idle()
+        if self._splicer.edge:
+            self._splicer._poller.add(*self._sides)
+            self._run()
+            return
         for d in self._sides:
-            self._flush(d)
+            self._kick(d)
         self._update()
 
     # -- public controls --------------------------------------------------
@@ -629,8 +803,10 @@ class KernelSplice(IdleTimeout):
         for d in self._sides:
             d.eof = True
             d.final = "close"
-            self._flush(d)
-        self._update()
+        for d in self._sides:
+            self._kick(d)
+        if not self._splicer.edge:
+            self._update()
 
     def abort(self, why: str) -> None:
         """Reset both sides at once, dropping what the pipes hold."""
@@ -642,39 +818,58 @@ class KernelSplice(IdleTimeout):
             self._close_side(side, reset=True)
         self._finish()
 
-    # -- reactor events ---------------------------------------------------
+    # -- events -----------------------------------------------------------
 
-    def _readable(self, index: int) -> None:
-        d = self._sides[index]
-        if d.eof or self._done:
-            self._update()
-            return
-        if d.copy:
-            self._copy_in(d)
-        else:
-            pipe = d.pipe
-            if pipe is None:
-                pipe = self._splicer.pool.lend() if d.pending is None else None
-                if pipe is None:
-                    # No pipe to be had (the system's descriptors or pipe
-                    # budget): this read goes through userspace.
-                    self._copy_in(d)
-                else:
-                    d.pipe = pipe
-            if pipe is not None:
-                room = pipe.capacity - d.in_pipe
-                if room > 0:
-                    self._splice_in(d, room)
-        if not self._done:
-            self._flush(d)
-            self._update()
-
-    def _writable(self, index: int) -> None:
-        # ``index`` is the destination: flush the direction into it.
+    def _run(self) -> None:
+        """Edge-triggered: move what the sides' readiness allows, both ways."""
         if self._done:
             return
-        self._flush(self._sides[1 - index])
+        a, b = self._sides
+        moved = False
+        # A direction with nothing to read and nothing to send has nothing
+        # to do (an end is passed on by the pump that saw it).
+        if (a.rd and not a.eof) or a.pending is not None or a.in_pipe:
+            moved = self._pump(a, b, _MAX_ROUNDS)
+        if not self._done and ((b.rd and not b.eof) or b.pending is not None or b.in_pipe):
+            moved = self._pump(b, a, _MAX_ROUNDS) or moved
+        if moved and self._idle_call is not None:
+            self._last_activity = self._splicer._now()
+
+    def _readable(self, index: int) -> None:
+        # Level-triggered: one read from ``index``, then what can be sent.
+        if self._done:
+            return
+        sides = self._sides
+        d = sides[index]
+        if not d.eof:
+            o = sides[1 - index]
+            d.rd = o.wr = True
+            moved = self._pump(d, o, 1)
+            d.rd = False
+            if moved and self._idle_call is not None:
+                self._last_activity = self._splicer._now()
         self._update()
+
+    def _writable(self, index: int) -> None:
+        # Level-triggered: ``index`` is the destination of the direction
+        # to flush.
+        if self._done:
+            return
+        sides = self._sides
+        o = sides[index]
+        o.wr = True
+        if self._pump(sides[1 - index], o, 0) and self._idle_call is not None:
+            self._last_activity = self._splicer._now()
+        self._update()
+
+    def _kick(self, d: "_Side") -> None:
+        """Send what ``d`` holds (a prefix, a pipe) if its destination takes it."""
+        if self._done:
+            return
+        o = self._sides[1 - d.index]
+        if not self._splicer.edge:
+            o.wr = True
+        self._pump(d, o, 0)
 
     def _reactor_dropped(self) -> None:
         # The reactor is going away: close without flushing, as Twisted
@@ -689,96 +884,172 @@ class KernelSplice(IdleTimeout):
 
     # -- moving bytes -----------------------------------------------------
 
-    def _splice_in(self, d: _Side, room: int) -> None:
-        try:
-            n = self._splicer._splice(d.fd, d.pipe.write_fd, room, flags=_SPLICE_FLAGS)
-        except BlockingIOError:
-            # Level-triggered readiness said there are bytes: with bytes in
-            # the pipe, the pipe is full by slot count before byte count.
-            if d.in_pipe:
-                d.stalled = True
-            return
-        except InterruptedError:
-            return
-        except OSError as e:
-            if e.errno in _UNSUPPORTED and not d.tried:
-                self._fall_back(d, e)
-                self._copy_in(d)
-                return
-            self._side_failed(d.index, e)
-            return
-        if not d.tried:
-            d.tried = True
-            self._splicer._splice_worked()
-        if n == 0:
-            self._eof(d)
-            return
-        d.in_pipe += n
-        self._count(d.index, n)
+    def _pump(self, d: "_Side", o: "_Side", reads: int) -> bool:
+        """
+        Move bytes from side ``d`` to side ``o`` until neither reading nor
+        writing can go on, with at most ``reads`` reads; whether any byte
+        moved.  A drained pipe goes back to the pool on the way out.
 
-    def _copy_in(self, d: _Side) -> None:
-        if d.pending is not None or d.in_pipe:
-            return
-        try:
-            data = os.read(d.fd, _COPY_CHUNK)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as e:
-            self._side_failed(d.index, e)
-            return
-        if not data:
-            self._eof(d)
-            return
-        d.pending = memoryview(data)
-        self._count(d.index, len(data))
+        Edge-triggered, ``d.rd`` is cleared only by an EAGAIN read from an
+        empty pipe (or from the socket, when copying): with bytes in the
+        pipe an EAGAIN may mean that the pipe is full by slot count
+        (``stalled``), so the read is tried again once some of it went out.
+        ``o.wr`` is cleared by an EAGAIN write (level-triggered, also by a
+        short one: the reactor says when to go on).  A direction that used
+        its reads and could read on goes on at the reactor's next turn.
+        """
+        if d.drained or d.dead:
+            return False
+        splicer = self._splicer
+        splice = splicer._splice
+        moved = False
+        while True:
+            progress = False
+            # -- out, to ``o``
+            if o.wr:
+                if d.pending is not None:
+                    try:
+                        n = os.write(o.fd, d.pending)
+                    except BlockingIOError:
+                        o.wr = False
+                        n = 0
+                    except InterruptedError:
+                        n = 0
+                    except OSError as e:
+                        self._side_failed(o.index, e)
+                        return True
+                    if n:
+                        progress = moved = True
+                        d.pending = None if n >= len(d.pending) else d.pending[n:]
+                elif d.in_pipe:
+                    try:
+                        n = splice(d.pipe.read_fd, o.fd, d.in_pipe, flags=_SPLICE_FLAGS)
+                    except BlockingIOError:
+                        o.wr = False
+                        n = 0
+                    except InterruptedError:
+                        n = 0
+                    except OSError as e:
+                        if e.errno in _UNSUPPORTED and not d.tried_out:
+                            self._drain_pipe_to_memory(d, e)
+                            continue
+                        self._side_failed(o.index, e)
+                        return True
+                    if n:
+                        d.tried_out = True
+                        d.in_pipe -= n
+                        d.stalled = False
+                        progress = moved = True
+                        if d.in_pipe and not splicer.edge:
+                            o.wr = False
+            if d.eof and d.pending is None and not d.in_pipe:
+                self._give_back(d)
+                self._drained(d)
+                return moved
+            # -- in, from ``d``
+            if d.rd and not d.eof and not d.stalled and d.pending is None:
+                if not reads:
+                    if splicer.edge:
+                        splicer._poller.again(self)
+                    break
+                reads -= 1
+                pipe = d.pipe
+                if pipe is None and not d.copy:
+                    pool = splicer.pool
+                    free = pool._free
+                    if free:
+                        pipe = d.pipe = free.pop()
+                        pool.lent += 1
+                    else:
+                        pipe = d.pipe = pool.lend()
+                if pipe is None:
+                    # Copying (splice refused, or no pipe to be had): a
+                    # read waits until what it read before is sent.
+                    if not d.in_pipe:
+                        try:
+                            data = os.read(d.fd, _COPY_CHUNK)
+                        except BlockingIOError:
+                            d.rd = False
+                            data = None
+                        except InterruptedError:
+                            data = None
+                        except OSError as e:
+                            self._side_failed(d.index, e)
+                            return True
+                        if data is not None:
+                            progress = True
+                            if data:
+                                d.pending = memoryview(data)
+                                moved = True
+                                if d.index:
+                                    self.stats.bytes_down += len(data)
+                                else:
+                                    self.stats.bytes_up += len(data)
+                            else:
+                                self._eof(d)
+                elif pipe.capacity > d.in_pipe:
+                    try:
+                        n = splice(d.fd, pipe.write_fd, pipe.capacity - d.in_pipe, flags=_SPLICE_FLAGS)
+                    except BlockingIOError:
+                        if d.in_pipe:
+                            d.stalled = True
+                        else:
+                            d.rd = False
+                        n = -1
+                    except InterruptedError:
+                        n = -1
+                    except OSError as e:
+                        if e.errno in _UNSUPPORTED and not d.tried:
+                            self._fall_back(d, e)
+                            if not d.in_pipe:
+                                self._give_back(d)
+                            continue
+                        self._side_failed(d.index, e)
+                        return True
+                    if n >= 0:
+                        progress = True
+                        if not d.tried:
+                            d.tried = True
+                            splicer._proven = True
+                        if n:
+                            d.in_pipe += n
+                            moved = True
+                            if d.index:
+                                self.stats.bytes_down += n
+                            else:
+                                self.stats.bytes_up += n
+                        else:
+                            self._eof(d)
+            if not progress:
+                break
+        pipe = d.pipe
+        if pipe is not None and not d.in_pipe:
+            # ``_give_back``, inline: once per event.
+            d.pipe = None
+            pool = splicer.pool
+            if not pool._closed and len(pool._free) < pool._keep_free:
+                pool.lent -= 1
+                pool._free.append(pipe)
+            else:
+                pool.give_back(pipe, empty=True)
+        return moved
+
+    def _give_back(self, d: "_Side") -> None:
+        # An empty pipe goes back until the next bytes.
+        pipe = d.pipe
+        if pipe is not None:
+            d.pipe = None
+            pool = self._splicer.pool
+            if not pool._closed and len(pool._free) < pool._keep_free:
+                pool.lent -= 1
+                pool._free.append(pipe)
+            else:
+                pool.give_back(pipe, empty=True)
 
     def _fall_back(self, d: _Side, error: OSError) -> None:
         d.copy = True
         d.tried = True
         self._splicer._splice_unsupported(error)
-
-    def _flush(self, d: _Side) -> None:
-        """Send what ``d`` holds to the other side; finish it if drained."""
-        if d.dead or d.drained:
-            return
-        dst = self._sides[1 - d.index]
-        while d.pending is not None:
-            try:
-                n = os.write(dst.fd, d.pending)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:
-                self._side_failed(dst.index, e)
-                return
-            self._touch()
-            if n >= len(d.pending):
-                d.pending = None
-            else:
-                d.pending = d.pending[n:]
-        if d.in_pipe:
-            try:
-                n = self._splicer._splice(d.pipe.read_fd, dst.fd, d.in_pipe, flags=_SPLICE_FLAGS)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:
-                if e.errno in _UNSUPPORTED and not d.tried_out:
-                    self._drain_pipe_to_memory(d, e)
-                    self._flush(d)
-                    return
-                self._side_failed(dst.index, e)
-                return
-            d.tried_out = True
-            d.in_pipe -= n
-            d.stalled = False
-            self._touch()
-            if d.in_pipe:
-                return
-        if d.pipe is not None:
-            # Drained: the pipe goes back until the next bytes.
-            self._splicer.pool.give_back(d.pipe, empty=True)
-            d.pipe = None
-        if d.eof:
-            self._drained(d)
 
     def _drain_pipe_to_memory(self, d: _Side, error: OSError) -> None:
         # Splicing out was refused: what is in the pipe goes out by send.
@@ -798,24 +1069,13 @@ class KernelSplice(IdleTimeout):
         self._splicer.pool.give_back(pipe, empty=d.in_pipe == 0)
         d.in_pipe = 0
 
-    def _count(self, side: int, n: int) -> None:
-        if side == DOWNSTREAM:
-            self.stats.bytes_up += n
-        else:
-            self.stats.bytes_down += n
-        self._touch()
-
-    def _touch(self) -> None:
-        if self._idle_call is not None:
-            self._last_activity = self._splicer._clock.seconds()
-
     # -- endings ----------------------------------------------------------
 
     def _eof(self, d: _Side) -> None:
         # Called only when a read returned 0: the peer's FIN.
         d.eof = True
         d.ended |= 1
-        if all(x.eof for x in self._sides) and not self.stats.ended_by:
+        if self._sides[1 - d.index].eof and not self.stats.ended_by:
             self.stats.ended_by = _NAMES[d.index]
 
     def _drained(self, d: _Side) -> None:
@@ -826,7 +1086,7 @@ class KernelSplice(IdleTimeout):
             self._close_side(dst, reset=False)
         else:
             try:
-                _socket_call(dst.fd, "shutdown", socket.SHUT_WR)
+                _socket_call(dst.sock, "shutdown", socket.SHUT_WR)
             except OSError as e:
                 self._side_failed(dst.index, e)
                 return
@@ -834,8 +1094,9 @@ class KernelSplice(IdleTimeout):
         if other.drained and other.eof:
             # Both directions ended: close what is still open.
             for side in self._sides:
-                self._close_side(side, reset=False)
-        if not any(side.open for side in self._sides):
+                if side.open:
+                    self._close_side(side, reset=False)
+        if not (self._sides[0].open or self._sides[1].open):
             self._finish()
 
     def _side_failed(self, index: int, error: Optional[OSError]) -> None:
@@ -854,32 +1115,38 @@ class KernelSplice(IdleTimeout):
         out.eof = True
         out.final = "close"
         if not self._done:
-            self._flush(out)
-        if not any(s.open for s in self._sides):
+            self._kick(out)
+        if not (self._sides[0].open or self._sides[1].open):
             self._finish()
 
     def _close_side(self, side: _Side, *, reset: bool) -> None:
         if not side.open:
             return
-        self._set(side, read=False, write=False)
+        if self._splicer.edge:
+            poller = self._splicer._poller
+            if poller is not None:
+                poller.forget(side)
+        elif side.reading or side.writing:
+            self._set(side, read=False, write=False)
         side.open = False
         d_in = self._sides[1 - side.index]
         d_in.dead = d_in.dead or not d_in.drained
         try:
             if reset:
-                _socket_call(side.fd, "setsockopt", socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+                _socket_call(side.sock, "setsockopt", socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
             elif side.ended != 3:
-                _socket_call(side.fd, "shutdown", socket.SHUT_RDWR)
+                _socket_call(side.sock, "shutdown", socket.SHUT_RDWR)
         except OSError:
             pass
-        os.close(side.fd)
+        side.sock.close()
 
     def _finish(self) -> None:
         if self._done:
             return
         self._done = True
         for side in self._sides:
-            self._close_side(side, reset=False)
+            if side.open:
+                self._close_side(side, reset=False)
         pool = self._splicer.pool
         for d in self._sides:
             if d.pipe is not None:
@@ -889,7 +1156,7 @@ class KernelSplice(IdleTimeout):
         self._stop_idle()
         self._on_done(self.stats)
 
-    # -- reactor registration ---------------------------------------------
+    # -- reactor registration (level-triggered path) ----------------------
 
     def _update(self) -> None:
         if self._done:

@@ -16,8 +16,11 @@ import struct
 
 from twisted.internet import defer, protocol, reactor as global_reactor
 from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
+from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 from zope.interface import implementer
 
@@ -528,6 +531,7 @@ class KernelSpliceTests(TestCase):
             self.assertLessEqual(pool.free, 8)
         self.assertEqual(pool.in_use, 0)
         pool.close()
+        splicer.close()
         gc.collect()
         after = sorted(os.listdir("/proc/self/fd"))
         self.assertEqual(after, before, [os.readlink(f"/proc/self/fd/{fd}") for fd in set(after) - set(before) if os.path.exists(f"/proc/self/fd/{fd}")])
@@ -685,6 +689,198 @@ class DetachTests(TestCase):
         while not proto.lost:
             yield deferLater(global_reactor, 0.01, lambda: None)
         self.assertEqual(peer.recv(10), b"")
+
+
+class _DroppedByReactor:
+    """Helpers for a splice whose reactor goes away."""
+
+    @defer.inlineCallbacks
+    def test_reactor_shutdown_closes(self):
+        """
+        The reactor dropping the splice's descriptors (as when it shuts
+        down) closes both sockets at once without flushing: each splice's
+        ``on_done`` gets "closed", both peers see the end, no pipe stays
+        reserved and nothing of the splice stays in the reactor.
+        """
+        splicer = KernelSplicer(self.pool, reactor=global_reactor)
+        ends = [self.connect(splicer) for _ in range(2)]
+        peers = []
+        for client_sock, shard_sock, _, _ in ends:
+            peers += [Peer(client_sock, shut=False).start(), Peer(shard_sock, shut=False).start()]
+        for p in peers:
+            self.addCleanup(p.close)
+        yield deferLater(global_reactor, 0.01, lambda: None)
+        self.assertEqual(self.pool.in_use, 4)
+        ours = self._ours()
+        self.assertTrue(ours)
+        for selectable in ours:
+            global_reactor.removeReader(selectable)
+            global_reactor.removeWriter(selectable)
+        for selectable in ours:
+            selectable.connectionLost(Failure(ConnectionLost()))
+        for _, _, splice, done in ends:
+            self.assertTrue(done.called)
+            stats = yield done
+            self.assertEqual(stats.ended_by, "closed")
+        yield defer.gatherResults([p.ended for p in peers])
+        self.assertEqual(self.pool.in_use, 0)
+        self.assertEqual(self._ours(), [])
+
+    def _ours(self):
+        return [
+            s for s in set(global_reactor.getReaders() + global_reactor.getWriters())
+            if isinstance(s, (ksplice._Poller, ksplice._Side))
+        ]
+
+
+class EdgeTriggeredOnlyTests(_DroppedByReactor, TestCase):
+    """The splicer's epoll on its own."""
+
+    timeout = 60
+    connect = KernelSpliceTests.connect
+
+    def setUp(self):
+        KernelSpliceTests.setUp(self)
+
+    def test_the_reactor_is_epoll(self):
+        """
+        Trial's reactor is Twisted's epoll reactor, so the splicer picks the
+        edge-triggered path by itself (and ``KernelSpliceTests`` run on it);
+        on another reactor it registers each socket with the reactor.
+        """
+        self.assertIsInstance(global_reactor, EPollReactor)
+        self.assertTrue(KernelSplicer(self.pool, reactor=global_reactor).edge)
+        self.assertFalse(KernelSplicer(self.pool, reactor=Clock()).edge)
+
+    @defer.inlineCallbacks
+    def test_one_reader_for_all_splices(self):
+        """
+        Three live splices are one reader in the reactor (the splicer's
+        epoll), none of their sockets is; once they end the reader is gone,
+        the epoll stays for the next splices (one descriptor per splicer,
+        made before any socket is taken) until the splicer is closed.
+        """
+        splicer = KernelSplicer(self.pool, reactor=global_reactor)
+        ends = [self.connect(splicer) for _ in range(3)]
+        ours = self._ours()
+        self.assertEqual([type(s) for s in ours], [ksplice._Poller])
+        poller = ours[0]
+        self.assertEqual(sorted(poller.sides), sorted(side.fd for e in ends for side in e[2]._sides))
+        peers = []
+        for client_sock, shard_sock, _, _ in ends:
+            peers += [Peer(client_sock, b"q" * 100).start(), Peer(shard_sock, b"a" * 200).start()]
+        for p in peers:
+            self.addCleanup(p.close)
+        for _, _, _, done in ends:
+            stats = yield done
+            self.assertEqual((stats.bytes_up, stats.bytes_down), (100, 200))
+        self.assertEqual(self._ours(), [])
+        self.assertEqual(poller.sides, {})
+        self.assertFalse(poller._ep.closed)
+        more = self.connect(splicer)
+        self.assertIs(splicer._poller, poller)
+        self.assertEqual(self._ours(), [poller])
+        more[2].abort("test")
+        self.assertTrue(more[3].called)
+        self.assertEqual(self._ours(), [])
+        splicer.close()
+        self.assertTrue(poller._ep.closed)
+        self.assertIsNone(splicer._poller)
+
+    def test_no_epoll_falls_back(self):
+        """
+        When the splicer's epoll cannot be made (the process is out of
+        descriptors), ``take_sockets`` says no and changes nothing: no pipe
+        reserved, the sockets still the caller's and blocking; the next
+        connection, with descriptors again, is taken.
+        """
+        def no_epoll(*args):
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        splicer = KernelSplicer(self.pool, reactor=global_reactor)
+        self.addCleanup(splicer.close)
+        a, b = _pair(self.srv)
+        c, d = _pair(self.srv)
+        for s in (a, b, c, d):
+            self.addCleanup(s.close)
+        real, ksplice.select.epoll = ksplice.select.epoll, no_epoll
+        try:
+            taken = splicer.take_sockets(b, c, on_done=lambda stats: None)
+        finally:
+            ksplice.select.epoll = real
+        self.assertIsNone(taken)
+        self.assertEqual((self.pool.in_use, b.getblocking(), c.getblocking()), (0, True, True))
+        self.assertIsNone(splicer._poller)
+        client_sock, shard_sock, splice, done = self.connect(splicer)
+        self.assertIsNotNone(splicer._poller)
+        splice.abort("test")
+        self.assertTrue(done.called)
+
+    @defer.inlineCallbacks
+    def test_reads_per_wake_up_are_bounded(self):
+        """
+        With one read per wake-up and a one-page pipe, 64 KiB already
+        waiting in the client's socket (one readiness event, no more to
+        come) still all reach the shard: a direction that could read on
+        goes on at the reactor's next turn instead of waiting for an event.
+        """
+        self.patch(ksplice, "_MAX_ROUNDS", 1)
+        pool = PipePool(max_pipes=3, pipe_size=4096)
+        self.addCleanup(pool.close)
+        pipe = pool.acquire()
+        self.assertEqual(pipe.capacity, 4096)
+        pool.release(pipe, empty=True)
+        splicer = KernelSplicer(pool, reactor=global_reactor)
+        client_sock, proxy_a = _pair(self.srv)
+        proxy_b, shard_sock = _pair(self.srv)
+        for s in (client_sock, shard_sock):
+            self.addCleanup(s.close)
+        data = os.urandom(64 * 1024)
+        client_sock.sendall(data)
+        yield deferLater(global_reactor, 0.05, lambda: None)
+        done = defer.Deferred()
+        splice = splicer.take_sockets(proxy_a, proxy_b, on_done=done.callback)
+        shard = Peer(shard_sock, shut=False).start()
+        self.addCleanup(shard.close)
+        for _ in range(500):
+            if shard.received == len(data):
+                break
+            yield deferLater(global_reactor, 0.01, lambda: None)
+        self.assertEqual(shard.received, len(data))
+        self.assertEqual(shard.sha.digest(), hashlib.sha256(data).digest())
+        splice.close()
+        yield done
+
+
+class LevelTriggeredTests(_DroppedByReactor, KernelSpliceTests):
+    """
+    Every test of ``KernelSpliceTests`` again with each socket a reader and
+    writer of the reactor's (the path for reactors other than epoll).
+    """
+
+    def setUp(self):
+        self.patch(ksplice, "_EPollReactor", None)
+        KernelSpliceTests.setUp(self)
+
+    def test_registered_with_the_reactor(self):
+        """Here a live splice's sockets are the reactor's readers, and no splicer epoll exists."""
+        splicer = KernelSplicer(self.pool, reactor=global_reactor)
+        self.assertFalse(splicer.edge)
+        client_sock, shard_sock, splice, done = self.connect(splicer)
+        readers = global_reactor.getReaders()
+        self.assertTrue(all(side in readers for side in splice._sides))
+        self.assertIsNone(splicer._poller)
+        splice.abort("test")
+        self.assertTrue(done.called)
+        self.assertFalse(any(side in global_reactor.getReaders() for side in splice._sides))
+
+
+class LevelTriggeredDetachTests(DetachTests):
+    """Taking sockets over from Twisted, level-triggered."""
+
+    def setUp(self):
+        self.patch(ksplice, "_EPollReactor", None)
+        DetachTests.setUp(self)
 
 
 class PipePoolTests(TestCase):

@@ -11,6 +11,7 @@ from twisted.internet import defer, reactor as global_reactor
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SkipTest, TestCase
 
+from shardtcp.proxy import ksplice
 from shardtcp.proxy.ksplice import KernelSplicer, PipePool, kernel_splice_available
 
 from tests.proxy.test_ksplice import Peer, _listener, _pair
@@ -97,3 +98,12 @@ class IdleSweepTests(TestCase):
         keep[2].abort("test")
         yield keep[3]
         self.assertEqual((self.splicer._idle, self.clock.getDelayedCalls()), ([], []))
+
+
+class LevelTriggeredIdleSweepTests(IdleSweepTests):
+    """The same idle deadlines with each socket a reader of the reactor's (no splicer epoll)."""
+
+    def setUp(self):
+        self.patch(ksplice, "_EPollReactor", None)
+        IdleSweepTests.setUp(self)
+        self.assertFalse(self.splicer.edge)

@@ -15,6 +15,7 @@ from twisted.internet import defer, reactor as global_reactor
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import SkipTest, TestCase
 
+from shardtcp.proxy import ksplice
 from shardtcp.proxy.ksplice import KernelSplicer, PipePool, kernel_splice_available
 
 from tests.proxy.test_ksplice import MIB, Peer, _listener, _pair
@@ -213,3 +214,11 @@ class LazyPipeTests(TestCase):
         self.assertEqual((stats.bytes_up, stats.bytes_down), (len(up), len(down)))
         self.assertTrue(splicer.enabled)
         self.assertEqual((pool.in_use, pool.lent), (0, 0))
+
+
+class LevelTriggeredLazyPipeTests(LazyPipeTests):
+    """The same pipe loans with each socket a reader and writer of the reactor's (no splicer epoll)."""
+
+    def setUp(self):
+        self.patch(ksplice, "_EPollReactor", None)
+        LazyPipeTests.setUp(self)
