@@ -3,9 +3,11 @@
 Connecting to shards.
 
 ``ShardConnector`` (an ``IShardConnector``) turns a ``ShardInfo`` into a connected protocol,
-bounded by a connect timeout.  IP literals go straight to ``connectTCP``
-with a small ``ClientFactory`` when the protocol says when it is connected
-(``ConnectedNotice``), else through ``TCP4ClientEndpoint``/``TCP6ClientEndpoint``;
+bounded by a connect timeout.  IP literals, when the protocol says when it
+is connected (``ConnectedNotice``), are connected directly: on a real
+reactor by a non-blocking connect of the connector's own (``_Connecting``),
+on another (tests' in-memory reactors) by ``connectTCP`` with a small
+``ClientFactory``; else through ``TCP4ClientEndpoint``/``TCP6ClientEndpoint``;
 host names through ``HostnameEndpoint`` (which resolves without blocking and
 races address families).  How a shard is reached (plain TCP today, TLS origination for
 ``upstream_tls`` services) is decided here and nowhere else; ``InOrder``
@@ -16,9 +18,11 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 from typing import Callable, Optional, Sequence
 
-from twisted.internet import defer
+from twisted.internet import defer, tcp
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import (
     ConnectError,
@@ -27,7 +31,9 @@ from twisted.internet.error import (
     NoProtocol,
     TimeoutError as TxTimeoutError,
 )
+from twisted.internet.error import getConnectError
 from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import ClientFactory
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
@@ -208,6 +214,125 @@ class DirectAttempt(ClientFactory):
         self._failed(failure)
 
 
+class _Connecting:
+    """
+    A non-blocking connect to an IP literal, for a ``DirectAttempt``: the
+    socket is the reactor's writer until the connect completes, then it
+    becomes a Twisted TCP transport of the attempt's protocol.
+
+    ``connectTCP`` does the same through a connector, a client transport
+    that first waits a reactor turn before connecting, a second timer and
+    the factory's start and stop: on a proxy that opens a connection to a
+    shard for every client, that is about a twentieth of a connection's
+    cost.  The transport is a ``tcp.Server`` (the class Twisted itself
+    wraps an adopted connected socket in), which serves a protocol exactly
+    as a client transport does; its peer is the shard.  Failures are those
+    ``connectTCP`` reports (``ConnectError`` and its kinds, with the
+    errno), so ``_classify`` tells the proxy's own (no descriptors, no
+    ports) from the shard's.  ``getDestination`` and ``stopConnecting``
+    are what ``DirectAttempt.cancel`` asks of its connector.
+    """
+
+    __slots__ = ("_reactor", "_sock", "_attempt", "_peer", "_timer")
+
+    def __init__(self, reactor, attempt: "DirectAttempt", host: str, port: int, timeout: float) -> None:
+        self._reactor = reactor
+        self._attempt = attempt
+        self._timer = None
+        six = ":" in host
+        self._peer = (host, port, 0, 0) if six else (host, port)
+        try:
+            sock = socket.socket(socket.AF_INET6 if six else socket.AF_INET, socket.SOCK_STREAM)
+        except OSError as e:
+            self._sock = None
+            attempt.fail(Failure(getConnectError((e.errno, os.strerror(e.errno or 0)))))
+            return
+        self._sock = sock
+        sock.setblocking(False)
+        attempt.startedConnecting(self)
+        failed = sock.connect_ex(self._peer)
+        if failed not in (0, errno.EINPROGRESS, errno.EAGAIN):
+            self._close()
+            attempt.fail(Failure(getConnectError((failed, os.strerror(failed)))))
+            return
+        reactor.addWriter(self)
+        self._timer = reactor.callLater(timeout, self._timed_out)
+
+    # -- what the reactor asks of a writer
+
+    def fileno(self) -> int:
+        return self._sock.fileno() if self._sock is not None else -1
+
+    def logPrefix(self) -> str:
+        return "shard-connect"
+
+    def doWrite(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        self._stop()
+        failed = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if failed:
+            self._close()
+            self._attempt.fail(Failure(getConnectError((failed, os.strerror(failed)))))
+            return
+        self._sock = None
+        peer = self._peer
+        attempt = self._attempt
+        protocol = attempt.buildProtocol(self.getDestination())
+        if protocol is None:
+            # The attempt has reported why.
+            sock.close()
+            return
+        transport = tcp.Server(sock, protocol, peer, None, 0, self._reactor)
+        transport.repstr = f"<{protocol.__class__.__name__} to {peer[0]}:{peer[1]}>"
+        protocol.makeConnection(transport)
+
+    def connectionLost(self, reason: Failure) -> None:
+        # The reactor dropped the writer: a refused or reset connect
+        # (epoll's error and hang-up), or the reactor shutting down.
+        sock = self._sock
+        if sock is None:
+            return
+        self._stop(reactor_removed=True)
+        failed = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        self._close()
+        self._attempt.fail(Failure(getConnectError((failed, os.strerror(failed)))) if failed else reason)
+
+    # -- what DirectAttempt asks of its connector
+
+    def getDestination(self):
+        host, port = self._peer[0], self._peer[1]
+        return IPv6Address("TCP", host, port) if len(self._peer) == 4 else IPv4Address("TCP", host, port)
+
+    def stopConnecting(self) -> None:
+        if self._sock is not None:
+            self._stop()
+            self._close()
+
+    # -- inside
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self._sock is None:
+            return
+        self._stop()
+        self._close()
+        self._attempt.fail(Failure(TxTimeoutError(self._peer[0], self._peer[1])))
+
+    def _stop(self, reactor_removed: bool = False) -> None:
+        if not reactor_removed:
+            self._reactor.removeWriter(self)
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _close(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+
+
 @implementer(IShardConnector)
 class ShardConnector:
     """
@@ -227,6 +352,9 @@ class ShardConnector:
         self._reactor = reactor
         self._endpoint_factory = endpoint_factory or self._plain_endpoint
         self._plain = endpoint_factory is None
+        # A real posix reactor: shards at IP literals are connected by
+        # ``_Connecting``; in-memory reactors (tests) record ``connectTCP``.
+        self._raw = isinstance(reactor, PosixReactorBase)
         # (host, port, timeout) -> its plain endpoint: an endpoint holds no
         # state of a connection, so one per shard address serves them all.
         self._endpoints: dict = {}
@@ -269,7 +397,10 @@ class ShardConnector:
             return None
         attempt = DirectAttempt(factory, succeeded, failed)
         try:
-            self._reactor.connectTCP(address.host, address.port, attempt, timeout=timeout)
+            if self._raw:
+                _Connecting(self._reactor, attempt, address.host, address.port, timeout)
+            else:
+                self._reactor.connectTCP(address.host, address.port, attempt, timeout=timeout)
         except BaseException:
             attempt.fail(Failure())
         return attempt
