@@ -114,45 +114,6 @@ class ConnectedNotice:
             notice(self)
 
 
-class _DirectFactory(ClientFactory):
-    """
-    One attempt's factory on the direct path: builds the protocol of
-    ``factory``, fires ``deferred`` with it once it is connected (its
-    ``announce_connected``) or fails it as the endpoint's would (the
-    connector's failure; ``ConnectingCancelledError`` on cancel).
-    """
-
-    noisy = False
-
-    def __init__(self, factory) -> None:
-        self._factory = factory
-        self._connector = None
-        self.deferred: defer.Deferred = defer.Deferred(self._cancel)
-
-    def startedConnecting(self, connector) -> None:
-        self._connector = connector
-
-    def _cancel(self, deferred: defer.Deferred) -> None:
-        connector = self._connector
-        deferred.errback(ConnectingCancelledError(connector.getDestination()))
-        connector.stopConnecting()
-
-    def buildProtocol(self, addr):
-        try:
-            protocol = self._factory.buildProtocol(addr)
-            if protocol is None:
-                raise NoProtocol()
-        except BaseException:
-            self.deferred.errback()
-            return None
-        protocol._connected_notice = self.deferred.callback
-        return protocol
-
-    def clientConnectionFailed(self, connector, reason) -> None:
-        if not self.deferred.called:
-            self.deferred.errback(reason)
-
-
 class DirectAttempt(ClientFactory):
     """
     One attempt on the direct path that reports without a Deferred:
@@ -413,19 +374,13 @@ class ShardConnector:
         endpoint does.
         """
         if self._plain and _announces(factory):
-            address = shard.address
-            literal = self._literal.get(address.host)
-            if literal is None:
-                if len(self._literal) >= ENDPOINT_CACHE_SIZE:
-                    self._literal.clear()
-                literal = self._literal[address.host] = _is_literal(address.host)
-            if literal:
-                direct = _DirectFactory(factory)
-                try:
-                    self._reactor.connectTCP(address.host, address.port, direct, timeout=timeout)
-                except BaseException:
-                    return defer.fail().addErrback(_classify)
-                return direct.deferred.addErrback(_classify)
+            # The direct path, as ``start_direct``, behind a Deferred whose
+            # cancellation cancels the attempt.
+            attempt = None
+            d = defer.Deferred(lambda _: attempt.cancel() if attempt is not None else None)
+            attempt = self.start_direct(shard, factory, timeout, d.callback, d.errback)
+            if attempt is not None:
+                return d
         endpoint = self._endpoint_factory(shard, timeout)
         d = endpoint.connect(factory)
         if not (self._plain and type(endpoint) in _SELF_TIMED):
