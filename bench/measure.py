@@ -1,9 +1,13 @@
 """
 CPU time and resident memory of a process, read from ``/proc``.
 
-The CPU figure is ``utime + stime`` of ``/proc/PID/stat`` (all threads of
-the process, in clock ticks), so a proxy is charged for what it did, not for
-how long the run took.
+A proxy is charged for what it did, not for how long the run took.  The
+CPU total is the time its threads ran, in nanoseconds, from
+``/proc/PID/task/TID/schedstat`` (the first field of each, summed); the
+split into user and system time is ``utime`` and ``stime`` of
+``/proc/PID/stat``, in clock ticks (10 ms), so for a short run the split is
+coarse while the total is exact.  Where schedstat is missing the total is
+the sum of the ticks.
 """
 
 from __future__ import annotations
@@ -21,17 +25,26 @@ class MeasureError(RuntimeError):
 
 @attrs.frozen
 class Cpu:
-    """CPU seconds of one process, split into user and system."""
+    """
+    CPU seconds of one process: ``ran`` (threads' run time, exact; None
+    without schedstat), split into ``user`` and ``system`` (clock ticks).
+    """
 
     user: float
     system: float
+    ran: float | None = None
 
     @property
     def total(self) -> float:
-        return self.user + self.system
+        return self.ran if self.ran is not None else self.user + self.system
 
     def __sub__(self, other: "Cpu") -> "Cpu":
-        return Cpu(self.user - other.user, self.system - other.system)
+        ran = None if self.ran is None or other.ran is None else self.ran - other.ran
+        return Cpu(self.user - other.user, self.system - other.system, ran)
+
+    def __add__(self, other: "Cpu") -> "Cpu":
+        ran = None if self.ran is None or other.ran is None else self.ran + other.ran
+        return Cpu(self.user + other.user, self.system + other.system, ran)
 
 
 def cpu(pid: int) -> Cpu:
@@ -42,7 +55,20 @@ def cpu(pid: int) -> Cpu:
     except OSError as e:
         raise MeasureError(f"cannot read /proc/{pid}/stat: {e}") from e
     # After the command name: state is fields[0], utime fields[11], stime fields[12].
-    return Cpu(int(fields[11]) / _TICK, int(fields[12]) / _TICK)
+    return Cpu(int(fields[11]) / _TICK, int(fields[12]) / _TICK, _ran(pid))
+
+
+def _ran(pid: int) -> float | None:
+    """Seconds the threads of ``pid`` have run (schedstat), or None."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+        for tid in tasks:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return total / 1e9
 
 
 def rss_kib(pid: int) -> int:

@@ -89,7 +89,7 @@ def run(lab: Lab, settings: dict) -> dict:
             raise BenchError(f"wrk through {workers} workers: {r.requests} requests, {r.socket_errors} socket "
                              f"errors, {r.non_2xx} non-2xx answers")
         used = {pid: after[pid] - before[pid] for pid in pids}
-        total = measure.Cpu(sum(u.user for u in used.values()), sum(u.system for u in used.values()))
+        total = sum(used.values(), measure.Cpu(0.0, 0.0, 0.0))
         row = {
             "requests": r.requests, "conn_s": r.rate, "p50_ms": r.latency_p50_ms, "p99_ms": r.latency_p99_ms,
             "cpu_us_per_conn": measure.per(total, r.requests, 1e6),
