@@ -11,7 +11,7 @@ import weakref
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from shardtcp.tap import settle_heap
+from shardtcp.tap import freeze_heap, settle_heap
 from tests.test_reload import _listener, _Proxy
 
 
@@ -25,6 +25,22 @@ def _frozen(case: SynchronousTestCase) -> None:
 
 
 class SettleHeapTests(SynchronousTestCase):
+    def test_freeze_collects_nothing(self) -> None:
+        """Freezing at start-up is no collection: a cycle dropped before it is kept, frozen."""
+        _frozen(self)
+        # No automatic collection may take the cycle first.
+        gc.disable()
+        self.addCleanup(gc.enable)
+        gc.collect()
+        dropped = _Cycle()
+        gone = weakref.ref(dropped)
+        del dropped
+        freeze_heap()
+        self.assertIsNotNone(gone())
+        self.assertGreater(gc.get_freeze_count(), 0)
+        settle_heap()
+        self.assertIsNone(gone(), "the next settle collects it")
+
     def test_collects_then_freezes(self) -> None:
         """Cyclic garbage is collected first; what is alive is frozen after."""
         _frozen(self)
@@ -60,8 +76,9 @@ class DaemonHeapTests(SynchronousTestCase):
 
     def test_daemon_settles_when_running_and_after_reload(self) -> None:
         """
-        With ``settle_heap`` set (the daemon's tree), the heap is settled
-        once the reactor runs and again just after a reload.
+        With ``settle_heap`` set (the daemon's tree), the heap is frozen
+        once the reactor runs (no collection then) and settled just after a
+        reload.
         """
         from shardtcp.config import load_config
         from shardtcp.tap import build_service
@@ -71,7 +88,9 @@ class DaemonHeapTests(SynchronousTestCase):
         root.settle_heap = True
         root.startService()
         self.addCleanup(root.stopService)
-        self.assertIn(settle_heap, [hook[0] for hook in proxy.reactor.whenRunningHooks])
+        hooks = [hook[0] for hook in proxy.reactor.whenRunningHooks]
+        self.assertIn(freeze_heap, hooks)
+        self.assertNotIn(settle_heap, hooks)
         calls = len(proxy.reactor.getDelayedCalls())
         self.assertIsInstance(proxy.reload(), dict)
         later = [c for c in proxy.reactor.getDelayedCalls() if c.func is settle_heap]
@@ -83,6 +102,8 @@ class DaemonHeapTests(SynchronousTestCase):
         """A tree built without the flag (tests, tools) never touches the collector."""
         root = self.proxy.start()
         self.addCleanup(root.stopService)
-        self.assertNotIn(settle_heap, [hook[0] for hook in self.proxy.reactor.whenRunningHooks])
+        hooks = [hook[0] for hook in self.proxy.reactor.whenRunningHooks]
+        self.assertNotIn(freeze_heap, hooks)
+        self.assertNotIn(settle_heap, hooks)
         self.proxy.reload()
         self.assertEqual([c for c in self.proxy.reactor.getDelayedCalls() if c.func is settle_heap], [])
