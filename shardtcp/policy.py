@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from shardtcp import jws
-from shardtcp.net import canonical_ip, parse_port
+from shardtcp.net import canonical_ip, format_hostport, parse_port
 
 __all__ = [
     "ALGORITHM",
@@ -177,21 +177,18 @@ def format_address(address: tuple) -> str:
     that is not an IP literal or a port outside 0..65535.
     """
     host, port = address
-    if type(host) is not str and not isinstance(host, str):
+    if not isinstance(host, str):
         raise ValueError(f"host must be an IP literal, not {host!r}")
     if "%" in host:
         host = host.split("%", 1)[0]
     # Not net.parse_ip: an IPv4-mapped address stays IPv6 here, because the
     # header it must match carries it that way.
     host = canonical_ip(host)
-    if type(port) is not int:
-        if not isinstance(port, str):
-            raise ValueError(f"port out of range: {port!r}")
+    if isinstance(port, str):
         port = parse_port(port)
-    elif not 0 <= port <= 65535:
+    elif type(port) is not int or not 0 <= port <= 65535:
         raise ValueError(f"port out of range: {port!r}")
-    # net.format_hostport, written out: twice per connection.
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return format_hostport(host, port)
 
 
 def new_connection_id() -> str:

@@ -417,18 +417,16 @@ def _address_block(source, destination) -> tuple[int, bytes]:
 def _packed_address(name: str, address) -> tuple[int, bytes, int]:
     """``(version, packed address, port)`` of one ``(ip, port)``; ``ValueError`` naming ``name``."""
     host, port = address
-    if type(host) is not str:
-        if not isinstance(host, str):
-            raise ValueError(f"{name} host must be an IP literal string, not {host!r}")
+    if not isinstance(host, str):
+        raise ValueError(f"{name} host must be an IP literal string, not {host!r}")
     try:
         version, raw, scoped = _address_bytes(host)
     except ValueError:
         raise ValueError(f"{name} host {host!r} is not an IP address") from None
     if scoped:
         raise ValueError(f"{name} host {host!r} has a scope id, which v2 cannot carry")
-    if type(port) is not int or not 0 <= port <= 0xFFFF:
-        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 0xFFFF:
-            raise ValueError(f"{name} port {port!r} is not in 0..65535")
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 0xFFFF:
+        raise ValueError(f"{name} port {port!r} is not in 0..65535")
     return version, raw, port
 
 

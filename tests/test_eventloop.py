@@ -185,27 +185,12 @@ class DaemonTests(SynchronousTestCase):
         an empty admin token file).
         """
         import io
-        import os
         from contextlib import redirect_stderr
 
-        from shardtcp.keys import generate_keypair
-        from shardtcp.tap import Options, makeService
+        from shardtcp.tap import makeService
+        from tests.admin.test_setup import empty_token_options
 
-        folder = os.path.abspath(self.mktemp())
-        keys = generate_keypair(os.path.join(folder, "keys"), kid="policy-1")
-        with open(os.path.join(folder, "admin.token"), "w") as f:
-            f.write("\n")
-        path = os.path.join(folder, "shardtcp.toml")
-        with open(path, "w") as f:
-            f.write(
-                f'[proxy]\nid = "edge-1"\n[signing]\nprivate_key = "{keys.private_key}"\nkid = "policy-1"\n'
-                '[[listener]]\nname = "edge"\nlisten = "tcp:0:interface=127.0.0.1"\n'
-                '[service.api]\nnames = ["api.example.test"]\n'
-                '[[service.api.shard]]\nid = "api-1"\naddress = "127.0.0.1:9001"\n'
-                '[admin]\nlisten = "tcp:0:interface=127.0.0.1"\ntoken_file = "admin.token"\n'
-            )
-        options = Options()
-        options.parseOptions(["--config", path])
+        _, options = empty_token_options(self)
         reactor = _reactor(self)
         with redirect_stderr(io.StringIO()), self.assertRaises(SystemExit):
             makeService(options, reactor)

@@ -100,9 +100,9 @@ class ConnectedNotice:
     """
     A protocol that tells its connector when it is connected: its
     ``connectionMade`` calls ``announce_connected()`` (after its own set-up).
-    ``ShardConnector`` then connects it with ``connectTCP`` and a small
-    ``ClientFactory`` instead of an endpoint, whose wrapping protocol would
-    stand between the transport and the protocol for every event.
+    ``ShardConnector`` then connects it directly (``DirectAttempt``) instead
+    of through an endpoint, whose wrapping protocol would stand between the
+    transport and the protocol for every event.
     """
 
     _connected_notice: Optional[Callable[[object], None]] = None
@@ -206,7 +206,7 @@ class _Connecting:
             sock = socket.socket(socket.AF_INET6 if six else socket.AF_INET, socket.SOCK_STREAM)
         except OSError as e:
             self._sock = None
-            attempt.fail(Failure(getConnectError((e.errno, os.strerror(e.errno or 0)))))
+            attempt.fail(_connect_failure(e.errno or 0))
             return
         self._sock = sock
         sock.setblocking(False)
@@ -214,7 +214,7 @@ class _Connecting:
         failed = sock.connect_ex(self._peer)
         if failed not in (0, errno.EINPROGRESS, errno.EAGAIN):
             self._close()
-            attempt.fail(Failure(getConnectError((failed, os.strerror(failed)))))
+            attempt.fail(_connect_failure(failed))
             return
         reactor.addWriter(self)
         self._timer = reactor.callLater(timeout, self._timed_out)
@@ -235,7 +235,7 @@ class _Connecting:
         failed = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if failed:
             self._close()
-            self._attempt.fail(Failure(getConnectError((failed, os.strerror(failed)))))
+            self._attempt.fail(_connect_failure(failed))
             return
         self._sock = None
         peer = self._peer
@@ -258,7 +258,7 @@ class _Connecting:
         self._stop(reactor_removed=True)
         failed = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         self._close()
-        self._attempt.fail(Failure(getConnectError((failed, os.strerror(failed)))) if failed else reason)
+        self._attempt.fail(_connect_failure(failed) if failed else reason)
 
     # -- what DirectAttempt asks of its connector
 
@@ -292,6 +292,11 @@ class _Connecting:
         sock, self._sock = self._sock, None
         if sock is not None:
             sock.close()
+
+
+def _connect_failure(number: int) -> Failure:
+    """The failure ``connectTCP`` reports for a connect that failed with ``number`` (an errno)."""
+    return Failure(getConnectError((number, os.strerror(number))))
 
 
 @implementer(IShardConnector)

@@ -361,7 +361,12 @@ _GONE = _Gone()
 
 
 def _socket_call(sock: socket.socket, method: str, *args) -> None:
-    """Call a ``socket`` method (``shutdown``, ``setsockopt``) on a side's socket."""
+    """
+    Call a ``socket`` method (``shutdown``, ``setsockopt``) on a side's
+    socket: the one place the splice's shutdowns and resets go through, so
+    that a test can see which were made (a socket's methods cannot be
+    patched).
+    """
     getattr(sock, method)(*args)
 
 

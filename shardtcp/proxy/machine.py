@@ -218,8 +218,7 @@ class ConnectionMachine:
                 return
         config = rules.config
         self._detector = Detector(config.identify, max_client_hello=config.max_client_hello)
-        # ACCEPTED -> PEEKING (checked above; no _go on the per-connection path)
-        self.state = State.PEEKING
+        self._go(State.PEEKING)
         if not config.identify:
             # Nothing to identify (identify = [] needs a default_service):
             # connect at once; server-speaks-first protocols need it.
@@ -323,8 +322,7 @@ class ConnectionMachine:
         if not self._tls:
             payload = payload[self.identified.consume :]
         reply = self.identified.reply_when_connected
-        # CONNECTING -> SPLICED (checked above)
-        self.state = State.SPLICED
+        self._go(State.SPLICED)
         # Until the shard sends its first byte, a shard that closes at once
         # can be replaced (``empty_response``) as long as nothing has
         # reached the client: keep what it sent (bounded by the peek).
@@ -363,7 +361,7 @@ class ConnectionMachine:
         """The splice is done: both sides are closed."""
         if self.state is State.SPLICED:
             self._held = None
-            self.state = State.CLOSED
+            self._go(State.CLOSED)
 
     @property
     def holds_bytes(self) -> bool:

@@ -799,13 +799,6 @@ class ServiceIndex:
                 return groups[group], group
         return None, 0
 
-    def pool_size(self, bucket: Bucket, band: float) -> int:
-        """How many shards ``choice.pool`` would return."""
-        ordered, _ = self._group_of_pool(bucket)
-        if ordered is None:
-            return 0
-        return _pool_end(ordered.items, band)
-
     def pool(self, bucket: Bucket, band: float) -> list[choice.Entry]:
         """``choice.pool`` of the eligible shards, in rank order."""
         ordered, _ = self._group_of_pool(bucket)

@@ -184,6 +184,32 @@ class IdleTimeoutTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
 
 
+def empty_token_options(case: SynchronousTestCase):
+    """
+    ``(folder, Options)`` of ``twistd shardtcp`` for a valid configuration
+    in a new folder whose admin token file is empty: ``makeService`` reads
+    it and stops.
+    """
+    from shardtcp.tap import Options
+
+    folder = os.path.abspath(case.mktemp())
+    keys = generate_keypair(os.path.join(folder, "keys"), kid="policy-1")
+    with open(os.path.join(folder, "admin.token"), "w") as f:
+        f.write("\n")
+    path = os.path.join(folder, "shardtcp.toml")
+    with open(path, "w") as f:
+        f.write(
+            f'[proxy]\nid = "edge-1"\n[signing]\nprivate_key = "{keys.private_key}"\nkid = "policy-1"\n'
+            '[[listener]]\nname = "edge"\nlisten = "tcp:0:interface=127.0.0.1"\n'
+            '[service.api]\nnames = ["api.example.test"]\n'
+            '[[service.api.shard]]\nid = "api-1"\naddress = "127.0.0.1:9001"\n'
+            '[admin]\nlisten = "tcp:0:interface=127.0.0.1"\ntoken_file = "admin.token"\n'
+        )
+    options = Options()
+    options.parseOptions(["--config", path])
+    return folder, options
+
+
 class MakeServiceTests(SynchronousTestCase):
     """twistd's entry point with an unusable admin token."""
 
@@ -192,23 +218,9 @@ class MakeServiceTests(SynchronousTestCase):
         import io
         from contextlib import redirect_stderr
 
-        from shardtcp.tap import Options, makeService
+        from shardtcp.tap import makeService
 
-        folder = os.path.abspath(self.mktemp())
-        keys = generate_keypair(os.path.join(folder, "keys"), kid="policy-1")
-        with open(os.path.join(folder, "admin.token"), "w") as f:
-            f.write("\n")
-        path = os.path.join(folder, "shardtcp.toml")
-        with open(path, "w") as f:
-            f.write(
-                f'[proxy]\nid = "edge-1"\n[signing]\nprivate_key = "{keys.private_key}"\nkid = "policy-1"\n'
-                '[[listener]]\nname = "edge"\nlisten = "tcp:0:interface=127.0.0.1"\n'
-                '[service.api]\nnames = ["api.example.test"]\n'
-                '[[service.api.shard]]\nid = "api-1"\naddress = "127.0.0.1:9001"\n'
-                '[admin]\nlisten = "tcp:0:interface=127.0.0.1"\ntoken_file = "admin.token"\n'
-            )
-        options = Options()
-        options.parseOptions(["--config", path])
+        folder, options = empty_token_options(self)
         err = io.StringIO()
         with redirect_stderr(err), self.assertRaises(SystemExit) as caught:
             makeService(options, MemoryReactorClock())
