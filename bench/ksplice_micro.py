@@ -84,6 +84,9 @@ def _cpu() -> tuple[float, float]:
 def run_once(mode: str, direction: str, nbytes: int, max_seconds: float) -> dict:
     from twisted.internet import protocol, reactor
 
+    from shardtcp.eventloop import adopt
+
+    adopt(reactor)  # as the daemon does: its splices are edge-triggered
     from shardtcp.proxy.ksplice import KernelSplicer, PipePool
     from shardtcp.proxy.splice import DOWNSTREAM, UPSTREAM, Splice, SpliceSideMixin
 

@@ -7,6 +7,7 @@ close reaches a reader as a clean end).
 
 from __future__ import annotations
 
+import select
 import socket
 
 from twisted.internet.epollreactor import EPollReactor
@@ -177,6 +178,125 @@ class DispatchTests(SynchronousTestCase):
         self.assertNotIn(second, reactor.getReaders())
 
 
+class _Owner:
+    """What an edge-triggered descriptor's owner is told."""
+
+    def __init__(self) -> None:
+        self.lost: list[Failure] = []
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.lost.append(reason)
+
+
+class EdgeTriggeredTests(SynchronousTestCase):
+    """Descriptors watched edge-triggered in the reactor's own epoll."""
+
+    def setUp(self) -> None:
+        self.reactor = _reactor(self)
+        adopt(self.reactor)
+        self.events: list[int] = []
+
+    _pair = DispatchTests._pair
+
+    def test_each_readiness_once(self) -> None:
+        """
+        Bytes arriving are one event (readable and writable at once);
+        with nothing new, no further event however many turns pass; more
+        bytes are a new event, and the peer's shutdown one more, with
+        ``EPOLLRDHUP``.
+        """
+        a, b = self._pair()
+        owner = _Owner()
+        self.reactor.addEdgeTriggered(a.fileno(), self.events.append, owner)
+        self.assertEqual(self.reactor.getEdgeTriggered(), [owner])
+        self.assertEqual([r for r in self.reactor.getReaders() if r is not self.reactor.waker], [])
+        b.send(b"one")
+        self.reactor.doIteration(0)
+        self.assertEqual(len(self.events), 1)
+        self.assertTrue(self.events[0] & select.EPOLLIN and self.events[0] & select.EPOLLOUT)
+        self.reactor.doIteration(0)
+        self.reactor.doIteration(0)
+        self.assertEqual(len(self.events), 1)
+        b.send(b"two")
+        self.reactor.doIteration(0)
+        self.assertEqual(len(self.events), 2)
+        b.shutdown(socket.SHUT_WR)
+        self.reactor.doIteration(0)
+        self.assertEqual(len(self.events), 3)
+        self.assertTrue(self.events[2] & select.EPOLLRDHUP)
+        self.assertEqual(a.recv(100), b"onetwo")
+        self.assertEqual(owner.lost, [])
+
+    def test_removed_descriptor_gets_nothing(self) -> None:
+        """After ``removeEdgeTriggered`` no event reaches the handler; removing twice, or a closed descriptor, is harmless."""
+        a, b = self._pair()
+        c, d = self._pair()
+        self.reactor.addEdgeTriggered(a.fileno(), self.events.append, _Owner())
+        self.reactor.addEdgeTriggered(c.fileno(), self.events.append, _Owner())
+        self.reactor.removeEdgeTriggered(a.fileno())
+        self.reactor.removeEdgeTriggered(a.fileno())
+        c_fd = c.fileno()
+        c.close()
+        self.reactor.removeEdgeTriggered(c_fd)
+        b.send(b"x")
+        self.reactor.doIteration(0)
+        self.assertEqual((self.events, self.reactor.getEdgeTriggered()), ([], []))
+
+    def test_handler_error_drops_that_descriptor_only(self) -> None:
+        """
+        A handler that raises: the error is logged, its descriptor is no
+        longer watched and its owner is told ``connectionLost`` with the
+        error; a reader ready in the same wake-up is still served.
+        """
+        a, b = self._pair()
+        c, d = self._pair()
+        owner = _Owner()
+
+        def broken(events: int) -> None:
+            raise RuntimeError("handler bug")
+
+        fine = _Side(c)
+        self.reactor.addEdgeTriggered(a.fileno(), broken, owner)
+        self.reactor.addReader(fine)
+        b.send(b"x")
+        d.send(b"y")
+        self.reactor.doIteration(0)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(len(owner.lost), 1)
+        self.assertTrue(owner.lost[0].check(RuntimeError))
+        self.assertEqual(self.reactor.getEdgeTriggered(), [])
+        self.assertEqual(fine.read, [b"y"])
+
+    def test_remove_all_returns_the_owners(self) -> None:
+        """
+        ``removeAll`` (what the reactor does as it shuts down) stops
+        watching every edge-triggered descriptor and returns their owners
+        with the readers, so each is told ``connectionLost``.
+        """
+        a, b = self._pair()
+        c, d = self._pair()
+        first, second = _Owner(), _Owner()
+        reader = _Side(c)
+        self.reactor.addEdgeTriggered(a.fileno(), self.events.append, first)
+        self.reactor.addEdgeTriggered(b.fileno(), self.events.append, second)
+        self.reactor.addReader(reader)
+        removed = self.reactor.removeAll()
+        self.assertEqual(sorted(map(id, removed)), sorted(map(id, [first, second, reader])))
+        self.assertEqual(self.reactor.getEdgeTriggered(), [])
+        d.send(b"x")
+        a.send(b"y")
+        self.reactor.doIteration(0)
+        self.assertEqual((self.events, reader.read), ([], []))
+
+    def test_refused_watch_raises(self) -> None:
+        """A descriptor the kernel will not watch (here: not open) raises ``OSError`` and is not recorded."""
+        a, b = self._pair()
+        fd = a.fileno()
+        a.close()
+        self.assertRaises(OSError, self.reactor.addEdgeTriggered, fd, self.events.append, _Owner())
+        self.assertEqual(self.reactor.getEdgeTriggered(), [])
+
+
 class DaemonTests(SynchronousTestCase):
     def test_make_service_adopts_the_reactor(self) -> None:
         """
@@ -269,6 +389,42 @@ class MainLoopTests(SynchronousTestCase):
         self.reactor.running = False
         self.reactor.callLater(5, lambda: None)
         self.assertEqual(self._turns(1), [0.0])
+
+    def test_timed_calls_looked_at_only_when_something_is_due(self) -> None:
+        """
+        A turn runs ``runUntilCurrent`` only when it has work: a call due
+        (at exactly its time, not a moment before), one just scheduled, a
+        call from another thread, or the reactor just stopped.
+        """
+        reactor = self.reactor
+        runs: list = []
+        real = reactor.runUntilCurrent
+
+        def counted() -> None:
+            runs.append(self.now)
+            real()
+
+        reactor.runUntilCurrent = counted
+        reactor.callLater(5, lambda: None)
+        self._turns(1)
+        self.assertEqual(runs, [100.0], "a call just scheduled")
+        for now, expected in ((104.999, 1), (105.0, 2)):
+            self.now = now
+            reactor._started = True
+            self._turns(len(self.sleeps) + 1)
+            self.assertEqual(len(runs), expected, now)
+        reactor._started = True
+        reactor.threadCallQueue.append((lambda: None, (), {}))
+        self._turns(len(self.sleeps) + 1)
+        self.assertEqual(len(runs), 3)
+        self.assertEqual(reactor.threadCallQueue, [])
+        reactor._started = True
+        self._turns(len(self.sleeps) + 1)
+        self.assertEqual(len(runs), 3, "nothing to do")
+        reactor._started = True
+        reactor._justStopped = True
+        self._turns(len(self.sleeps) + 1)
+        self.assertEqual(len(runs), 4)
 
     def test_error_in_a_turn_is_logged_and_the_loop_goes_on(self) -> None:
         """An exception escaping a turn is logged; the next turn runs."""

@@ -4,13 +4,14 @@ Kernel splice: move a connection's bytes with ``splice(2)``, below Twisted.
 
 Once the PROXY header is written, a passthrough or plain connection only
 copies bytes.  ``KernelSplice`` does that through one pipe per direction
-(socket -> pipe -> socket, the bytes never reach Python).  On Twisted's
-epoll reactor the sockets of all splices are registered once, edge-
-triggered, in one ``select.epoll`` of the splicer's that is a single
-reader of the reactor's (``_Poller``): an event runs one pump per
-direction (``KernelSplice._pump``) and flow control costs no
-``epoll_ctl``.  On another reactor each socket is the reactor's reader
-and writer as its flow control needs.  It keeps the contract of the
+(socket -> pipe -> socket, the bytes never reach Python).  On the
+daemon's reactor (``shardtcp.eventloop.LeanEPollReactor``) each spliced
+socket is registered once, edge-triggered, in the reactor's own epoll
+(``addEdgeTriggered``): an event runs one pump per direction
+(``KernelSplice._pump``), a wake-up costs one ``epoll_wait`` and one
+Python call before the pump, and flow control costs no ``epoll_ctl``.  On
+another reactor each socket is the reactor's reader and writer as its flow
+control needs.  It keeps the contract of the
 userspace ``Splice``:
 
 * flow control: a direction reads from its source only while its pipe has
@@ -72,15 +73,15 @@ from typing import Callable, Optional
 import attrs
 from twisted.internet.tcp import Connection as _TCPConnection
 
-try:
-    from twisted.internet.epollreactor import EPollReactor as _EPollReactor
-except ImportError:  # not Linux
-    _EPollReactor = None
 from twisted.internet.interfaces import IReactorFDSet, IReactorTime, IReadDescriptor, IWriteDescriptor
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+try:
+    from shardtcp.eventloop import LeanEPollReactor as _EdgeReactor
+except ImportError:  # no epoll: not Linux
+    _EdgeReactor = None
 from shardtcp.proxy.splice import DOWNSTREAM, UPSTREAM, IdleTimeout, SpliceStats
 
 log = Logger()
@@ -126,9 +127,9 @@ def _probe() -> bool:
         a, b = socket.socketpair()
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         a.sendall(b"x")
-        if splice(b.fileno(), w, 1, flags=_SPLICE_FLAGS) != 1:
+        if splice(b.fileno(), w, 1, None, None, _SPLICE_FLAGS) != 1:
             return False
-        if splice(r, a.fileno(), 1, flags=_SPLICE_FLAGS) != 1:
+        if splice(r, a.fileno(), 1, None, None, _SPLICE_FLAGS) != 1:
             return False
         return b.recv(1) == b"x"
     except OSError:
@@ -383,12 +384,12 @@ class KernelSplicer:
     disables the splicer: that connection finishes by copying, the next ones
     are refused.
 
-    ``edge`` (default: whether ``reactor`` is Twisted's epoll reactor)
-    drives the spliced sockets from one edge-triggered ``select.epoll`` of
-    the splicer's own, in the reactor as a single reader while any splice
-    is live (``_Poller``): no reactor call per flow-control change and
-    several sockets served per wake-up.  Otherwise each socket is a reader
-    and writer of the reactor's, registered as its flow control needs.
+    ``edge`` (default: whether ``reactor`` takes descriptors
+    edge-triggered, as ``shardtcp.eventloop.LeanEPollReactor`` does)
+    registers each spliced socket once, edge-triggered, with the reactor:
+    no reactor call per flow-control change.  Otherwise each socket is a
+    reader and writer of the reactor's, registered as its flow control
+    needs.
     """
 
     def __init__(
@@ -409,9 +410,12 @@ class KernelSplicer:
         self._splice = splice if splice is not None else getattr(os, "splice", None)
         self._proven = False
         if edge is None:
-            edge = _EPollReactor is not None and isinstance(reactor, _EPollReactor)
+            edge = _EdgeReactor is not None and isinstance(reactor, _EdgeReactor)
         self.edge = edge
-        self._poller: Optional[_Poller] = None
+        # Splices that used their reads of a wake-up and go on at the
+        # reactor's next turn (edge-triggered), and the call that runs them.
+        self._again: list = []
+        self._again_call = None
         # The idle timeouts of all its splices: one heap of (due, seq,
         # splice) and one timer, instead of a DelayedCall per connection.
         self._idle: list = []
@@ -441,8 +445,6 @@ class KernelSplicer:
         EOF Twisted already reported is seen again as an EOF here.
         """
         if not (self.enabled and can_detach(downstream) and can_detach(upstream)):
-            return None
-        if self.edge and self._poller is None and not self._make_poller():
             return None
         if not self.pool.reserve(2):
             return None
@@ -476,8 +478,6 @@ class KernelSplicer:
         """
         if not self.enabled:
             return None
-        if self.edge and self._poller is None and not self._make_poller():
-            return None
         if not self.pool.reserve(2):
             return None
         downstream.setblocking(False)
@@ -494,31 +494,26 @@ class KernelSplicer:
         splice.start()
         return splice
 
-    # -- the edge-triggered poller ---------------------------------------
+    # -- edge-triggered ----------------------------------------------------
 
     def close(self) -> None:
-        """
-        Close the splicer's epoll (made with its first splice, kept from
-        then on: one descriptor per process, not per connection); for a
-        splicer no splice uses any more.
-        """
-        poller, self._poller = self._poller, None
-        if poller is not None:
-            poller.close()
+        """Forget the splices waiting for the reactor's next turn; for a splicer no splice uses any more."""
+        call, self._again_call = self._again_call, None
+        self._again = []
+        if call is not None and call.active():
+            call.cancel()
 
-    def _make_poller(self) -> bool:
-        try:
-            self._poller = _Poller(self)
-        except OSError as e:
-            # Out of descriptors: this connection is copied in userspace.
-            log.warn("kernel splice: no epoll: {error}", error=os.strerror(e.errno or 0))
-            return False
-        return True
+    def again(self, splice: "KernelSplice") -> None:
+        """Run ``splice`` again at the reactor's next turn."""
+        self._again.append(splice)
+        if self._again_call is None:
+            self._again_call = self._reactor.callLater(0, self._run_again)
 
-    def _poller_lost(self, poller: "_Poller") -> None:
-        """The reactor dropped the poller (shutting down): so do its splices."""
-        for splice in {side._owner for side in list(poller.sides.values())}:
-            splice._reactor_dropped()
+    def _run_again(self) -> None:
+        self._again_call = None
+        again, self._again = self._again, []
+        for splice in again:
+            splice._run()
 
     # -- idle timeouts ---------------------------------------------------
 
@@ -583,96 +578,12 @@ _PREFIXES = ("ksplice-client", "ksplice-shard")
 # Edge-triggered registration of a spliced socket: every readiness change,
 # once.  A side's ``rd``/``wr`` flag is set by an event and cleared only
 # by an EAGAIN that proves the socket not ready (see ``_pump``).
-_WATCH = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 _READY_IN = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _READY_OUT = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
-_MAX_EVENTS = 256
 # Splices into a pipe per direction and wake-up: a connection that could
 # go on for ever (a fast sender, a fast receiver) yields to the others and
 # goes on at the reactor's next turn.
 _MAX_ROUNDS = 16
-
-
-@implementer(IReadDescriptor)
-class _Poller:
-    """
-    The splicer's edge-triggered epoll: every spliced socket registered
-    once, the whole set one reader of the reactor's while it is not empty.
-    """
-
-    def __init__(self, splicer: KernelSplicer) -> None:
-        self._splicer = splicer
-        self._reactor = splicer._reactor
-        self._ep = select.epoll()
-        # The reactor asks for these on every wake-up: bound builtins, no
-        # Python frame.
-        self.fileno = self._ep.fileno
-        self.logPrefix = "ksplice".__str__
-        #: Spliced sockets by descriptor.
-        self.sides: dict[int, _Side] = {}
-        self._registered = False
-        self._again: list = []
-        self._again_call = None
-
-    def add(self, a: "_Side", b: "_Side") -> None:
-        """Watch a splice's two sockets."""
-        register = self._ep.register
-        register(a.fd, _WATCH)
-        register(b.fd, _WATCH)
-        sides = self.sides
-        sides[a.fd] = a
-        sides[b.fd] = b
-        if not self._registered:
-            self._registered = True
-            self._reactor.addReader(self)
-
-    def forget(self, side: "_Side") -> None:
-        sides = self.sides
-        if sides.pop(side.fd, None) is None:
-            return
-        try:
-            self._ep.unregister(side.fd)
-        except (OSError, ValueError):
-            pass
-        if not sides and self._registered:
-            # No splice left: no reader of the reactor's either.
-            self._registered = False
-            self._reactor.removeReader(self)
-
-    def doRead(self) -> None:
-        sides = self.sides
-        for fd, events in self._ep.poll(0, _MAX_EVENTS):
-            side = sides.get(fd)
-            if side is None:
-                continue
-            if events & _READY_IN:
-                side.rd = True
-            if events & _READY_OUT:
-                side.wr = True
-            side._owner._run()
-
-    def again(self, splice: "KernelSplice") -> None:
-        """Run ``splice`` again at the reactor's next turn."""
-        self._again.append(splice)
-        if self._again_call is None:
-            self._again_call = self._reactor.callLater(0, self._run_again)
-
-    def _run_again(self) -> None:
-        self._again_call = None
-        again, self._again = self._again, []
-        for splice in again:
-            splice._run()
-
-    def connectionLost(self, reason: Failure) -> None:
-        # Only the reactor calls this (shutting down, removeAll).
-        self._registered = False
-        self._splicer._poller_lost(self)
-
-    def close(self) -> None:
-        call, self._again_call = self._again_call, None
-        if call is not None and call.active():
-            call.cancel()
-        self._ep.close()
 
 
 @implementer(IReadDescriptor, IWriteDescriptor)
@@ -732,8 +643,17 @@ class _Side:
     def doWrite(self) -> None:
         self._owner._writable(self.index)
 
+    def event(self, events: int) -> None:
+        # Edge-triggered: what the socket became ready for, once.
+        if events & _READY_IN:
+            self.rd = True
+        if events & _READY_OUT:
+            self.wr = True
+        self._owner._run()
+
     def connectionLost(self, reason: Failure) -> None:
-        # Only the reactor calls this (shutting down, removeAll).
+        # Only the reactor calls this (shutting down, removeAll, a handler's
+        # error).
         self._owner._reactor_dropped()
 
 
@@ -790,7 +710,16 @@ class KernelSplice(IdleTimeout):
     def start(self) -> None:
         self._start_idle()
         if self._splicer.edge:
-            self._splicer._poller.add(*self._sides)
+            add = self._splicer._reactor.addEdgeTriggered
+            try:
+                for side in self._sides:
+                    add(side.fd, side.event, side)
+            except OSError as e:
+                # The kernel would not watch the socket (out of memory, or
+                # the user's epoll watch limit): the proxy's trouble.
+                log.warn("kernel splice: cannot watch a socket: {error}", error=os.strerror(e.errno or 0))
+                self.abort("proxy")
+                return
             self._run()
             return
         for d in self._sides:
@@ -928,7 +857,7 @@ class KernelSplice(IdleTimeout):
                         d.pending = None if n >= len(d.pending) else d.pending[n:]
                 elif d.in_pipe:
                     try:
-                        n = splice(d.pipe.read_fd, o.fd, d.in_pipe, flags=_SPLICE_FLAGS)
+                        n = splice(d.pipe.read_fd, o.fd, d.in_pipe, None, None, _SPLICE_FLAGS)
                     except BlockingIOError:
                         o.wr = False
                         n = 0
@@ -955,7 +884,7 @@ class KernelSplice(IdleTimeout):
             if d.rd and not d.eof and not d.stalled and d.pending is None:
                 if not reads:
                     if splicer.edge:
-                        splicer._poller.again(self)
+                        splicer.again(self)
                     break
                 reads -= 1
                 pipe = d.pipe
@@ -994,7 +923,7 @@ class KernelSplice(IdleTimeout):
                                 self._eof(d)
                 elif pipe.capacity > d.in_pipe:
                     try:
-                        n = splice(d.fd, pipe.write_fd, pipe.capacity - d.in_pipe, flags=_SPLICE_FLAGS)
+                        n = splice(d.fd, pipe.write_fd, pipe.capacity - d.in_pipe, None, None, _SPLICE_FLAGS)
                     except BlockingIOError:
                         if d.in_pipe:
                             d.stalled = True
@@ -1128,9 +1057,7 @@ class KernelSplice(IdleTimeout):
         if not side.open:
             return
         if self._splicer.edge:
-            poller = self._splicer._poller
-            if poller is not None:
-                poller.forget(side)
+            self._splicer._reactor.removeEdgeTriggered(side.fd)
         elif side.reading or side.writing:
             self._set(side, read=False, write=False)
         side.open = False

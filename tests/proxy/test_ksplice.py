@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 from zope.interface import implementer
 
+from shardtcp.eventloop import LeanEPollReactor, adopt
 from shardtcp.proxy import ksplice
 from shardtcp.proxy.ksplice import (
     KernelSplicer,
@@ -145,7 +146,11 @@ class Peer:
             if self.rst_after_send:
                 self.reset()
             elif self.shut:
-                self.sock.shutdown(socket.SHUT_WR)
+                try:
+                    self.sock.shutdown(socket.SHUT_WR)
+                except OSError as e:
+                    # Reset by the other end since the last send.
+                    self.write_error = e.errno
 
     def _stop_writing(self):
         self._writing = False
@@ -171,6 +176,9 @@ class KernelSpliceTests(TestCase):
     def setUp(self):
         if not kernel_splice_available():
             raise SkipTest("splice(2) is not available here")
+        # The daemon's reactor: edge-triggered descriptors (the level-
+        # triggered variants hide it from the splicer).
+        adopt(global_reactor)
         self.srv = _listener()
         self.addCleanup(self.srv.close)
         self.pool = PipePool(max_pipes=64)
@@ -563,6 +571,9 @@ class DetachTests(TestCase):
     def setUp(self):
         if not kernel_splice_available():
             raise SkipTest("splice(2) is not available here")
+        # The daemon's reactor: edge-triggered descriptors (the level-
+        # triggered variants hide it from the splicer).
+        adopt(global_reactor)
         self.pool = PipePool(max_pipes=8)
         self.addCleanup(self.pool.close)
 
@@ -716,6 +727,7 @@ class _DroppedByReactor:
         for selectable in ours:
             global_reactor.removeReader(selectable)
             global_reactor.removeWriter(selectable)
+            global_reactor.removeEdgeTriggered(selectable.fd)
         for selectable in ours:
             selectable.connectionLost(Failure(ConnectionLost()))
         for _, _, splice, done in ends:
@@ -727,14 +739,12 @@ class _DroppedByReactor:
         self.assertEqual(self._ours(), [])
 
     def _ours(self):
-        return [
-            s for s in set(global_reactor.getReaders() + global_reactor.getWriters())
-            if isinstance(s, (ksplice._Poller, ksplice._Side))
-        ]
+        watched = global_reactor.getReaders() + global_reactor.getWriters() + global_reactor.getEdgeTriggered()
+        return sorted((s for s in set(watched) if isinstance(s, ksplice._Side)), key=lambda s: s.fd)
 
 
 class EdgeTriggeredOnlyTests(_DroppedByReactor, TestCase):
-    """The splicer's epoll on its own."""
+    """The spliced sockets in the reactor's epoll, edge-triggered."""
 
     timeout = 60
     connect = KernelSpliceTests.connect
@@ -742,30 +752,35 @@ class EdgeTriggeredOnlyTests(_DroppedByReactor, TestCase):
     def setUp(self):
         KernelSpliceTests.setUp(self)
 
-    def test_the_reactor_is_epoll(self):
+    def test_edge_triggered_on_the_daemons_reactor(self):
         """
-        Trial's reactor is Twisted's epoll reactor, so the splicer picks the
-        edge-triggered path by itself (and ``KernelSpliceTests`` run on it);
-        on another reactor it registers each socket with the reactor.
+        On the daemon's reactor (``LeanEPollReactor``, which the tests'
+        reactor has become) the splicer picks the edge-triggered path by
+        itself, and ``KernelSpliceTests`` run on it; on Twisted's own epoll
+        reactor or another it registers each socket with the reactor.
         """
-        self.assertIsInstance(global_reactor, EPollReactor)
+        self.assertIsInstance(global_reactor, LeanEPollReactor)
         self.assertTrue(KernelSplicer(self.pool, reactor=global_reactor).edge)
+        stock = EPollReactor()
+        self.addCleanup(stock._poller.close)
+        self.addCleanup(stock.waker.connectionLost, None)
+        self.assertFalse(KernelSplicer(self.pool, reactor=stock).edge)
         self.assertFalse(KernelSplicer(self.pool, reactor=Clock()).edge)
 
     @defer.inlineCallbacks
-    def test_one_reader_for_all_splices(self):
+    def test_sockets_watched_once_edge_triggered(self):
         """
-        Three live splices are one reader in the reactor (the splicer's
-        epoll), none of their sockets is; once they end the reader is gone,
-        the epoll stays for the next splices (one descriptor per splicer,
-        made before any socket is taken) until the splicer is closed.
+        Three live splices are six edge-triggered descriptors of the
+        reactor's, none a reader or writer; once the splices end, none is
+        left, and the splicer needs no descriptor of its own.
         """
         splicer = KernelSplicer(self.pool, reactor=global_reactor)
         ends = [self.connect(splicer) for _ in range(3)]
-        ours = self._ours()
-        self.assertEqual([type(s) for s in ours], [ksplice._Poller])
-        poller = ours[0]
-        self.assertEqual(sorted(poller.sides), sorted(side.fd for e in ends for side in e[2]._sides))
+        sides = sorted((side for e in ends for side in e[2]._sides), key=lambda s: s.fd)
+        self.assertEqual(self._ours(), sides)
+        readers = global_reactor.getReaders() + global_reactor.getWriters()
+        self.assertFalse(any(side in readers for side in sides))
+        self.assertTrue(all(global_reactor._edges[side.fd] == side.event for side in sides))
         peers = []
         for client_sock, shard_sock, _, _ in ends:
             peers += [Peer(client_sock, b"q" * 100).start(), Peer(shard_sock, b"a" * 200).start()]
@@ -775,46 +790,67 @@ class EdgeTriggeredOnlyTests(_DroppedByReactor, TestCase):
             stats = yield done
             self.assertEqual((stats.bytes_up, stats.bytes_down), (100, 200))
         self.assertEqual(self._ours(), [])
-        self.assertEqual(poller.sides, {})
-        self.assertFalse(poller._ep.closed)
-        more = self.connect(splicer)
-        self.assertIs(splicer._poller, poller)
-        self.assertEqual(self._ours(), [poller])
-        more[2].abort("test")
-        self.assertTrue(more[3].called)
-        self.assertEqual(self._ours(), [])
-        splicer.close()
-        self.assertTrue(poller._ep.closed)
-        self.assertIsNone(splicer._poller)
+        self.assertFalse(any(side.fd in global_reactor._edges for side in sides))
 
-    def test_no_epoll_falls_back(self):
+    def test_unwatchable_socket_is_the_proxys_trouble(self):
         """
-        When the splicer's epoll cannot be made (the process is out of
-        descriptors), ``take_sockets`` says no and changes nothing: no pipe
-        reserved, the sockets still the caller's and blocking; the next
-        connection, with descriptors again, is taken.
+        When the kernel will not watch a socket (out of memory, or the
+        epoll watch limit), the splice ends at once as the proxy's trouble
+        (``ended_by`` "proxy"), both peers see the connection end, nothing
+        stays registered or reserved; the next connection is spliced.
         """
-        def no_epoll(*args):
-            raise OSError(errno.EMFILE, "Too many open files")
+        real = global_reactor.addEdgeTriggered
+        calls = []
 
-        splicer = KernelSplicer(self.pool, reactor=global_reactor)
-        self.addCleanup(splicer.close)
-        a, b = _pair(self.srv)
-        c, d = _pair(self.srv)
-        for s in (a, b, c, d):
-            self.addCleanup(s.close)
-        real, ksplice.select.epoll = ksplice.select.epoll, no_epoll
-        try:
-            taken = splicer.take_sockets(b, c, on_done=lambda stats: None)
-        finally:
-            ksplice.select.epoll = real
-        self.assertIsNone(taken)
-        self.assertEqual((self.pool.in_use, b.getblocking(), c.getblocking()), (0, True, True))
-        self.assertIsNone(splicer._poller)
-        client_sock, shard_sock, splice, done = self.connect(splicer)
-        self.assertIsNotNone(splicer._poller)
+        def refuse_second(fd, handler, owner):
+            calls.append(fd)
+            if len(calls) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real(fd, handler, owner)
+
+        self.patch(global_reactor, "addEdgeTriggered", refuse_second)
+        client_sock, shard_sock, splice, done = self.connect()
+        self.assertTrue(done.called)
+        self.assertEqual(self.successResultOf(done).ended_by, "proxy")
+        self.assertEqual((self.pool.in_use, self._ours()), (0, []))
+        for peer in (client_sock, shard_sock):
+            peer.settimeout(5)
+            self.assertRaises(ConnectionResetError, peer.recv, 1)
+        calls.clear()
+        self.patch(global_reactor, "addEdgeTriggered", real)
+        client_sock, shard_sock, splice, done = self.connect()
+        self.assertEqual(len(self._ours()), 2)
         splice.abort("test")
         self.assertTrue(done.called)
+
+    @defer.inlineCallbacks
+    def test_handler_error_closes_that_splice_only(self):
+        """
+        A bug in one splice's event handling is logged and closes that
+        splice (both sockets, "closed"); another splice's bytes go on.
+        """
+        splicer = KernelSplicer(self.pool, reactor=global_reactor)
+        bad = self.connect(splicer)
+        good = self.connect(splicer)
+        run = ksplice.KernelSplice._run
+
+        def broken(splice):
+            if splice is bad[2]:
+                raise RuntimeError("splice bug")
+            run(splice)
+
+        self.patch(ksplice.KernelSplice, "_run", broken)
+        peers = [Peer(bad[0], b"x" * 10, shut=False).start(), Peer(bad[1], shut=False).start()]
+        peers += [Peer(good[0], b"q" * 100).start(), Peer(good[1], b"a" * 200).start()]
+        for p in peers:
+            self.addCleanup(p.close)
+        stats = yield bad[3]
+        self.assertEqual(stats.ended_by, "closed")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        stats = yield good[3]
+        self.assertEqual((stats.bytes_up, stats.bytes_down), (100, 200))
+        yield defer.gatherResults([p.ended for p in peers[:2]])
+        self.assertEqual(self._ours(), [])
 
     @defer.inlineCallbacks
     def test_reads_per_wake_up_are_bounded(self):
@@ -859,7 +895,7 @@ class LevelTriggeredTests(_DroppedByReactor, KernelSpliceTests):
     """
 
     def setUp(self):
-        self.patch(ksplice, "_EPollReactor", None)
+        self.patch(ksplice, "_EdgeReactor", None)
         KernelSpliceTests.setUp(self)
 
     def test_registered_with_the_reactor(self):
@@ -869,7 +905,7 @@ class LevelTriggeredTests(_DroppedByReactor, KernelSpliceTests):
         client_sock, shard_sock, splice, done = self.connect(splicer)
         readers = global_reactor.getReaders()
         self.assertTrue(all(side in readers for side in splice._sides))
-        self.assertIsNone(splicer._poller)
+        self.assertFalse(any(side in global_reactor.getEdgeTriggered() for side in splice._sides))
         splice.abort("test")
         self.assertTrue(done.called)
         self.assertFalse(any(side in global_reactor.getReaders() for side in splice._sides))
@@ -879,7 +915,7 @@ class LevelTriggeredDetachTests(DetachTests):
     """Taking sockets over from Twisted, level-triggered."""
 
     def setUp(self):
-        self.patch(ksplice, "_EPollReactor", None)
+        self.patch(ksplice, "_EdgeReactor", None)
         DetachTests.setUp(self)
 
 

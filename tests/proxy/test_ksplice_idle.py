@@ -11,6 +11,7 @@ from twisted.internet import defer, reactor as global_reactor
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SkipTest, TestCase
 
+from shardtcp.eventloop import adopt
 from shardtcp.proxy import ksplice
 from shardtcp.proxy.ksplice import KernelSplicer, PipePool, kernel_splice_available
 
@@ -25,6 +26,9 @@ class IdleSweepTests(TestCase):
     def setUp(self):
         if not kernel_splice_available():
             raise SkipTest("splice(2) is not available here")
+        # The daemon's reactor: edge-triggered descriptors (the level-
+        # triggered variants hide it from the splicer).
+        adopt(global_reactor)
         self.srv = _listener()
         self.addCleanup(self.srv.close)
         self.pool = PipePool(max_pipes=16)
@@ -104,6 +108,6 @@ class LevelTriggeredIdleSweepTests(IdleSweepTests):
     """The same idle deadlines with each socket a reader of the reactor's (no splicer epoll)."""
 
     def setUp(self):
-        self.patch(ksplice, "_EPollReactor", None)
+        self.patch(ksplice, "_EdgeReactor", None)
         IdleSweepTests.setUp(self)
         self.assertFalse(self.splicer.edge)
