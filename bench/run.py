@@ -51,7 +51,7 @@ def settings_for(options: argparse.Namespace) -> dict:
     quick = options.quick
     return {
         "quick": quick,
-        "rounds": 1 if quick else 3,
+        "rounds": options.rounds or (1 if quick else 3),
         "tls_bulk_mib": 64 if quick else 256,
         "bulk_mib": 256 if quick else 1024,
         "connections": 300 if quick else 2000,
@@ -109,7 +109,12 @@ def main(argv: list | None = None) -> int:
     parser.add_argument("--json", metavar="PATH", help="also write every figure as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (configurations, logs)")
     parser.add_argument("--only", nargs="+", choices=sorted(RUNS), help="run only these")
+    parser.add_argument("--rounds", type=int, metavar="N",
+                        help="interleaved rounds of the bulk and connection-rate runs, each target's median "
+                             "kept (default 3, 1 with --quick)")
     options = parser.parse_args(argv)
+    if options.rounds is not None and options.rounds < 1:
+        parser.error("--rounds must be at least 1")
     # A SIGTERM unwinds like Ctrl-C, so the processes started here are stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     settings = settings_for(options)

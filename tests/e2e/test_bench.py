@@ -30,7 +30,7 @@ class BenchRunTests(TestCase):
         out = os.path.abspath(self.mktemp())
         child = e2e.spawn(
             self, [sys.executable, os.path.join(e2e.REPO_ROOT, "bench", "run.py"), "--quick", "--only", "micro",
-                   "--json", out],
+                   "--rounds", "2", "--json", out],
             env=e2e.child_environment(), cwd=e2e.REPO_ROOT, timeout=170,
         )
         self.assertEqual(await child.ended, 0, child.err[-2000:])
@@ -44,6 +44,7 @@ class BenchRunTests(TestCase):
         self.assertEqual(micro["client_hello_bytes"], 517)
         self.assertGreater(micro["proxyv2_header_bytes"], 16)
         self.assertTrue(results["settings"]["quick"])
+        self.assertEqual(results["settings"]["rounds"], 2)
         text = child.out.decode()
         self.assertIn("Issue 10 goals in this run", text)
         goals = text[text.index("Issue 10 goals in this run"):]
@@ -53,3 +54,13 @@ class BenchRunTests(TestCase):
         self.assertGreaterEqual(len(rows), 12)
         # The micro run measures no goal: each row says so rather than guess.
         self.assertEqual([row for row in rows if not row.rstrip().endswith("not measured")], [])
+
+    async def test_rounds_below_one_refused(self) -> None:
+        """``--rounds 0`` is refused before anything starts: exit status 2 and the reason."""
+        child = e2e.spawn(
+            self, [sys.executable, os.path.join(e2e.REPO_ROOT, "bench", "run.py"), "--only", "micro", "--rounds", "0"],
+            env=e2e.child_environment(), cwd=e2e.REPO_ROOT, timeout=60,
+        )
+        self.assertEqual(await child.ended, 2)
+        self.assertIn(b"--rounds must be at least 1", child.err)
+        self.assertEqual(child.out, b"")
