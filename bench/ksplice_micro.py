@@ -1,18 +1,26 @@
 #!/usr/bin/env python3
 """
 Proxy CPU seconds per GiB: the kernel splice (``shardtcp.proxy.ksplice``)
-against the userspace ``Splice``, one loopback TCP connection pair at a time.
+against the userspace ``Splice`` and against the floor of any Python proxy
+that splices, one loopback TCP connection pair at a time.
 
 This process is the proxy: it accepts the client on a Twisted port,
 connects to the shard with Twisted, then either hands both transports to
-``KernelSplicer.take_transports`` or couples them with ``Splice``.  The
-client and the shard run in a child process (blocking sockets, threads), so
-their CPU is not counted.  The proxy's CPU is read from ``getrusage`` (and
-``/proc/self/stat`` as a cross-check) between the start of the splice and
-its end.  Each run is bounded by ``--max-seconds``; a run cut short reports
-the bytes it moved.
+``KernelSplicer.take_transports`` (``kernel``) or couples them with
+``Splice`` (``userspace``).  ``haproxy`` is HAProxy between the same two
+peers, with ``option splice-request`` and ``option splice-response`` (no
+PROXY header: a one-off cost, not a per-GiB one).  ``floor`` is no proxy at all: the same two
+sockets driven by the shortest Python loop that splices them
+(``select.epoll`` edge-triggered, one 1 MiB pipe, ``os.splice`` until
+EAGAIN), what the interpreter costs per wake-up with nothing else around.
+The client and the shard run in a child process (blocking sockets,
+threads), so their CPU is not counted.  The proxy's CPU is its run time
+from ``/proc/self/schedstat`` (and ``getrusage`` as a cross-check) between
+the start of the splice and its end.  Modes alternate within each of
+``--rounds`` rounds, and each keeps its median.  Each run is bounded by
+``--max-seconds``; a run cut short reports the bytes it moved.
 
-    python bench/ksplice_micro.py [--gib 1] [--max-seconds 60] [--mode both]
+    python bench/ksplice_micro.py [--gib 1] [--max-seconds 60] [--mode kernel floor] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ import time
 # connects to.  ``up`` sends from the client, ``down`` from the shard; the
 # receiver counts, then each side closes after the other's EOF.
 PEERS = r"""
-import socket, sys, threading
+import socket, sys, threading, time
 front, direction, total = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(1)
 print(srv.getsockname()[1], flush=True)
@@ -56,7 +64,14 @@ def pump(sock, name, send):
         sock.shutdown(socket.SHUT_WR)
     sock.close()
 
-client = socket.create_connection(("127.0.0.1", front))
+for attempt in range(200):  # the proxy may still be starting (haproxy)
+    try:
+        client = socket.create_connection(("127.0.0.1", front))
+        break
+    except ConnectionRefusedError:
+        time.sleep(0.05)
+else:
+    raise SystemExit("the proxy never listened")
 shard, _ = srv.accept()
 threads = [
     threading.Thread(target=pump, args=(client, "client", direction == "up")),
@@ -73,12 +88,135 @@ GIB = 1 << 30
 
 
 def _cpu() -> tuple[float, float]:
-    """(getrusage user+sys, /proc/self/stat utime+stime) in seconds."""
+    """(getrusage user+sys, run time of the process's threads from schedstat) in seconds."""
     r = resource.getrusage(resource.RUSAGE_SELF)
-    with open("/proc/self/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    return r.ru_utime + r.ru_stime, (int(fields[11]) + int(fields[12])) / ticks
+    ran = 0
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/schedstat") as f:
+                ran += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass
+    return r.ru_utime + r.ru_stime, ran / 1e9
+
+
+def _die_with_parent() -> None:
+    """In a child before exec: SIGTERM when this process dies, however it dies."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _peers(direction: str, nbytes: int, port: int) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", PEERS, str(port), direction, str(nbytes)],
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=_die_with_parent,
+    )
+
+
+def _received(child: subprocess.Popen) -> int:
+    try:
+        out = child.communicate(timeout=10)[0].split()
+        return int(out[-1]) if out else 0
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.communicate()
+        return 0
+
+
+def run_floor(direction: str, nbytes: int, max_seconds: float) -> dict:
+    """The bare loop: accept, connect, then splice one way until EOF; no Twisted, no shardtcp."""
+    import fcntl
+    import select
+    import socket
+
+    from shardtcp.proxy.ksplice import PIPE_SIZE
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    child = _peers(direction, nbytes, srv.getsockname()[1])
+    shard_port = int(child.stdout.readline())
+    client, _ = srv.accept()
+    srv.close()
+    shard = socket.create_connection(("127.0.0.1", shard_port))
+    src, dst = (client, shard) if direction == "up" else (shard, client)
+    for sock in (src, dst):
+        sock.setblocking(False)
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(w, 1031, PIPE_SIZE)  # F_SETPIPE_SZ
+    except OSError:
+        pass
+    capacity = fcntl.fcntl(w, 1032)  # F_GETPIPE_SZ
+    ep = select.epoll()
+    edge = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+    ep.register(src.fileno(), edge)
+    ep.register(dst.fileno(), edge)
+    sfd, dfd = src.fileno(), dst.fileno()
+    readable = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+    splice, flags = os.splice, 3  # SPLICE_F_MOVE | SPLICE_F_NONBLOCK
+    in_pipe, rd, wr, eof, moved, partial = 0, False, True, False, 0, False
+    cpu0, ran0 = _cpu()
+    wall0 = time.monotonic()
+    deadline = wall0 + max_seconds
+    while not (eof and not in_pipe):
+        if time.monotonic() > deadline:
+            partial = True
+            break
+        for fd, events in ep.poll(1.0):
+            if fd == sfd and events & readable:
+                rd = True
+            if fd == dfd and events & select.EPOLLOUT:
+                wr = True
+        progress = True
+        while progress:
+            progress = False
+            if wr and in_pipe:
+                try:
+                    n = splice(r, dfd, in_pipe, None, None, flags)
+                    in_pipe -= n
+                    progress = True
+                except BlockingIOError:
+                    wr = False
+            if rd and not eof and in_pipe < capacity:
+                try:
+                    n = splice(sfd, w, capacity - in_pipe, None, None, flags)
+                    if n:
+                        in_pipe += n
+                        moved += n
+                    else:
+                        eof = True
+                    progress = True
+                except BlockingIOError:
+                    rd = False
+    cpu1, ran1 = _cpu()
+    wall = time.monotonic() - wall0
+    if not partial:
+        dst.shutdown(socket.SHUT_WR)
+        src.setblocking(True)
+        src.settimeout(10)
+        try:
+            while src.recv(1 << 16):
+                pass
+        except OSError:
+            pass
+    for fd in (r, w):
+        os.close(fd)
+    ep.close()
+    client.close()
+    shard.close()
+    result = {"mode": "floor", "direction": direction, "cpu": cpu1 - cpu0, "ran": ran1 - ran0, "wall": wall,
+              "moved": moved, "ended_by": "eof", "received": _received(child)}
+    if partial:
+        result["partial"] = True
+    return result
 
 
 def run_once(mode: str, direction: str, nbytes: int, max_seconds: float) -> dict:
@@ -98,10 +236,10 @@ def run_once(mode: str, direction: str, nbytes: int, max_seconds: float) -> dict
     shard_port = []
 
     def finished(stats) -> None:
-        cpu, proc = _cpu()
+        cpu, ran = _cpu()
         result.update(
             cpu=cpu - result["cpu0"],
-            proc=proc - result["proc0"],
+            ran=ran - result["ran0"],
             wall=time.monotonic() - result["wall0"],
             moved=stats.bytes_up + stats.bytes_down,
             ended_by=stats.ended_by,
@@ -127,7 +265,7 @@ def run_once(mode: str, direction: str, nbytes: int, max_seconds: float) -> dict
             creator.connectTCP("127.0.0.1", shard_port[0]).addCallback(self._connected)
 
         def _connected(self, back):
-            result["cpu0"], result["proc0"] = _cpu()
+            result["cpu0"], result["ran0"] = _cpu()
             result["wall0"] = time.monotonic()
             if mode == "kernel":
                 splice = splicer.take_transports(self.transport, back.transport, on_done=finished)
@@ -147,11 +285,7 @@ def run_once(mode: str, direction: str, nbytes: int, max_seconds: float) -> dict
                 self._splice.lost(DOWNSTREAM, reason)
 
     port = reactor.listenTCP(0, protocol.Factory.forProtocol(Front), interface="127.0.0.1")
-    child = subprocess.Popen(
-        [sys.executable, "-c", PEERS, str(port.getHost().port), direction, str(nbytes)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    child = _peers(direction, nbytes, port.getHost().port)
     shard_port.append(int(child.stdout.readline()))
 
     def too_long() -> None:
@@ -167,49 +301,149 @@ def run_once(mode: str, direction: str, nbytes: int, max_seconds: float) -> dict
     if guard.active():
         guard.cancel()
     port.stopListening()
-    try:
-        out = child.communicate(timeout=10)[0].split()
-        result["received"] = int(out[-1]) if out else 0
-    except subprocess.TimeoutExpired:
-        child.kill()
-        child.communicate()
-        result["received"] = 0
+    result["received"] = _received(child)
     pool.close()
     return result
+
+
+def _listening(port: int) -> bool:
+    """Whether something listens on 127.0.0.1:``port`` (read from /proc, no connection made)."""
+    with open("/proc/net/tcp") as f:
+        return any(
+            fields[1] == f"0100007F:{port:04X}" and fields[3] == "0A"
+            for fields in (line.split() for line in list(f)[1:])
+        )
+
+
+def _ran(pid: int) -> float:
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass
+    return total / 1e9
+
+
+_HAPROXY = """global
+    nbthread 1
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 120s
+    timeout server 120s
+    option splice-request
+    option splice-response
+frontend edge
+    bind 127.0.0.1:{front}
+    default_backend shard
+backend shard
+    server shard 127.0.0.1:{shard}
+"""
+
+
+def run_haproxy(direction: str, nbytes: int, max_seconds: float) -> dict:
+    """HAProxy with splice between the same peers; its CPU from schedstat while they run."""
+    import shutil
+    import socket
+    import tempfile
+
+    haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+    if not os.path.exists(haproxy):
+        raise SystemExit("haproxy not found (Debian package haproxy)")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        front = probe.getsockname()[1]
+    child = _peers(direction, nbytes, front)
+    shard_port = int(child.stdout.readline())
+    with tempfile.TemporaryDirectory() as folder:
+        config = os.path.join(folder, "haproxy.cfg")
+        with open(config, "w") as f:
+            f.write(_HAPROXY.format(front=front, shard=shard_port))
+        proxy = subprocess.Popen([haproxy, "-db", "-f", config], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 preexec_fn=_die_with_parent)
+        try:
+            deadline = time.monotonic() + 10
+            while not _listening(front):
+                if proxy.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit("haproxy did not start")
+                time.sleep(0.01)
+            ran0 = _ran(proxy.pid)
+            wall0 = time.monotonic()
+            try:
+                out = child.communicate(timeout=max_seconds)[0].split()
+                received, partial = (int(out[-1]) if out else 0), False
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.communicate()
+                received, partial = 0, True
+            wall = time.monotonic() - wall0
+            ran = _ran(proxy.pid) - ran0
+        finally:
+            proxy.terminate()
+            proxy.wait(10)
+    result = {"mode": "haproxy", "direction": direction, "cpu": ran, "ran": ran, "wall": wall,
+              "moved": received if partial else nbytes, "ended_by": "eof", "received": received}
+    if partial:
+        result["partial"] = True
+    return result
+
+
+MODES = ("kernel", "userspace", "floor", "haproxy")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gib", type=float, default=1.0, help="bytes per run, in GiB")
     parser.add_argument("--max-seconds", type=float, default=60.0, help="wall-clock bound per run")
-    parser.add_argument("--mode", choices=("kernel", "userspace", "both"), default="both")
+    parser.add_argument("--mode", nargs="+", choices=(*MODES, "both", "all"), default=["both"],
+                        help="what moves the bytes (both: kernel and userspace; all: the four)")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds, the modes alternating; medians kept")
     parser.add_argument("--run", nargs=2, metavar=("MODE", "DIRECTION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     nbytes = int(args.gib * GIB)
     if args.run:
-        result = run_once(args.run[0], args.run[1], nbytes, args.max_seconds)
+        if args.run[0] == "floor":
+            result = run_floor(args.run[1], nbytes, args.max_seconds)
+        elif args.run[0] == "haproxy":
+            result = run_haproxy(args.run[1], nbytes, args.max_seconds)
+        else:
+            result = run_once(args.run[0], args.run[1], nbytes, args.max_seconds)
         result.pop("splice", None)
         print(json.dumps(result))
         return
-    modes = ("kernel", "userspace") if args.mode == "both" else (args.mode,)
-    rows = []
+    modes: list = []
+    for mode in args.mode:
+        for m in {"both": ("kernel", "userspace"), "all": MODES}.get(mode, (mode,)):
+            if m not in modes:
+                modes.append(m)
+    runs: dict = {}
+    for _ in range(args.rounds):
+        for direction in ("up", "down"):
+            for mode in modes:
+                # A fresh process per run: one reactor run each, clean counters.
+                command = [sys.executable, os.path.abspath(__file__), "--run", mode, direction]
+                command += ["--gib", str(args.gib), "--max-seconds", str(args.max_seconds)]
+                out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+                runs.setdefault((mode, direction), []).append(json.loads(out.strip().splitlines()[-1]))
+    print(f"{'mode':<10} {'dir':<5} {'GiB':>6} {'cpu s/GiB':>10} {'rusage s/GiB':>12} {'wall s':>7}  every round (cpu s/GiB)")
     for mode in modes:
         for direction in ("up", "down"):
-            # A fresh process per run: one reactor run each, clean rusage.
-            command = [sys.executable, os.path.abspath(__file__), "--run", mode, direction]
-            command += ["--gib", str(args.gib), "--max-seconds", str(args.max_seconds)]
-            out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-            rows.append(json.loads(out.strip().splitlines()[-1]))
-    print(f"{'mode':<10} {'dir':<5} {'GiB':>6} {'cpu s':>7} {'cpu s/GiB':>10} {'/proc s/GiB':>11} {'wall s':>7}")
-    for r in rows:
-        gib = r["moved"] / GIB
-        note = " (cut short)" if r.get("partial") else ""
-        if r["received"] != r["moved"] and not r.get("partial"):
-            note += f" (peer received {r['received']})"
-        print(
-            f"{r['mode']:<10} {r['direction']:<5} {gib:6.2f} {r['cpu']:7.3f} {r['cpu'] / gib:10.3f} "
-            f"{r['proc'] / gib:11.3f} {r['wall']:7.2f}{note}"
-        )
+            rows = runs[(mode, direction)]
+            per = [r["ran"] / max(r["moved"], 1) * GIB for r in rows]
+            r = sorted(zip(per, range(len(rows))))[len(rows) // 2]
+            r = rows[r[1]]
+            gib = r["moved"] / GIB
+            note = " (cut short)" if r.get("partial") else ""
+            if r["received"] != r["moved"] and not r.get("partial"):
+                note += f" (peer received {r['received']})"
+            print(
+                f"{mode:<10} {direction:<5} {gib:6.2f} {r['ran'] / gib:10.3f} {r['cpu'] / gib:12.3f} "
+                f"{r['wall']:7.2f}  {' '.join(f'{v:.3f}' for v in per)}{note}"
+            )
 
 
 if __name__ == "__main__":

@@ -64,3 +64,30 @@ class BenchRunTests(TestCase):
         self.assertEqual(await child.ended, 2)
         self.assertIn(b"--rounds must be at least 1", child.err)
         self.assertEqual(child.out, b"")
+
+
+class KernelSpliceMicroTests(TestCase):
+    timeout = 180
+
+    async def test_every_mode_moves_every_byte(self) -> None:
+        """
+        ``python bench/ksplice_micro.py --mode all --rounds 2`` (here 20 MiB
+        a run): the kernel splice, the userspace splice, the bare Python
+        loop and HAProxy with splice each move every byte both ways, and
+        each row gives the proxy's CPU per GiB and both rounds.
+        """
+        child = e2e.spawn(
+            self, [sys.executable, os.path.join(e2e.REPO_ROOT, "bench", "ksplice_micro.py"), "--gib", "0.02",
+                   "--mode", "all", "--rounds", "2"],
+            env=e2e.child_environment(), cwd=e2e.REPO_ROOT, timeout=170,
+        )
+        self.assertEqual(await child.ended, 0, child.err[-2000:])
+        lines = child.out.decode().splitlines()
+        self.assertTrue(lines[0].startswith("mode"), lines)
+        rows = [line.split() for line in lines[1:]]
+        self.assertEqual([(r[0], r[1]) for r in rows],
+                         [(m, d) for m in ("kernel", "userspace", "floor", "haproxy") for d in ("up", "down")])
+        for row in rows:
+            self.assertEqual(row[2], "0.02", row)
+            self.assertGreater(float(row[3]), 0.0, row)
+            self.assertEqual(len(row), 8, row)  # five columns and two rounds: nothing cut short or lost
