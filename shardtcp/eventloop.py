@@ -56,6 +56,7 @@ class LeanEPollReactor(EPollReactor):
     def __init__(self) -> None:
         self._edges: dict[int, Callable[[int], object]] = {}
         self._edgeOwners: dict[int, IReadDescriptor] = {}
+        self._edgeGone: set[int] = set()
         super().__init__()
 
     def mainLoop(self) -> None:
@@ -99,7 +100,16 @@ class LeanEPollReactor(EPollReactor):
             return
         selectables = self._selectables
         dispatch = self._doReadOrWrite
+        # Edge-triggered descriptors removed while this batch is handled:
+        # their events later in it are stale, whoever has the number now
+        # (a socket closed by one event and its number reused by a socket
+        # opened in another must not get the old socket's hang-up).
+        gone = self._edgeGone
+        if gone:
+            gone.clear()
         for fd, event in ready:
+            if fd in gone:
+                continue
             handler = edges.get(fd)
             if handler is not None:
                 try:
@@ -135,6 +145,7 @@ class LeanEPollReactor(EPollReactor):
         if self._edges.pop(fd, None) is None:
             return
         del self._edgeOwners[fd]
+        self._edgeGone.add(fd)
         try:
             self._poller.unregister(fd)
         except (OSError, ValueError):
@@ -168,5 +179,6 @@ def adopt(reactor) -> bool:
     if type(reactor) is EPollReactor:
         reactor._edges = {}
         reactor._edgeOwners = {}
+        reactor._edgeGone = set()
         reactor.__class__ = LeanEPollReactor
     return type(reactor) is LeanEPollReactor

@@ -242,6 +242,51 @@ class EdgeTriggeredTests(SynchronousTestCase):
         self.reactor.doIteration(0)
         self.assertEqual((self.events, self.reactor.getEdgeTriggered()), ([], []))
 
+    def test_stale_event_never_reaches_a_reused_number(self) -> None:
+        """
+        An edge-triggered socket closed by an earlier event of the same
+        wake-up, its number taken at once by a new socket the reactor
+        reads: the old socket's event (here its peer's close) is given
+        neither to the new socket nor to the old handler; the new socket's
+        own bytes arrive at the next wake-up.
+        """
+        a, b = self._pair()
+        r1, r2 = self._pair()
+        reactor = self.reactor
+        owner = _Owner()
+        reused: list = []
+        case = self
+
+        class Closer(_Side):
+            def doRead(self):
+                number = a.fileno()
+                reactor.removeEdgeTriggered(number)
+                a.close()
+                x, y = socket.socketpair()
+                case.addCleanup(x.close)
+                case.addCleanup(y.close)
+                case.assertEqual(x.fileno(), number)
+                x.setblocking(False)
+                reused.append((_Side(x), y))
+                reactor.addReader(reused[0][0])
+                return super().doRead()
+
+        reactor.addEdgeTriggered(a.fileno(), self.events.append, owner)
+        reactor.doIteration(0)
+        self.assertEqual(self.events, [select.EPOLLOUT])  # writable from the start
+        del self.events[:]
+        reactor.addReader(Closer(r1))
+        # One wake-up: the reader's event first, then the edge socket's hang-up.
+        r2.send(b"go")
+        b.send(b"old")
+        b.close()
+        reactor.doIteration(0)
+        [(new, peer)] = reused
+        self.assertEqual((new.read, new.lost, self.events, owner.lost), ([], [], [], []))
+        peer.send(b"new")
+        reactor.doIteration(0)
+        self.assertEqual((new.read, new.lost), ([b"new"], []))
+
     def test_handler_error_drops_that_descriptor_only(self) -> None:
         """
         A handler that raises: the error is logged, its descriptor is no

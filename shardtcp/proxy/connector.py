@@ -175,6 +175,9 @@ class DirectAttempt(ClientFactory):
         self._failed(failure)
 
 
+_STILL_CONNECTING = (errno.EINPROGRESS, errno.EALREADY, errno.EAGAIN)
+
+
 class _Connecting:
     """
     A non-blocking connect to an IP literal, for a ``DirectAttempt``: the
@@ -227,12 +230,26 @@ class _Connecting:
     def logPrefix(self) -> str:
         return "shard-connect"
 
+    def doRead(self) -> None:
+        # Only a stale event (a descriptor number closed and reused within
+        # one wake-up) reaches a writer as a read: nothing to do.
+        return None
+
     def doWrite(self) -> None:
         sock = self._sock
         if sock is None:
             return
-        self._stop()
         failed = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if not failed:
+            # Writable says the connect is over; a second connect says how
+            # (as Twisted's own client does): a stale event finds it still
+            # in progress, and the wait goes on.
+            failed = sock.connect_ex(self._peer)
+            if failed in _STILL_CONNECTING:
+                return
+            if failed == errno.EISCONN:
+                failed = 0
+        self._stop()
         if failed:
             self._close()
             self._attempt.fail(_connect_failure(failed))

@@ -157,6 +157,32 @@ class ConnectingTests(SynchronousTestCase):
         self.reactor.real.doIteration(0)
         self.assertEqual(len(self.reports), 1)
 
+    def test_stale_events_while_connecting(self) -> None:
+        """
+        A write or a read event that reaches the connect while it is still
+        in progress (a stale event: a descriptor number closed and reused
+        within one wake-up) changes nothing: no report, still the
+        reactor's writer, the timer still set; the timeout then reports
+        once, as it would have.
+        """
+        server = socket.socket()
+        self.addCleanup(server.close)
+        server.bind(("127.0.0.1", 0))
+        server.listen(0)
+        # The accept queue holds one: the next connect's SYN is dropped.
+        filler = socket.create_connection(server.getsockname(), timeout=5)
+        self.addCleanup(filler.close)
+        connecting = _Connecting(self.reactor, self.attempt, "127.0.0.1", server.getsockname()[1], 5.0)
+        connecting.doWrite()
+        connecting.doRead()
+        self.assertEqual(self.reports, [])
+        self.assertIn(connecting, self.reactor.real.getWriters())
+        self.assertEqual(len(self.reactor.clock.getDelayedCalls()), 1)
+        self.assertNotEqual(connecting.fileno(), -1)
+        self.reactor.clock.advance(5.0)
+        [(kind, failure)] = self.reports
+        self.assertEqual((kind, failure.value.reason), ("failed", "timeout"))
+
     def test_cancel(self) -> None:
         """``cancel()`` reports once, stops the connect and its timer."""
         server = self.listener()
