@@ -16,10 +16,10 @@ the twistd log file: a legacy ``log.msg`` from inside an event handler
 (Twisted's own ``Unhandled Error`` reports among them) shows ``[-]``
 instead of the protocol's prefix.
 
-It also takes descriptors edge-triggered (``addEdgeTriggered``): a
-handler called with the epoll event mask each time the descriptor becomes
-readable, writable or sees its peer's shutdown, in the same ``epoll_wait``
-as every other descriptor.  The kernel splice drives its sockets this way:
+It also takes descriptors edge-triggered (``addEdgeTriggered``): their
+``edgeEvent`` is called with the epoll event mask each time the descriptor
+becomes readable, writable or sees its peer's shutdown, in the same
+``epoll_wait`` as every other descriptor.  The kernel splice drives its sockets this way:
 one system call and one Python call per wake-up, instead of a second epoll
 of its own polled from a reader of the reactor's.
 
@@ -31,12 +31,12 @@ other reactor is left alone.
 from __future__ import annotations
 
 from select import EPOLLET, EPOLLIN, EPOLLOUT, EPOLLRDHUP
-from typing import Callable
 
 from twisted.internet.epollreactor import EPollReactor
-from twisted.internet.interfaces import IReadDescriptor
+from twisted.internet.interfaces import IFileDescriptor
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import Interface
 
 _log = Logger()
 
@@ -47,6 +47,17 @@ _LONGEST_SLEEP = 2147483.0
 EDGE_EVENTS = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
 
 
+class IEdgeTriggered(IFileDescriptor):
+    """A descriptor the reactor watches edge-triggered (``addEdgeTriggered``)."""
+
+    def edgeEvent(events: int) -> None:
+        """
+        The descriptor became ready: ``events`` is the epoll mask (in,
+        out, peer shutdown, hang-up, error).  Each readiness is told once;
+        what is not used up now is not told again.
+        """
+
+
 class LeanEPollReactor(EPollReactor):
     """
     ``EPollReactor`` dispatching ready descriptors without a log context,
@@ -54,8 +65,7 @@ class LeanEPollReactor(EPollReactor):
     """
 
     def __init__(self) -> None:
-        self._edges: dict[int, Callable[[int], object]] = {}
-        self._edgeOwners: dict[int, IReadDescriptor] = {}
+        self._edges: dict[int, IEdgeTriggered] = {}
         self._edgeGone: set[int] = set()
         super().__init__()
 
@@ -110,10 +120,10 @@ class LeanEPollReactor(EPollReactor):
         for fd, event in ready:
             if fd in gone:
                 continue
-            handler = edges.get(fd)
-            if handler is not None:
+            watched = edges.get(fd)
+            if watched is not None:
                 try:
-                    handler(event)
+                    watched.edgeEvent(event)
                 except BaseException:
                     self._edgeFailed(fd)
                 continue
@@ -126,25 +136,30 @@ class LeanEPollReactor(EPollReactor):
 
     # -- edge-triggered descriptors ---------------------------------------
 
-    def addEdgeTriggered(self, fd: int, handler: Callable[[int], object], owner: IReadDescriptor) -> None:
+    def addEdgeTriggered(self, descriptor: IEdgeTriggered) -> None:
         """
-        Watch ``fd`` edge-triggered (``EDGE_EVENTS``): ``handler(events)``
-        is called with the epoll mask at each change of readiness, and
-        never again for a readiness it was told of.  ``owner`` is told
-        ``connectionLost`` when the reactor drops every descriptor
-        (shutting down, ``removeAll``) or when ``handler`` raises (the
-        error is logged, the descriptor dropped).  Raises ``OSError``
-        when the kernel refuses to watch ``fd``.
+        Watch ``descriptor`` edge-triggered (``EDGE_EVENTS``): its
+        ``edgeEvent(events)`` is called at each change of readiness.  It
+        is told ``connectionLost`` when the reactor drops every descriptor
+        (shutting down, ``removeAll``) or when ``edgeEvent`` raises (the
+        error is logged, the descriptor dropped).  Raises ``OSError`` when
+        the kernel refuses to watch it.
         """
+        fd = descriptor.fileno()
         self._poller.register(fd, EDGE_EVENTS)
-        self._edges[fd] = handler
-        self._edgeOwners[fd] = owner
+        self._edges[fd] = descriptor
 
-    def removeEdgeTriggered(self, fd: int) -> None:
-        """Stop watching ``fd`` (before closing it); nothing if not watched."""
-        if self._edges.pop(fd, None) is None:
-            return
-        del self._edgeOwners[fd]
+    def removeEdgeTriggered(self, descriptor: IEdgeTriggered) -> None:
+        """
+        Stop watching ``descriptor``, before it is closed (while
+        ``fileno()`` still gives its number); nothing if not watched.
+        """
+        fd = descriptor.fileno()
+        if self._edges.get(fd) is descriptor:
+            self._dropEdge(fd)
+
+    def _dropEdge(self, fd: int) -> None:
+        del self._edges[fd]
         self._edgeGone.add(fd)
         try:
             self._poller.unregister(fd)
@@ -153,22 +168,22 @@ class LeanEPollReactor(EPollReactor):
             pass
 
     def getEdgeTriggered(self) -> list:
-        """The owners of the descriptors watched edge-triggered."""
-        return list(self._edgeOwners.values())
+        """The descriptors watched edge-triggered."""
+        return list(self._edges.values())
 
     def _edgeFailed(self, fd: int) -> None:
         failure = Failure()
-        _log.failure("Unhandled error in an edge-triggered handler", failure)
-        owner = self._edgeOwners.get(fd)
-        self.removeEdgeTriggered(fd)
-        if owner is not None:
-            owner.connectionLost(failure)
+        _log.failure("Unhandled error in an edge-triggered descriptor", failure)
+        descriptor = self._edges.get(fd)
+        if descriptor is not None:
+            self._dropEdge(fd)
+            descriptor.connectionLost(failure)
 
     def removeAll(self):
-        owners = list(self._edgeOwners.values())
+        watched = list(self._edges.values())
         for fd in list(self._edges):
-            self.removeEdgeTriggered(fd)
-        return super().removeAll() + owners
+            self._dropEdge(fd)
+        return super().removeAll() + watched
 
 
 def adopt(reactor) -> bool:
@@ -178,7 +193,6 @@ def adopt(reactor) -> bool:
     """
     if type(reactor) is EPollReactor:
         reactor._edges = {}
-        reactor._edgeOwners = {}
         reactor._edgeGone = set()
         reactor.__class__ = LeanEPollReactor
     return type(reactor) is LeanEPollReactor

@@ -16,8 +16,10 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
-from shardtcp.eventloop import LeanEPollReactor, adopt
+from shardtcp.eventloop import IEdgeTriggered, LeanEPollReactor, adopt
 
 
 def _reactor(case: SynchronousTestCase) -> EPollReactor:
@@ -178,11 +180,26 @@ class DispatchTests(SynchronousTestCase):
         self.assertNotIn(second, reactor.getReaders())
 
 
-class _Owner:
-    """What an edge-triggered descriptor's owner is told."""
+@implementer(IEdgeTriggered)
+class _Edge:
+    """An edge-triggered descriptor over one end of a socket pair, recording what it is told."""
 
-    def __init__(self) -> None:
+    def __init__(self, sock: socket.socket, *, broken: bool = False) -> None:
+        self.sock = sock
+        self.broken = broken
+        self.events: list[int] = []
         self.lost: list[Failure] = []
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def logPrefix(self) -> str:
+        return "edge"
+
+    def edgeEvent(self, events: int) -> None:
+        if self.broken:
+            raise RuntimeError("handler bug")
+        self.events.append(events)
 
     def connectionLost(self, reason: Failure) -> None:
         self.lost.append(reason)
@@ -194,9 +211,13 @@ class EdgeTriggeredTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.reactor = _reactor(self)
         adopt(self.reactor)
-        self.events: list[int] = []
 
     _pair = DispatchTests._pair
+
+    def test_provides_the_interface(self) -> None:
+        """The test's descriptor is what ``addEdgeTriggered`` asks for."""
+        a, _ = self._pair()
+        self.assertTrue(verifyObject(IEdgeTriggered, _Edge(a)))
 
     def test_each_readiness_once(self) -> None:
         """
@@ -206,61 +227,63 @@ class EdgeTriggeredTests(SynchronousTestCase):
         ``EPOLLRDHUP``.
         """
         a, b = self._pair()
-        owner = _Owner()
-        self.reactor.addEdgeTriggered(a.fileno(), self.events.append, owner)
-        self.assertEqual(self.reactor.getEdgeTriggered(), [owner])
+        edge = _Edge(a)
+        self.reactor.addEdgeTriggered(edge)
+        self.assertEqual(self.reactor.getEdgeTriggered(), [edge])
         self.assertEqual([r for r in self.reactor.getReaders() if r is not self.reactor.waker], [])
         b.send(b"one")
         self.reactor.doIteration(0)
-        self.assertEqual(len(self.events), 1)
-        self.assertTrue(self.events[0] & select.EPOLLIN and self.events[0] & select.EPOLLOUT)
+        self.assertEqual(len(edge.events), 1)
+        self.assertTrue(edge.events[0] & select.EPOLLIN and edge.events[0] & select.EPOLLOUT)
         self.reactor.doIteration(0)
         self.reactor.doIteration(0)
-        self.assertEqual(len(self.events), 1)
+        self.assertEqual(len(edge.events), 1)
         b.send(b"two")
         self.reactor.doIteration(0)
-        self.assertEqual(len(self.events), 2)
+        self.assertEqual(len(edge.events), 2)
         b.shutdown(socket.SHUT_WR)
         self.reactor.doIteration(0)
-        self.assertEqual(len(self.events), 3)
-        self.assertTrue(self.events[2] & select.EPOLLRDHUP)
+        self.assertEqual(len(edge.events), 3)
+        self.assertTrue(edge.events[2] & select.EPOLLRDHUP)
         self.assertEqual(a.recv(100), b"onetwo")
-        self.assertEqual(owner.lost, [])
+        self.assertEqual(edge.lost, [])
 
     def test_removed_descriptor_gets_nothing(self) -> None:
-        """After ``removeEdgeTriggered`` no event reaches the handler; removing twice, or a closed descriptor, is harmless."""
+        """
+        After ``removeEdgeTriggered`` no event reaches the descriptor;
+        removing it twice, or removing one never added, is harmless.
+        """
         a, b = self._pair()
         c, d = self._pair()
-        self.reactor.addEdgeTriggered(a.fileno(), self.events.append, _Owner())
-        self.reactor.addEdgeTriggered(c.fileno(), self.events.append, _Owner())
-        self.reactor.removeEdgeTriggered(a.fileno())
-        self.reactor.removeEdgeTriggered(a.fileno())
-        c_fd = c.fileno()
-        c.close()
-        self.reactor.removeEdgeTriggered(c_fd)
+        first, second = _Edge(a), _Edge(c)
+        self.reactor.addEdgeTriggered(first)
+        self.reactor.removeEdgeTriggered(first)
+        self.reactor.removeEdgeTriggered(first)
+        self.reactor.removeEdgeTriggered(second)
         b.send(b"x")
+        d.send(b"y")
         self.reactor.doIteration(0)
-        self.assertEqual((self.events, self.reactor.getEdgeTriggered()), ([], []))
+        self.assertEqual((first.events, second.events, self.reactor.getEdgeTriggered()), ([], [], []))
 
     def test_stale_event_never_reaches_a_reused_number(self) -> None:
         """
         An edge-triggered socket closed by an earlier event of the same
         wake-up, its number taken at once by a new socket the reactor
         reads: the old socket's event (here its peer's close) is given
-        neither to the new socket nor to the old handler; the new socket's
-        own bytes arrive at the next wake-up.
+        neither to the new socket nor to the old descriptor; the new
+        socket's own bytes arrive at the next wake-up.
         """
         a, b = self._pair()
         r1, r2 = self._pair()
         reactor = self.reactor
-        owner = _Owner()
+        old = _Edge(a)
         reused: list = []
         case = self
 
         class Closer(_Side):
             def doRead(self):
                 number = a.fileno()
-                reactor.removeEdgeTriggered(number)
+                reactor.removeEdgeTriggered(old)
                 a.close()
                 x, y = socket.socketpair()
                 case.addCleanup(x.close)
@@ -271,10 +294,10 @@ class EdgeTriggeredTests(SynchronousTestCase):
                 reactor.addReader(reused[0][0])
                 return super().doRead()
 
-        reactor.addEdgeTriggered(a.fileno(), self.events.append, owner)
+        reactor.addEdgeTriggered(old)
         reactor.doIteration(0)
-        self.assertEqual(self.events, [select.EPOLLOUT])  # writable from the start
-        del self.events[:]
+        self.assertEqual(old.events, [select.EPOLLOUT])  # writable from the start
+        del old.events[:]
         reactor.addReader(Closer(r1))
         # One wake-up: the reader's event first, then the edge socket's hang-up.
         r2.send(b"go")
@@ -282,48 +305,44 @@ class EdgeTriggeredTests(SynchronousTestCase):
         b.close()
         reactor.doIteration(0)
         [(new, peer)] = reused
-        self.assertEqual((new.read, new.lost, self.events, owner.lost), ([], [], [], []))
+        self.assertEqual((new.read, new.lost, old.events, old.lost), ([], [], [], []))
         peer.send(b"new")
         reactor.doIteration(0)
         self.assertEqual((new.read, new.lost), ([b"new"], []))
 
     def test_handler_error_drops_that_descriptor_only(self) -> None:
         """
-        A handler that raises: the error is logged, its descriptor is no
-        longer watched and its owner is told ``connectionLost`` with the
+        An ``edgeEvent`` that raises: the error is logged, the descriptor
+        is no longer watched and is told ``connectionLost`` with the
         error; a reader ready in the same wake-up is still served.
         """
         a, b = self._pair()
         c, d = self._pair()
-        owner = _Owner()
-
-        def broken(events: int) -> None:
-            raise RuntimeError("handler bug")
-
+        broken = _Edge(a, broken=True)
         fine = _Side(c)
-        self.reactor.addEdgeTriggered(a.fileno(), broken, owner)
+        self.reactor.addEdgeTriggered(broken)
         self.reactor.addReader(fine)
         b.send(b"x")
         d.send(b"y")
         self.reactor.doIteration(0)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
-        self.assertEqual(len(owner.lost), 1)
-        self.assertTrue(owner.lost[0].check(RuntimeError))
+        self.assertEqual(len(broken.lost), 1)
+        self.assertTrue(broken.lost[0].check(RuntimeError))
         self.assertEqual(self.reactor.getEdgeTriggered(), [])
         self.assertEqual(fine.read, [b"y"])
 
-    def test_remove_all_returns_the_owners(self) -> None:
+    def test_remove_all_returns_them(self) -> None:
         """
         ``removeAll`` (what the reactor does as it shuts down) stops
-        watching every edge-triggered descriptor and returns their owners
-        with the readers, so each is told ``connectionLost``.
+        watching every edge-triggered descriptor and returns them with the
+        readers, so each is told ``connectionLost``.
         """
         a, b = self._pair()
         c, d = self._pair()
-        first, second = _Owner(), _Owner()
+        first, second = _Edge(a), _Edge(b)
         reader = _Side(c)
-        self.reactor.addEdgeTriggered(a.fileno(), self.events.append, first)
-        self.reactor.addEdgeTriggered(b.fileno(), self.events.append, second)
+        self.reactor.addEdgeTriggered(first)
+        self.reactor.addEdgeTriggered(second)
         self.reactor.addReader(reader)
         removed = self.reactor.removeAll()
         self.assertEqual(sorted(map(id, removed)), sorted(map(id, [first, second, reader])))
@@ -331,14 +350,17 @@ class EdgeTriggeredTests(SynchronousTestCase):
         d.send(b"x")
         a.send(b"y")
         self.reactor.doIteration(0)
-        self.assertEqual((self.events, reader.read), ([], []))
+        self.assertEqual((first.events, second.events, reader.read), ([], [], []))
 
     def test_refused_watch_raises(self) -> None:
-        """A descriptor the kernel will not watch (here: not open) raises ``OSError`` and is not recorded."""
+        """A descriptor the kernel will not watch (here: no longer open) raises ``OSError`` and is not recorded."""
         a, b = self._pair()
-        fd = a.fileno()
-        a.close()
-        self.assertRaises(OSError, self.reactor.addEdgeTriggered, fd, self.events.append, _Owner())
+
+        class Closed(_Edge):
+            def fileno(self) -> int:
+                return 1_000_000
+
+        self.assertRaises(OSError, self.reactor.addEdgeTriggered, Closed(a))
         self.assertEqual(self.reactor.getEdgeTriggered(), [])
 
 

@@ -79,9 +79,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 try:
-    from shardtcp.eventloop import LeanEPollReactor as _EdgeReactor
+    from shardtcp.eventloop import IEdgeTriggered, LeanEPollReactor as _EdgeReactor
 except ImportError:  # no epoll: not Linux
-    _EdgeReactor = None
+    IEdgeTriggered, _EdgeReactor = IWriteDescriptor, None
 from shardtcp.proxy.splice import DOWNSTREAM, UPSTREAM, IdleTimeout, SpliceStats
 
 log = Logger()
@@ -586,7 +586,7 @@ _READY_OUT = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
 _MAX_ROUNDS = 16
 
 
-@implementer(IReadDescriptor, IWriteDescriptor)
+@implementer(IReadDescriptor, IWriteDescriptor, IEdgeTriggered)
 class _Side:
     """
     One socket of a kernel splice, as the reactor sees it, and the bytes
@@ -643,7 +643,7 @@ class _Side:
     def doWrite(self) -> None:
         self._owner._writable(self.index)
 
-    def event(self, events: int) -> None:
+    def edgeEvent(self, events: int) -> None:
         # Edge-triggered: what the socket became ready for, once.
         if events & _READY_IN:
             self.rd = True
@@ -713,7 +713,7 @@ class KernelSplice(IdleTimeout):
             add = self._splicer._reactor.addEdgeTriggered
             try:
                 for side in self._sides:
-                    add(side.fd, side.event, side)
+                    add(side)
             except OSError as e:
                 # The kernel would not watch the socket (out of memory, or
                 # the user's epoll watch limit): the proxy's trouble.
@@ -1057,7 +1057,7 @@ class KernelSplice(IdleTimeout):
         if not side.open:
             return
         if self._splicer.edge:
-            self._splicer._reactor.removeEdgeTriggered(side.fd)
+            self._splicer._reactor.removeEdgeTriggered(side)
         elif side.reading or side.writing:
             self._set(side, read=False, write=False)
         side.open = False

@@ -23,8 +23,9 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
-from shardtcp.eventloop import LeanEPollReactor, adopt
+from shardtcp.eventloop import IEdgeTriggered, LeanEPollReactor, adopt
 from shardtcp.proxy import ksplice
 from shardtcp.proxy.ksplice import (
     KernelSplicer,
@@ -727,7 +728,7 @@ class _DroppedByReactor:
         for selectable in ours:
             global_reactor.removeReader(selectable)
             global_reactor.removeWriter(selectable)
-            global_reactor.removeEdgeTriggered(selectable.fd)
+            global_reactor.removeEdgeTriggered(selectable)
         for selectable in ours:
             selectable.connectionLost(Failure(ConnectionLost()))
         for _, _, splice, done in ends:
@@ -780,7 +781,8 @@ class EdgeTriggeredOnlyTests(_DroppedByReactor, TestCase):
         self.assertEqual(self._ours(), sides)
         readers = global_reactor.getReaders() + global_reactor.getWriters()
         self.assertFalse(any(side in readers for side in sides))
-        self.assertTrue(all(global_reactor._edges[side.fd] == side.event for side in sides))
+        self.assertTrue(all(global_reactor._edges[side.fd] is side for side in sides))
+        self.assertTrue(verifyObject(IEdgeTriggered, sides[0]))
         peers = []
         for client_sock, shard_sock, _, _ in ends:
             peers += [Peer(client_sock, b"q" * 100).start(), Peer(shard_sock, b"a" * 200).start()]
@@ -802,11 +804,11 @@ class EdgeTriggeredOnlyTests(_DroppedByReactor, TestCase):
         real = global_reactor.addEdgeTriggered
         calls = []
 
-        def refuse_second(fd, handler, owner):
-            calls.append(fd)
+        def refuse_second(descriptor):
+            calls.append(descriptor)
             if len(calls) == 2:
                 raise OSError(errno.ENOSPC, "No space left on device")
-            real(fd, handler, owner)
+            real(descriptor)
 
         self.patch(global_reactor, "addEdgeTriggered", refuse_second)
         client_sock, shard_sock, splice, done = self.connect()
