@@ -66,7 +66,7 @@ class LeanEPollReactor(EPollReactor):
 
     def __init__(self) -> None:
         self._edges: dict[int, IEdgeTriggered] = {}
-        self._edgeGone: set[int] = set()
+        self._gone: set[int] = set()
         super().__init__()
 
     def mainLoop(self) -> None:
@@ -110,11 +110,14 @@ class LeanEPollReactor(EPollReactor):
             return
         selectables = self._selectables
         dispatch = self._doReadOrWrite
-        # Edge-triggered descriptors removed while this batch is handled:
-        # their events later in it are stale, whoever has the number now
-        # (a socket closed by one event and its number reused by a socket
-        # opened in another must not get the old socket's hang-up).
-        gone = self._edgeGone
+        # Descriptors removed while this batch is handled: their events
+        # later in it are stale, whoever has the number now (a socket
+        # closed by one event and its number reused by a socket opened in
+        # another must not get the old socket's hang-up).  Nothing is lost
+        # by skipping them: a level-triggered descriptor still ready is
+        # reported again, and an edge-triggered one added meanwhile is
+        # polled as it is added.
+        gone = self._gone
         if gone:
             gone.clear()
         for fd, event in ready:
@@ -133,6 +136,15 @@ class LeanEPollReactor(EPollReactor):
                 dispatch(selectable, fd, event)
 
     doIteration = doPoll
+
+    def _remove(self, xer, primary, other, selectables, event, antievent):
+        # Twisted's removal, noting a descriptor that left the epoll.
+        fd = xer.fileno()
+        if fd == -1:
+            fd = next((number for number, known in selectables.items() if known is xer), -1)
+        EPollReactor._remove(self, xer, primary, other, selectables, event, antievent)
+        if fd != -1 and fd not in selectables:
+            self._gone.add(fd)
 
     # -- edge-triggered descriptors ---------------------------------------
 
@@ -160,7 +172,7 @@ class LeanEPollReactor(EPollReactor):
 
     def _dropEdge(self, fd: int) -> None:
         del self._edges[fd]
-        self._edgeGone.add(fd)
+        self._gone.add(fd)
         try:
             self._poller.unregister(fd)
         except (OSError, ValueError):
@@ -193,6 +205,6 @@ def adopt(reactor) -> bool:
     """
     if type(reactor) is EPollReactor:
         reactor._edges = {}
-        reactor._edgeGone = set()
+        reactor._gone = set()
         reactor.__class__ = LeanEPollReactor
     return type(reactor) is LeanEPollReactor

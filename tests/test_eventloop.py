@@ -145,6 +145,71 @@ class DispatchTests(SynchronousTestCase):
         self.assertEqual(fine.read, [b"y"])
         self.assertEqual(fine.lost, [])
 
+    def test_stale_event_never_reaches_a_reused_number(self) -> None:
+        """
+        A reader closed by an earlier event of the same wake-up, its
+        number taken at once by a new socket the reactor reads: the old
+        reader's event is not given to the new one (which would read
+        nothing: a spurious read); the new one's own bytes arrive at the
+        next wake-up.
+        """
+        a, b = self._pair()
+        r1, r2 = self._pair()
+        reactor = self.reactor
+        old = _Side(a)
+        reused: list = []
+        case = self
+
+        class Closer(_Side):
+            def doRead(self):
+                number = a.fileno()
+                reactor.removeReader(old)
+                a.close()
+                x, y = socket.socketpair()
+                case.addCleanup(x.close)
+                case.addCleanup(y.close)
+                case.assertEqual(x.fileno(), number)
+                x.setblocking(False)
+                reused.append((_Side(x), y))
+                reactor.addReader(reused[0][0])
+                return super().doRead()
+
+        reactor.addReader(Closer(r1))
+        reactor.addReader(old)
+        # One wake-up: the closer's event first, then the old reader's.
+        r2.send(b"go")
+        b.send(b"old")
+        reactor.doIteration(0)
+        [(new, peer)] = reused
+        self.assertEqual((new.read, new.lost, old.read, old.lost), ([], [], [], []))
+        peer.send(b"new")
+        reactor.doIteration(0)
+        self.assertEqual((new.read, new.lost), ([b"new"], []))
+
+    def test_removed_and_added_again_is_served_next_wake_up(self) -> None:
+        """
+        A reader removed and added back within one wake-up (flow control)
+        misses nothing: its bytes are read at the next one.
+        """
+        a, b = self._pair()
+        r1, r2 = self._pair()
+        reactor = self.reactor
+        reader = _Side(a)
+
+        class Toggle(_Side):
+            def doRead(self):
+                reactor.removeReader(reader)
+                reactor.addReader(reader)
+                return super().doRead()
+
+        reactor.addReader(Toggle(r1))
+        reactor.addReader(reader)
+        r2.send(b"go")
+        b.send(b"kept")
+        reactor.doIteration(0)
+        reactor.doIteration(0)
+        self.assertEqual((reader.read, reader.lost), ([b"kept"], []))
+
     def test_peer_close_is_a_clean_end(self) -> None:
         """The peer's close reaches the reader as ``ConnectionDone``, and it is removed."""
         a, b = self._pair()
