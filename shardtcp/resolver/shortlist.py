@@ -149,8 +149,9 @@ class Ordered:
         self.sums: list[float] = [0.0] * count
         self.tops: list[float] = [0.0] * count
         self.lows: list[float] = [0.0] * count
-        # The blocks whose figures are not known.
-        self.stale: set[int] = set(range(count))
+        # Per block, 1 while its figures are not known (moved with the
+        # blocks as they split and merge, as the figures are).
+        self.stale = bytearray(b"\x01" * count)
         self.size = len(items)
 
     def __len__(self) -> int:
@@ -186,12 +187,11 @@ class Ordered:
         self.lasts.insert(b, keys[-1])
         for figures in (self.sums, self.tops, self.lows):
             figures.insert(b, 0.0)
-        self.stale = {s + 1 if s >= b else s for s in self.stale}
-        self.stale.add(b)
+        self.stale.insert(b, 1)
 
     def _drop_block(self, b: int) -> None:
         del self.blocks[b], self.lasts[b], self.sums[b], self.tops[b], self.lows[b]
-        self.stale = {s - 1 if s > b else s for s in self.stale if s != b}
+        del self.stale[b]
 
     def add(self, key: tuple) -> None:
         blocks = self.blocks
@@ -203,7 +203,7 @@ class Ordered:
         block = blocks[b]
         block.insert(i, key)
         self.lasts[b] = block[-1]
-        self.stale.add(b)
+        self.stale[b] = 1
         if len(block) > 2 * BLOCK:
             # Split in two: ``BLOCK`` keys and the rest.
             half = block[BLOCK:]
@@ -225,7 +225,7 @@ class Ordered:
         """Block ``b`` lost a key: kept, dropped or merged with a neighbour."""
         blocks = self.blocks
         block = blocks[b]
-        self.stale.add(b)
+        self.stale[b] = 1
         if not block:
             self._drop_block(b)
             return
@@ -240,7 +240,7 @@ class Ordered:
         first.extend(second)
         self._drop_block(b + 1)
         self.lasts[b] = first[-1]
-        self.stale.add(b)
+        self.stale[b] = 1
         if len(first) > 2 * BLOCK:
             half = first[len(first) // 2:]
             del first[len(first) // 2:]
@@ -263,7 +263,7 @@ class Ordered:
                     if i + 1 == len(block):
                         self.lasts[b] = new
                     # Its block's figures change; nothing moves.
-                    self.stale.add(b)
+                    self.stale[b] = 1
                     return
                 del block[i]
                 self.size -= 1
@@ -284,7 +284,7 @@ class Ordered:
             if ledger >= self.tops[b]:
                 self.tops[b] = ledger
             else:
-                self.stale.add(b)
+                self.stale[b] = 1
 
     def pool_end(self, band: float) -> tuple[int, int]:
         """
@@ -303,14 +303,14 @@ class Ordered:
     def figures(self, blocks: int, ranked: dict, uniform: bool) -> None:
         """Work out the figures of the first ``blocks`` blocks still unknown."""
         stale = self.stale
-        if not stale:
-            return
         keys = self.blocks
-        for block in [b for b in stale if b < blocks]:
+        block = stale.find(1, 0, blocks)
+        while block >= 0:
             self.sums[block], self.tops[block], self.lows[block] = _figures(
                 keys[block], ranked, uniform
             )
-            stale.discard(block)
+            stale[block] = 0
+            block = stale.find(1, block + 1, blocks)
 
 
 #: Keys per block of an ``Ordered`` list.
@@ -1041,7 +1041,7 @@ class View:
         parts = self.parts = blocks[:full]
         if rest:
             parts.append(blocks[full][:rest])
-        end = self.end = sum(map(len, parts))
+        end = self.end = ordered.size if full == len(blocks) else sum(map(len, parts))
         self.last = parts[-1][-1]
         self.group = group
         ranked = self.ranked
