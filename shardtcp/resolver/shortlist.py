@@ -131,8 +131,9 @@ class Ordered:
     weights, highest ledger, lowest weight), so that the draw reads a pool
     of thousands of shards in a few dozen steps.  A key added or taken out
     moves only the keys of its own block: that block's figures are
-    forgotten (both halves' when it splits), the others stay.  A block's figures are worked out when first read again, and
-    forgotten when a ledger in it goes down.
+    forgotten (both halves' when it splits), the others stay.  A block's
+    figures are worked out when next read, and forgotten when a ledger in
+    it goes down.
     """
 
     __slots__ = ("blocks", "lasts", "sums", "tops", "lows", "stale", "size")
