@@ -26,8 +26,10 @@ would compute, and recomputes only what changed:
   shard's key in the bucket moves (a shard scored again to the same keys
   only has its value replaced); meanwhile only the highest ledger moves,
   raised as the draw writes ledgers (they only grow).  A shard scored
-  again moves within its lists; the blocks' figures are settled when a
-  pool large enough to read them is next worked out.
+  again moves within its lists; the by-base lists are held in blocks
+  (``Ordered``), so that a key added or taken out forgets the figures of
+  its own block only, worked out again when a pool large enough to read
+  them is next worked out.
 
 A call then touches only the shards that changed since the previous one,
 the draw's pool and the ``retries`` after it.  The contract, which
@@ -123,74 +125,150 @@ def _deadline(state: ShardState, now: float, max_age: float) -> Optional[float]:
 
 class Ordered:
     """
-    A sorted list of ``(-base, shard id)`` keys with per-block figures
-    (``BLOCK`` keys a block: their sum of weights, highest ledger, lowest
-    weight), so that the draw reads a pool of thousands of shards in a few
-    dozen steps.  A block's figures are worked out when first read, and
-    forgotten when its keys move or a ledger in it changes.
+    A sorted list of ``(-base, shard id, weight)`` keys held as a sequence
+    of blocks (separate lists of ``BLOCK // 2`` to ``2 * BLOCK`` keys, one
+    block when there are fewer), each with its figures (its sum of
+    weights, highest ledger, lowest weight), so that the draw reads a pool
+    of thousands of shards in a few dozen steps.  A key added or taken out
+    moves only the keys of its own block: that block's figures are
+    forgotten (both halves' when it splits), the others stay.  A block's
+    figures are worked out when next read, and forgotten when a ledger in
+    it goes down.
     """
 
-    __slots__ = ("items", "sums", "tops", "lows", "stale", "tail", "_lo", "_hi", "_delta", "_swing")
+    __slots__ = ("blocks", "lasts", "sums", "tops", "lows", "stale", "size")
 
     def __init__(self, items: Optional[list] = None) -> None:
-        self.items: list = items if items is not None else []
-        blocks = -(-len(self.items) // BLOCK)
-        self.sums: list[float] = [0.0] * blocks
-        self.tops: list[float] = [0.0] * blocks
-        self.lows: list[float] = [0.0] * blocks
-        self.stale: set[int] = set(range(blocks))
-        # The figures of the pool's last, partial block: (end, figures).
-        self.tail: Optional[tuple[int, tuple[float, float, float]]] = None
-        self._lo: Optional[int] = None
-        self._hi = -1
-        self._delta = 0
-        self._swing = 0
+        items = items if items is not None else []
+        #: The keys, block by block, and each block's last key.
+        self.blocks: list[list] = [items[i:i + BLOCK] for i in range(0, len(items), BLOCK)]
+        if len(self.blocks) > 1 and len(self.blocks[-1]) < BLOCK // 2:
+            # No block shorter than ``BLOCK // 2`` but a lone one.
+            self.blocks[-2].extend(self.blocks.pop())
+        self.lasts: list = [block[-1] for block in self.blocks]
+        count = len(self.blocks)
+        self.sums: list[float] = [0.0] * count
+        self.tops: list[float] = [0.0] * count
+        self.lows: list[float] = [0.0] * count
+        # Per block, 1 while its figures are not known (moved with the
+        # blocks as they split and merge, as the figures are).
+        self.stale = bytearray(b"\x01" * count)
+        self.size = len(items)
 
-    # ``add`` and ``discard`` note where keys moved: the lowest and highest
-    # positions, the net shift and the largest net shift on the way.
+    def __len__(self) -> int:
+        return self.size
+
+    @property
+    def items(self) -> list:
+        """Every key, in order (a new list)."""
+        return [key for block in self.blocks for key in block]
+
+    def head(self, count: int) -> list:
+        """The first ``count`` keys (a new list)."""
+        got: list = []
+        for block in self.blocks:
+            if len(got) + len(block) >= count:
+                got.extend(block[:count - len(got)])
+                break
+            got.extend(block)
+        return got
+
+    def _locate(self, key: tuple) -> tuple[int, int]:
+        """The block and offset where ``key`` is or would go (block -1: no block)."""
+        lasts = self.lasts
+        b = bisect_left(lasts, key)
+        if b == len(lasts):
+            b -= 1
+            return b, (len(self.blocks[b]) if b >= 0 else 0)
+        return b, bisect_left(self.blocks[b], key)
+
+    def _new_block(self, b: int, keys: list) -> None:
+        """Put a block of ``keys`` at ``b``, its figures unknown."""
+        self.blocks.insert(b, keys)
+        self.lasts.insert(b, keys[-1])
+        for figures in (self.sums, self.tops, self.lows):
+            figures.insert(b, 0.0)
+        self.stale.insert(b, 1)
+
+    def _drop_block(self, b: int) -> None:
+        del self.blocks[b], self.lasts[b], self.sums[b], self.tops[b], self.lows[b]
+        del self.stale[b]
 
     def add(self, key: tuple) -> None:
-        items = self.items
-        i = bisect_left(items, key)
-        items.insert(i, key)
-        lo = self._lo
-        if lo is None or i < lo:
-            self._lo = i
-        if i > self._hi:
-            self._hi = i
-        delta = self._delta = self._delta + 1
-        if delta > self._swing or -delta > self._swing:
-            self._swing = delta if delta > 0 else -delta
+        blocks = self.blocks
+        self.size += 1
+        if not blocks:
+            self._new_block(0, [key])
+            return
+        b, i = self._locate(key)
+        block = blocks[b]
+        block.insert(i, key)
+        self.lasts[b] = block[-1]
+        self.stale[b] = 1
+        if len(block) > 2 * BLOCK:
+            # Split in two: ``BLOCK`` keys and the rest.
+            half = block[BLOCK:]
+            del block[BLOCK:]
+            self.lasts[b] = block[-1]
+            self._new_block(b + 1, half)
 
     def discard(self, key: tuple) -> None:
-        items = self.items
-        i = bisect_left(items, key)
-        if i < len(items) and items[i] == key:
-            del items[i]
-            lo = self._lo
-            if lo is None or i < lo:
-                self._lo = i
-            if i > self._hi:
-                self._hi = i
-            delta = self._delta = self._delta - 1
-            if delta > self._swing or -delta > self._swing:
-                self._swing = delta if delta > 0 else -delta
+        if not self.blocks:
+            return
+        b, i = self._locate(key)
+        block = self.blocks[b]
+        if i < len(block) and block[i] == key:
+            del block[i]
+            self.size -= 1
+            self._shrunk(b)
+
+    def _shrunk(self, b: int) -> None:
+        """Block ``b`` lost a key: kept, dropped or merged with a neighbour."""
+        blocks = self.blocks
+        block = blocks[b]
+        self.stale[b] = 1
+        if not block:
+            self._drop_block(b)
+            return
+        self.lasts[b] = block[-1]
+        if len(block) >= BLOCK // 2 or len(blocks) == 1:
+            return
+        # Too small: into its neighbour (the next one, or the one before
+        # for the last block), split again if that makes it too large.
+        if b + 1 == len(blocks):
+            b -= 1
+        first, second = blocks[b], blocks[b + 1]
+        first.extend(second)
+        self._drop_block(b + 1)
+        self.lasts[b] = first[-1]
+        self.stale[b] = 1
+        if len(first) > 2 * BLOCK:
+            half = first[len(first) // 2:]
+            del first[len(first) // 2:]
+            self.lasts[b] = first[-1]
+            self._new_block(b + 1, half)
 
     def replace(self, old: tuple, new: tuple) -> None:
         """``discard(old)`` then ``add(new)``, in place when ``new`` sorts where ``old`` stood."""
-        items = self.items
-        i = bisect_left(items, old)
-        if i < len(items) and items[i] == old:
-            if (i == 0 or items[i - 1] < new) and (i + 1 == len(items) or new < items[i + 1]):
-                items[i] = new
-                # Its block's figures change; nothing shifts.
-                lo = self._lo
-                if lo is None or i < lo:
-                    self._lo = i
-                if i > self._hi:
-                    self._hi = i
-                return
-            self.discard(old)
+        if self.blocks:
+            b, i = self._locate(old)
+            block = self.blocks[b]
+            if i < len(block) and block[i] == old:
+                before = block[i - 1] if i else (self.lasts[b - 1] if b else None)
+                after = (
+                    block[i + 1] if i + 1 < len(block)
+                    else self.blocks[b + 1][0] if b + 1 < len(self.blocks) else None
+                )
+                if (before is None or before < new) and (after is None or new < after):
+                    block[i] = new
+                    if i + 1 == len(block):
+                        self.lasts[b] = new
+                    # Its block's figures change; nothing moves.
+                    self.stale[b] = 1
+                    return
+                del block[i]
+                self.size -= 1
+                self._shrunk(b)
         self.add(new)
 
     def touch(self, key: tuple, ledger: float) -> None:
@@ -199,55 +277,41 @@ class Ordered:
         Ledgers only grow, so the block's highest ledger is raised in place;
         a lower value (never written by the draw) forgets the figures.
         """
-        items = self.items
-        i = bisect_left(items, key)
-        if i < len(items) and items[i] == key:
-            block = i // BLOCK
-            if block < len(self.tops) and ledger >= self.tops[block]:
-                self.tops[block] = ledger
-                tail = self.tail
-                if tail is not None and block == tail[0] // BLOCK and i < tail[0]:
-                    total, top, lowest = tail[1]
-                    self.tail = (tail[0], (total, max(top, ledger), lowest))
-            else:
-                self.stale.add(block)
-                self.tail = None
-
-    def settle(self) -> None:
-        """Forget the figures of every block whose keys moved."""
-        if self._lo is None:
+        if not self.blocks:
             return
-        blocks = -(-len(self.items) // BLOCK)
-        known = len(self.sums)
-        if known != blocks:
-            for figures in (self.sums, self.tops, self.lows):
-                del figures[blocks:]
-                figures.extend([0.0] * (blocks - known))
-        first = self._lo // BLOCK
-        if self._delta:
-            # Everything after the first change shifted.
-            last = blocks - 1
-        else:
-            # Keys past every change (and past how far the changes ever
-            # shifted them) are back where they were.
-            last = min(blocks - 1, (self._hi + self._swing) // BLOCK)
-        stale = self.stale
-        if stale and max(stale) >= blocks:
-            stale = self.stale = {b for b in stale if b < blocks}
-        stale.update(range(first, last + 1))
-        self.tail = None
-        self._lo, self._hi, self._delta, self._swing = None, -1, 0, 0
+        b, i = self._locate(key)
+        block = self.blocks[b]
+        if i < len(block) and block[i] == key:
+            if ledger >= self.tops[b]:
+                self.tops[b] = ledger
+            else:
+                self.stale[b] = 1
+
+    def pool_end(self, band: float) -> tuple[int, int]:
+        """
+        Where the keys with a base within ``band`` of the best one end: the
+        blocks before the first returned are all in, and that many keys of
+        that block (``(len(blocks), 0)``: every key).
+        """
+        floor = -self.blocks[0][0][0] - band
+        # base >= floor  <=>  -base <= -floor; keys are (-base, id, weight).
+        bound = (math.nextafter(-floor, math.inf),)
+        b = bisect_left(self.lasts, bound)
+        if b == len(self.blocks):
+            return b, 0
+        return b, bisect_left(self.blocks[b], bound)
 
     def figures(self, blocks: int, ranked: dict, uniform: bool) -> None:
         """Work out the figures of the first ``blocks`` blocks still unknown."""
-        if not self.stale or min(self.stale) >= blocks:
-            return
-        items = self.items
-        for block in [b for b in self.stale if b < blocks]:
+        stale = self.stale
+        keys = self.blocks
+        block = stale.find(1, 0, blocks)
+        while block >= 0:
             self.sums[block], self.tops[block], self.lows[block] = _figures(
-                items[block * BLOCK:(block + 1) * BLOCK], ranked, uniform
+                keys[block], ranked, uniform
             )
-            self.stale.discard(block)
+            stale[block] = 0
+            block = stale.find(1, block + 1, blocks)
 
 
 #: Keys per block of an ``Ordered`` list.
@@ -278,8 +342,6 @@ class Bucket:
         # Per shard ranked here: its Ranked value, its keys in the lists
         # (rank key, base key, group) and the path RTT it was scored on.
         self.keys: dict[Row, tuple[ranking.Ranked, tuple, tuple, int, Optional[float]]] = {}
-        # The lists whose keys moved since their figures were last settled.
-        self.unsettled: set[Ordered] = set()
         # Shard id -> rank key, of the shards in ``ranked``.
         self.rank_keys: dict[str, tuple] = {}
         # Per shard: the client-to-shard estimate (``ranking.geo_rtt_ms``),
@@ -628,7 +690,6 @@ class ServiceIndex:
         bucket.view = None
         bucket.ranked.clear()
         bucket.rank_keys.clear()
-        bucket.unsettled.clear()
         bucket.keys.clear()
         keyed: tuple[list, list] = ([], [])
         based: tuple[list[list], list[list]] = ([[], [], [], []], [[], [], [], []])
@@ -733,8 +794,6 @@ class ServiceIndex:
         pending.clear()
         if moved:
             bucket.view = None
-            # Settled when the blocks' figures are next read (``View``).
-            bucket.unsettled |= moved
 
     def drawn(self, row_state: ShardState) -> None:
         """Note that the draw moved a shard's ledger."""
@@ -794,8 +853,8 @@ class ServiceIndex:
 
     def _group_of_pool(self, bucket: Bucket) -> tuple[Optional[Ordered], int]:
         groups = bucket.by_base[1 if self.panic else 0]
-        for group in ((0, 1) if groups[0].items or groups[1].items else (2, 3)):
-            if groups[group].items:
+        for group in ((0, 1) if groups[0].size or groups[1].size else (2, 3)):
+            if groups[group].size:
                 return groups[group], group
         return None, 0
 
@@ -804,9 +863,8 @@ class ServiceIndex:
         ordered, _ = self._group_of_pool(bucket)
         if ordered is None:
             return []
-        items = ordered.items
         ranked = bucket.ranked
-        members = [ranked[key[1]] for key in items[: _pool_end(items, band)]]
+        members = [ranked[key[1]] for key in ordered.head(_pool_end(ordered, band))]
         members.sort(key=ranking.Ranked.rank_key)
         return [_entry(r) for r in members]
 
@@ -877,11 +935,10 @@ def _touch_deferred(bucket: Bucket) -> None:
     bucket.deferred.clear()
 
 
-def _pool_end(items: list, band: float) -> int:
+def _pool_end(ordered: Ordered, band: float) -> int:
     """How many keys, from the best, have a base within ``band`` of it."""
-    floor = -items[0][0] - band
-    # base >= floor  <=>  -base <= -floor; keys are (-base, id).
-    return bisect_left(items, (math.nextafter(-floor, math.inf),))
+    full, rest = ordered.pool_end(band)
+    return sum(map(len, ordered.blocks[:full])) + rest
 
 
 def _figures(
@@ -901,48 +958,52 @@ def _figures(
 
 
 def _sample(
-    items: list, end: int, sums: list, total: float, uniform: bool,
-    rng: choice.RandomSource, skip: Optional[int],
-) -> int:
+    parts: list[list], sums: list, total: float, uniform: bool,
+    rng: choice.RandomSource, skip: Optional[tuple[int, int]],
+) -> tuple[int, int]:
     """
-    The position of a key among the first ``end``, drawn in proportion to
-    its weight (``skip`` excluded; ``sums`` already leaves it out): the
-    blocks' running sums find the block, then the keys within it.
+    The block and offset of a key of the pool (``parts``: its keys, block
+    by block), drawn in proportion to its weight (``skip`` excluded;
+    ``sums`` already leaves it out): the blocks' running sums find the
+    block, then the keys within it.
     """
-    return _position(items, end, sums, rng.random() * total, uniform, skip)
+    return _position(parts, sums, rng.random() * total, uniform, skip)
 
 
 def _position(
-    items: list, end: int, sums: list, target: float, uniform: bool, skip: Optional[int],
-) -> int:
+    parts: list[list], sums: list, target: float, uniform: bool,
+    skip: Optional[tuple[int, int]],
+) -> tuple[int, int]:
     """Where ``target`` falls on the running weights (``_sample``'s second half)."""
     running = list(accumulate(sums))
     block = bisect_right(running, target)
     last = None
     while block < len(sums):
-        start = block * BLOCK
-        stop = min(start + BLOCK, end)
+        keys = parts[block]
         if uniform:
-            weights = [1.0] * (stop - start)
+            weights = [1.0] * len(keys)
         else:
-            weights = [key[2] for key in items[start:stop]]
-        if skip is not None and start <= skip < stop:
-            weights[skip - start] = 0.0
+            weights = [key[2] for key in keys]
+        if skip is not None and skip[0] == block:
+            weights[skip[1]] = 0.0
         before = running[block - 1] if block else 0.0
         within = list(accumulate(weights, initial=before))
         i = bisect_right(within, target, 1)
         if i < len(within):
-            return start + i - 1
+            return block, i - 1
         positive = [j for j, w in enumerate(weights) if w > 0]
         if positive:
-            last = start + positive[-1]
+            last = (block, positive[-1])
         # Rounding within the block: the next one takes it.
         block += 1
     # Rounding can leave the target past the sum: the last positive weight
     # takes it, as in choice.draw.
     if last is not None:
         return last
-    return next(i for i in range(end - 1, -1, -1) if i != skip)
+    return next(
+        (block, i) for block in range(len(parts) - 1, -1, -1)
+        for i in range(len(parts[block]) - 1, -1, -1) if (block, i) != skip
+    )
 
 
 class View:
@@ -953,11 +1014,13 @@ class View:
     the highest ledger moves meanwhile, raised as the draw writes ledgers
     (``raise_top``), and a shard's value when it is scored again to the
     same keys (``replace``), so that a draw reads two random numbers, two
-    positions and two ledgers, whatever the size of the pool.
+    positions and two ledgers, whatever the size of the pool.  A large
+    pool's keys are the list's blocks (``parts``, the last one cut where
+    the pool ends), and its positions (block, offset) pairs.
     """
 
     __slots__ = (
-        "panic", "band", "end", "items", "last", "group", "uniform", "top", "spread",
+        "panic", "band", "end", "parts", "last", "group", "uniform", "top", "spread",
         "total", "ranked", "members", "states", "weights", "entry_weights", "running",
         "ids", "rests", "sums", "inner", "leading",
     )
@@ -974,9 +1037,13 @@ class View:
         self.top = 0.0
         if ordered is None:
             return
-        items = self.items = ordered.items
-        end = self.end = _pool_end(items, band)
-        self.last = items[end - 1]
+        blocks = ordered.blocks
+        full, rest = ordered.pool_end(band)
+        parts = self.parts = blocks[:full]
+        if rest:
+            parts.append(blocks[full][:rest])
+        end = self.end = ordered.size if full == len(blocks) else sum(map(len, parts))
+        self.last = parts[-1][-1]
         self.group = group
         ranked = self.ranked
         if end <= SMALL_POOL:
@@ -984,10 +1051,10 @@ class View:
             # As choice.draw sees the pool (``_entry`` of each member),
             # in one pass.
             if end == 1:
-                members = [ranked[items[0][1]]]
+                members = [ranked[blocks[0][0][1]]]
             else:
                 rank_keys = bucket.rank_keys
-                ranks = [rank_keys[key[1]] for key in items[:end]]
+                ranks = [rank_keys[key[1]] for part in parts for key in part]
                 ranks.sort()
                 # A rank key ends with the shard id.
                 members = [ranked[key[-1]] for key in ranks]
@@ -1030,22 +1097,16 @@ class View:
             self.rests: dict[int, tuple[list[int], list[float], list[float], float]] = {}
             return
         uniform = self.uniform = group in (1, 3)
-        # Only a pool this large reads the blocks' figures: the moves and
-        # the ledgers drawn meanwhile are taken in now.
-        unsettled = bucket.unsettled
-        if unsettled:
-            for moved in unsettled:
-                moved.settle()
-            unsettled.clear()
+        # Only a pool this large reads the blocks' figures: the ledgers
+        # drawn meanwhile are taken in now.
         if bucket.deferred:
             _touch_deferred(bucket)
-        full = end // BLOCK
         ordered.figures(full, ranked, uniform)
         sums = ordered.sums[:full]
         tops = ordered.tops[:full]
         lows = ordered.lows[:full]
-        if end > full * BLOCK:
-            tail = _figures(items[full * BLOCK:end], ranked, uniform)
+        if rest:
+            tail = _figures(parts[-1], ranked, uniform)
             sums.append(tail[0])
             tops.append(tail[1])
             lows.append(tail[2])
@@ -1094,22 +1155,24 @@ class View:
             return None
         if self.members is not None:
             return self._draw_small(rng)
-        items, uniform = self.items, self.uniform
+        parts, uniform = self.parts, self.uniform
         total = self.total
         a = self._find(rng.random() * total, None)
-        weight_a = 1.0 if uniform else items[a][2]
+        key_a = parts[a[0]][a[1]]
+        weight_a = 1.0 if uniform else key_a[2]
         left = total - weight_a
         target = rng.random() * left
         # The same position as on the running weights without ``a``: past
         # where ``a`` starts, everything sits ``weight_a`` further on.
-        start_a = self._within(a // BLOCK)[a % BLOCK]
+        start_a = self._within(a[0])[a[1]]
         b = self._find(target + weight_a if target >= start_a else target, a, target)
+        key_b = parts[b[0]][b[1]]
         ranked = self.ranked
-        first, second = ranked[items[a][1]], ranked[items[b][1]]
+        first, second = ranked[key_a[1]], ranked[key_b[1]]
         state_a, state_b = first.state, second.state
         a_wins, ledger = choice.duel_values(
-            state_a.ledger if state_a is not None else 0.0, items[a][2],
-            state_b.ledger if state_b is not None else 0.0, items[b][2],
+            state_a.ledger if state_a is not None else 0.0, key_a[2],
+            state_b.ledger if state_b is not None else 0.0, key_b[2],
             self.top, self.spread, uniform, rng,
         )
         return (first if a_wins else second), ledger
@@ -1118,36 +1181,39 @@ class View:
         """A block's running weights, starting from the blocks before it."""
         within = self.inner.get(block)
         if within is None:
-            start = block * BLOCK
-            stop = min(start + BLOCK, self.end)
+            keys = self.parts[block]
             if self.uniform:
-                weights = [1.0] * (stop - start)
+                weights = [1.0] * len(keys)
             else:
-                weights = [key[2] for key in self.items[start:stop]]
+                weights = [key[2] for key in keys]
             before = self.running[block - 1] if block else 0.0
             within = self.inner[block] = list(accumulate(weights, initial=before))
         return within
 
-    def _find(self, target: float, skip: Optional[int], unmoved: float = 0.0) -> int:
+    def _find(
+        self, target: float, skip: Optional[tuple[int, int]], unmoved: float = 0.0
+    ) -> tuple[int, int]:
         """
-        The position ``target`` falls on in the running weights; with
-        ``skip``, ``target`` was moved past it and ``unmoved`` is the
+        The block and offset ``target`` falls on in the running weights;
+        with ``skip``, ``target`` was moved past it and ``unmoved`` is the
         number drawn over the weights without it.
         """
         block = bisect_right(self.running, target)
         if block < len(self.running):
             within = self._within(block)
             i = bisect_right(within, target, 1)
-            found = block * BLOCK + i - 1
-            if i < len(within) and found != skip and within[i] > within[i - 1]:
-                return found
+            if i < len(within) and within[i] > within[i - 1]:
+                found = (block, i - 1)
+                if found != skip:
+                    return found
         # At the edge of a block, or of the pool, where rounding decides:
         # the running sums worked out afresh, as ``_sample`` does.
         sums = list(self.sums)
         if skip is not None:
-            sums[skip // BLOCK] -= 1.0 if self.uniform else self.items[skip][2]
+            sums[skip[0]] -= 1.0 if self.uniform else self.parts[skip[0]][skip[1]][2]
             target = unmoved
-        return _position(self.items, self.end, sums, target, self.uniform, skip)
+        return _position(self.parts, sums, target, self.uniform, skip)
+
 
     def _draw_small(self, rng: choice.RandomSource) -> tuple[ranking.Ranked, float]:
         """``choice.draw`` over the members, on the figures kept."""

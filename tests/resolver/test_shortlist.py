@@ -269,12 +269,16 @@ class LargePoolDrawTests(SynchronousTestCase):
         bucket = index.bucket(NEW_YORK)
         ordered, group = index._group_of_pool(bucket)
         self.assertEqual(group, 0)
-        end = shortlist._pool_end(ordered.items, choice.DEFAULT_BAND)
+        end = shortlist._pool_end(ordered, choice.DEFAULT_BAND)
         self.assertEqual(end, 300)
-        weights = [k[2] for k in ordered.items[:end]]
-        full = end // shortlist.BLOCK
+        full, rest = ordered.pool_end(choice.DEFAULT_BAND)
+        parts = ordered.blocks[:full] + ([ordered.blocks[full][:rest]] if rest else [])
+        self.assertEqual(len(parts), 19)
+        # Position -> (block, offset).
+        places = [(b, j) for b, part in enumerate(parts) for j in range(len(part))]
+        weights = [k[2] for part in parts for k in part]
         ordered.figures(full, bucket.ranked, False)
-        sums = ordered.sums[:full] + [sum(weights[full * shortlist.BLOCK:])]
+        sums = ordered.sums[:full] + ([sum(k[2] for k in parts[-1])] if rest else [])
         total = sum(weights)
 
         class Fixed:
@@ -288,15 +292,16 @@ class LargePoolDrawTests(SynchronousTestCase):
             kept = list(sums)
             left = total
             if skip is not None:
-                kept[skip // shortlist.BLOCK] -= weights[skip]
+                kept[places[skip][0]] -= weights[skip]
                 left -= weights[skip]
+            skipped = None if skip is None else places[skip]
             running = 0.0
             for i, w in enumerate(weights):
                 if i == skip:
                     continue
                 fixed.value = (running + w / 2) / left
-                got = shortlist._sample(ordered.items, end, kept, left, False, fixed, skip)
-                self.assertEqual(got, i)
+                got = shortlist._sample(parts, kept, left, False, fixed, skipped)
+                self.assertEqual(got, places[i])
                 running += w
 
     def test_first_choice_distribution_matches_reference(self) -> None:
@@ -536,20 +541,24 @@ class ViewTests(SynchronousTestCase):
         view = index.view(index.bucket(NEW_YORK), choice.DEFAULT_BAND)
         self.assertEqual(view.end, 300)
         self.assertIsNone(view.members)
-        pool = [k[2] for k in view.items[:300]]
+        pool = [k[2] for part in view.parts for k in part]
+        self.assertEqual(len(pool), 300)
+        # Position -> (block, offset).
+        places = [(b, j) for b, part in enumerate(view.parts) for j in range(len(part))]
         for skip in (0, 17, 160, 299):
             left = sum(pool) - pool[skip]
             running = 0.0
+            at = places[skip]
             for i, w in enumerate(pool):
                 if i == skip:
                     continue
                 target = running + w / 2
-                start = view._within(skip // shortlist.BLOCK)[skip % shortlist.BLOCK]
+                start = view._within(at[0])[at[1]]
                 moved = target + pool[skip] if target >= start else target
-                self.assertEqual(view._find(moved, skip, target), i)
+                self.assertEqual(view._find(moved, at, target), places[i])
                 sums = list(view.sums)
-                sums[skip // shortlist.BLOCK] -= pool[skip]
-                self.assertEqual(shortlist._position(view.items, 300, sums, target, False, skip), i)
+                sums[at[0]] -= pool[skip]
+                self.assertEqual(shortlist._position(view.parts, sums, target, False, at), places[i])
                 running += w
             self.assertLess(abs(running - left), 1e-9)
 
