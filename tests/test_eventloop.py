@@ -99,6 +99,32 @@ class AdoptTests(SynchronousTestCase):
         self.assertIs(type(reactor), Own)
 
 
+def _closer(case, sock: socket.socket, victim: socket.socket, remove, reused: list) -> _Side:
+    """
+    A reader of ``sock`` whose read event takes ``victim`` out of the
+    reactor (``remove()``), closes it and opens a socket pair whose first
+    end gets the freed number and is read by the reactor from then on;
+    that end and its peer are appended to ``reused``.
+    """
+    reactor = case.reactor
+
+    class Closer(_Side):
+        def doRead(self):
+            number = victim.fileno()
+            remove()
+            victim.close()
+            x, y = socket.socketpair()
+            case.addCleanup(x.close)
+            case.addCleanup(y.close)
+            case.assertEqual(x.fileno(), number)
+            x.setblocking(False)
+            reused.append((_Side(x), y))
+            reactor.addReader(reused[0][0])
+            return super().doRead()
+
+    return Closer(sock)
+
+
 class DispatchTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.reactor = _reactor(self)
@@ -158,23 +184,7 @@ class DispatchTests(SynchronousTestCase):
         reactor = self.reactor
         old = _Side(a)
         reused: list = []
-        case = self
-
-        class Closer(_Side):
-            def doRead(self):
-                number = a.fileno()
-                reactor.removeReader(old)
-                a.close()
-                x, y = socket.socketpair()
-                case.addCleanup(x.close)
-                case.addCleanup(y.close)
-                case.assertEqual(x.fileno(), number)
-                x.setblocking(False)
-                reused.append((_Side(x), y))
-                reactor.addReader(reused[0][0])
-                return super().doRead()
-
-        reactor.addReader(Closer(r1))
+        reactor.addReader(_closer(self, r1, a, lambda: reactor.removeReader(old), reused))
         reactor.addReader(old)
         # One wake-up: the closer's event first, then the old reader's.
         r2.send(b"go")
@@ -343,27 +353,11 @@ class EdgeTriggeredTests(SynchronousTestCase):
         reactor = self.reactor
         old = _Edge(a)
         reused: list = []
-        case = self
-
-        class Closer(_Side):
-            def doRead(self):
-                number = a.fileno()
-                reactor.removeEdgeTriggered(old)
-                a.close()
-                x, y = socket.socketpair()
-                case.addCleanup(x.close)
-                case.addCleanup(y.close)
-                case.assertEqual(x.fileno(), number)
-                x.setblocking(False)
-                reused.append((_Side(x), y))
-                reactor.addReader(reused[0][0])
-                return super().doRead()
-
         reactor.addEdgeTriggered(old)
         reactor.doIteration(0)
         self.assertEqual(old.events, [select.EPOLLOUT])  # writable from the start
         del old.events[:]
-        reactor.addReader(Closer(r1))
+        reactor.addReader(_closer(self, r1, a, lambda: reactor.removeEdgeTriggered(old), reused))
         # One wake-up: the reader's event first, then the edge socket's hang-up.
         r2.send(b"go")
         b.send(b"old")
