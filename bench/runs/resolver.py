@@ -194,14 +194,29 @@ def cycle_cost(lab: Lab, shards: int, quick: bool) -> dict:
     return result
 
 
-def large_service(lab: Lab, target: targets.Target, count: int) -> dict:
+# A small service beside the large one, whose shards do not listen either:
+# what a refused connection costs when the service is small.
+FEW_NAME = "few"
+FEW_PREAMBLE = f"SHARD {FEW_NAME}\n".encode()
+
+
+def _few_service() -> str:
+    records = ",".join(
+        f'{{id="few-{i}",address="127.4.0.{i + 1}:9",location={{lat=50,lon=8}},capacity=100000}}' for i in range(3)
+    )
+    return f'\n[service.few]\nnames = ["{FEW_NAME}"]\nshard = [{records}]\n'
+
+
+def large_service(lab: Lab, target: targets.Target, count: int, seconds: float) -> dict:
     """
-    What ``count`` connections to the 10,000-shard service cost, and what
-    they do to an open connection of another service: 64-byte echoes
-    through that connection, 10 ms apart, idle and then while the large
-    service's connections are made one after another.  Their shards do not
-    listen, so each such connection ends when its attempts are refused (the
-    proxy then answers with its refusal line and closes).
+    What connections to the 10,000-shard service cost, and what they do to
+    an open connection of another service, against the same for a 3-shard
+    service: 64-byte echoes through that connection, 10 ms apart, idle,
+    then while connections to the large service are made one after another
+    (at least ``count``, for at least ``seconds``), then the same with the
+    3-shard service.  No shard of either listens, so each such connection
+    ends when its attempts are refused (the proxy then answers with its
+    refusal line and closes): the two differ only in the service's size.
     """
     payload = b"x" * 64
 
@@ -211,14 +226,14 @@ def large_service(lab: Lab, target: targets.Target, count: int) -> dict:
         recv_exact(sock, len(payload))
         return (time.perf_counter() - t0) * 1000
 
-    latencies: list[float] = []
-    failures: list[str] = []
-
-    def open_large() -> None:
-        for _ in range(count):
+    def opener(preamble: bytes, latencies: list, failures: list) -> None:
+        until = time.monotonic() + seconds
+        while len(latencies) < count or time.monotonic() < until:
+            if len(latencies) >= 100_000:
+                break
             t0 = time.perf_counter()
             try:
-                with clients.connect(target.port, None, targets.PLAIN_PREAMBLE) as sock:
+                with clients.connect(target.port, None, preamble) as sock:
                     sock.settimeout(30.0)
                     # The proxy answers with its refusal line, then closes.
                     for _ in range(64):
@@ -230,39 +245,54 @@ def large_service(lab: Lab, target: targets.Target, count: int) -> dict:
                 failures.append(f"{type(e).__name__}: {e}")
             latencies.append((time.perf_counter() - t0) * 1000)
 
+    def meanwhile(echo, preamble: bytes) -> dict:
+        latencies: list[float] = []
+        failures: list[str] = []
+        before = measure.cpu(target.pid)
+        thread = threading.Thread(target=opener, args=(preamble, latencies, failures), daemon=True)
+        thread.start()
+        busy = []
+        deadline = time.monotonic() + 60.0 * count + seconds
+        for _ in range(100_000):
+            if not thread.is_alive() or time.monotonic() > deadline:
+                break
+            busy.append(rtt(echo))
+            time.sleep(0.01)
+        thread.join(timeout=60.0)
+        used = measure.cpu(target.pid) - before
+        made = len(latencies)
+        if thread.is_alive() or failures or made < count or not busy:
+            raise BenchError(f"connections to the service of {preamble!r}: {made} of at least {count} ended"
+                             + (f", first failure: {failures[0]}" if failures else ""))
+        busy.sort()
+        latencies.sort()
+        return {"connections": made, "cpu_ms_per_connection": used.total * 1000 / made,
+                "latency_ms_p50": percentile(latencies, 50), "latency_ms_max": latencies[-1],
+                "echo_ms_p50": percentile(busy, 50), "echo_ms_p99": percentile(busy, 99),
+                "echo_ms_max": busy[-1], "echo_samples": len(busy)}
+
     try:
         with clients.connect(target.port, None, targets.ECHO_PREAMBLE) as echo:
             echo.sendall(clients.OP.pack(b"E", 0))
+            # As long idle as busy: the figures compared are of as many samples.
             idle = []
-            for _ in range(50):
+            until = time.monotonic() + seconds
+            while len(idle) < 50 or time.monotonic() < until:
                 idle.append(rtt(echo))
                 time.sleep(0.01)
-            before = measure.cpu(target.pid)
-            opener = threading.Thread(target=open_large, daemon=True)
-            opener.start()
-            busy = []
-            deadline = time.monotonic() + 60.0 * count
-            for _ in range(100_000):
-                if not opener.is_alive() or time.monotonic() > deadline:
-                    break
-                busy.append(rtt(echo))
-                time.sleep(0.01)
-            opener.join(timeout=60.0)
-            used = measure.cpu(target.pid) - before
+            large = meanwhile(echo, targets.PLAIN_PREAMBLE)
+            small = meanwhile(echo, FEW_PREAMBLE)
     except (OSError, EOFError) as e:
         raise BenchError(f"echo through the small service next to the 10,000-shard one: {e}") from e
     lab.alive("shardtcp", target.process)
-    if opener.is_alive() or failures or len(latencies) != count or not busy:
-        raise BenchError(f"connections to the 10,000-shard service: {len(latencies)} of {count} ended"
-                         + (f", first failure: {failures[0]}" if failures else ""))
-    for values in (idle, busy, latencies):
-        values.sort()
+    idle.sort()
     return {
-        "connections": count,
-        "cpu_ms_per_connection": used.total * 1000 / count,
-        "latency_ms_p50": percentile(latencies, 50), "latency_ms_max": latencies[-1],
-        "echo_idle_ms_p50": percentile(idle, 50), "echo_idle_ms_max": idle[-1],
-        "echo_busy_ms_p50": percentile(busy, 50), "echo_busy_ms_max": busy[-1], "echo_busy_samples": len(busy),
+        **{key: value for key, value in large.items() if not key.startswith("echo_")},
+        "echo_idle_ms_p50": percentile(idle, 50), "echo_idle_ms_p99": percentile(idle, 99),
+        "echo_idle_ms_max": idle[-1],
+        "echo_busy_ms_p50": large["echo_ms_p50"], "echo_busy_ms_p99": large["echo_ms_p99"],
+        "echo_busy_ms_max": large["echo_ms_max"], "echo_busy_samples": large["echo_samples"],
+        "few": small,
     }
 
 
@@ -310,10 +340,11 @@ def run(lab: Lab, settings: dict) -> dict:
     backend = targets.start_backend(lab, "backend-echo", tls=False)
     port = free_port()
     text = _many_shards_config(lab, [targets.listener("plain", port, "plain")], shards,
-                               echo=f"127.0.0.1:{backend.port}")
+                               echo=f"127.0.0.1:{backend.port}") + _few_service()
     target, seconds = targets.start_shardtcp(lab, f"shardtcp-{shards}", text, port, timeout=120.0)
     results["startup"] = {"seconds": seconds, "cpu_s": measure.cpu(target.pid).total}
-    results["large_service"] = large_service(lab, target, 4 if settings["quick"] else 10)
+    results["large_service"] = large_service(lab, target, 4 if settings["quick"] else 10,
+                                            0.5 if settings["quick"] else 2.0)
     lab.stop(target.process)
     lab.stop(backend.process)
     config = lab.path(f"shardtcp-{shards}.toml")
@@ -348,11 +379,21 @@ def report(r: dict) -> str:
     ]
     out += "\n\n" + table(f"Commands at {r['shards']:,} shards", ["", "seconds", "CPU seconds"], rows)
     g = r["large_service"]
+    few = g["few"]
     rows = [
-        ["proxy CPU ms per connection to it", fmt(g["cpu_ms_per_connection"], ".0f"), ""],
-        ["its connections' latency ms (accept to close)", fmt(g["latency_ms_p50"], ".0f"), fmt(g["latency_ms_max"], ".0f")],
-        ["another service's echo ms, idle", fmt(g["echo_idle_ms_p50"], ".2f"), fmt(g["echo_idle_ms_max"], ".2f")],
-        ["another service's echo ms, meanwhile", fmt(g["echo_busy_ms_p50"], ".2f"), fmt(g["echo_busy_ms_max"], ".2f")],
+        ["proxy CPU ms per connection to it", fmt(g["cpu_ms_per_connection"], ".2f"), "", "",
+         fmt(few["cpu_ms_per_connection"], ".2f"), "", ""],
+        ["its connections' latency ms (accept to close)", fmt(g["latency_ms_p50"], ".2f"), "",
+         fmt(g["latency_ms_max"], ".2f"), fmt(few["latency_ms_p50"], ".2f"), "", fmt(few["latency_ms_max"], ".2f")],
+        ["another service's echo ms, meanwhile", fmt(g["echo_busy_ms_p50"], ".2f"), fmt(g["echo_busy_ms_p99"], ".2f"),
+         fmt(g["echo_busy_ms_max"], ".2f"), fmt(few["echo_ms_p50"], ".2f"), fmt(few["echo_ms_p99"], ".2f"),
+         fmt(few["echo_ms_max"], ".2f")],
+        ["another service's echo ms, idle", fmt(g["echo_idle_ms_p50"], ".2f"), fmt(g["echo_idle_ms_p99"], ".2f"),
+         fmt(g["echo_idle_ms_max"], ".2f"), "", "", ""],
+        ["connections made / echoes meanwhile", f"{g['connections']:,}", f"{g['echo_busy_samples']}", "",
+         f"{few['connections']:,}", f"{few['echo_samples']}", ""],
     ]
-    return out + "\n\n" + table(f"A {r['shards']:,}-shard service beside a small one ({g['connections']} connections "
-                                 "to it, one after another)", ["", "p50", "max"], rows)
+    return out + "\n\n" + table(
+        f"Refused connections to a {r['shards']:,}-shard service, then to a 3-shard one, one after another, "
+        "beside an open connection of a third service",
+        ["", f"{r['shards']:,}: p50", "p99", "max", "3: p50", "p99", "max"], rows)
