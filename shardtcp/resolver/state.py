@@ -96,16 +96,19 @@ class ShardState:
     ledger: float = 0.0
     changed: Optional[set] = attrs.field(default=None, repr=False)
 
+    def __attrs_pre_init__(self) -> None:
+        # ``changed`` first, so that the writes of ``__init__`` find it
+        # (None) rather than an AttributeError each: 10,000 shards are
+        # 230,000 writes at start-up.
+        _set(self, "changed", None)
+
     def __setattr__(self, name: str, value: object) -> None:
         # Every write that a ranking reads tells the service's index, which
         # then reads this shard again on the next resolve (and only this
         # one).  One plain method: a lease and a connect write several.
         _set(self, name, value)
         if name not in _UNRANKED:
-            try:
-                changed = self.changed
-            except AttributeError:
-                return  # still in __init__, before ``changed`` is set
+            changed = self.changed
             if changed is not None:
                 changed.add(self)
 

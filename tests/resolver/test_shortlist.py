@@ -224,6 +224,31 @@ class DifferentialTests(SynchronousTestCase):
             self.assertEqual(bool(index.changed), field.name not in _UNRANKED, field.name)
         self.assertEqual(_UNRANKED, {"ledger", "changed", "rtt_samples", "ejection_open"})
 
+    def test_construction_notes_nothing_and_raises_nothing(self) -> None:
+        """
+        Building a shard's state with a ``changed`` set given: ``changed``
+        is None from the first write of ``__init__`` on (no attribute is
+        ever missing to a write), the set given is kept and left empty by
+        the construction's own writes; the first ranked write after it is
+        noted.
+        """
+        seen: list = []
+        original = ShardState.__setattr__
+
+        def watching(state, name, value):
+            seen.append((name, object.__getattribute__(state, "changed")))
+            original(state, name, value)
+
+        notes: set = set()
+        self.patch(ShardState, "__setattr__", watching)
+        state = ShardState(config=None, service_id="api", changed=notes)
+        self.assertEqual(len(seen), len(attrs.fields(ShardState)))
+        self.assertEqual({changed for _, changed in seen}, {None})
+        self.assertIs(state.changed, notes)
+        self.assertEqual(notes, set())
+        state.open_connections = 1
+        self.assertEqual(notes, {state})
+
     def test_a_sample_is_one_noticed_change(self) -> None:
         """
         ``ShardState.take_sample`` writes the measurement, its time, the
