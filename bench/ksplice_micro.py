@@ -33,6 +33,12 @@ import subprocess
 import sys
 import time
 
+# Run as a script: the bench package's helpers are one folder up.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.lab import die_with_parent  # noqa: E402
+from bench.measure import cpu as process_cpu  # noqa: E402
+
 # The peers: a client that connects to the proxy and a shard that the proxy
 # connects to.  ``up`` sends from the client, ``down`` from the shard; the
 # receiver counts, then each side closes after the other's EOF.
@@ -90,25 +96,11 @@ GIB = 1 << 30
 def _cpu() -> tuple[float, float]:
     """(getrusage user+sys, run time of the process's threads from schedstat) in seconds."""
     r = resource.getrusage(resource.RUSAGE_SELF)
-    ran = 0
-    for task in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{task}/schedstat") as f:
-                ran += int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            pass
-    return r.ru_utime + r.ru_stime, ran / 1e9
+    return r.ru_utime + r.ru_stime, _ran(os.getpid())
 
 
-def _die_with_parent() -> None:
-    """In a child before exec: SIGTERM when this process dies, however it dies."""
-    import ctypes
-    import signal
-
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+def _ran(pid: int) -> float:
+    return process_cpu(pid).total
 
 
 def _peers(direction: str, nbytes: int, port: int) -> subprocess.Popen:
@@ -116,7 +108,7 @@ def _peers(direction: str, nbytes: int, port: int) -> subprocess.Popen:
         [sys.executable, "-c", PEERS, str(port), direction, str(nbytes)],
         stdout=subprocess.PIPE,
         text=True,
-        preexec_fn=_die_with_parent,
+        preexec_fn=die_with_parent,
     )
 
 
@@ -315,17 +307,6 @@ def _listening(port: int) -> bool:
         )
 
 
-def _ran(pid: int) -> float:
-    total = 0
-    for task in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            pass
-    return total / 1e9
-
-
 _HAPROXY = """global
     nbthread 1
 defaults
@@ -362,7 +343,7 @@ def run_haproxy(direction: str, nbytes: int, max_seconds: float) -> dict:
         with open(config, "w") as f:
             f.write(_HAPROXY.format(front=front, shard=shard_port))
         proxy = subprocess.Popen([haproxy, "-db", "-f", config], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                 preexec_fn=_die_with_parent)
+                                 preexec_fn=die_with_parent)
         try:
             deadline = time.monotonic() + 10
             while not _listening(front):

@@ -49,7 +49,7 @@ def bin_path(name: str) -> str:
     return path
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In a child before exec: SIGTERM when the bench process dies, however it dies."""
     import ctypes
 
@@ -96,7 +96,7 @@ class Lab:
         kw.setdefault("stdout", out)
         kw.setdefault("stderr", subprocess.STDOUT)
         kw.setdefault("cwd", self.workdir)
-        process = subprocess.Popen(argv, preexec_fn=_die_with_parent, **kw)
+        process = subprocess.Popen(argv, preexec_fn=die_with_parent, **kw)
         self._processes.append((name, process))
         return process
 

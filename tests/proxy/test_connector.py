@@ -4,11 +4,20 @@ Connecting to shards: ``InOrder`` tries candidates one at a time, in order.
 
 from __future__ import annotations
 
-from twisted.internet import defer
+from twisted.internet import defer, error
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from shardtcp.proxy.connector import InOrder, ShardConnectFailed
+
+# Connect failures and the reason each keeps (the last is the proxy's own:
+# out of descriptors).
+_CONNECT_FAILURES = [
+    (error.ConnectionRefusedError(), "refused"),
+    (error.TimeoutError(), "timeout"),
+    (error.ConnectError("no route"), "connect_error"),
+    (error.ConnectError(osError=24), "proxy_fds"),
+]
 
 
 class Attempts:
@@ -284,18 +293,11 @@ class DirectPathTests(DirectSetUp, SynchronousTestCase):
 
     def test_failures_classified(self) -> None:
         """Refused, timed out, other connect errors and the proxy's own errno keep their reasons."""
-        from twisted.internet import error
         from twisted.python.failure import Failure
 
         from shardtcp.proxy.connector import ProxyConnectFailed
 
-        cases = [
-            (error.ConnectionRefusedError(), "refused"),
-            (error.TimeoutError(), "timeout"),
-            (error.ConnectError("no route"), "connect_error"),
-            (error.ConnectError(osError=24), "proxy_fds"),
-        ]
-        for value, reason in cases:
+        for value, reason in _CONNECT_FAILURES:
             self.reactor.tcpClients.clear()
             d, factory = self.connect()
             factory.clientConnectionFailed(None, Failure(value))
@@ -392,17 +394,9 @@ class StartDirectTests(DirectSetUp, SynchronousTestCase):
 
     def test_failures_classified(self) -> None:
         """Refused, timed out, other connect errors and the proxy's own errno keep their reasons; reported once."""
-        from twisted.internet import error
-
         from shardtcp.proxy.connector import ProxyConnectFailed
 
-        cases = [
-            (error.ConnectionRefusedError(), "refused"),
-            (error.TimeoutError(), "timeout"),
-            (error.ConnectError("no route"), "connect_error"),
-            (error.ConnectError(osError=24), "proxy_fds"),
-        ]
-        for value, reason in cases:
+        for value, reason in _CONNECT_FAILURES:
             attempt = self.start()
             attempt.clientConnectionFailed(None, Failure(value))
             attempt.clientConnectionFailed(None, Failure(value))
