@@ -55,6 +55,34 @@ class BenchRunTests(TestCase):
         # The micro run measures no goal: each row says so rather than guess.
         self.assertEqual([row for row in rows if not row.rstrip().endswith("not measured")], [])
 
+    async def test_bulk_rounds(self) -> None:
+        """
+        ``python bench/run.py --only bulk_plain --rounds N`` (here quick,
+        N = 2): every proxy's CPU per GiB in each of the two rounds, each
+        way, the median kept, and goal 1 judged, not left unmeasured.
+        """
+        out = os.path.abspath(self.mktemp())
+        child = e2e.spawn(
+            self, [sys.executable, os.path.join(e2e.REPO_ROOT, "bench", "run.py"), "--quick", "--only", "bulk_plain",
+                   "--rounds", "2", "--json", out],
+            env=e2e.child_environment(), cwd=e2e.REPO_ROOT, timeout=170,
+        )
+        self.assertEqual(await child.ended, 0, child.err[-2000:])
+        with open(out) as f:
+            bulk = json.load(f)["bulk_plain"]
+        self.assertEqual((bulk["rounds"], bulk["mib"]), (2, 256))
+        for name in ("shardtcp", "haproxy", "haproxy-splice", "portforward"):
+            for direction in ("up", "down"):
+                row = bulk["targets"][name][direction]
+                rounds = row["rounds_cpu_s_per_gib"]
+                self.assertEqual(len(rounds), 2, (name, direction))
+                self.assertTrue(all(value > 0 for value in rounds), (name, direction))
+                self.assertIn(row["cpu_s_per_gib"]["total"], rounds)
+        goals = child.out.decode()
+        for label in ("client -> shard", "shard -> client"):
+            [line] = [line for line in goals.splitlines() if line.startswith(f"1. CPU/GiB {label}")]
+            self.assertRegex(line, r"(met|missed by [0-9.]+x)\s*$")
+
     async def test_rounds_below_one_refused(self) -> None:
         """``--rounds 0`` is refused before anything starts: exit status 2 and the reason."""
         child = e2e.spawn(
