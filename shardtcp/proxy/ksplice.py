@@ -84,6 +84,12 @@ except ImportError:  # no epoll: not Linux
     IEdgeTriggered, _EdgeReactor = IWriteDescriptor, None
 from shardtcp.proxy.splice import DOWNSTREAM, UPSTREAM, IdleTimeout, SpliceStats
 
+try:
+    # The inner loop in C (``_kpump.c``), built at install time on Linux.
+    from shardtcp.proxy._kpump import pump as _kpump
+except ImportError:  # not built (no compiler then): the Python loop below
+    _kpump = None
+
 log = Logger()
 
 # HAProxy's tune.pipesize default is the system's; 1 MiB lets one splice
@@ -408,6 +414,9 @@ class KernelSplicer:
         self._now = self._clock.seconds
         self.enabled = kernel_splice_available() if enabled is None else enabled
         self._splice = splice if splice is not None else getattr(os, "splice", None)
+        # The C loop makes the real system calls; a ``splice`` given here
+        # (a test's) is called from the Python loop.
+        self._fast = _kpump if splice is None else None
         self._proven = False
         if edge is None:
             edge = _EdgeReactor is not None and isinstance(reactor, _EdgeReactor)
@@ -584,6 +593,11 @@ _READY_OUT = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
 # go on for ever (a fast sender, a fast receiver) yields to the others and
 # goes on at the reactor's next turn.
 _MAX_ROUNDS = 16
+# The state bits of ``_kpump.pump`` (``_kpump.c`` says what each means).
+_ST_RD, _ST_WR, _ST_STALLED, _ST_EOF, _ST_EDGE = 1, 2, 4, 8, 16
+_ST_AGAIN, _ST_MOVED, _ST_TRIED_IN, _ST_TRIED_OUT, _ST_ERR_IN, _ST_ERR_OUT = 32, 64, 128, 256, 512, 1024
+# ``_pump_fast``: no pipe could be lent.
+_NO_PIPE = object()
 
 
 @implementer(IReadDescriptor, IWriteDescriptor, IEdgeTriggered)
@@ -835,6 +849,16 @@ class KernelSplice(IdleTimeout):
         if d.drained or d.dead:
             return False
         splicer = self._splicer
+        fast = splicer._fast
+        if fast is not None and d.pending is None and not d.copy:
+            moved = self._pump_fast(fast, d, o, reads)
+            if moved is not None and moved is not _NO_PIPE:
+                return moved
+            # The Python loop copies: a splice was refused as unsupported,
+            # or no pipe was to be had (and none is asked for again now).
+            lend = moved is None
+        else:
+            lend = True
         splice = splicer._splice
         moved = False
         while True:
@@ -888,7 +912,7 @@ class KernelSplice(IdleTimeout):
                     break
                 reads -= 1
                 pipe = d.pipe
-                if pipe is None and not d.copy:
+                if pipe is None and not d.copy and lend:
                     pool = splicer.pool
                     free = pool._free
                     if free:
@@ -967,6 +991,79 @@ class KernelSplice(IdleTimeout):
             else:
                 pool.give_back(pipe, empty=True)
         return moved
+
+    def _pump_fast(self, fast, d: "_Side", o: "_Side", reads: int) -> Optional[bool]:
+        """
+        ``_pump`` by the C loop (``_kpump.pump``) for a direction with no
+        prefix to send and not copying: whether any byte moved; ``None``
+        when a splice was refused as unsupported and the direction now
+        copies, ``_NO_PIPE`` when the system gave no pipe to read into (the
+        caller's Python loop goes on, copying).
+        """
+        splicer = self._splicer
+        pipe = d.pipe
+        if pipe is None:
+            # Nothing in flight: pass an end on, or lend a pipe to read into.
+            if d.eof:
+                self._drained(d)
+                return False
+            if not d.rd:
+                return False
+            if not reads:
+                if splicer.edge:
+                    splicer.again(self)
+                return False
+            pool = splicer.pool
+            free = pool._free
+            if free:
+                pipe = d.pipe = free.pop()
+                pool.lent += 1
+            else:
+                pipe = d.pipe = pool.lend()
+                if pipe is None:
+                    return _NO_PIPE
+        state = (
+            (d.rd and _ST_RD) | (o.wr and _ST_WR) | (d.stalled and _ST_STALLED) | (d.eof and _ST_EOF)
+            | (splicer.edge and _ST_EDGE)
+        )
+        d.in_pipe, got, state, error = fast(d.fd, pipe.write_fd, pipe.read_fd, o.fd, d.in_pipe, pipe.capacity, state, reads)
+        d.rd = state & _ST_RD != 0
+        o.wr = state & _ST_WR != 0
+        d.stalled = state & _ST_STALLED != 0
+        if got:
+            if d.index:
+                self.stats.bytes_down += got
+            else:
+                self.stats.bytes_up += got
+        if state & _ST_TRIED_IN and not d.tried:
+            d.tried = True
+            splicer._proven = True
+        if state & _ST_TRIED_OUT:
+            d.tried_out = True
+        if state & _ST_EOF and not d.eof:
+            self._eof(d)
+        if error:
+            e = OSError(error, os.strerror(error))
+            if state & _ST_ERR_OUT:
+                if error in _UNSUPPORTED and not d.tried_out:
+                    self._drain_pipe_to_memory(d, e)
+                    return None
+                self._side_failed(o.index, e)
+                return True
+            if error in _UNSUPPORTED and not d.tried:
+                self._fall_back(d, e)
+                if not d.in_pipe:
+                    self._give_back(d)
+                return None
+            self._side_failed(d.index, e)
+            return True
+        if state & _ST_AGAIN and splicer.edge:
+            splicer.again(self)
+        if not d.in_pipe:
+            self._give_back(d)
+            if d.eof:
+                self._drained(d)
+        return state & _ST_MOVED != 0
 
     def _give_back(self, d: "_Side") -> None:
         # An empty pipe goes back until the next bytes.

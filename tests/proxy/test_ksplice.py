@@ -921,6 +921,33 @@ class LevelTriggeredDetachTests(DetachTests):
         DetachTests.setUp(self)
 
 
+class PythonLoopTests(KernelSpliceTests):
+    """
+    Every test of ``KernelSpliceTests`` again through the pure-Python loop
+    (an install where the C loop, ``shardtcp.proxy._kpump``, was not built).
+    """
+
+    def setUp(self):
+        self.patch(ksplice, "_kpump", None)
+        KernelSpliceTests.setUp(self)
+
+
+class PythonLoopEdgeTriggeredOnlyTests(EdgeTriggeredOnlyTests):
+    """``EdgeTriggeredOnlyTests`` through the pure-Python loop."""
+
+    def setUp(self):
+        self.patch(ksplice, "_kpump", None)
+        EdgeTriggeredOnlyTests.setUp(self)
+
+
+class PythonLoopLevelTriggeredTests(LevelTriggeredTests):
+    """``LevelTriggeredTests`` through the pure-Python loop."""
+
+    def setUp(self):
+        self.patch(ksplice, "_kpump", None)
+        LevelTriggeredTests.setUp(self)
+
+
 class PipePoolTests(TestCase):
     """The pipe bound on its own."""
 

@@ -226,3 +226,19 @@ class LevelTriggeredLazyPipeTests(LazyPipeTests):
     def setUp(self):
         self.patch(ksplice, "_EdgeReactor", None)
         LazyPipeTests.setUp(self)
+
+
+class PythonLoopLazyPipeTests(LazyPipeTests):
+    """The pipe loans through the pure-Python loop (an install without ``shardtcp.proxy._kpump``)."""
+
+    def setUp(self):
+        self.patch(ksplice, "_kpump", None)
+        LazyPipeTests.setUp(self)
+
+
+class PythonLoopLevelTriggeredLazyPipeTests(LevelTriggeredLazyPipeTests):
+    """Level-triggered pipe loans through the pure-Python loop."""
+
+    def setUp(self):
+        self.patch(ksplice, "_kpump", None)
+        LevelTriggeredLazyPipeTests.setUp(self)
