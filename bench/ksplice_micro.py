@@ -6,8 +6,9 @@ that splices, one loopback TCP connection pair at a time.
 
 This process is the proxy: it accepts the client on a Twisted port,
 connects to the shard with Twisted, then either hands both transports to
-``KernelSplicer.take_transports`` (``kernel``) or couples them with
-``Splice`` (``userspace``).  ``haproxy`` is HAProxy between the same two
+``KernelSplicer.take_transports`` (``kernel``; ``python`` is the same
+through the kernel splice's pure-Python loop, as on an install where its
+C loop was not built) or couples them with ``Splice`` (``userspace``).  ``haproxy`` is HAProxy between the same two
 peers, with ``option splice-request`` and ``option splice-response`` (no
 PROXY header: a one-off cost, not a per-GiB one).  ``floor`` is no proxy at all: the same two
 sockets driven by the shortest Python loop that splices them
@@ -221,9 +222,13 @@ def run_once(mode: str, direction: str, nbytes: int, max_seconds: float) -> dict
     from shardtcp.proxy.splice import DOWNSTREAM, UPSTREAM, Splice, SpliceSideMixin
 
     result: dict = {"mode": mode, "direction": direction}
+    if mode == "python":
+        from shardtcp.proxy import ksplice
+
+        ksplice._kpump = None
     pool = PipePool(max_pipes=16)
     splicer = KernelSplicer(pool, reactor=reactor)
-    if mode == "kernel" and not splicer.enabled:
+    if mode in ("kernel", "python") and not splicer.enabled:
         raise SystemExit("kernel splice unavailable here")
     shard_port = []
 
@@ -259,7 +264,7 @@ def run_once(mode: str, direction: str, nbytes: int, max_seconds: float) -> dict
         def _connected(self, back):
             result["cpu0"], result["ran0"] = _cpu()
             result["wall0"] = time.monotonic()
-            if mode == "kernel":
+            if mode in ("kernel", "python"):
                 splice = splicer.take_transports(self.transport, back.transport, on_done=finished)
                 assert splice is not None, "kernel splice refused the connection"
             else:
@@ -371,7 +376,7 @@ def run_haproxy(direction: str, nbytes: int, max_seconds: float) -> dict:
     return result
 
 
-MODES = ("kernel", "userspace", "floor", "haproxy")
+MODES = ("kernel", "python", "userspace", "floor", "haproxy")
 
 
 def main() -> None:
@@ -379,7 +384,7 @@ def main() -> None:
     parser.add_argument("--gib", type=float, default=1.0, help="bytes per run, in GiB")
     parser.add_argument("--max-seconds", type=float, default=60.0, help="wall-clock bound per run")
     parser.add_argument("--mode", nargs="+", choices=(*MODES, "both", "all"), default=["both"],
-                        help="what moves the bytes (both: kernel and userspace; all: the four)")
+                        help="what moves the bytes (both: kernel and userspace; all: the five)")
     parser.add_argument("--rounds", type=int, default=1, help="rounds, the modes alternating; medians kept")
     parser.add_argument("--run", nargs=2, metavar=("MODE", "DIRECTION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
