@@ -17,8 +17,9 @@ EAGAIN), what the interpreter costs per wake-up with nothing else around.
 The client and the shard run in a child process (blocking sockets,
 threads), so their CPU is not counted.  The proxy's CPU is its run time
 from ``/proc/self/schedstat`` (and ``getrusage`` as a cross-check) between
-the start of the splice and its end.  Modes alternate within each of
-``--rounds`` rounds, and each keeps its median.  Each run is bounded by
+the start of the splice and its end; its user part is shown on its own
+(``getrusage``; HAProxy's from ``/proc``, in 10 ms ticks).  Modes
+alternate within each of ``--rounds`` rounds, and each keeps its median.  Each run is bounded by
 ``--max-seconds``; a run cut short reports the bytes it moved.
 
     python bench/ksplice_micro.py [--gib 1] [--max-seconds 60] [--mode kernel floor] [--rounds 5]
@@ -94,10 +95,10 @@ print(sum(got.values()), flush=True)
 GIB = 1 << 30
 
 
-def _cpu() -> tuple[float, float]:
-    """(getrusage user+sys, run time of the process's threads from schedstat) in seconds."""
+def _cpu() -> tuple[float, float, float]:
+    """(getrusage user+sys, run time of the process's threads from schedstat, getrusage user) in seconds."""
     r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime, _ran(os.getpid())
+    return r.ru_utime + r.ru_stime, _ran(os.getpid()), r.ru_utime
 
 
 def _ran(pid: int) -> float:
@@ -156,7 +157,7 @@ def run_floor(direction: str, nbytes: int, max_seconds: float) -> dict:
     readable = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
     splice, flags = os.splice, 3  # SPLICE_F_MOVE | SPLICE_F_NONBLOCK
     in_pipe, rd, wr, eof, moved, partial = 0, False, True, False, 0, False
-    cpu0, ran0 = _cpu()
+    cpu0, ran0, user0 = _cpu()
     wall0 = time.monotonic()
     deadline = wall0 + max_seconds
     while not (eof and not in_pipe):
@@ -189,7 +190,7 @@ def run_floor(direction: str, nbytes: int, max_seconds: float) -> dict:
                     progress = True
                 except BlockingIOError:
                     rd = False
-    cpu1, ran1 = _cpu()
+    cpu1, ran1, user1 = _cpu()
     wall = time.monotonic() - wall0
     if not partial:
         dst.shutdown(socket.SHUT_WR)
@@ -206,6 +207,7 @@ def run_floor(direction: str, nbytes: int, max_seconds: float) -> dict:
     client.close()
     shard.close()
     result = {"mode": "floor", "direction": direction, "cpu": cpu1 - cpu0, "ran": ran1 - ran0, "wall": wall,
+              "user": user1 - user0,
               "moved": moved, "ended_by": "eof", "received": _received(child)}
     if partial:
         result["partial"] = True
@@ -233,10 +235,11 @@ def run_once(mode: str, direction: str, nbytes: int, max_seconds: float) -> dict
     shard_port = []
 
     def finished(stats) -> None:
-        cpu, ran = _cpu()
+        cpu, ran, user = _cpu()
         result.update(
             cpu=cpu - result["cpu0"],
             ran=ran - result["ran0"],
+            user=user - result["user0"],
             wall=time.monotonic() - result["wall0"],
             moved=stats.bytes_up + stats.bytes_down,
             ended_by=stats.ended_by,
@@ -262,7 +265,7 @@ def run_once(mode: str, direction: str, nbytes: int, max_seconds: float) -> dict
             creator.connectTCP("127.0.0.1", shard_port[0]).addCallback(self._connected)
 
         def _connected(self, back):
-            result["cpu0"], result["ran0"] = _cpu()
+            result["cpu0"], result["ran0"], result["user0"] = _cpu()
             result["wall0"] = time.monotonic()
             if mode in ("kernel", "python"):
                 splice = splicer.take_transports(self.transport, back.transport, on_done=finished)
@@ -355,7 +358,7 @@ def run_haproxy(direction: str, nbytes: int, max_seconds: float) -> dict:
                 if proxy.poll() is not None or time.monotonic() > deadline:
                     raise SystemExit("haproxy did not start")
                 time.sleep(0.01)
-            ran0 = _ran(proxy.pid)
+            ran0, user0 = _ran(proxy.pid), process_cpu(proxy.pid).user
             wall0 = time.monotonic()
             try:
                 out = child.communicate(timeout=max_seconds)[0].split()
@@ -365,11 +368,11 @@ def run_haproxy(direction: str, nbytes: int, max_seconds: float) -> dict:
                 child.communicate()
                 received, partial = 0, True
             wall = time.monotonic() - wall0
-            ran = _ran(proxy.pid) - ran0
+            ran, user = _ran(proxy.pid) - ran0, process_cpu(proxy.pid).user - user0
         finally:
             proxy.terminate()
             proxy.wait(10)
-    result = {"mode": "haproxy", "direction": direction, "cpu": ran, "ran": ran, "wall": wall,
+    result = {"mode": "haproxy", "direction": direction, "cpu": ran, "ran": ran, "wall": wall, "user": user,
               "moved": received if partial else nbytes, "ended_by": "eof", "received": received}
     if partial:
         result["partial"] = True
@@ -415,7 +418,8 @@ def main() -> None:
                 command += ["--gib", str(args.gib), "--max-seconds", str(args.max_seconds)]
                 out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
                 runs.setdefault((mode, direction), []).append(json.loads(out.strip().splitlines()[-1]))
-    print(f"{'mode':<10} {'dir':<5} {'GiB':>6} {'cpu s/GiB':>10} {'rusage s/GiB':>12} {'wall s':>7}  every round (cpu s/GiB)")
+    print(f"{'mode':<10} {'dir':<5} {'GiB':>6} {'cpu s/GiB':>10} {'rusage s/GiB':>12} {'user s/GiB':>10} {'wall s':>7}"
+          "  every round (cpu s/GiB)")
     for mode in modes:
         for direction in ("up", "down"):
             rows = runs[(mode, direction)]
@@ -423,11 +427,14 @@ def main() -> None:
             r = sorted(zip(per, range(len(rows))))[len(rows) // 2]
             r = rows[r[1]]
             gib = r["moved"] / GIB
+            # user time of its own (getrusage; HAProxy: /proc ticks), median of the rounds
+            user = sorted(x["user"] / max(x["moved"], 1) * GIB for x in rows)[len(rows) // 2]
             note = " (cut short)" if r.get("partial") else ""
             if r["received"] != r["moved"] and not r.get("partial"):
                 note += f" (peer received {r['received']})"
             print(
                 f"{mode:<10} {direction:<5} {gib:6.2f} {r['ran'] / gib:10.3f} {r['cpu'] / gib:12.3f} "
+                f"{user:10.3f} "
                 f"{r['wall']:7.2f}  {' '.join(f'{v:.3f}' for v in per)}{note}"
             )
 

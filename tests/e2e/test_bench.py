@@ -119,4 +119,6 @@ class KernelSpliceMicroTests(TestCase):
         for row in rows:
             self.assertEqual(row[2], "0.02", row)
             self.assertGreater(float(row[3]), 0.0, row)
-            self.assertEqual(len(row), 8, row)  # five columns and two rounds: nothing cut short or lost
+            self.assertGreaterEqual(float(row[5]), 0.0, row)  # user s/GiB
+            self.assertLessEqual(float(row[5]), float(row[4]) + 0.05, row)  # a part of the rusage total
+            self.assertEqual(len(row), 9, row)  # six columns and two rounds: nothing cut short or lost
