@@ -273,6 +273,7 @@ def listener_context(
     connections: Optional[set] = None,
     access=None,
     refusal_lines=None,
+    shard_lines=None,
     splicer=None,
     limits: Optional[AdmissionLimits] = None,
 ) -> ListenerContext:
@@ -287,6 +288,8 @@ def listener_context(
         extra["access"] = access
     if refusal_lines is not None:
         extra["refusal_lines"] = refusal_lines
+    if shard_lines is not None:
+        extra["shard_lines"] = shard_lines
     if splicer is not None and listener.mode != "terminate":
         # kernel splice for passthrough and plain listeners only
         extra["splicer"] = splicer
@@ -429,7 +432,7 @@ class Reloader:
             factory = ProxyFactory(
                 listener_context(new, listener, parts, resolver=root.context_resolver, connector=root.connector,
                                  metrics=root.metrics, clock=self._reactor,
-                                 access=access, refusal_lines=root.refusal_lines, splicer=root.splicer)
+                                 access=access, refusal_lines=root.refusal_lines, shard_lines=root.shard_lines, splicer=root.splicer)
             )
             service = root.listening_service(listener, factory)
             try:
@@ -476,7 +479,7 @@ class Reloader:
                 factory.set_context(
                     listener_context(new, listener, parts, resolver=root.context_resolver, connector=root.connector,
                                      metrics=root.metrics, clock=reactor, admission=admission,
-                                     access=root.access_log, refusal_lines=root.refusal_lines, splicer=root.splicer)
+                                     access=root.access_log, refusal_lines=root.refusal_lines, shard_lines=root.shard_lines, splicer=root.splicer)
                 )
                 root.factories[listener.name] = factory
                 service.setName(f"listener:{listener.name}")
@@ -486,7 +489,7 @@ class Reloader:
                 factory.set_context(
                     listener_context(new, listener, parts, resolver=root.context_resolver, connector=root.connector,
                                      metrics=root.metrics, clock=reactor, admission=admission,
-                                     access=root.access_log, refusal_lines=root.refusal_lines, splicer=root.splicer,
+                                     access=root.access_log, refusal_lines=root.refusal_lines, shard_lines=root.shard_lines, splicer=root.splicer,
                                      connections=factory.context.connections, limits=factory.context.limits)
                 )
         root.retired_connections[:] = [c for c in root.retired_connections if c]

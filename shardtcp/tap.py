@@ -43,6 +43,7 @@ from shardtcp.lifecycle import Drain, SignalHandlers
 from shardtcp.metrics import ProxyMetrics, TimedResolver
 from shardtcp.model import Config
 from shardtcp.proxy.connector import ShardConnector
+from shardtcp.loglimit import ShardLineLimiter
 from shardtcp.proxy.accesslog import AccessLog, AccessLogError, RefusalLimiter
 from shardtcp.proxy.context import ListenerContext
 from shardtcp.proxy.ksplice import KernelSplicer, PipePool
@@ -200,6 +201,8 @@ class ProxyService(MultiService):
         #: ``[log] access``: shared by every listener.
         self.access_log: AccessLog = AccessLog("off")
         self.refusal_lines: RefusalLimiter | None = None
+        #: Bounds the lines about failed attempts at shards: shared likewise.
+        self.shard_lines: ShardLineLimiter | None = None
         #: What the listeners' connections ask: the resolver, timed for the metrics.
         self.context_resolver = resolver
         #: Set by ``makeService``: handle SIGHUP/SIGTERM/SIGINT/SIGUSR1 once running.
@@ -351,8 +354,9 @@ class ProxyService(MultiService):
         return stopping
 
     def _stopped(self, result):
-        if self.refusal_lines is not None:
-            self.refusal_lines.stop()
+        for lines in (self.refusal_lines, self.shard_lines):
+            if lines is not None:
+                lines.stop()
         return result
 
     def reopen_logs(self) -> None:
@@ -486,6 +490,7 @@ def build_service(
     root.connector = connector
     root.access_log = AccessLog(config.log.access, config.log.access_file)
     root.refusal_lines = RefusalLimiter(reactor)
+    root.shard_lines = ShardLineLimiter(reactor, log=Logger(namespace="shardtcp.connection"))
     splicer = build_splicer(config, reactor)
     if splicer is not None:
         PipePoolService(splicer.pool).setServiceParent(root)
@@ -494,7 +499,7 @@ def build_service(
         context = listener_context(
             config, listener, parts, resolver=root.context_resolver, connector=connector, metrics=metrics,
             clock=reactor, admission=intel.denies if intel is not None else None,
-            access=root.access_log, refusal_lines=root.refusal_lines, splicer=splicer,
+            access=root.access_log, refusal_lines=root.refusal_lines, shard_lines=root.shard_lines, splicer=splicer,
         )
         factory = ProxyFactory(context)
         root.factories[listener.name] = factory

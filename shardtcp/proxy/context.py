@@ -24,6 +24,7 @@ from shardtcp.metrics import ProxyMetrics
 from shardtcp.model import ListenerConfig
 from shardtcp.net import format_address
 from shardtcp.policy import PolicySigner, new_connection_id
+from shardtcp.loglimit import ShardLineLimiter
 from shardtcp.proxy.accesslog import AccessLog, RefusalLimiter
 from shardtcp.proxy.connector import IShardConnector
 from shardtcp.proxy.limits import AdmissionLimits
@@ -60,6 +61,9 @@ class ListenerContext:
     access: AccessLog = attrs.field(factory=AccessLog)
     # bounds refusal lines; shared by every listener when given by tap
     refusal_lines: Optional[RefusalLimiter] = None
+    # bounds the lines about failed attempts at shards (by shard); shared
+    # with the refusal lines' owner when given by tap
+    shard_lines: Optional[ShardLineLimiter] = None
     # max_connections and per_source, checked by the factory at accept
     limits: Optional[AdmissionLimits] = None
     # this listener's accepted/active series, bound once (not per connection)
@@ -76,6 +80,8 @@ class ListenerContext:
     def __attrs_post_init__(self) -> None:
         if self.refusal_lines is None:
             self.refusal_lines = RefusalLimiter(self.clock)
+        if self.shard_lines is None:
+            self.shard_lines = ShardLineLimiter(self.clock, log=log)
         name = self.config.name
         self._accepted = self.metrics.accepted.labels(name)
         self._active = self.metrics.active.labels(name)

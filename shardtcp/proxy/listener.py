@@ -591,13 +591,16 @@ class ProxyConnection(SpliceSideMixin, Protocol):
         ctx.resolver.record_connect_result(shard.shard_id, False)
         reason = getattr(failure.value, "reason", "error")
         ctx.metrics.upstream_failures.labels(self.machine.service, shard.shard_id, reason).inc()
-        log.warn(
-            "connection {id}: shard {shard} ({address}) failed: {why}",
-            id=self.connection_id,
-            shard=shard.shard_id,
-            address=str(shard.address),
-            why=failure.getErrorMessage(),
-        )
+        # Bounded per shard and in all (a dead service with every
+        # connection trying it); the metric counts every failure.
+        if ctx.shard_lines.allow_key(reason, f"shard {shard.shard_id}"):
+            log.warn(
+                "connection {id}: shard {shard} ({address}) failed: {why}",
+                id=self.connection_id,
+                shard=shard.shard_id,
+                address=str(shard.address),
+                why=failure.getErrorMessage(),
+            )
         return True
 
     def _proxy_fault(self, failure: Failure) -> Optional[tuple]:

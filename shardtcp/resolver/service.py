@@ -121,6 +121,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from shardtcp.loglimit import ShardLineLimiter
 from shardtcp.model import (
     Config,
     ConnectionRequest,
@@ -422,6 +423,8 @@ class ShardResolver(Service):
             random if random is not None else choice.SystemRandom()
         )
         self._outlier = outlier if outlier is not None else OutlierPolicy()
+        # Bounds the ejection lines of each service (made on first use).
+        self._ejection_lines: Optional[ShardLineLimiter] = None
         self._rtt_decay = rtt_decay
         self._rtt_max_age = rtt_max_age
         self._band = band
@@ -462,10 +465,13 @@ class ShardResolver(Service):
         self.reload()
 
     def stopService(self) -> None:
-        """Stop following the source."""
+        """Stop following the source; say which ejection lines were held back."""
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
+        lines, self._ejection_lines = self._ejection_lines, None
+        if lines is not None:
+            lines.stop()
         return super().stopService()
 
     def reload(self) -> None:
@@ -816,14 +822,22 @@ class ShardResolver(Service):
             # The ramp starts when the ejection ends.
             state.back_since = state.outlier.ejected_until
             state.ejection_open = True
-            log.warn(
-                "shard {shard} ejected for {seconds:g}s after {failures} "
-                "consecutive connect failures (ejection {run} in a row)",
-                shard=shard_id,
-                seconds=duration,
-                failures=state.outlier.consecutive,
-                run=state.outlier.ejections,
-            )
+            # A service whose shards all fail ejects one per connection or
+            # so: its lines are bounded (10 per service and 100 in all per
+            # 10 s), the rest counted in a summary.  Metrics and the
+            # status page show every ejection.
+            lines = self._ejection_lines
+            if lines is None:
+                lines = self._ejection_lines = ShardLineLimiter(self._clock, log=log)
+            if lines.allow_key("ejected", f"service {state.service_id}"):
+                log.warn(
+                    "shard {shard} ejected for {seconds:g}s after {failures} "
+                    "consecutive connect failures (ejection {run} in a row)",
+                    shard=shard_id,
+                    seconds=duration,
+                    failures=state.outlier.consecutive,
+                    run=state.outlier.ejections,
+                )
 
     def record_rtt(self, shard_id: str, seconds: float) -> None:
         """

@@ -8,12 +8,14 @@ from __future__ import annotations
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from shardtcp import proxyv2
 from shardtcp.backend import ShardVerifier
 from shardtcp.identify.clienthello import AlertDescription, tls_alert
 from shardtcp.identify.names import NameTable
+from shardtcp.loglimit import ShardLineLimiter
 from shardtcp.metrics import ProxyMetrics
 from shardtcp.model import ListenerConfig, PolicyConfig
 from shardtcp.policy import PolicySigner
@@ -186,6 +188,47 @@ class RoutingTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
         self.assertEqual(h.rejected("shard_unreachable"), 1.0)
         self.assertEqual(sum(i.open_connections for i in h.resolver.get_shard_info("api")), 0)
+
+
+class FailedAttemptLineTests(SynchronousTestCase):
+    """The lines about failed attempts at shards are bounded per shard; the metric counts every failure."""
+
+    def test_bounded_per_shard_and_summarised(self) -> None:
+        """
+        With one line per shard per 10 s: each failing shard gets exactly
+        one line, every further failure is counted in the metric and, when
+        the interval ends, in the summary (exactly).
+        """
+        h = Harness(listener=ListenerConfig(name="edge", listen="tcp:0", retries=0))
+        h.context.shard_lines = ShardLineLimiter(h.clock, lines=1, interval=10.0)
+        events: list = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        failed = []
+        for _ in range(6):
+            protocol, transport = h.connect_client()
+            protocol.dataReceived(client_hello())
+            failed.append(h.connector.attempts[-1][0].shard_id)
+            h.connector.fail(-1, "refused")
+        lines = [e for e in events if "failed: {why}" in e.get("log_format", "")]
+        self.assertEqual(sorted(e["shard"] for e in lines), sorted(set(failed)))
+        self.assertLess(len(lines), 6)
+        total = sum(
+            h.metrics.value("shardtcp_upstream_connect_failures_total", service="api", shard=shard, reason="refused")
+            for shard in set(failed)
+        )
+        self.assertEqual(total, 6.0)
+        self.assertEqual([e for e in events if "suppressed" in e.get("log_format", "")], [])
+        h.clock.advance(10)
+        summaries = [e for e in events if "suppressed" in e.get("log_format", "")]
+        self.assertEqual(sum(e["suppressed"] for e in summaries), 6 - len(lines))
+        self.assertTrue(all(e["reason"] == "refused" and e["name"].startswith("shard ") for e in summaries))
+
+    def test_default_bound(self) -> None:
+        """A listener's context bounds these lines by default: 10 per shard and 100 in all per 10 s."""
+        limiter = Harness().context.shard_lines
+        self.assertIsInstance(limiter, ShardLineLimiter)
+        self.assertEqual((limiter._lines, limiter._total, limiter._interval), (10, 100, 10.0))
 
 
 class RefusalTests(SynchronousTestCase):

@@ -1063,6 +1063,50 @@ class OutlierTests(SynchronousTestCase):
         order(resolver, US_CLIENT)
         self.assertEqual(len(logs.matching("back from ejection")), 1)
 
+    def test_ejection_lines_bounded_per_service(self) -> None:
+        """
+        Ejections in one service: exactly 10 lines in 10 s, the 11th and
+        12th only counted; another service's ejection still has its line;
+        when the interval ends one summary line says 2.  Every ejection is
+        in the status either way.
+        """
+        clock = Clock()
+        many = tuple(shard(f"api-{i}", NEW_YORK, port=10000 + i) for i in range(12))
+        other = ServiceConfig(id="web", names=("web.example.test",), shards=(shard("web-1", NEW_YORK, port=9999),))
+        resolver = resolver_for(make_config(many, extra_services=(other,)), clock=clock)
+        logs = LogCapture(self)
+        for i in range(10):
+            fail(resolver, f"api-{i}", 3)
+        self.assertEqual(len(logs.matching("ejected for")), 10)
+        fail(resolver, "api-10", 3)
+        fail(resolver, "api-11", 3)
+        self.assertEqual(len(logs.matching("ejected for")), 10)
+        fail(resolver, "web-1", 3)
+        self.assertEqual([e["shard"] for e in logs.matching("ejected for")][-1], "web-1")
+        shards = resolver.status()["services"]["api"]["shards"]
+        self.assertEqual(sum(1 for s in shards.values() if s["ejected_until"]), 12)
+        self.assertEqual(logs.matching("suppressed"), [])
+        clock.advance(10)
+        [summary] = logs.matching("suppressed")
+        self.assertEqual((summary["suppressed"], summary["reason"], summary["name"]), (2, "ejected", "service api"))
+        # A new interval: lines again.
+        fail(resolver, "api-0", 1)
+        self.assertEqual(logs.matching("ejected for")[-1]["shard"], "api-0")
+
+    def test_held_back_ejection_lines_said_at_stop(self) -> None:
+        """Stopping the resolver writes the summary of lines held back, and leaves no timer."""
+        clock = Clock()
+        many = tuple(shard(f"api-{i}", NEW_YORK, port=10000 + i) for i in range(11))
+        resolver = resolver_for(make_config(many), clock=clock)
+        resolver.startService()
+        logs = LogCapture(self)
+        for i in range(11):
+            fail(resolver, f"api-{i}", 3)
+        resolver.stopService()
+        [summary] = logs.matching("suppressed")
+        self.assertEqual(summary["suppressed"], 1)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
     def test_custom_policy(self) -> None:
         """OutlierPolicy sets the threshold and the times."""
         from shardtcp.resolver import OutlierPolicy
