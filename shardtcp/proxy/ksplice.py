@@ -913,13 +913,7 @@ class KernelSplice(IdleTimeout):
                 reads -= 1
                 pipe = d.pipe
                 if pipe is None and not d.copy and lend:
-                    pool = splicer.pool
-                    free = pool._free
-                    if free:
-                        pipe = d.pipe = free.pop()
-                        pool.lent += 1
-                    else:
-                        pipe = d.pipe = pool.lend()
+                    pipe = d.pipe = splicer.pool.lend()
                 if pipe is None:
                     # Copying (splice refused, or no pipe to be had): a
                     # read waits until what it read before is sent.
@@ -1013,15 +1007,9 @@ class KernelSplice(IdleTimeout):
                 if splicer.edge:
                     splicer.again(self)
                 return False
-            pool = splicer.pool
-            free = pool._free
-            if free:
-                pipe = d.pipe = free.pop()
-                pool.lent += 1
-            else:
-                pipe = d.pipe = pool.lend()
-                if pipe is None:
-                    return _NO_PIPE
+            pipe = d.pipe = splicer.pool.lend()
+            if pipe is None:
+                return _NO_PIPE
         state = (
             (d.rd and _ST_RD) | (o.wr and _ST_WR) | (d.stalled and _ST_STALLED) | (d.eof and _ST_EOF)
             | (splicer.edge and _ST_EDGE)

@@ -38,6 +38,7 @@ from shardtcp.proxy.ksplice import (
     kernel_splice_available,
 )
 
+from . import test_ksplice as _ksplice_tests
 from .test_ksplice import MIB, Peer, _listener, _pair
 
 
@@ -259,26 +260,15 @@ class SplicerRefusalTests(TestCase):
     """The splicer's answers to what the C loop reports, with a stand-in loop."""
 
     timeout = 30
+    connect = _ksplice_tests.KernelSpliceTests.connect
 
     def setUp(self):
-        if not kernel_splice_available():
-            raise SkipTest("splice(2) is not available here")
-        adopt(global_reactor)
-        self.srv = _listener()
-        self.addCleanup(self.srv.close)
-        self.pool = PipePool(max_pipes=4)
-        self.addCleanup(self.pool.close)
+        _ksplice_tests.KernelSpliceTests.setUp(self)
 
     def _start(self, fast, up_size=3 * MIB, down_size=MIB):
         splicer = KernelSplicer(self.pool, reactor=global_reactor)
         splicer._fast = fast
-        client_sock, proxy_a = _pair(self.srv)
-        proxy_b, shard_sock = _pair(self.srv)
-        for s in (client_sock, shard_sock):
-            self.addCleanup(lambda s=s: s.fileno() != -1 and s.close())
-        done = defer.Deferred()
-        splice = splicer.take_sockets(proxy_a, proxy_b, on_done=done.callback)
-        self.assertIsNotNone(splice)
+        client_sock, shard_sock, splice, done = self.connect(splicer)
         up, down = os.urandom(up_size), os.urandom(down_size)
         client = Peer(client_sock, up).start()
         shard = Peer(shard_sock, down).start()
