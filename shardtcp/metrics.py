@@ -21,6 +21,7 @@ updates them from the reactor thread only; a scrape reads them there too.
 
 from __future__ import annotations
 
+import gc
 import time
 from bisect import bisect_left
 from typing import Callable, Optional, Sequence
@@ -295,6 +296,13 @@ class ProxyMetrics:
             buckets=RESOLVE_BUCKETS,
             registry=r,
         )
+        self.gc_pauses = histogram(
+            "shardtcp_gc_pause_seconds",
+            "Time the process stood still in Python's cyclic garbage collector, by generation collected",
+            ["generation"],
+            buckets=GC_PAUSE_BUCKETS,
+            registry=r,
+        )
         self.reloads = Counter(
             "shardtcp_reloads",
             "Configuration reloads, by what asked for them and how they ended",
@@ -352,6 +360,44 @@ class ProxyMetrics:
         """One sample's value (0.0 when absent); for tests and status."""
         result = self.registry.get_sample_value(name, labels)
         return 0.0 if result is None else result
+
+
+#: Collector pauses: a young collection takes well under a millisecond; a
+#: full one over a large heap tens of milliseconds (``docs/performance.rst``).
+GC_PAUSE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5)
+
+
+class GCPauses:
+    """
+    Times each run of Python's cyclic garbage collector into
+    ``ProxyMetrics.gc_pauses`` (a ``gc.callbacks`` hook): every connection
+    stands still while it runs, so a full collection over a large heap is
+    latency every open connection sees.  ``install`` and ``remove`` add and
+    take away the hook (the daemon's service tree does both).
+    """
+
+    def __init__(self, metrics: "ProxyMetrics", clock: Callable[[], float] = time.perf_counter) -> None:
+        self._clock = clock
+        self._started = 0.0
+        # Bound once: the hook runs inside the collector, so it only reads
+        # a clock and adds to numbers.
+        self._children = tuple(metrics.gc_pauses.labels(str(g)) for g in range(3))
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = self._clock()
+        else:
+            generation = info.get("generation", 2)
+            if 0 <= generation <= 2:
+                self._children[generation].observe(self._clock() - self._started)
+
+    def install(self) -> None:
+        if self not in gc.callbacks:
+            gc.callbacks.append(self)
+
+    def remove(self) -> None:
+        if self in gc.callbacks:
+            gc.callbacks.remove(self)
 
 
 def _plain(kind, wall):

@@ -40,7 +40,7 @@ from shardtcp.eventloop import adopt as adopt_lean_dispatch
 from shardtcp.identify.names import NameTable
 from shardtcp.keys import load_private_key
 from shardtcp.lifecycle import Drain, SignalHandlers
-from shardtcp.metrics import ProxyMetrics, TimedResolver
+from shardtcp.metrics import GCPauses, ProxyMetrics, TimedResolver
 from shardtcp.model import Config
 from shardtcp.proxy.connector import ShardConnector
 from shardtcp.loglimit import ShardLineLimiter
@@ -211,6 +211,7 @@ class ProxyService(MultiService):
         #: each reload (``settle_heap``): set for the daemon's own tree
         #: only, never in a test process.
         self.settle_heap = False
+        self._gc_pauses: GCPauses | None = None
         self.lifecycle = LifecycleMetrics(metrics.registry)
         #: Connection sets of listeners removed by a reload, still draining.
         self.retired_connections: list = []
@@ -256,6 +257,10 @@ class ProxyService(MultiService):
             self._reactor.callWhenRunning(self.signals.install)
         if self.settle_heap:
             self._reactor.callWhenRunning(freeze_heap)
+            # The collector's pauses, in the metrics (the daemon's tree only:
+            # the hook is process-wide).
+            self._gc_pauses = GCPauses(self.metrics)
+            self._gc_pauses.install()
 
     def _stop_reactor(self) -> None:
         from twisted.internet.error import ReactorNotRunning
@@ -357,6 +362,9 @@ class ProxyService(MultiService):
         for lines in (self.refusal_lines, self.shard_lines):
             if lines is not None:
                 lines.stop()
+        pauses, self._gc_pauses = self._gc_pauses, None
+        if pauses is not None:
+            pauses.remove()
         return result
 
     def reopen_logs(self) -> None:

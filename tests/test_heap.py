@@ -98,12 +98,40 @@ class DaemonHeapTests(SynchronousTestCase):
         self.assertEqual(later[0].getTime(), proxy.reactor.seconds())
         self.assertEqual(len(proxy.reactor.getDelayedCalls()), calls + 1)
 
+    def test_daemon_times_the_collector(self) -> None:
+        """
+        The daemon's tree hooks ``GCPauses`` into the collector while it
+        runs: a collection then is counted in its metrics; once stopped the
+        hook is gone.
+        """
+        from shardtcp.config import load_config
+        from shardtcp.metrics import GCPauses
+        from shardtcp.tap import build_service
+
+        proxy = self.proxy
+        root = proxy.root = build_service(load_config(proxy.path), proxy.reactor, connector=proxy.connector)
+        root.settle_heap = True
+        root.startService()
+        stopped = []
+        self.addCleanup(lambda: stopped or root.stopService())
+        ours = [hook for hook in gc.callbacks if isinstance(hook, GCPauses)]
+        self.assertEqual(len(ours), 1)
+        gc.collect()
+        self.assertEqual(root.metrics.value("shardtcp_gc_pause_seconds_count", generation="2"), 1.0)
+        root.stopService()
+        proxy.reactor.advance(60)
+        stopped.append(True)
+        self.assertEqual([hook for hook in gc.callbacks if isinstance(hook, GCPauses)], [])
+
     def test_not_in_a_test_tree(self) -> None:
         """A tree built without the flag (tests, tools) never touches the collector."""
+        from shardtcp.metrics import GCPauses
+
         root = self.proxy.start()
         self.addCleanup(root.stopService)
         hooks = [hook[0] for hook in self.proxy.reactor.whenRunningHooks]
         self.assertNotIn(freeze_heap, hooks)
         self.assertNotIn(settle_heap, hooks)
+        self.assertEqual([hook for hook in gc.callbacks if isinstance(hook, GCPauses)], [])
         self.proxy.reload()
         self.assertEqual([c for c in self.proxy.reactor.getDelayedCalls() if c.func is settle_heap], [])

@@ -10,7 +10,7 @@ import attrs
 from prometheus_client import CollectorRegistry, generate_latest
 from twisted.trial.unittest import SynchronousTestCase
 
-from shardtcp.metrics import ProxyMetrics, ShardCollector
+from shardtcp.metrics import GCPauses, ProxyMetrics, ShardCollector
 from shardtcp.resolver.snapshot import ResolverSnapshot, ServiceSnapshot, ShardSnapshot
 
 
@@ -96,3 +96,60 @@ class ShardSeriesTests(SynchronousTestCase):
         self.assertIn('shardtcp_shard_open_connections{service="api",shard="a-2"} 7.0\n', body)
         self.assertIn('shardtcp_shard_weight{service="api",shard="a-2"} 0.30000000000000004\n', body)
         self.assertTrue(body.endswith('shardtcp_shard_weight{service="api",shard="a-2"} 0.30000000000000004\n'))
+
+
+class GCPausesTests(SynchronousTestCase):
+    """``GCPauses``: each collector run, timed into ``shardtcp_gc_pause_seconds`` by generation."""
+
+    def bucket(self, metrics: ProxyMetrics, generation: str, le: str) -> float:
+        return metrics.value("shardtcp_gc_pause_seconds_bucket", generation=generation, le=le)
+
+    def test_pause_lands_in_its_bucket_at_both_edges(self) -> None:
+        """A pause of exactly a bound counts in that bound's bucket; a hair over, in the next only."""
+        now = [100.0]
+        metrics = ProxyMetrics()
+        pauses = GCPauses(metrics, clock=lambda: now[0])
+        pauses("start", {"generation": 2})
+        now[0] += 0.0025
+        pauses("stop", {"generation": 2, "collected": 0, "uncollectable": 0})
+        self.assertEqual(self.bucket(metrics, "2", "0.001"), 0.0)
+        self.assertEqual(self.bucket(metrics, "2", "0.0025"), 1.0)
+        pauses("start", {"generation": 2})
+        now[0] += 0.0025 + 1e-9
+        pauses("stop", {"generation": 2, "collected": 0, "uncollectable": 0})
+        self.assertEqual(self.bucket(metrics, "2", "0.0025"), 1.0)
+        self.assertEqual(self.bucket(metrics, "2", "0.005"), 2.0)
+        self.assertEqual(metrics.value("shardtcp_gc_pause_seconds_count", generation="2"), 2.0)
+        self.assertEqual(metrics.value("shardtcp_gc_pause_seconds_count", generation="0"), 0.0)
+        self.assertAlmostEqual(metrics.value("shardtcp_gc_pause_seconds_sum", generation="2"), 0.005, places=6)
+
+    def test_each_generation_and_nothing_else(self) -> None:
+        """Generations 0, 1 and 2 each have their series; anything else reported is ignored, not raised."""
+        now = [0.0]
+        metrics = ProxyMetrics()
+        pauses = GCPauses(metrics, clock=lambda: now[0])
+        for generation in (0, 1, 1, 7, -1):
+            pauses("start", {"generation": generation})
+            now[0] += 0.0001
+            pauses("stop", {"generation": generation})
+        counts = [metrics.value("shardtcp_gc_pause_seconds_count", generation=str(g)) for g in range(3)]
+        self.assertEqual(counts, [1.0, 2.0, 0.0])
+
+    def test_installed_it_sees_real_collections_until_removed(self) -> None:
+        """Installed, ``gc.collect()`` counts one full collection; removed (twice is harmless), none."""
+        import gc
+
+        metrics = ProxyMetrics()
+        pauses = GCPauses(metrics)
+        pauses.install()
+        pauses.install()
+        self.addCleanup(pauses.remove)
+        self.assertEqual(gc.callbacks.count(pauses), 1)
+        gc.collect()
+        self.assertEqual(metrics.value("shardtcp_gc_pause_seconds_count", generation="2"), 1.0)
+        self.assertGreater(metrics.value("shardtcp_gc_pause_seconds_sum", generation="2"), 0.0)
+        pauses.remove()
+        pauses.remove()
+        self.assertNotIn(pauses, gc.callbacks)
+        gc.collect()
+        self.assertEqual(metrics.value("shardtcp_gc_pause_seconds_count", generation="2"), 1.0)

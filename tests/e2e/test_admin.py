@@ -104,6 +104,12 @@ class AdminTwistdTests(TestCase):
         self.assertIn('shardtcp_upstream_connect_seconds_count{service="api"} 1.0', text)
         self.assertIn('shardtcp_resolve_seconds_count{service="api"} 1.0', text)
         self.assertIn('shardtcp_shard_healthy{health="healthy",service="api",shard="api-fra-1"} 1.0', text)
+        # The daemon times its garbage collector's pauses, by generation.
+        for generation in "012":
+            self.assertIsNotNone(
+                re.search(r'shardtcp_gc_pause_seconds_count\{generation="%s"\} [0-9.]+' % generation, text),
+                text[:2000],
+            )
 
         code, body = await curl("GET", "/ready")
         self.assertEqual((code, body), (200, b"ready\n"))
