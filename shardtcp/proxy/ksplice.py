@@ -9,7 +9,11 @@ daemon's reactor (``shardtcp.eventloop.LeanEPollReactor``) each spliced
 socket is registered once, edge-triggered, in the reactor's own epoll
 (``addEdgeTriggered``): an event runs one pump per direction
 (``KernelSplice._pump``), a wake-up costs one ``epoll_wait`` and one
-Python call before the pump, and flow control costs no ``epoll_ctl``.  On
+Python call before the pump, and flow control costs no ``epoll_ctl``.
+The pump's inner loop, ``splice`` into and out of the pipe until
+``EAGAIN``, is C (``_kpump.c``, built at install time on Linux); where it
+was not built the same loop runs in Python, and all else (prefixes,
+copying, ends, errors, pipe loans, counts) is Python for both.  On
 another reactor each socket is the reactor's reader and writer as its flow
 control needs.  It keeps the contract of the
 userspace ``Splice``:
