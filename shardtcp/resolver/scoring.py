@@ -99,10 +99,10 @@ The resolver then multiplies the total by the shard's effective weight::
 
 ``weight`` is the operator's (1.0 by default, or the admin override); the
 agent's percentage can only lower it; the slow-start ramp
-(``slow_start_factor``) rises linearly from 0.1 to 1 over ``slow_start``
-seconds after a shard comes back::
+(``slow_start_factor``) rises from 0.1 to 1 over ``slow_start`` seconds
+after a shard comes back, in 20 equal steps::
 
-    ramp = 0.1 + 0.9 · (now - since) / slow_start     while it lasts, else 1
+    ramp = 0.1 + 0.9 · floor(20 · (now - since) / slow_start) / 20     while it lasts, else 1
 
 Passive ejection lasts ``base · 2^(n-1)`` seconds for the n-th ejection in a
 row, at most ``maximum`` (``ejection_seconds``). See
@@ -137,6 +137,12 @@ NEUTRAL_LATENCY = 0.5
 
 #: Where the slow-start ramp begins, as a share of the full weight.
 SLOW_START_FLOOR = 0.1
+#: The ramp's steps: a shard's weight changes ``SLOW_START_STEPS`` times
+#: over its ``slow_start`` (every 1.5 s at the default 30 s), so that the
+#: resolver reads a ramping shard again at each step rather than at every
+#: connection (``shortlist``: thousands of shards back from an ejection at
+#: once must not cost each connection a reading of all of them).
+SLOW_START_STEPS = 20
 
 
 def great_circle_km(a: Location, b: Location) -> float:
@@ -289,6 +295,13 @@ def path_rtt_ms(
     return geo_ms + max(0.0, measured_ms - expected)
 
 
+def _ramp_step(since: Optional[float], now: float, duration: float) -> Optional[int]:
+    """The step (0 to ``SLOW_START_STEPS - 1``) of a ramp under way at ``now``; None when none is."""
+    if since is None or duration <= 0 or now < since or now >= since + duration:
+        return None
+    return min(int((now - since) * SLOW_START_STEPS / duration), SLOW_START_STEPS - 1)
+
+
 def slow_start_factor(
     since: Optional[float], now: float, duration: float
 ) -> float:
@@ -296,13 +309,28 @@ def slow_start_factor(
     Return the slow-start share of a shard's weight, in ``[0.1, 1]``.
 
     ``since`` is when the shard came back (None: it never left). The ramp
-    rises linearly from ``SLOW_START_FLOOR`` at ``since`` to 1 at
-    ``since + duration``; before ``since`` (the shard is not back yet) and
-    after the ramp, or when ``duration <= 0``, the factor is 1.
+    rises from ``SLOW_START_FLOOR`` at ``since`` to 1 at ``since +
+    duration`` in ``SLOW_START_STEPS`` equal steps (the line from the floor
+    to 1, taken at the start of each step); before ``since`` (the shard is
+    not back yet) and after the ramp, or when ``duration <= 0``, the factor
+    is 1.
     """
-    if since is None or duration <= 0 or now < since or now >= since + duration:
+    step = _ramp_step(since, now, duration)
+    if step is None:
         return 1.0
-    return SLOW_START_FLOOR + (1.0 - SLOW_START_FLOOR) * (now - since) / duration
+    return SLOW_START_FLOOR + (1.0 - SLOW_START_FLOOR) * step / SLOW_START_STEPS
+
+
+def slow_start_next(since: Optional[float], now: float, duration: float) -> Optional[float]:
+    """
+    When ``slow_start_factor`` next changes after ``now``: the start of the
+    ramp's next step, or its end; None when no ramp is under way at
+    ``now``.
+    """
+    step = _ramp_step(since, now, duration)
+    if step is None:
+        return None
+    return since + (step + 1) * duration / SLOW_START_STEPS
 
 
 def ejection_seconds(ejections: int, base: float, maximum: float) -> float:

@@ -94,7 +94,7 @@ shard that was best an instant earlier.
 
 Slow start: a shard that comes back (its health check passes ``rise``
 times after failing, its ejection ends) or is added by a reload of the
-records ramps its weight from 10 % to 100 % over its ``slow_start``
+records ramps its weight from 10 % to 100 % in 20 steps over its ``slow_start``
 (30 s by default; 0 disables). Shards present when the resolver starts are
 at full weight.
 

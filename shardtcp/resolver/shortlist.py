@@ -101,9 +101,9 @@ class Row:
 def _deadline(state: ShardState, now: float, max_age: float) -> Optional[float]:
     """
     Until when the time-dependent inputs of a shard stay as they are at
-    ``now``: ``now`` itself when they may change at any moment (a ramp
-    under way, a measurement at the very edge of its age), None when only
-    a write to its state can change them.
+    ``now``: the end of an ejection, the next step of a slow-start ramp,
+    the age limit of a measurement; None when only a write to its state
+    can change them.
     """
     times = []
     until = state.outlier.ejected_until
@@ -114,7 +114,7 @@ def _deadline(state: ShardState, now: float, max_age: float) -> Optional[float]:
         if now < since:
             times.append(since)
         elif now < since + duration:
-            return now
+            times.append(scoring.slow_start_next(since, now, duration))
     if state.rtt_ms is not None and state.rtt_at is not None:
         expiry = state.rtt_at + max_age
         if now <= expiry:

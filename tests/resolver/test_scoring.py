@@ -252,14 +252,45 @@ class PathRttTests(SynchronousTestCase):
 
 
 class SlowStartFactorTests(SynchronousTestCase):
-    """slow_start_factor ramps linearly from 0.1 to 1."""
+    """slow_start_factor ramps from 0.1 to 1 in 20 equal steps."""
 
     def test_ramp(self) -> None:
-        """0.1 at the start, 0.55 halfway, 1 at the end and after."""
+        """0.1 at the start, 0.55 halfway (the 11th step's start), 1 at the end and after."""
         self.assertAlmostEqual(scoring.slow_start_factor(100.0, 100.0, 30.0), 0.1)
         self.assertAlmostEqual(scoring.slow_start_factor(100.0, 115.0, 30.0), 0.55)
         self.assertEqual(scoring.slow_start_factor(100.0, 130.0, 30.0), 1.0)
         self.assertEqual(scoring.slow_start_factor(100.0, 500.0, 30.0), 1.0)
+
+    def test_steps_at_both_edges(self) -> None:
+        """
+        20 steps over 30 s: the factor holds through each step (1.5 s) and
+        moves at its end, not a moment before; the last step gives way to 1
+        at the ramp's end.
+        """
+        f = scoring.slow_start_factor
+        self.assertEqual(scoring.SLOW_START_STEPS, 20)
+        self.assertAlmostEqual(f(100.0, 101.4999, 30.0), 0.1)
+        self.assertAlmostEqual(f(100.0, 101.5, 30.0), 0.145)
+        self.assertAlmostEqual(f(100.0, 102.9999, 30.0), 0.145)
+        self.assertAlmostEqual(f(100.0, 129.9999, 30.0), 0.1 + 0.9 * 19 / 20)
+        self.assertEqual(f(100.0, 130.0, 30.0), 1.0)
+
+    def test_next_change(self) -> None:
+        """``slow_start_next`` is the next step's start (the ramp's end in the last); None without a ramp under way."""
+        n = scoring.slow_start_next
+        self.assertAlmostEqual(n(100.0, 100.0, 30.0), 101.5)
+        self.assertAlmostEqual(n(100.0, 101.4999, 30.0), 101.5)
+        self.assertAlmostEqual(n(100.0, 101.5, 30.0), 103.0)
+        self.assertAlmostEqual(n(100.0, 129.0, 30.0), 130.0)
+        self.assertIsNone(n(100.0, 130.0, 30.0))
+        self.assertIsNone(n(None, 5.0, 30.0))
+        self.assertIsNone(n(5.0, 5.0, 0.0))
+        self.assertIsNone(n(10.0, 5.0, 30.0))
+        # The factor is constant from any moment until the next change.
+        for now in (100.0, 100.7, 114.2, 128.6):
+            nxt = n(100.0, now, 30.0)
+            self.assertEqual(scoring.slow_start_factor(100.0, now, 30.0), scoring.slow_start_factor(100.0, nxt - 1e-9, 30.0))
+            self.assertNotEqual(scoring.slow_start_factor(100.0, now, 30.0), scoring.slow_start_factor(100.0, nxt, 30.0))
 
     def test_no_ramp(self) -> None:
         """No start, a disabled ramp, or a start in the future: 1."""

@@ -607,6 +607,50 @@ class ViewTests(SynchronousTestCase):
         self.assertEqual(after[-1], leader)
 
 
+class RampReadTests(SynchronousTestCase):
+    """A shard in its slow start is read again at each step of the ramp, not at each call."""
+
+    def test_read_once_per_step(self) -> None:
+        """
+        Back from an ejection, a shard is read when its ramp begins; then
+        not again within a step (however many refreshes), and again exactly
+        at each step's start (30 s slow start: every 1.5 s), until the
+        ramp ends.
+        """
+        resolver, clock, _, shards = build([(0, 100, 1.0, 90.0)] * 3)
+        index = resolver._indexes["api"]
+        resolver.resolve(request(US_CLIENT), 3)
+        sid = shards[0].id
+        resolver.record_connect_result(sid, False)
+        resolver.record_connect_result(sid, False)
+        state = resolver._states[sid]
+        back = state.outlier.ejected_until
+        index.refresh(clock.seconds())
+        clock.advance(back - clock.seconds())
+        read = [r.state.config.id for r in index.refresh(clock.seconds())]
+        self.assertEqual(read, [sid])
+        self.assertEqual(state.back_since, back)
+
+        def reads_at(offset: float) -> list:
+            clock.advance(back + offset - clock.seconds())
+            return [r.state.config.id for r in index.refresh(clock.seconds())]
+
+        for offset in (0.1, 0.7, 1.4999):
+            self.assertEqual(reads_at(offset), [], offset)
+        self.assertEqual(reads_at(1.5), [sid])
+        self.assertEqual(reads_at(2.9999), [])
+        self.assertEqual(reads_at(3.0), [sid])
+        # ... and the ramp's factor is what the reference pipeline uses.
+        result, _ = reference(resolver, request(US_CLIENT))
+        weights = {r.info.shard_id: r.info.weight for r in result.eligible}
+        self.assertAlmostEqual(weights[sid], 0.1 + 0.9 * 2 / 20)
+        self.assertEqual(reads_at(29.9), [sid])
+        self.assertEqual(reads_at(29.95), [])
+        self.assertEqual(reads_at(30.0), [sid])
+        self.assertEqual(reads_at(31.0), [])
+        self.assertEqual(reads_at(45.0), [])
+
+
 class VerdictTests(SynchronousTestCase):
     """The policy's verdict on a client address is kept until the records change."""
 
