@@ -823,13 +823,10 @@ class ShardResolver(Service):
             state.back_since = state.outlier.ejected_until
             state.ejection_open = True
             # A service whose shards all fail ejects one per connection or
-            # so: its lines are bounded (10 per service and 100 in all per
-            # 10 s), the rest counted in a summary.  Metrics and the
-            # status page show every ejection.
-            lines = self._ejection_lines
-            if lines is None:
-                lines = self._ejection_lines = ShardLineLimiter(self._clock, log=log)
-            if lines.allow_key("ejected", f"service {state.service_id}"):
+            # so: its lines are bounded (10 per service and reason, 100 in
+            # all per 10 s), the rest counted in a summary.  Metrics and
+            # the status page show every ejection.
+            if self._shard_lines().allow_key("ejected", f"service {state.service_id}"):
                 log.warn(
                     "shard {shard} ejected for {seconds:g}s after {failures} "
                     "consecutive connect failures (ejection {run} in a row)",
@@ -922,11 +919,22 @@ class ShardResolver(Service):
     def _note_ejection_ended(self, state: ShardState, now: float) -> None:
         if state.ejection_open and not state.outlier.ejected(now):
             state.ejection_open = False
-            log.info(
-                "shard {shard} back from ejection (slow start {seconds:g}s)",
-                shard=state.config.id,
-                seconds=state.config.slow_start,
-            )
+            # Bounded as the ejection lines are: thousands of shards may
+            # come back at once.
+            if self._shard_lines().allow_key("back", f"service {state.service_id}"):
+                log.info(
+                    "shard {shard} back from ejection (slow start {seconds:g}s)",
+                    shard=state.config.id,
+                    seconds=state.config.slow_start,
+                )
+
+    def _shard_lines(self) -> ShardLineLimiter:
+        """The bound on ejection and return lines (made on first use, with the resolver's clock)."""
+        lines = self._ejection_lines
+        if lines is None:
+            self._now()  # the clock, when none was given
+            lines = self._ejection_lines = ShardLineLimiter(self._clock, log=log)
+        return lines
 
     def _rank(
         self, request: ConnectionRequest, *, score_all: bool, key: Optional[str] = None

@@ -1093,6 +1093,25 @@ class OutlierTests(SynchronousTestCase):
         fail(resolver, "api-0", 1)
         self.assertEqual(logs.matching("ejected for")[-1]["shard"], "api-0")
 
+    def test_return_lines_bounded_per_service(self) -> None:
+        """
+        Twelve shards back from their ejections at once: the first call
+        after writes exactly 10 return lines (the bound), and the summary
+        says 2 more; all twelve are back in rotation.
+        """
+        clock = Clock()
+        many = tuple(shard(f"api-{i}", NEW_YORK, port=10000 + i) for i in range(12))
+        resolver = resolver_for(make_config(many), clock=clock)
+        for i in range(12):
+            fail(resolver, f"api-{i}", 3)
+        clock.advance(11)
+        logs = LogCapture(self)
+        self.assertEqual(len(order(resolver, US_CLIENT, retries=11)), 12)
+        self.assertEqual(len(logs.matching("back from ejection")), 10)
+        clock.advance(10)
+        summaries = [e for e in logs.matching("suppressed") if e["reason"] == "back"]
+        self.assertEqual([(e["suppressed"], e["name"]) for e in summaries], [(2, "service api")])
+
     def test_held_back_ejection_lines_said_at_stop(self) -> None:
         """Stopping the resolver writes the summary of lines held back, and leaves no timer."""
         clock = Clock()
