@@ -212,6 +212,7 @@ class ProxyService(MultiService):
         #: only, never in a test process.
         self.settle_heap = False
         self._gc_pauses: GCPauses | None = None
+        self._paced: PacedCollector | None = None
         self.lifecycle = LifecycleMetrics(metrics.registry)
         #: Connection sets of listeners removed by a reload, still draining.
         self.retired_connections: list = []
@@ -261,6 +262,8 @@ class ProxyService(MultiService):
             # the hook is process-wide).
             self._gc_pauses = GCPauses(self.metrics)
             self._gc_pauses.install()
+            self._paced = PacedCollector(self._reactor)
+            self._paced.start()
 
     def _stop_reactor(self) -> None:
         from twisted.internet.error import ReactorNotRunning
@@ -365,6 +368,9 @@ class ProxyService(MultiService):
         pauses, self._gc_pauses = self._gc_pauses, None
         if pauses is not None:
             pauses.remove()
+        paced, self._paced = self._paced, None
+        if paced is not None:
+            paced.stop()
         return result
 
     def reopen_logs(self) -> None:
@@ -390,6 +396,63 @@ def freeze_heap() -> None:
     no collection: what start-up left as cyclic garbage (little) stays.
     """
     gc.freeze()
+
+
+#: Seconds between the daemon's own full collections (``PacedCollector``).
+FULL_COLLECTION_INTERVAL = 60.0
+# Young collections before CPython considers a full one: never, in practice.
+_NO_AUTOMATIC_FULL = 1 << 30
+
+
+class PacedCollector:
+    """
+    Full collections on a clock instead of on allocation counts, in the
+    daemon.
+
+    CPython starts a full collection when the objects that survived young
+    collections since the last one reach a quarter of those that survived
+    it.  Every shard a connection tries leaves a few such objects (its live
+    state is replaced, not changed in place), so a service of thousands of
+    shards whose connections spread over them sets off a full collection
+    every few thousand connections, each walking all of them (about 25 ms
+    at 10,000 shards tried, ``docs/performance.rst``), and every open
+    connection waits meanwhile.  While started, automatic full collections
+    are off and one runs every ``interval`` seconds instead; young
+    collections (which free nearly all of a connection's cyclic garbage)
+    run as before.  ``stop`` restores CPython's thresholds.  The pauses are
+    in ``shardtcp_gc_pause_seconds``.
+    """
+
+    def __init__(self, clock, interval: float = FULL_COLLECTION_INTERVAL, collect=gc.collect) -> None:
+        self._clock = clock
+        self._interval = interval
+        self._collect = collect
+        self._saved = None
+        self._loop = None
+
+    @property
+    def running(self) -> bool:
+        return self._loop is not None
+
+    def start(self) -> None:
+        if self._loop is not None:
+            return
+        from twisted.internet.task import LoopingCall
+
+        self._saved = gc.get_threshold()
+        young, middle = self._saved[:2]
+        gc.set_threshold(young, middle, _NO_AUTOMATIC_FULL)
+        self._loop = LoopingCall(self._collect)
+        self._loop.clock = self._clock
+        self._loop.start(self._interval, now=False)
+
+    def stop(self) -> None:
+        loop, self._loop = self._loop, None
+        if loop is None:
+            return
+        if loop.running:
+            loop.stop()
+        gc.set_threshold(*self._saved)
 
 
 def settle_heap() -> None:

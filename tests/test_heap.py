@@ -135,3 +135,74 @@ class DaemonHeapTests(SynchronousTestCase):
         self.assertEqual([hook for hook in gc.callbacks if isinstance(hook, GCPauses)], [])
         self.proxy.reload()
         self.assertEqual([c for c in self.proxy.reactor.getDelayedCalls() if c.func is settle_heap], [])
+
+
+class PacedCollectorTests(SynchronousTestCase):
+    """``tap.PacedCollector``: full collections on a clock, none on allocation counts."""
+
+    def setUp(self) -> None:
+        from twisted.internet.task import Clock
+
+        self.clock = Clock()
+        self.saved = gc.get_threshold()
+        self.addCleanup(lambda: gc.set_threshold(*self.saved))
+        self.runs: list = []
+
+    def paced(self, interval: float = 60.0):
+        from shardtcp.tap import PacedCollector
+
+        paced = PacedCollector(self.clock, interval, collect=lambda: self.runs.append(self.clock.seconds()))
+        self.addCleanup(paced.stop)
+        return paced
+
+    def test_full_collections_every_interval_exactly(self) -> None:
+        """One collection at each interval, not a moment before (59.999 s: none; 60 s: one)."""
+        paced = self.paced(60.0)
+        paced.start()
+        self.clock.advance(59.999)
+        self.assertEqual(self.runs, [])
+        self.clock.advance(0.001)
+        self.assertEqual(self.runs, [60.0])
+        self.clock.advance(60.0)
+        self.assertEqual(self.runs, [60.0, 120.0])
+
+    def test_automatic_full_collections_off_while_started(self) -> None:
+        """Started, CPython never starts a full collection itself (young ones as before); stopped, its thresholds are back."""
+        paced = self.paced()
+        paced.start()
+        young, middle, full = gc.get_threshold()
+        self.assertEqual((young, middle), self.saved[:2])
+        self.assertGreaterEqual(full, 1 << 30)
+        paced.stop()
+        self.assertEqual(gc.get_threshold(), self.saved)
+        self.clock.advance(120.0)
+        self.assertEqual(self.runs, [])
+        self.assertFalse(paced.running)
+        paced.stop()  # twice is harmless
+
+    def test_start_twice_is_one_clock(self) -> None:
+        paced = self.paced(10.0)
+        paced.start()
+        paced.start()
+        self.clock.advance(10.0)
+        self.assertEqual(self.runs, [10.0])
+        paced.stop()
+        self.assertEqual(gc.get_threshold(), self.saved)
+
+    def test_daemon_paces_and_restores(self) -> None:
+        """The daemon's tree starts it with the heap freeze and stops it with the tree."""
+        from shardtcp.config import load_config
+        from shardtcp.tap import build_service
+
+        proxy = _Proxy(self)
+        proxy.write(_listener("edge", 7000), [("api-1", 9001, 1.0)])
+        root = proxy.root = build_service(load_config(proxy.path), proxy.reactor, connector=proxy.connector)
+        root.settle_heap = True
+        root.startService()
+        self.addCleanup(root.stopService)
+        self.assertGreaterEqual(gc.get_threshold()[2], 1 << 30)
+        self.assertTrue(any(call.getTime() == proxy.reactor.seconds() + 60.0 for call in proxy.reactor.getDelayedCalls()))
+        root.stopService()
+        proxy.reactor.advance(60)
+        self.assertEqual(gc.get_threshold(), self.saved)
+
