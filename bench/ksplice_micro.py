@@ -49,6 +49,8 @@ import socket, sys, threading, time
 front, direction, total = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(1)
 print(srv.getsockname()[1], flush=True)
+if sys.argv[4:] == ["wait"]:
+    sys.stdin.readline()  # the measurement has begun
 chunk = b"\xa5" * (1 << 20)
 got = {}
 
@@ -105,13 +107,24 @@ def _ran(pid: int) -> float:
     return process_cpu(pid).total
 
 
-def _peers(direction: str, nbytes: int, port: int) -> subprocess.Popen:
+def _peers(direction: str, nbytes: int, port: int, *, wait: bool = False) -> subprocess.Popen:
+    """
+    The client and the shard; with ``wait`` the client connects only once
+    a line is written to the child's stdin (``_go``).
+    """
     return subprocess.Popen(
-        [sys.executable, "-c", PEERS, str(port), direction, str(nbytes)],
+        [sys.executable, "-c", PEERS, str(port), direction, str(nbytes)] + (["wait"] if wait else []),
         stdout=subprocess.PIPE,
+        stdin=subprocess.PIPE if wait else None,
         text=True,
         preexec_fn=die_with_parent,
     )
+
+
+def _go(child: subprocess.Popen) -> None:
+    # Flushed, not closed: ``communicate`` closes it.
+    child.stdin.write("go\n")
+    child.stdin.flush()
 
 
 def _received(child: subprocess.Popen) -> int:
@@ -344,7 +357,7 @@ def run_haproxy(direction: str, nbytes: int, max_seconds: float) -> dict:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         front = probe.getsockname()[1]
-    child = _peers(direction, nbytes, front)
+    child = _peers(direction, nbytes, front, wait=True)
     shard_port = int(child.stdout.readline())
     with tempfile.TemporaryDirectory() as folder:
         config = os.path.join(folder, "haproxy.cfg")
@@ -360,6 +373,7 @@ def run_haproxy(direction: str, nbytes: int, max_seconds: float) -> dict:
                 time.sleep(0.01)
             ran0, user0 = _ran(proxy.pid), process_cpu(proxy.pid).user
             wall0 = time.monotonic()
+            _go(child)  # not before: a short run could end before ``ran0``
             try:
                 out = child.communicate(timeout=max_seconds)[0].split()
                 received, partial = (int(out[-1]) if out else 0), False
