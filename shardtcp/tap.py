@@ -28,6 +28,7 @@ import sys
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import LoopingCall
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -43,9 +44,8 @@ from shardtcp.lifecycle import Drain, SignalHandlers
 from shardtcp.metrics import GCPauses, ProxyMetrics, TimedResolver
 from shardtcp.model import Config
 from shardtcp.proxy.connector import ShardConnector
-from shardtcp.loglimit import ShardLineLimiter
 from shardtcp.proxy.accesslog import AccessLog, AccessLogError, RefusalLimiter
-from shardtcp.proxy.context import ListenerContext
+from shardtcp.proxy.context import ListenerContext, shard_line_limiter
 from shardtcp.proxy.ksplice import KernelSplicer, PipePool
 from shardtcp.proxy.listener import ProxyFactory
 from shardtcp.reload import LifecycleMetrics, Reloader, build_parts, listener_context
@@ -202,7 +202,7 @@ class ProxyService(MultiService):
         self.access_log: AccessLog = AccessLog("off")
         self.refusal_lines: RefusalLimiter | None = None
         #: Bounds the lines about failed attempts at shards: shared likewise.
-        self.shard_lines: ShardLineLimiter | None = None
+        self.shard_lines = None
         #: What the listeners' connections ask: the resolver, timed for the metrics.
         self.context_resolver = resolver
         #: Set by ``makeService``: handle SIGHUP/SIGTERM/SIGINT/SIGUSR1 once running.
@@ -437,8 +437,6 @@ class PacedCollector:
     def start(self) -> None:
         if self._loop is not None:
             return
-        from twisted.internet.task import LoopingCall
-
         self._saved = gc.get_threshold()
         young, middle = self._saved[:2]
         gc.set_threshold(young, middle, _NO_AUTOMATIC_FULL)
@@ -561,7 +559,7 @@ def build_service(
     root.connector = connector
     root.access_log = AccessLog(config.log.access, config.log.access_file)
     root.refusal_lines = RefusalLimiter(reactor)
-    root.shard_lines = ShardLineLimiter(reactor, log=Logger(namespace="shardtcp.connection"))
+    root.shard_lines = shard_line_limiter(reactor)
     splicer = build_splicer(config, reactor)
     if splicer is not None:
         PipePoolService(splicer.pool).setServiceParent(root)

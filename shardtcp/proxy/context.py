@@ -38,6 +38,11 @@ __all__ = ["ListenerContext", "log"]
 log = Logger(namespace="shardtcp.connection")
 
 
+def shard_line_limiter(clock: IReactorTime) -> ShardLineLimiter:
+    """The bound on lines about failed attempts at shards, written as the connections' own lines."""
+    return ShardLineLimiter(clock, log=log)
+
+
 @attrs.define
 class ListenerContext:
     """Everything the connections of one listener share."""
@@ -81,7 +86,7 @@ class ListenerContext:
         if self.refusal_lines is None:
             self.refusal_lines = RefusalLimiter(self.clock)
         if self.shard_lines is None:
-            self.shard_lines = ShardLineLimiter(self.clock, log=log)
+            self.shard_lines = shard_line_limiter(self.clock)
         name = self.config.name
         self._accepted = self.metrics.accepted.labels(name)
         self._active = self.metrics.active.labels(name)

@@ -978,16 +978,8 @@ class KernelSplice(IdleTimeout):
                             self._eof(d)
             if not progress:
                 break
-        pipe = d.pipe
-        if pipe is not None and not d.in_pipe:
-            # ``_give_back``, inline: once per event.
-            d.pipe = None
-            pool = splicer.pool
-            if not pool._closed and len(pool._free) < pool._keep_free:
-                pool.lent -= 1
-                pool._free.append(pipe)
-            else:
-                pool.give_back(pipe, empty=True)
+        if not d.in_pipe:
+            self._give_back(d)
         return moved
 
     def _pump_fast(self, fast, d: "_Side", o: "_Side", reads: int) -> Optional[bool]:
@@ -1062,12 +1054,7 @@ class KernelSplice(IdleTimeout):
         pipe = d.pipe
         if pipe is not None:
             d.pipe = None
-            pool = self._splicer.pool
-            if not pool._closed and len(pool._free) < pool._keep_free:
-                pool.lent -= 1
-                pool._free.append(pipe)
-            else:
-                pool.give_back(pipe, empty=True)
+            self._splicer.pool.give_back(pipe, empty=True)
 
     def _fall_back(self, d: _Side, error: OSError) -> None:
         d.copy = True

@@ -423,8 +423,8 @@ class ShardResolver(Service):
             random if random is not None else choice.SystemRandom()
         )
         self._outlier = outlier if outlier is not None else OutlierPolicy()
-        # Bounds the ejection lines of each service (made on first use).
-        self._ejection_lines: Optional[ShardLineLimiter] = None
+        # Bounds the ejection and return lines of each service (``_shard_lines``).
+        self._lines: Optional[ShardLineLimiter] = None
         self._rtt_decay = rtt_decay
         self._rtt_max_age = rtt_max_age
         self._band = band
@@ -469,7 +469,7 @@ class ShardResolver(Service):
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
-        lines, self._ejection_lines = self._ejection_lines, None
+        lines, self._lines = self._lines, None
         if lines is not None:
             lines.stop()
         return super().stopService()
@@ -930,10 +930,10 @@ class ShardResolver(Service):
 
     def _shard_lines(self) -> ShardLineLimiter:
         """The bound on ejection and return lines (made on first use, with the resolver's clock)."""
-        lines = self._ejection_lines
+        lines = self._lines
         if lines is None:
             self._now()  # the clock, when none was given
-            lines = self._ejection_lines = ShardLineLimiter(self._clock, log=log)
+            lines = self._lines = ShardLineLimiter(self._clock, log=log)
         return lines
 
     def _rank(

@@ -20,6 +20,17 @@ from tests.e2e import harness as e2e
 class BenchRunTests(TestCase):
     timeout = 180
 
+    async def _bench(self, *args: str):
+        """``python bench/run.py ARGS --json FILE``, which must exit 0: the child and the JSON it wrote."""
+        out = os.path.abspath(self.mktemp())
+        child = e2e.spawn(
+            self, [sys.executable, os.path.join(e2e.REPO_ROOT, "bench", "run.py"), *args, "--json", out],
+            env=e2e.child_environment(), cwd=e2e.REPO_ROOT, timeout=170,
+        )
+        self.assertEqual(await child.ended, 0, child.err[-2000:])
+        with open(out) as f:
+            return child, json.load(f)
+
     async def test_quick_micro_run(self) -> None:
         """
         The run exits 0, its JSON holds positive timings for each codec on
@@ -27,15 +38,7 @@ class BenchRunTests(TestCase):
         and its output ends with the goals table, every goal it did not
         measure said so.
         """
-        out = os.path.abspath(self.mktemp())
-        child = e2e.spawn(
-            self, [sys.executable, os.path.join(e2e.REPO_ROOT, "bench", "run.py"), "--quick", "--only", "micro",
-                   "--rounds", "2", "--json", out],
-            env=e2e.child_environment(), cwd=e2e.REPO_ROOT, timeout=170,
-        )
-        self.assertEqual(await child.ended, 0, child.err[-2000:])
-        with open(out) as f:
-            results = json.load(f)
+        child, results = await self._bench("--quick", "--only", "micro", "--rounds", "2")
         micro = results["micro"]
         for key in ("clienthello_parse", "policy_sign", "ed25519_sign", "proxyv2_encode", "proxyv2_parse",
                     "verify_bytes", "ed25519_verify"):
@@ -61,15 +64,8 @@ class BenchRunTests(TestCase):
         N = 2): every proxy's CPU per GiB in each of the two rounds, each
         way, the median kept, and goal 1 judged, not left unmeasured.
         """
-        out = os.path.abspath(self.mktemp())
-        child = e2e.spawn(
-            self, [sys.executable, os.path.join(e2e.REPO_ROOT, "bench", "run.py"), "--quick", "--only", "bulk_plain",
-                   "--rounds", "2", "--json", out],
-            env=e2e.child_environment(), cwd=e2e.REPO_ROOT, timeout=170,
-        )
-        self.assertEqual(await child.ended, 0, child.err[-2000:])
-        with open(out) as f:
-            bulk = json.load(f)["bulk_plain"]
+        child, results = await self._bench("--quick", "--only", "bulk_plain", "--rounds", "2")
+        bulk = results["bulk_plain"]
         self.assertEqual((bulk["rounds"], bulk["mib"]), (2, 256))
         for name in ("shardtcp", "haproxy", "haproxy-splice", "portforward"):
             for direction in ("up", "down"):
