@@ -333,6 +333,10 @@ def _refused(port: int) -> bool:
             return False
     except ConnectionRefusedError:
         return True
+    except ConnectionResetError:
+        # Queued on the listening socket as it closed: not yet a plain
+        # refusal; the next try tells.
+        return False
 
 
 class DaemonTests(_Twistd):
